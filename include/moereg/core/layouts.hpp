@@ -1,0 +1,161 @@
+// Activation layout policies: where h_{t,s}, the activation vector of token t in slot s,
+// lies in the caller's buffer.
+//
+// A layout policy, like a layout mapping of std::mdspan, has one job: turn an index into
+// an offset. Any type with these members works as a policy (see examples/custom_layout.cpp):
+//
+//   index_t tokens() const;                  // T
+//   index_t slots() const;                   // k
+//   index_t dim() const;                     // d, the length of one vector
+//   index_t stride() const;                  // elements between h[i] and h[i + 1]
+//   index_t offset(index_t t, index_t s) const;  // element offset of h_{t,s}[0],
+//                                            // negative when the layout holds no vector there
+//   void validate(const char* who) const;    // throws moereg::error on an inconsistent layout
+//
+// Gradients are written through the same policy, so they land in the caller's layout.
+// Two valid slots must never share storage (validate() checks this for the maps below).
+#pragma once
+
+#include <vector>
+
+#include "config.hpp"
+#include "error.hpp"
+#include "types.hpp"
+#include "views.hpp"
+
+namespace moereg {
+
+/// Token-major [T, k, d] with arbitrary strides (elements). Contiguous by default.
+struct token_major {
+  index_t num_tokens = 0, num_slots = 0, length = 0;
+  index_t token_stride = 0, slot_stride = 0, elem_stride = 1;
+
+  constexpr token_major() = default;
+  constexpr token_major(index_t t, index_t k, index_t d)
+      : num_tokens(t), num_slots(k), length(d), token_stride(k * d), slot_stride(d), elem_stride(1) {}
+  constexpr token_major(index_t t, index_t k, index_t d, index_t ts, index_t ss, index_t es = 1)
+      : num_tokens(t), num_slots(k), length(d), token_stride(ts), slot_stride(ss), elem_stride(es) {}
+
+  constexpr index_t tokens() const { return num_tokens; }
+  constexpr index_t slots() const { return num_slots; }
+  constexpr index_t dim() const { return length; }
+  constexpr index_t stride() const { return elem_stride; }
+  MOEREG_HOST_DEVICE constexpr index_t offset(index_t t, index_t s) const { return t * token_stride + s * slot_stride; }
+  void validate(const char* who) const {
+    detail::require(num_tokens >= 0 && num_slots >= 0 && length >= 0, who, ": token_major layout has a negative size [",
+                    num_tokens, ", ", num_slots, ", ", length, "]");
+    detail::require(token_stride >= 0 && slot_stride >= 0 && elem_stride >= 1, who,
+                    ": token_major layout needs non-negative strides and an element stride >= 1");
+  }
+};
+
+namespace detail {
+// Checks that the valid entries of an index map are distinct keys in [0, n); key_of(t, s)
+// returns the key or a negative number for no entry.
+template <class KeyOf>
+void require_distinct_keys(const char* who, const char* what, index_t tokens, index_t slots, index_t n, KeyOf key_of) {
+  std::vector<bool> seen(static_cast<std::size_t>(n), false);
+  for (index_t t = 0; t < tokens; ++t)
+    for (index_t s = 0; s < slots; ++s) {
+      const index_t key = key_of(t, s);
+      if (key < 0) continue;
+      require(key < n, who, ": ", what, " at (", t, ", ", s, ") is ", key, ", out of range [0, ", n, ")");
+      require(!seen[static_cast<std::size_t>(key)], who, ": ", what, " at (", t, ", ", s, ") is ", key,
+              ", already used by another slot");
+      seen[static_cast<std::size_t>(key)] = true;
+    }
+}
+}  // namespace detail
+
+/// Expert-grouped rows, the layout a grouped GEMM produces: a [num_rows, d] matrix whose
+/// rows are sorted by expert, and a map [T, k] from (token, slot) to row (negative = none).
+struct expert_grouped {
+  topk_view row_of;  ///< [T, k] row of h_{t,s}; int32 or int64
+  index_t num_rows = 0, length = 0, row_stride = 0, elem_stride = 1;
+
+  expert_grouped() = default;
+  expert_grouped(topk_view map, index_t rows, index_t d, index_t rs = -1, index_t es = 1)
+      : row_of(map), num_rows(rows), length(d), row_stride(rs < 0 ? d : rs), elem_stride(es) {}
+
+  index_t tokens() const { return row_of.rows; }
+  index_t slots() const { return row_of.k; }
+  index_t dim() const { return length; }
+  index_t stride() const { return elem_stride; }
+  MOEREG_HOST_DEVICE index_t offset(index_t t, index_t s) const {
+    const index_t r = row_of(t, s);
+    return r < 0 ? -1 : r * row_stride;
+  }
+  void validate(const char* who) const {
+    detail::require(num_rows >= 0 && length >= 0 && row_stride >= 0 && elem_stride >= 1, who,
+                    ": expert_grouped layout has a negative size or stride");
+    detail::require(row_of.data != nullptr || row_of.rows * row_of.k == 0, who, ": expert_grouped row map is null");
+    detail::require_distinct_keys(who, "expert_grouped row map", row_of.rows, row_of.k, num_rows,
+                                  [&](index_t t, index_t s) { return row_of(t, s); });
+  }
+};
+
+/// Capacity-padded [E, C, d]: expert e keeps up to C tokens; slot s of token t sits at
+/// position pos(t, s) of expert expert(t, s)'s buffer (negative = dropped).
+struct capacity_padded {
+  topk_view expert_of;    ///< [T, k] expert of each slot (usually the top-k indices)
+  topk_view position_of;  ///< [T, k] position in that expert's buffer
+  index_t num_experts = 0, capacity = 0, length = 0;
+  index_t expert_stride = 0, row_stride = 0, elem_stride = 1;
+
+  capacity_padded() = default;
+  capacity_padded(topk_view experts, topk_view positions, index_t e, index_t c, index_t d)
+      : expert_of(experts), position_of(positions), num_experts(e), capacity(c), length(d),
+        expert_stride(c * d), row_stride(d), elem_stride(1) {}
+
+  index_t tokens() const { return expert_of.rows; }
+  index_t slots() const { return expert_of.k; }
+  index_t dim() const { return length; }
+  index_t stride() const { return elem_stride; }
+  MOEREG_HOST_DEVICE index_t offset(index_t t, index_t s) const {
+    const index_t e = expert_of(t, s);
+    const index_t p = position_of(t, s);
+    return (e < 0 || p < 0) ? -1 : e * expert_stride + p * row_stride;
+  }
+  void validate(const char* who) const {
+    detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
+                        elem_stride >= 1,
+                    who, ": capacity_padded layout has a negative size or stride");
+    detail::require(position_of.rows == expert_of.rows && position_of.k == expert_of.k, who,
+                    ": capacity_padded position map is [", position_of.rows, ", ", position_of.k,
+                    "] but the expert map is [", expert_of.rows, ", ", expert_of.k, "]");
+    for (index_t t = 0; t < expert_of.rows; ++t)
+      for (index_t s = 0; s < expert_of.k; ++s) {
+        const index_t e = expert_of(t, s), p = position_of(t, s);
+        if (e < 0 || p < 0) continue;
+        detail::require(e < num_experts, who, ": capacity_padded expert at (", t, ", ", s, ") is ", e,
+                        ", out of range [0, ", num_experts, ")");
+        detail::require(p < capacity, who, ": capacity_padded position at (", t, ", ", s, ") is ", p,
+                        ", out of range [0, ", capacity, ")");
+      }
+    detail::require_distinct_keys(who, "capacity_padded (expert, position)", expert_of.rows, expert_of.k,
+                                  num_experts * capacity, [&](index_t t, index_t s) {
+                                    const index_t e = expert_of(t, s), p = position_of(t, s);
+                                    return (e < 0 || p < 0) ? index_t(-1) : e * capacity + p;
+                                  });
+  }
+};
+
+/// Activations (or their gradient) in a layout: a pointer and a policy.
+template <class T, class Layout>
+struct activation_view {
+  T* data = nullptr;
+  Layout layout{};
+
+  MOEREG_HOST_DEVICE T* vector(index_t t, index_t s) const {
+    const index_t o = layout.offset(t, s);
+    return o < 0 ? nullptr : data + o;
+  }
+};
+
+/// Shorthand for a contiguous token-major [T, k, d] view.
+template <class T>
+activation_view<T, token_major> token_major_view(T* data, index_t t, index_t k, index_t d) {
+  return {data, token_major(t, k, d)};
+}
+
+}  // namespace moereg

@@ -1,0 +1,158 @@
+// Non-owning views of the routing tensors: a pointer, a shape and strides, nothing more.
+//
+// matrix_view<T>   [rows, cols] with a row stride and a column stride (elements), used for
+//                  probabilities, scores, logits and their gradients. Builds from raw
+//                  pointers and, without a copy, from any Eigen expression with direct access
+//                  (Matrix, Map, Ref, Block) through view(...).
+// topk_view        [T, k] selected experts, int32 or int64; a negative entry is a dropped slot.
+// mask_view        [T] token mask, uint8/bool/int32/int64; nonzero = valid. Empty = all valid.
+// offsets_view     [B + 1] packed-sequence offsets (cu_seqlens), int32 or int64.
+//
+// Integer views are type-erased (the index type is a run-time tag) so that a loss is a
+// template over the floating storage type only; reading an index costs one predictable branch.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <Eigen/Core>
+
+#include "config.hpp"
+#include "types.hpp"
+
+namespace moereg {
+
+/// A strided 2-D view. `T` may be const-qualified for inputs.
+template <class T>
+struct matrix_view {
+  T* data = nullptr;
+  index_t rows = 0;
+  index_t cols = 0;
+  index_t row_stride = 0;  ///< elements between (i, j) and (i + 1, j)
+  index_t col_stride = 1;  ///< elements between (i, j) and (i, j + 1)
+
+  constexpr matrix_view() = default;
+  /// Row-major view; `row_stride < 0` means contiguous rows (row_stride = cols).
+  constexpr matrix_view(T* d, index_t r, index_t c, index_t rs = -1, index_t cs = 1)
+      : data(d), rows(r), cols(c), row_stride(rs < 0 ? c : rs), col_stride(cs) {}
+  /// A mutable view converts to a const one.
+  template <class U, class = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
+  constexpr matrix_view(const matrix_view<U>& o)  // NOLINT(google-explicit-constructor)
+      : data(o.data), rows(o.rows), cols(o.cols), row_stride(o.row_stride), col_stride(o.col_stride) {}
+
+  MOEREG_HOST_DEVICE T& operator()(index_t i, index_t j) const { return data[i * row_stride + j * col_stride]; }
+  MOEREG_HOST_DEVICE T* row(index_t i) const { return data + i * row_stride; }
+  constexpr index_t size() const { return rows * cols; }
+  constexpr bool contiguous_rows() const { return col_stride == 1; }
+};
+
+/// Routing probabilities, scores or logits [T, E].
+template <class T>
+using routing_view = matrix_view<const T>;
+
+/// Zero-copy view of an Eigen expression with direct access (Matrix, Array, Map, Ref,
+/// Block). Row-major and column-major storage both work: the strides are taken from Eigen.
+/// The view is const when the expression is read-only.
+template <class Derived>
+auto view(Eigen::DenseBase<Derived>& m) {
+  auto& d = m.derived();
+  using S = std::remove_pointer_t<decltype(d.data())>;
+  return matrix_view<S>(d.data(), d.rows(), d.cols(), d.rowStride(), d.colStride());
+}
+template <class Derived>
+auto view(const Eigen::DenseBase<Derived>& m) {
+  const auto& d = m.derived();
+  using S = std::remove_pointer_t<decltype(d.data())>;
+  return matrix_view<S>(d.data(), d.rows(), d.cols(), d.rowStride(), d.colStride());
+}
+
+/// Integer element type of an index view.
+enum class index_type : std::uint8_t { i32, i64 };
+
+/// Selected experts [T, k], int32 or int64. Negative = dropped slot.
+struct topk_view {
+  const void* data = nullptr;
+  index_type type = index_type::i32;
+  index_t rows = 0;
+  index_t k = 0;
+  index_t row_stride = 0;
+
+  constexpr topk_view() = default;
+  constexpr topk_view(const std::int32_t* d, index_t t, index_t kk, index_t rs = -1)
+      : data(d), type(index_type::i32), rows(t), k(kk), row_stride(rs < 0 ? kk : rs) {}
+  constexpr topk_view(const std::int64_t* d, index_t t, index_t kk, index_t rs = -1)
+      : data(d), type(index_type::i64), rows(t), k(kk), row_stride(rs < 0 ? kk : rs) {}
+
+  /// The expert of token t in slot s, or a negative number for a dropped slot.
+  MOEREG_HOST_DEVICE index_t operator()(index_t t, index_t s) const {
+    const index_t o = t * row_stride + s;
+    return type == index_type::i32 ? static_cast<index_t>(static_cast<const std::int32_t*>(data)[o])
+                                   : static_cast<index_t>(static_cast<const std::int64_t*>(data)[o]);
+  }
+};
+
+/// Element type of a mask.
+enum class mask_type : std::uint8_t { u8, boolean, i32, i64 };
+
+/// Token mask [T]: nonzero = real token, zero = padding. A default-constructed mask
+/// (null data) means every token is valid.
+struct mask_view {
+  const void* data = nullptr;
+  mask_type type = mask_type::u8;
+  index_t size = 0;
+  index_t stride = 1;
+
+  constexpr mask_view() = default;
+  constexpr mask_view(const std::uint8_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::u8), size(n), stride(st) {}
+  constexpr mask_view(const bool* d, index_t n, index_t st = 1) : data(d), type(mask_type::boolean), size(n), stride(st) {}
+  constexpr mask_view(const std::int32_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::i32), size(n), stride(st) {}
+  constexpr mask_view(const std::int64_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::i64), size(n), stride(st) {}
+
+  constexpr bool all_valid() const { return data == nullptr; }
+
+  /// 1 for a valid token, 0 for padding.
+  MOEREG_HOST_DEVICE bool operator()(index_t t) const {
+    if (data == nullptr) return true;
+    const index_t o = t * stride;
+    switch (type) {
+      case mask_type::u8: return static_cast<const std::uint8_t*>(data)[o] != 0;
+      case mask_type::boolean: return static_cast<const bool*>(data)[o];
+      case mask_type::i32: return static_cast<const std::int32_t*>(data)[o] != 0;
+      default: return static_cast<const std::int64_t*>(data)[o] != 0;
+    }
+  }
+};
+
+/// Packed-sequence offsets (cu_seqlens) [B + 1], int32 or int64: sequence b holds rows
+/// [offsets[b], offsets[b + 1]).
+struct offsets_view {
+  const void* data = nullptr;
+  index_type type = index_type::i32;
+  index_t size = 0;  ///< B + 1
+
+  constexpr offsets_view() = default;
+  constexpr offsets_view(const std::int32_t* d, index_t n) : data(d), type(index_type::i32), size(n) {}
+  constexpr offsets_view(const std::int64_t* d, index_t n) : data(d), type(index_type::i64), size(n) {}
+
+  constexpr bool empty() const { return data == nullptr; }
+  MOEREG_HOST_DEVICE index_t operator[](index_t i) const {
+    return type == index_type::i32 ? static_cast<index_t>(static_cast<const std::int32_t*>(data)[i])
+                                   : static_cast<index_t>(static_cast<const std::int64_t*>(data)[i]);
+  }
+};
+
+/// Reduced statistics handed to a loss (LOSSES.md section 9). Empty = use this call's own.
+struct stats_view {
+  const double* data = nullptr;
+  index_t size = 0;
+  constexpr bool empty() const { return data == nullptr; }
+};
+
+/// How a gradient is written: scaled by grad_scale (the upstream derivative of the total
+/// loss with respect to this loss), and either overwriting or added to the caller's buffer.
+struct grad_options {
+  double grad_scale = 1.0;
+  bool accumulate = false;
+};
+
+}  // namespace moereg

@@ -1,0 +1,143 @@
+// Router z-loss (ST-MoE, Zoph et al. 2022), LOSSES.md section 2.
+//
+//   lse_t = log sum_e exp(Z[t,e])                  (max-shifted: finite for |Z| up to 1e4 in float)
+//   L     = beta * (1 / T_v) sum_t m_t lse_t^2
+//   dL/dZ[t,e] = beta * (2 / T_v) * m_t * lse_t * softmax(Z_t)_e
+//
+// Statistics: [T_v]. With reduced statistics the 1/T_v is the global one, so a batch split
+// into parts gives each part the whole batch's gradient rows, and the parts' values sum to
+// the whole batch's value.
+//
+// Passes over memory (value_and_grad): Z is read once (a row is kept in a small buffer
+// while its softmax is formed) and the gradient written once; the mask is read twice.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../backend/cpu.hpp"
+#include "../core/error.hpp"
+#include "../core/types.hpp"
+#include "../core/views.hpp"
+#include "common.hpp"
+
+namespace moereg {
+
+struct z_loss_config {
+  double coef = 1e-3;  ///< beta
+};
+
+template <class T>
+struct z_loss_inputs {
+  routing_view<T> logits;  ///< Z [T, E]
+  mask_view mask{};        ///< m [T], empty = all valid
+};
+
+struct z_loss {
+  z_loss_config cfg{};
+
+  template <class T>
+  index_t stats_size(const z_loss_inputs<T>&) const {
+    return 1;
+  }
+  template <class T, class Backend = cpu>
+  std::vector<double> local_stats(const z_loss_inputs<T>& in, const Backend& be = {}) const {
+    std::vector<double> s(1);
+    execute_stats(be, *this, in, s.data());
+    return s;
+  }
+  template <class T, class Backend = cpu>
+  void local_stats(const z_loss_inputs<T>& in, double* out, const Backend& be = {}) const {
+    execute_stats(be, *this, in, out);
+  }
+  template <class T, class Backend = cpu>
+  double value(const z_loss_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
+  }
+  template <class T, class Backend = cpu>
+  void backward(const z_loss_inputs<T>& in, matrix_view<T> grad_logits, grad_options opts = {},
+                stats_view reduced = {}, const Backend& be = {}) const {
+    (void)execute(be, *this, in, reduced, &grad_logits, opts);
+  }
+  template <class T, class Backend = cpu>
+  double value_and_grad(const z_loss_inputs<T>& in, matrix_view<T> grad_logits, grad_options opts = {},
+                        stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, &grad_logits, opts);
+  }
+};
+
+namespace detail {
+
+template <class T>
+void z_validate(const z_loss_inputs<T>& in, stats_view reduced, const matrix_view<T>* grad) {
+  const char* who = "z_loss";
+  check_matrix(who, "logits", in.logits);
+  require(in.logits.cols >= 1 || in.logits.rows == 0, who, ": logits has E = 0 columns");
+  check_mask(who, in.mask, in.logits.rows);
+  if (grad) check_grad(who, "grad_logits", *grad, in.logits);
+  check_stats(who, reduced, 1);
+}
+
+/// Stable log-sum-exp of one row; `buf` receives exp(z - max) and `sum` their sum, so that
+/// softmax(z)_e = buf[e] / sum.
+template <class T, class Acc>
+MOEREG_FORCEINLINE Acc row_logsumexp(const T* z, index_t n, index_t stride, Acc* buf, Acc& sum) {
+  Acc mx = -std::numeric_limits<Acc>::infinity();
+  for (index_t e = 0; e < n; ++e) mx = std::max(mx, load(z[e * stride]));
+  if (!(mx > -std::numeric_limits<Acc>::infinity())) mx = Acc(0);  // all -inf: avoid inf - inf
+  Acc s = Acc(0);
+  for (index_t e = 0; e < n; ++e) {
+    buf[e] = std::exp(load(z[e * stride]) - mx);
+    s += buf[e];
+  }
+  sum = s;
+  return mx + std::log(s);
+}
+
+}  // namespace detail
+
+template <class T>
+void execute_stats(const cpu&, const z_loss&, const z_loss_inputs<T>& in, double* out) {
+  detail::z_validate(in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  out[0] = static_cast<double>(detail::count_valid(in.mask, in.logits.rows));
+}
+
+template <class T>
+double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
+               const matrix_view<T>* grad, grad_options opts) {
+  using Acc = accumulator_t<T>;
+  detail::z_validate(in, reduced, grad);
+  const auto& Z = in.logits;
+  const index_t T_ = Z.rows, E = Z.cols;
+  const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];
+  const Acc inv_tv = tv > 0 ? static_cast<Acc>(1.0 / tv) : Acc(0);
+  const Acc beta = static_cast<Acc>(loss.cfg.coef);
+  const Acc gcoef = static_cast<Acc>(opts.grad_scale) * beta * Acc(2) * inv_tv;
+  const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
+  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
+  detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
+    std::vector<Acc> buf(static_cast<std::size_t>(E));
+    Acc sum = Acc(0);
+    for (index_t t = r0; t < r1; ++t) {
+      const bool valid = in.mask(t);
+      if (!valid) {
+        if (grad && !opts.accumulate)
+          for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), Acc(0), false);
+        continue;
+      }
+      Acc expsum = Acc(0);
+      const Acc lse = detail::row_logsumexp(Z.row(t), E, Z.col_stride, buf.data(), expsum);
+      sum += lse * lse;
+      if (grad) {
+        const Acc c = gcoef * lse / expsum;
+        for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), c * buf[static_cast<std::size_t>(e)], opts.accumulate);
+      }
+    }
+    partial[static_cast<std::size_t>(b)] = sum;
+  });
+  return static_cast<double>(beta * inv_tv * detail::pairwise_sum(partial.data(), nb));
+}
+
+}  // namespace moereg
