@@ -1,0 +1,37 @@
+# Builds and runs tests/packaging/consumer against moereg.
+#   -DMODE=find_package|add_subdirectory|copy  -DSOURCE_DIR= -DBUILD_DIR= -DWORK_DIR= [-DVERSION=] [-DCXX=] [-DEIGEN_INC=]
+cmake_minimum_required(VERSION 3.18)
+
+function(run)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "command failed (${rc}): ${ARGN}\n${out}\n${err}")
+  endif()
+  message(STATUS "${out}")
+endfunction()
+
+file(REMOVE_RECURSE ${WORK_DIR})
+file(MAKE_DIRECTORY ${WORK_DIR})
+set(consumer ${SOURCE_DIR}/tests/packaging/consumer)
+if(NOT DEFINED VERSION)
+  set(VERSION 0.1)
+endif()
+
+if(MODE STREQUAL "find_package")
+  run(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_DIR}/prefix)
+  run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK_DIR}/build -DMOEREG_CONSUMER_MODE=find_package
+      -DMOEREG_REQUIRED_VERSION=${VERSION} -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
+elseif(MODE STREQUAL "add_subdirectory")
+  run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK_DIR}/build -DMOEREG_CONSUMER_MODE=add_subdirectory
+      -DMOEREG_SOURCE_DIR=${SOURCE_DIR})
+elseif(MODE STREQUAL "copy")
+  # Plain copying of include/: no CMake on the consumer side, only a compiler and Eigen.
+  file(COPY ${SOURCE_DIR}/include/moereg DESTINATION ${WORK_DIR}/vendor)
+  run(${CXX} -std=c++17 -I${WORK_DIR}/vendor -I${EIGEN_INC} ${consumer}/main.cpp -o ${WORK_DIR}/consumer)
+  run(${WORK_DIR}/consumer)
+  return()
+else()
+  message(FATAL_ERROR "unknown MODE ${MODE}")
+endif()
+run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
+run(${WORK_DIR}/build/consumer)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds moereg's tests, tools and examples (warnings are errors) and runs them with CTest.
+# Usage: bash tools/test.sh [extra cmake arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install-deps.sh
+jobs=$(nproc 2>/dev/null || echo 2)
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEREG_WERROR=ON "$@"
+cmake --build build -j "$jobs"
+ctest --test-dir build --output-on-failure -j "$jobs"
