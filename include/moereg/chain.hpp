@@ -3,11 +3,16 @@
 // gradient.
 //
 //   softmax:   P = softmax(Z) row-wise,          dZ = P * (dP - rowsum(P * dP))
+//   sigmoid:   S = sigmoid(Z) / rowsum(sigmoid(Z)) (normalised over all E experts of the row),
+//              dZ = S * (1 - sigmoid(Z)) * (dS - rowsum(S * dS))
 //
 // Both write grad_scale * dZ into the caller's buffer (overwrite or accumulate). dP and dZ
 // may be the same buffer only when accumulate is false.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "backend/cpu.hpp"
@@ -35,6 +40,57 @@ void softmax_backward(routing_view<T> probs, matrix_view<const T> grad_probs, ma
       for (index_t e = 0; e < probs.cols; ++e) {
         const Acc p = load(probs(t, e));
         detail::put_grad(grad_logits(t, e), gs * p * (load(grad_probs(t, e)) - dot), opts.accumulate);
+      }
+    }
+  });
+}
+
+/// dZ for normalised sigmoid scores S = sigmoid(Z) / sum_e sigmoid(Z) over all E experts of
+/// each row (the "normalised scores of a sigmoid router" of LOSSES.md; the normalisation over
+/// the selected experts only, as in DeepSeek-V3's gate weights, is a different function):
+///   dZ[t,j] = S[t,j] (1 - sigmoid(Z[t,j])) (dS[t,j] - sum_e S[t,e] dS[t,e])
+/// S is formed in the log domain (log sigmoid, then a max shift), so it stays finite when
+/// every sigmoid of a row underflows. grad_scores and grad_logits may be the same buffer only
+/// when accumulate is false.
+template <class T>
+void sigmoid_norm_backward(routing_view<T> logits, matrix_view<const T> grad_scores, matrix_view<T> grad_logits,
+                           grad_options opts = {}, const cpu& be = {}) {
+  using Acc = accumulator_t<T>;
+  const char* who = "sigmoid_norm_backward";
+  detail::check_matrix(who, "logits", logits);
+  detail::check_grad(who, "grad_scores", grad_scores, logits);
+  detail::check_grad(who, "grad_logits", grad_logits, logits);
+  const Acc gs = static_cast<Acc>(opts.grad_scale);
+  const index_t E = logits.cols;
+  detail::parallel_blocks(be, logits.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
+    // Per row: ls = log sigmoid(z), om = 1 - sigmoid(z) = sigmoid(-z), both without overflow.
+    std::vector<Acc> ls(static_cast<std::size_t>(E)), om(static_cast<std::size_t>(E));
+    for (index_t t = r0; t < r1; ++t) {
+      Acc mx = -std::numeric_limits<Acc>::infinity();
+      for (index_t e = 0; e < E; ++e) {
+        const Acc z = load(logits(t, e));
+        const Acc x = std::exp(-std::abs(z));  // in (0, 1]
+        const Acc l1p = std::log1p(x);
+        const std::size_t i = static_cast<std::size_t>(e);
+        ls[i] = z >= Acc(0) ? -l1p : z - l1p;
+        om[i] = z >= Acc(0) ? x / (Acc(1) + x) : Acc(1) / (Acc(1) + x);
+        mx = std::max(mx, ls[i]);
+      }
+      Acc sum = Acc(0);
+      for (index_t e = 0; e < E; ++e) {
+        const std::size_t i = static_cast<std::size_t>(e);
+        ls[i] = std::exp(ls[i] - mx);  // now sigmoid(z_e) / max_j sigmoid(z_j)
+        sum += ls[i];
+      }
+      Acc dot = Acc(0);
+      for (index_t e = 0; e < E; ++e) {
+        const std::size_t i = static_cast<std::size_t>(e);
+        ls[i] /= sum;  // now S_e
+        dot += ls[i] * load(grad_scores(t, e));
+      }
+      for (index_t e = 0; e < E; ++e) {
+        const std::size_t i = static_cast<std::size_t>(e);
+        detail::put_grad(grad_logits(t, e), gs * ls[i] * om[i] * (load(grad_scores(t, e)) - dot), opts.accumulate);
       }
     }
   });

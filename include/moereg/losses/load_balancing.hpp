@@ -25,6 +25,9 @@
 //
 // Passes over memory (value_and_grad): P, topk and mask are read once; the gradient, which
 // does not depend on P, is written once.
+//
+// The per-expert arithmetic (f_e, the value term and the gradient coefficient) lives in
+// math/router.hpp and is shared with the CUDA backend (backend/cuda/load_balancing.cuh).
 #pragma once
 
 #include <vector>
@@ -33,6 +36,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
+#include "../math/router.hpp"
 #include "common.hpp"
 
 namespace moereg {
@@ -240,10 +244,9 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
     std::vector<Acc> terms(static_cast<std::size_t>(E));
     for (index_t e = 0; e < E; ++e) {
       const double cnt = reduced.empty() ? static_cast<double>(counts[static_cast<std::size_t>(e)]) : reduced.data[e + 1];
-      const Acc f = tv_f > 0 ? static_cast<Acc>(cnt / tv_f) / k : Acc(0);
-      const Acc inv_tvp = tv_p > 0 ? static_cast<Acc>(1.0 / tv_p) : Acc(0);
-      terms[static_cast<std::size_t>(e)] = f * colsum[static_cast<std::size_t>(e)] * inv_tvp;
-      coeff[static_cast<std::size_t>(e)] = gs * alphaE * f * inv_tvp;
+      const auto r = detail::lb_expert(cnt, tv_f, tv_p, colsum[static_cast<std::size_t>(e)], k, alphaE, gs);
+      terms[static_cast<std::size_t>(e)] = r.term;
+      coeff[static_cast<std::size_t>(e)] = r.coeff;
     }
     value = alphaE * detail::pairwise_sum(terms.data(), E);
     if (grad) detail::lb_write_grad(be, in, 0, in.probs.rows, coeff.data(), *grad, opts.accumulate);
@@ -272,9 +275,10 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
     detail::combine_blocks(pcol, nb, E, colsum.data());
     const Acc inv_tv = tv > 0 ? Acc(1) / static_cast<Acc>(tv) : Acc(0);
     for (index_t e = 0; e < E; ++e) {
-      const Acc f = static_cast<Acc>(cnt[static_cast<std::size_t>(e)]) * inv_tv / k;
-      terms[static_cast<std::size_t>(e)] = f * colsum[static_cast<std::size_t>(e)] * inv_tv;
-      c[static_cast<std::size_t>(e)] = gs * alphaE * invB * f * inv_tv;
+      const auto r = detail::lb_seq_expert(static_cast<Acc>(cnt[static_cast<std::size_t>(e)]), inv_tv,
+                                           colsum[static_cast<std::size_t>(e)], k, alphaE, gs, invB);
+      terms[static_cast<std::size_t>(e)] = r.term;
+      c[static_cast<std::size_t>(e)] = r.coeff;
     }
     seq_values[static_cast<std::size_t>(b)] = alphaE * detail::pairwise_sum(terms.data(), E);
     if (grad) {

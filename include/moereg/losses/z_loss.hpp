@@ -21,6 +21,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
+#include "../math/router.hpp"
 #include "common.hpp"
 
 namespace moereg {
@@ -81,19 +82,10 @@ void z_validate(const z_loss_inputs<T>& in, stats_view reduced, const matrix_vie
 }
 
 /// Stable log-sum-exp of one row; `buf` receives exp(z - max) and `sum` their sum, so that
-/// softmax(z)_e = buf[e] / sum.
+/// softmax(z)_e = buf[e] / sum. The arithmetic is math/router.hpp's, shared with CUDA.
 template <class T, class Acc>
 MOEREG_FORCEINLINE Acc row_logsumexp(const T* z, index_t n, index_t stride, Acc* buf, Acc& sum) {
-  Acc mx = -std::numeric_limits<Acc>::infinity();
-  for (index_t e = 0; e < n; ++e) mx = std::max(mx, load(z[e * stride]));
-  if (!(mx > -std::numeric_limits<Acc>::infinity())) mx = Acc(0);  // all -inf: avoid inf - inf
-  Acc s = Acc(0);
-  for (index_t e = 0; e < n; ++e) {
-    buf[e] = std::exp(load(z[e * stride]) - mx);
-    s += buf[e];
-  }
-  sum = s;
-  return mx + std::log(s);
+  return detail::logsumexp_row<Acc>([z, stride](index_t e) { return load(z[e * stride]); }, n, buf, sum);
 }
 
 }  // namespace detail
@@ -131,7 +123,7 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
       const Acc lse = detail::row_logsumexp(Z.row(t), E, Z.col_stride, buf.data(), expsum);
       sum += lse * lse;
       if (grad) {
-        const Acc c = gcoef * lse / expsum;
+        const Acc c = detail::z_row_grad_coeff(gcoef, lse, expsum);
         for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), c * buf[static_cast<std::size_t>(e)], opts.accumulate);
       }
     }
