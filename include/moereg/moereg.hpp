@@ -8,6 +8,7 @@
 
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "core/finite.hpp"
 #include "core/layouts.hpp"
 #include "core/types.hpp"
 #include "core/views.hpp"
@@ -17,6 +18,8 @@
 #include "chain.hpp"
 #include "losses/load_balancing.hpp"
 #include "losses/z_loss.hpp"
+#include "losses/specialization.hpp"
+#include "losses/orthogonality.hpp"
 #include "losses/coupling.hpp"
 #include "losses/variance.hpp"
 #include "losses/entropy.hpp"

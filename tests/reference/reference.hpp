@@ -659,8 +659,10 @@ inline std::vector<double> bias_update(const std::vector<double>& b, const std::
     std::vector<double> out = b;
     if (b.empty()) return out;
     const double n = static_cast<double>(b.size());
+    // Sum first, divide once: integer counts that tie with their mean compare exactly.
     double mc = 0.0;
-    for (double c : counts) mc += c / n;
+    for (double c : counts) mc += c;
+    mc /= n;
     for (std::size_t e = 0; e < b.size(); ++e) {
         const double diff = mc - counts[e];
         const double sg = diff > 0.0 ? 1.0 : (diff < 0.0 ? -1.0 : 0.0);

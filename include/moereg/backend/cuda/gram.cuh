@@ -1,0 +1,573 @@
+// The CUDA engine of the Gram-based activation losses: intra-layer specialization
+// (losses/specialization.hpp, LOSSES.md section 3) and orthogonality (losses/orthogonality.hpp,
+// section 5), alone or both on the same activations (moereg::gram_fused).
+//
+// Include <moereg/backend/cuda.hpp>, not this file.
+//
+// The per-token k x k math is math/pairwise.hpp's MOEREG_HOST_DEVICE code, the very functions
+// the CPU executor calls: math::specialization_token, math::orthogonality_pairwise_token,
+// math::orthogonality_subspace_token. Kernels:
+//   0. keys    (map layouts only) every (token, slot) entry of the activation map and of the
+//              gradient map is range-checked and counted in a workspace array (integer
+//              atomics; the arrays are cleared with cudaMemsetAsync first), so that two slots
+//              sharing a vector are detected.
+//   1. count   one block: T_v (or the reduced T_v, checked) and each loss's scale.
+//   2. tokens  a warp per token, cuda_row_block tokens per block, a template on the largest
+//              slot count (2, 4, 8, 16) so that the Gram accumulators stay in registers:
+//              the valid slots are collected and checked; the Gram pass (each lane sums its
+//              elements in order, then a butterfly per entry) gives G; lane 0 runs the token
+//              functions and scales W; the gradient pass writes
+//              grad_s = sum_r W[s][r] h_r (r ascending, as the CPU) once per valid vector.
+//              Overwrite mode writes zeros into every other vector the gradient layout holds
+//              for the token (masked tokens, dropped slots, tokens with fewer than 2 valid
+//              slots), as the CPU executor does.
+//   3. finish  one block: scale times the fixed-order sum of the block partials, per loss.
+// The activations are read twice per token (Gram pass, gradient pass: the second read is
+// served by L1/L2), each gradient vector written once.
+//
+// Device checks: top-k ids >= num_experts (when given) or repeated in a row, a valid slot with
+// no vector in the layout or a map entry out of range (cuda_layout_out_of_range), two map
+// entries naming one vector (cuda_layout_repeated), bad reduced statistics. The token
+// concerned gets NaN in its valid gradient vectors; the value is NaN.
+//
+// Custom layout policies work when their offset(t, s) is MOEREG_HOST_DEVICE; their maps, if
+// any, are not checked on the device (specialise detail::cuda_gram::layout_keys to add that).
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "../../core/layouts.hpp"
+#include "../../losses/orthogonality.hpp"
+#include "../../losses/specialization.hpp"
+#include "../../math/pairwise.hpp"
+#include "core.cuh"
+
+namespace moereg {
+namespace detail {
+namespace cuda_gram {
+
+// ---------------------------------------------------------------------------------------
+// Layout maps on the device
+// ---------------------------------------------------------------------------------------
+
+/// How the entries of a layout's map are checked on the device. The primary template is a
+/// layout without a map (token_major, custom layouts): nothing to check.
+template <class Layout>
+struct layout_keys {
+  static constexpr bool has_map = false;
+  static index_t num_keys(const Layout&) { return 0; }
+  /// The key (a vector index in [0, num_keys)) of entry (t, s), -1 for none; flags for an
+  /// entry out of range.
+  __device__ static index_t key(const Layout&, index_t, index_t, int& flags) {
+    (void)flags;
+    return -1;
+  }
+  static void host_check(const char* who, const char* name, const Layout& l) { (void)who, (void)name, (void)l; }
+};
+
+template <>
+struct layout_keys<token_major> {
+  static constexpr bool has_map = false;
+  static index_t num_keys(const token_major&) { return 0; }
+  __device__ static index_t key(const token_major&, index_t, index_t, int&) { return -1; }
+  static void host_check(const char* who, const char*, const token_major& l) { l.validate(who); }
+};
+
+template <>
+struct layout_keys<expert_grouped> {
+  static constexpr bool has_map = true;
+  static index_t num_keys(const expert_grouped& l) { return l.num_rows > 0 ? l.num_rows : 0; }
+  __device__ static index_t key(const expert_grouped& l, index_t t, index_t s, int& flags) {
+    const index_t r = l.row_of(t, s);
+    if (r < 0) return -1;
+    if (r >= l.num_rows) {
+      flags |= cuda_layout_out_of_range;
+      return -1;
+    }
+    return r;
+  }
+  static void host_check(const char* who, const char* name, const expert_grouped& l) {
+    require(l.num_rows >= 0 && l.length >= 0 && l.row_stride >= 0 && l.elem_stride >= 1, who, ": ", name,
+            " expert_grouped layout has a negative size or stride");
+    require(l.row_of.data != nullptr || l.row_of.rows * l.row_of.k == 0, who, ": ", name,
+            " expert_grouped row map is null");
+  }
+};
+
+template <>
+struct layout_keys<capacity_padded> {
+  static constexpr bool has_map = true;
+  static index_t num_keys(const capacity_padded& l) {
+    return l.num_experts > 0 && l.capacity > 0 ? l.num_experts * l.capacity : 0;
+  }
+  __device__ static index_t key(const capacity_padded& l, index_t t, index_t s, int& flags) {
+    const index_t e = l.expert_of(t, s), p = l.position_of(t, s);
+    if (e < 0 || p < 0) return -1;
+    if (e >= l.num_experts || p >= l.capacity) {
+      flags |= cuda_layout_out_of_range;
+      return -1;
+    }
+    return e * l.capacity + p;
+  }
+  static void host_check(const char* who, const char* name, const capacity_padded& l) {
+    require(l.num_experts >= 0 && l.capacity >= 0 && l.length >= 0 && l.expert_stride >= 0 && l.row_stride >= 0 &&
+                l.elem_stride >= 1,
+            who, ": ", name, " capacity_padded layout has a negative size or stride");
+    require(l.position_of.rows == l.expert_of.rows && l.position_of.k == l.expert_of.k, who, ": ", name,
+            " capacity_padded position map is [", l.position_of.rows, ", ", l.position_of.k,
+            "] but the expert map is [", l.expert_of.rows, ", ", l.expert_of.k, "]");
+    require((l.expert_of.data != nullptr && l.position_of.data != nullptr) || l.expert_of.rows * l.expert_of.k == 0,
+            who, ": ", name, " capacity_padded maps are null");
+  }
+};
+
+/// Offset of h_{t,s} for a usable entry: -1 (and flags) when the map entry is out of range,
+/// names a vector shared with another entry, or the layout holds no vector.
+template <class Layout>
+__device__ index_t checked_offset(const Layout& l, const int* seen, index_t t, index_t s, int& flags) {
+  if constexpr (layout_keys<Layout>::has_map) {
+    const index_t key = layout_keys<Layout>::key(l, t, s, flags);
+    if (key < 0) return -1;
+    if (seen[key] != 1) {
+      flags |= cuda_layout_repeated;
+      return -1;
+    }
+  }
+  return l.offset(t, s);
+}
+
+/// Counts every map entry's key into seen[] and flags out-of-range entries.
+template <class Layout>
+__global__ void keys_kernel(Layout l, index_t rows, index_t k, int* seen, int* flags_out) {
+  const index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * k) return;
+  int flags = 0;
+  const index_t key = layout_keys<Layout>::key(l, i / k, i % k, flags);
+  if (key >= 0) atomicAdd(&seen[key], 1);
+  if (flags != 0) atomicOr(flags_out, flags);
+}
+
+// ---------------------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------------------
+
+template <class Acc>
+struct scalars {
+  int flags;           // reduced-statistics and key flags
+  double scale[2];     // per loss (0: specialization, 1: orthogonality): value = scale * sum F
+  Acc gcoef[2];        // (Acc)(scale * grad_scale)
+  int live[2];         // scale != 0
+};
+
+template <class T, class Layout, class Acc>
+struct plan {
+  activation_view<const T, Layout> x;
+  activation_view<T, Layout> g;
+  topk_view I;
+  mask_view mask;
+  index_t rows, k, d, xstride, gstride, num_experts;
+  bool has_grad, accumulate, stats_mode;
+  bool use[2];  // specialization, orthogonality present
+  double coef[2];
+  Acc eps[2];
+  bool sp_mean, or_subspace, or_mean;
+  index_t or_kk;
+  double grad_scale;
+  const double* reduced[2];
+  double* value[2];
+  double* stats[2];
+  int* status;
+};
+
+template <class Acc>
+struct workspace {
+  scalars<Acc>* sc = nullptr;
+  Acc* partial = nullptr;  // [nb * 2]
+  int* err = nullptr;      // [nb]
+  int* seen_x = nullptr;   // [keys of the activation map]
+  int* seen_g = nullptr;   // [keys of the gradient map]
+};
+
+template <class Acc, class Layout>
+workspace<Acc> carve(workspace_carver& c, index_t rows, const Layout& xl, const Layout* gl) {
+  workspace<Acc> w;
+  const index_t nb = cuda_blocks(rows > 0 ? rows : 0, cuda_row_block);
+  w.sc = c.take<scalars<Acc>>(1);
+  w.partial = c.take<Acc>(nb * 2);
+  w.err = c.take<int>(nb);
+  w.seen_x = c.take<int>(layout_keys<Layout>::num_keys(xl));
+  // The gradient map's size is only known with a gradient view; size it as the activation
+  // map's (the gradient layout has the activation layout's type and shape).
+  w.seen_g = c.take<int>(gl != nullptr ? layout_keys<Layout>::num_keys(*gl) : layout_keys<Layout>::num_keys(xl));
+  return w;
+}
+
+template <class T, class Layout, class Acc>
+__global__ void __launch_bounds__(cuda_tuning::threads) count_kernel(plan<T, Layout, Acc> p, workspace<Acc> w) {
+  __shared__ long long scratch[cuda_tuning::threads];
+  __shared__ int word;
+  long long n = 0;
+  if (p.mask.data == nullptr) n = threadIdx.x == 0 ? static_cast<long long>(p.rows) : 0;
+  else
+    for (index_t t = threadIdx.x; t < p.rows; t += cuda_tuning::threads) n += p.mask(t) ? 1 : 0;
+  n = block_sum(n, scratch);
+  int flags = 0;
+  for (int j = 0; j < 2; ++j)
+    if (p.use[j] && p.reduced[j] != nullptr) flags |= block_check_stats(p.reduced[j], 1, 1, &word);
+  if (threadIdx.x != 0) return;
+  if (p.stats_mode) {
+    for (int j = 0; j < 2; ++j)
+      if (p.use[j] && p.stats[j] != nullptr) p.stats[j][0] = static_cast<double>(n);
+    return;
+  }
+  scalars<Acc> s{};
+  s.flags = flags | w.sc->flags;  // the keys kernel may have flagged already
+  for (int j = 0; j < 2; ++j) {
+    if (!p.use[j]) continue;
+    const double tv = p.reduced[j] != nullptr ? p.reduced[j][0] : static_cast<double>(n);
+    double scale = p.coef[j];
+    if (j == 0 || p.or_mean) scale = tv > 0 ? scale / tv : 0.0;
+    if (j == 1 && p.or_subspace) scale = scale / static_cast<double>(p.or_kk);
+    s.scale[j] = scale;
+    s.live[j] = scale != 0.0 ? 1 : 0;
+    s.gcoef[j] = static_cast<Acc>(scale * p.grad_scale);
+  }
+  if (s.flags != 0)
+    for (int j = 0; j < 2; ++j) s.gcoef[j] = acc_nan<Acc>();
+  *w.sc = s;
+}
+
+/// The slot capacity a kernel instance is compiled for.
+template <int MaxN>
+struct pairs_of {
+  static constexpr int value = MaxN * (MaxN + 1) / 2;
+};
+
+template <class T, class Layout, class Acc, int MaxN>
+__global__ void __launch_bounds__(cuda_tuning::threads) tokens_kernel(plan<T, Layout, Acc> p, workspace<Acc> w) {
+  __shared__ Acc sG[cuda_tuning::warps][MaxN * MaxN];
+  __shared__ Acc sW[cuda_tuning::warps][MaxN * MaxN];
+  __shared__ Acc part[cuda_tuning::warps][2];
+  __shared__ int s_flags;
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  if (threadIdx.x == 0) s_flags = 0;
+  __syncthreads();
+  const scalars<Acc> sc = *w.sc;
+  const bool any_live = (p.use[0] && sc.live[0] != 0) || (p.use[1] && sc.live[1] != 0);
+  const index_t r0 = static_cast<index_t>(blockIdx.x) * cuda_row_block + warp * cuda_tuning::rows_per_warp;
+  Acc f_acc[2] = {Acc(0), Acc(0)};
+  int flags = 0;
+  Acc* G = sG[warp];
+  Acc* W = sW[warp];
+
+  for (index_t it = 0; it < cuda_tuning::rows_per_warp; ++it) {
+    const index_t t = r0 + it;
+    if (t >= p.rows) break;
+    // Collect the valid slots (every lane the same list).
+    int slot[MaxN];
+    index_t xo[MaxN], go[MaxN];
+    int n = 0, tflags = 0;
+    if (any_live && p.mask(t)) {
+      for (index_t s = 0; s < p.k; ++s) {
+        const index_t e = p.I(t, s);
+        if (e < 0) continue;
+        if (p.num_experts > 0 && e >= p.num_experts) {
+          tflags |= cuda_topk_out_of_range;
+          continue;
+        }
+        bool repeated = false;
+        for (index_t r = 0; r < s; ++r) repeated = repeated || p.I(t, r) == e;
+        if (repeated) {
+          tflags |= cuda_topk_repeated;
+          continue;
+        }
+        int lf = 0;
+        const index_t ox = checked_offset(p.x.layout, w.seen_x, t, s, lf);
+        const index_t og = p.has_grad ? checked_offset(p.g.layout, w.seen_g, t, s, lf) : 0;
+        if (lf == 0 && (ox < 0 || og < 0)) lf |= cuda_layout_out_of_range;  // no vector for a valid slot
+        tflags |= lf;
+        if (lf != 0) continue;
+        slot[n] = static_cast<int>(s), xo[n] = ox, go[n] = og;
+        ++n;
+      }
+    }
+    flags |= tflags;
+    if (n < 2 && tflags == 0) n = 0;  // fewer than 2 valid slots: no pair, zero gradient
+
+    if (n > 0 && tflags != 0) {
+      // A bad slot: poison the usable vectors of this token.
+      if (p.has_grad)
+        for (int a = 0; a < n; ++a)
+          for (index_t i = lane; i < p.d; i += 32) dput_grad(p.g.data + go[a] + i * p.gstride, acc_nan<Acc>(), p.accumulate);
+    } else if (n > 0) {
+      // Gram pass.
+      Acc acc[pairs_of<MaxN>::value];
+#pragma unroll
+      for (int q = 0; q < pairs_of<MaxN>::value; ++q) acc[q] = Acc(0);
+      for (index_t i = lane; i < p.d; i += 32) {
+        Acc v[MaxN];
+#pragma unroll
+        for (int a = 0; a < MaxN; ++a) v[a] = a < n ? dload(p.x.data + xo[a] + i * p.xstride) : Acc(0);
+        int q = 0;
+#pragma unroll
+        for (int a = 0; a < MaxN; ++a)
+#pragma unroll
+          for (int b = a; b < MaxN; ++b, ++q) acc[q] += v[a] * v[b];
+      }
+      {
+        int q = 0;
+#pragma unroll
+        for (int a = 0; a < MaxN; ++a)
+#pragma unroll
+          for (int b = a; b < MaxN; ++b, ++q) {
+            const Acc s = warp_sum(acc[q]);
+            if (lane == 0 && a < n && b < n) G[a * n + b] = G[b * n + a] = s;
+          }
+      }
+      __syncwarp();
+      if (lane == 0) {
+        Acc tmp[MaxN * MaxN];
+        bool first = true;
+        if (p.use[0] && sc.live[0] != 0) {
+          const Acc f = math::specialization_token(n, G, p.eps[0], p.sp_mean, p.has_grad ? W : nullptr);
+          f_acc[0] += f;
+          if (p.has_grad)
+            for (int i = 0; i < n * n; ++i) W[i] *= sc.gcoef[0];
+          first = false;
+        }
+        if (p.use[1] && sc.live[1] != 0) {
+          Acc* dst = p.has_grad ? (first ? W : tmp) : nullptr;
+          const Acc f = p.or_subspace ? math::orthogonality_subspace_token(n, G, p.eps[1], dst)
+                                      : math::orthogonality_pairwise_token(n, G, p.eps[1], dst);
+          f_acc[1] += f;
+          if (p.has_grad) {
+            if (first)
+              for (int i = 0; i < n * n; ++i) W[i] *= sc.gcoef[1];
+            else
+              for (int i = 0; i < n * n; ++i) W[i] += tmp[i] * sc.gcoef[1];
+          }
+        }
+      }
+      __syncwarp();
+      // Gradient pass.
+      if (p.has_grad)
+        for (index_t i = lane; i < p.d; i += 32) {
+          Acc v[MaxN];
+#pragma unroll
+          for (int a = 0; a < MaxN; ++a) v[a] = a < n ? dload(p.x.data + xo[a] + i * p.xstride) : Acc(0);
+#pragma unroll
+          for (int s = 0; s < MaxN; ++s) {
+            if (s >= n) break;
+            Acc o = W[s * n] * v[0];
+#pragma unroll
+            for (int r = 1; r < MaxN; ++r)
+              if (r < n) o += W[s * n + r] * v[r];
+            dput_grad(p.g.data + go[s] + i * p.gstride, o, p.accumulate);
+          }
+        }
+      __syncwarp();
+    }
+    // Overwrite: zeros into every other vector the gradient layout holds for this token.
+    if (p.has_grad && !p.accumulate)
+      for (index_t s = 0, next = 0; s < p.k; ++s) {
+        if (next < n && slot[next] == s) {
+          ++next;
+          continue;
+        }
+        int lf = 0;
+        index_t o = -1;
+        if constexpr (layout_keys<Layout>::has_map) {
+          const index_t key = layout_keys<Layout>::key(p.g.layout, t, s, lf);
+          o = key >= 0 && w.seen_g[key] == 1 ? p.g.layout.offset(t, s) : -1;
+        } else {
+          o = p.g.layout.offset(t, s);
+        }
+        if (o >= 0)
+          for (index_t i = lane; i < p.d; i += 32) dput_grad(p.g.data + o + i * p.gstride, Acc(0), false);
+      }
+  }
+  if (lane == 0) {
+    part[warp][0] = f_acc[0];
+    part[warp][1] = f_acc[1];
+    if (flags != 0) atomicOr(&s_flags, flags);
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    const int j = static_cast<int>(threadIdx.x);
+    Acc s = part[0][j];
+    for (int v = 1; v < cuda_tuning::warps; ++v) s += part[v][j];
+    w.partial[static_cast<index_t>(blockIdx.x) * 2 + j] = s;
+  }
+  if (threadIdx.x == 0) w.err[blockIdx.x] = s_flags;
+}
+
+template <class T, class Layout, class Acc>
+__global__ void __launch_bounds__(cuda_tuning::threads)
+    finish_kernel(plan<T, Layout, Acc> p, workspace<Acc> w, index_t nb) {
+  __shared__ Acc scratch[cuda_tuning::threads];
+  __shared__ Acc sums[2];
+  __shared__ int word;
+  block_column_sums(w.partial, nb, 2, sums, scratch);
+  const int flags = block_or(w.err, nb, &word);
+  if (threadIdx.x != 0) return;
+  const scalars<Acc> sc = *w.sc;
+  const int all = flags | sc.flags;
+  for (int j = 0; j < 2; ++j)
+    if (p.use[j]) publish(p.value[j], nullptr, sc.scale[j] * static_cast<double>(sums[j]), all);
+  if (p.status != nullptr && all != 0) atomicOr(p.status, all);
+}
+
+/// What one run computes (views on the device).
+template <class T, class Layout>
+struct request {
+  activation_view<const T, Layout> acts{};
+  topk_view topk{};
+  mask_view mask{};
+  index_t num_experts = 0;
+  const activation_view<T, Layout>* grad = nullptr;
+  grad_options opts{};
+  bool stats_mode = false;
+  const specialization_loss* sp = nullptr;
+  const orthogonality_loss* orth = nullptr;
+  stats_view sp_reduced{}, orth_reduced{};
+  double *sp_value = nullptr, *orth_value = nullptr, *sp_stats = nullptr, *orth_stats = nullptr;
+};
+
+template <class T, class Layout>
+std::size_t required_bytes(const request<T, Layout>& rq) {
+  workspace_carver c(nullptr);
+  (void)carve<accumulator_t<T>>(c, rq.topk.rows, rq.acts.layout, rq.grad != nullptr ? &rq.grad->layout : nullptr);
+  return c.required();
+}
+
+/// Shape checks of a Gram-based loss on the host (no device memory read).
+template <class T, class Layout>
+void validate(const char* who, double coef, double eps, const request<T, Layout>& rq, stats_view reduced,
+              const cuda& be) {
+  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
+  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
+  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
+  const auto& I = rq.topk;
+  const index_t E = rq.num_experts;
+  require(I.rows >= 0 && I.k >= 0, who, ": topk has a negative size [", I.rows, ", ", I.k, "]");
+  require(I.k >= 1, who, ": topk has k = ", I.k, " columns; k must be at least 1");
+  require(I.k <= math::max_slots, who, ": topk has k = ", I.k, " columns but at most ", math::max_slots,
+          " slots per token are supported (moereg::math::max_slots)");
+  require(E >= 0, who, ": num_experts = ", E, " is negative");
+  require(E == 0 || I.k <= E, who, ": topk has k = ", I.k, " columns but there are only E = ", E, " experts (k > E)");
+  require(I.data != nullptr || I.rows == 0, who, ": topk is null but has size [", I.rows, ", ", I.k, "]");
+  require(I.row_stride >= I.k || I.rows <= 1, who, ": topk row stride ", I.row_stride, " is smaller than k = ", I.k);
+  check_mask(who, rq.mask, I.rows);
+  const auto& x = rq.acts;
+  layout_keys<Layout>::host_check(who, "acts", x.layout);
+  require(x.layout.tokens() == I.rows && x.layout.slots() == I.k, who, ": acts layout is [", x.layout.tokens(), ", ",
+          x.layout.slots(), ", ", x.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
+  require(x.layout.dim() >= 0, who, ": acts has a negative length d = ", x.layout.dim());
+  require(x.data != nullptr || I.rows == 0 || x.layout.dim() == 0, who, ": acts is null");
+  if (rq.grad != nullptr) {
+    const auto& g = *rq.grad;
+    layout_keys<Layout>::host_check(who, "grad", g.layout);
+    require(g.layout.tokens() == x.layout.tokens() && g.layout.slots() == x.layout.slots() &&
+                g.layout.dim() == x.layout.dim(),
+            who, ": grad layout is [", g.layout.tokens(), ", ", g.layout.slots(), ", ", g.layout.dim(),
+            "] but acts is [", x.layout.tokens(), ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
+    require(g.data != nullptr || I.rows == 0 || g.layout.dim() == 0, who, ": grad is null");
+    cuda_check_pointer(who, "grad", g.data, be);
+  }
+  cuda_check_stats_shape(who, reduced, 1);
+  cuda_check_pointer(who, "acts", x.data, be);
+  cuda_check_pointer(who, "topk", I.data, be);
+  cuda_check_pointer(who, "mask", rq.mask.data, be);
+  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
+  require(cuda_blocks(I.rows, cuda_row_block) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
+          ": too many tokens for one grid");
+}
+
+template <int MaxN, class T, class Layout, class Acc>
+void launch_tokens(const plan<T, Layout, Acc>& p, const workspace<Acc>& w, index_t nb, cudaStream_t stream) {
+  tokens_kernel<T, Layout, Acc, MaxN><<<static_cast<unsigned>(nb), cuda_tuning::threads, 0, stream>>>(p, w);
+}
+
+template <class T, class Layout>
+void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
+  using Acc = accumulator_t<T>;
+  workspace_carver carver(be.workspace);
+  const auto w = carve<Acc>(carver, rq.topk.rows, rq.acts.layout, rq.grad != nullptr ? &rq.grad->layout : nullptr);
+  cuda_check_workspace(who, be, carver.required());
+
+  plan<T, Layout, Acc> p{};
+  p.x = rq.acts;
+  if (rq.grad != nullptr) p.g = *rq.grad;
+  p.I = rq.topk;
+  p.mask = rq.mask;
+  p.rows = rq.topk.rows;
+  p.k = rq.topk.k;
+  p.d = rq.acts.layout.dim();
+  p.xstride = rq.acts.layout.stride();
+  p.gstride = rq.grad != nullptr ? rq.grad->layout.stride() : 1;
+  p.num_experts = rq.num_experts;
+  p.stats_mode = rq.stats_mode;
+  p.has_grad = rq.grad != nullptr && !rq.stats_mode;
+  p.accumulate = rq.opts.accumulate;
+  p.grad_scale = rq.opts.grad_scale;
+  p.use[0] = rq.sp != nullptr;
+  p.use[1] = rq.orth != nullptr;
+  if (rq.sp != nullptr) {
+    p.coef[0] = rq.sp->cfg.coef;
+    p.eps[0] = static_cast<Acc>(rq.sp->cfg.eps);
+    p.sp_mean = rq.sp->cfg.pairs == sp_pairs::mean;
+  }
+  if (rq.orth != nullptr) {
+    p.coef[1] = rq.orth->cfg.coef;
+    p.eps[1] = static_cast<Acc>(rq.orth->cfg.eps);
+    p.or_subspace = rq.orth->cfg.variant == ortho_variant::subspace;
+    p.or_mean = rq.orth->cfg.reduction == ortho_reduction::mean;
+    p.or_kk = rq.orth->cfg.k > 0 ? rq.orth->cfg.k : rq.topk.k;
+  }
+  p.reduced[0] = rq.sp_reduced.data;
+  p.reduced[1] = rq.orth_reduced.data;
+  p.value[0] = rq.sp_value;
+  p.value[1] = rq.orth_value;
+  p.stats[0] = rq.sp_stats;
+  p.stats[1] = rq.orth_stats;
+  p.status = be.status;
+
+  const dim3 block(cuda_tuning::threads);
+  const index_t nb = cuda_blocks(p.rows, cuda_row_block);
+  if (!rq.stats_mode) {
+    // Clear the scalars' flags word and count the map keys (map layouts only).
+    cuda_require(cudaMemsetAsync(w.sc, 0, sizeof(scalars<Acc>), be.stream), who, "cudaMemsetAsync");
+    if constexpr (layout_keys<Layout>::has_map) {
+      const index_t entries = p.rows * p.k;
+      auto count_keys = [&](const Layout& l, int* seen) {
+        const index_t nk = layout_keys<Layout>::num_keys(l);
+        if (nk > 0) cuda_require(cudaMemsetAsync(seen, 0, static_cast<std::size_t>(nk) * sizeof(int), be.stream), who,
+                                 "cudaMemsetAsync");
+        if (entries > 0) {
+          keys_kernel<Layout><<<static_cast<unsigned>(cuda_blocks(entries, cuda_tuning::threads)), block, 0, be.stream>>>(
+              l, p.rows, p.k, seen, &w.sc->flags);
+          cuda_check_launch(who, "map check kernel");
+        }
+      };
+      count_keys(p.x.layout, w.seen_x);
+      if (p.has_grad) count_keys(p.g.layout, w.seen_g);
+    }
+  }
+  count_kernel<T, Layout, Acc><<<1, block, 0, be.stream>>>(p, w);
+  cuda_check_launch(who, "count kernel");
+  if (rq.stats_mode) return;
+  if (nb > 0) {
+    if (p.k <= 2) launch_tokens<2>(p, w, nb, be.stream);
+    else if (p.k <= 4) launch_tokens<4>(p, w, nb, be.stream);
+    else if (p.k <= 8) launch_tokens<8>(p, w, nb, be.stream);
+    else launch_tokens<16>(p, w, nb, be.stream);
+    cuda_check_launch(who, "tokens kernel");
+  }
+  finish_kernel<T, Layout, Acc><<<1, block, 0, be.stream>>>(p, w, nb);
+  cuda_check_launch(who, "finish kernel");
+}
+
+}  // namespace cuda_gram
+}  // namespace detail
+}  // namespace moereg

@@ -1,0 +1,181 @@
+// Fused CUDA entry point of the router losses that read one [T, E] routing matrix: load
+// balancing (micro or global scope), z-loss, entropy, variance and importance, in one run of
+// the router engine (router.cuh).
+//
+// Include <moereg/backend/cuda.hpp>, not this file.
+//
+//   moereg::router_fused f;
+//   f.load_balancing = &lb; f.z = &zl; f.entropy = &ent;      // any subset, at least one
+//   moereg::router_fused_inputs<float> in{P, Z, topk, mask};  // device views
+//   be.value = d_values;                                      // 5 doubles, see the slots below
+//   f.value_and_grad(in, dP, dZ, opts, {}, be);
+//
+// What fusion saves, against one call per loss: P is read twice (column sums, then one row
+// pass) instead of once or twice per loss, Z once (its row pass), and dP is written once
+// with the sum of every P-loss's gradient (dP = sum_i grad_scale dL_i/dP) instead of once per
+// loss with read-modify-write accumulation; 2 to 4 kernel launches in all. The result equals
+// the sum of the separate calls up to rounding (the contributions are added in registers, in
+// the accumulator type, and rounded to the storage type once).
+//
+// The variance loss reads P as its score matrix S; the z-loss reads Z. Every loss uses the
+// same mask. Each loss keeps its own coefficient, its own configuration and its own reduced
+// statistics; grad_options (grad_scale, accumulate) apply to every loss. Sequence-scope load
+// balancing is not fused (call the loss itself).
+//
+// Values: be.value[slot] for each loss present, slots router_fused::slot_load_balancing (0),
+// slot_z (1), slot_entropy (2), slot_variance (3), slot_importance (4); the slots of absent
+// losses are not touched. A null be.value writes no value.
+#pragma once
+
+#include <cstddef>
+
+#include "core.cuh"
+#include "entropy.cuh"
+#include "importance.cuh"
+#include "load_balancing.cuh"
+#include "router.cuh"
+#include "variance.cuh"
+#include "z_loss.cuh"
+
+namespace moereg {
+
+/// The shared inputs of a fused router call (device views).
+template <class T>
+struct router_fused_inputs {
+  routing_view<T> probs{};   ///< P [T, E]: load balancing, entropy, importance, variance (as S)
+  routing_view<T> logits{};  ///< Z [T, E]: z-loss
+  topk_view topk{};          ///< I [T, k]: load balancing
+  mask_view mask{};          ///< m [T], shared by every loss; empty = all valid
+};
+
+/// Reduced statistics (device) per loss; an empty view means that loss uses its local ones.
+struct router_fused_reduced {
+  stats_view load_balancing{}, z{}, entropy{}, variance{}, importance{};
+};
+
+/// Local statistics outputs (device) per loss, each of that loss's stats_size; null = not wanted.
+struct router_fused_stats_out {
+  double* load_balancing = nullptr;
+  double* z = nullptr;
+  double* entropy = nullptr;
+  double* variance = nullptr;
+  double* importance = nullptr;
+};
+
+/// Several router losses in one pass. Pointers to the losses (null = absent).
+struct router_fused {
+  const load_balancing_loss* load_balancing = nullptr;
+  const z_loss* z = nullptr;
+  const entropy_loss* entropy = nullptr;
+  const variance_loss* variance = nullptr;
+  const importance_loss* importance = nullptr;
+
+  static constexpr int slot_load_balancing = 0, slot_z = 1, slot_entropy = 2, slot_variance = 3,
+                       slot_importance = 4, slots = 5;
+
+  /// Bytes of workspace value_and_grad and local_stats need for these inputs.
+  template <class T>
+  std::size_t workspace_size(const router_fused_inputs<T>& in, const cuda& = {}) const {
+    return detail::cuda_router::required_bytes(request(in));
+  }
+
+  /// Values into be.value[slot], grad_probs = sum of the P-losses' gradients (a null
+  /// grad_probs.data: not wanted), grad_logits = the z-loss gradient (null: not wanted).
+  /// Enqueued on be.stream; nothing is synchronised.
+  template <class T>
+  void value_and_grad(const router_fused_inputs<T>& in, matrix_view<T> grad_probs, matrix_view<T> grad_logits,
+                      grad_options opts = {}, const router_fused_reduced& reduced = {}, const cuda& be = {}) const {
+    auto rq = request(in);
+    const bool gp = grad_probs.data != nullptr && rq.p_losses();
+    const bool gz = grad_logits.data != nullptr && z != nullptr;
+    validate(in, reduced, gp ? &grad_probs : nullptr, gz ? &grad_logits : nullptr, be);
+    rq.lb_reduced = reduced.load_balancing;
+    rq.z_reduced = reduced.z;
+    rq.ent_reduced = reduced.entropy;
+    rq.var_reduced = reduced.variance;
+    rq.imp_reduced = reduced.importance;
+    if (be.value != nullptr) {
+      rq.lb_value = be.value + slot_load_balancing;
+      rq.z_value = be.value + slot_z;
+      rq.ent_value = be.value + slot_entropy;
+      rq.var_value = be.value + slot_variance;
+      rq.imp_value = be.value + slot_importance;
+    }
+    rq.grad_probs = grad_probs;
+    rq.want_grad_probs = gp;
+    rq.grad_logits = grad_logits;
+    rq.want_grad_logits = gz;
+    rq.opts = opts;
+    detail::cuda_router::run(rq, be, "router_fused (cuda)");
+  }
+
+  /// The values only.
+  template <class T>
+  void value(const router_fused_inputs<T>& in, const router_fused_reduced& reduced = {}, const cuda& be = {}) const {
+    value_and_grad(in, matrix_view<T>{}, matrix_view<T>{}, grad_options{}, reduced, be);
+  }
+
+  /// Every present loss's local statistics into its output (device), in one run.
+  template <class T>
+  void local_stats(const router_fused_inputs<T>& in, const router_fused_stats_out& out, const cuda& be = {}) const {
+    const matrix_view<T>* none = nullptr;
+    validate(in, router_fused_reduced{}, none, none, be);
+    const char* who = "router_fused (cuda)";
+    auto rq = request(in);
+    rq.stats_mode = true;
+    rq.lb_stats = out.load_balancing;
+    rq.z_stats = out.z;
+    rq.ent_stats = out.entropy;
+    rq.var_stats = out.variance;
+    rq.imp_stats = out.importance;
+    for (const double* p : {out.load_balancing, out.z, out.entropy, out.variance, out.importance})
+      detail::cuda_check_pointer(who, "statistics output", p, be);
+    detail::cuda_router::run(rq, be, who);
+  }
+
+private:
+  template <class T>
+  detail::cuda_router::request<T> request(const router_fused_inputs<T>& in) const {
+    detail::cuda_router::request<T> rq;
+    rq.probs = in.probs;
+    rq.logits = in.logits;
+    rq.topk = in.topk;
+    rq.mask = in.mask;
+    rq.lb = load_balancing;
+    rq.z = z;
+    rq.ent = entropy;
+    rq.var = variance;
+    rq.imp = importance;
+    return rq;
+  }
+
+  /// Each present loss's own checks on its inputs, then the agreement between them.
+  template <class T>
+  void validate(const router_fused_inputs<T>& in, const router_fused_reduced& reduced, const matrix_view<T>* gp,
+                const matrix_view<T>* gz, const cuda& be) const {
+    const char* who = "router_fused (cuda)";
+    detail::require(load_balancing != nullptr || z != nullptr || entropy != nullptr || variance != nullptr ||
+                        importance != nullptr,
+                    who, ": no loss given");
+    if (load_balancing != nullptr) {
+      detail::require(load_balancing->cfg.scope != lb_scope::sequence, who,
+                      ": sequence-scope load balancing is not fused; call the loss itself");
+      detail::cuda_lb::validate(*load_balancing, load_balancing_inputs<T>{in.probs, in.topk, in.mask},
+                                reduced.load_balancing, gp, be);
+    }
+    if (z != nullptr) detail::cuda_z::validate(z_loss_inputs<T>{in.logits, in.mask}, reduced.z, gz, be);
+    if (entropy != nullptr)
+      detail::cuda_ent::validate(*entropy, entropy_inputs<T>{in.probs, in.mask}, reduced.entropy, gp, be);
+    if (variance != nullptr)
+      detail::cuda_var::validate(*variance, variance_inputs<T>{in.probs, in.mask}, reduced.variance, gp, be);
+    if (importance != nullptr)
+      detail::cuda_imp::validate(*importance, importance_inputs<T>{in.probs, in.mask}, reduced.importance, gp, be);
+    const bool p_losses = load_balancing != nullptr || entropy != nullptr || variance != nullptr || importance != nullptr;
+    if (p_losses && gp != nullptr) detail::check_grad(who, "grad_probs", *gp, in.probs);
+    if (p_losses && z != nullptr)
+      detail::require(in.logits.rows == in.probs.rows, who, ": logits has ", in.logits.rows, " rows but probs has ",
+                      in.probs.rows);
+  }
+};
+
+}  // namespace moereg

@@ -1,0 +1,74 @@
+// CUDA backend of the intra-layer specialization loss (losses/specialization.hpp, LOSSES.md
+// section 3): the Gram engine of gram.cuh with math::specialization_token, the function the
+// CPU executor calls.
+//
+// Include <moereg/backend/cuda.hpp>, not this file.
+#pragma once
+
+#include <limits>
+
+#include "../../losses/specialization.hpp"
+#include "core.cuh"
+#include "gram.cuh"
+
+namespace moereg {
+namespace detail {
+namespace cuda_sp {
+
+template <class T, class Layout>
+cuda_gram::request<T, Layout> engine_request(const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+                                             const activation_view<T, Layout>* grad) {
+  cuda_gram::request<T, Layout> rq;
+  rq.acts = in.acts;
+  rq.topk = in.topk;
+  rq.mask = in.mask;
+  rq.num_experts = in.num_experts;
+  rq.grad = grad;
+  rq.sp = &loss;
+  return rq;
+}
+
+template <class T, class Layout>
+void run(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+         stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
+  const char* who = "specialization (cuda)";
+  auto rq = engine_request(loss, in, grad);
+  cuda_gram::validate(who, loss.cfg.coef, loss.cfg.eps, rq, reduced, be);
+  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
+  rq.opts = opts;
+  rq.stats_mode = stats_out != nullptr;
+  rq.sp_reduced = reduced;
+  rq.sp_value = be.value;
+  rq.sp_stats = stats_out;
+  cuda_gram::run(rq, be, who);
+}
+
+}  // namespace cuda_sp
+}  // namespace detail
+
+/// Bytes of workspace every CUDA entry point of the specialization loss needs for these inputs.
+template <class T, class Layout>
+std::size_t workspace_size(const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+                           const cuda& = {}) {
+  return detail::cuda_gram::required_bytes(
+      detail::cuda_sp::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
+}
+
+/// Local statistics [T_v] into device memory `out`, enqueued on be.stream.
+template <class T, class Layout>
+void execute_stats(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+                   double* out) {
+  detail::cuda_sp::run(be, loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr),
+                       grad_options{}, out);
+}
+
+/// Value into *be.value and, with `grad`, the gradient (through the grad view's layout),
+/// enqueued on be.stream. Returns NaN.
+template <class T, class Layout>
+double execute(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
+  detail::cuda_sp::run(be, loss, in, reduced, grad, opts, nullptr);
+  return std::numeric_limits<double>::quiet_NaN();
+}
+
+}  // namespace moereg

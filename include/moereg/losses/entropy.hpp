@@ -1,0 +1,134 @@
+// Router entropy, LOSSES.md section 7.
+//
+//   L = eta (1/T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny)),   tiny = 1e-30
+//   dL/dP[t,e] = eta m_t / T_v * ( -(log P[t,e] + 1)   if P[t,e] > tiny
+//                                  -log(tiny)          otherwise: max(P, tiny) is constant there )
+//
+// eta defaults to 1e-3 (LOSSES.md gives no default; this is the library's choice). A positive
+// eta penalises spread-out routing (sharper routers); pass a negative eta to reward entropy.
+//
+// Statistics (LOSSES.md section 9): [T_v]. With reduced statistics the 1/T_v is global, so a
+// batch split into parts gives each part the whole batch's gradient rows, and the parts'
+// values sum to the whole batch's value.
+//
+// Passes over memory (value_and_grad): P read once, the gradient written once.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../backend/cpu.hpp"
+#include "../core/error.hpp"
+#include "../core/types.hpp"
+#include "../core/views.hpp"
+#include "common.hpp"
+
+namespace moereg {
+
+struct entropy_config {
+  double coef = 1e-3;   ///< eta (library default; LOSSES.md gives none)
+  double tiny = 1e-30;  ///< floor inside the log
+};
+
+template <class T>
+struct entropy_inputs {
+  routing_view<T> probs;  ///< P [T, E]
+  mask_view mask{};       ///< m [T], empty = all valid
+};
+
+struct entropy_loss {
+  entropy_config cfg{};
+
+  template <class T>
+  index_t stats_size(const entropy_inputs<T>&) const {
+    return 1;
+  }
+  template <class T, class Backend = cpu>
+  std::vector<double> local_stats(const entropy_inputs<T>& in, const Backend& be = {}) const {
+    std::vector<double> s(1);
+    execute_stats(be, *this, in, s.data());
+    return s;
+  }
+  template <class T, class Backend = cpu>
+  void local_stats(const entropy_inputs<T>& in, double* out, const Backend& be = {}) const {
+    execute_stats(be, *this, in, out);
+  }
+  template <class T, class Backend = cpu>
+  double value(const entropy_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
+  }
+  /// Writes grad_scale * dL/dP into `grad_probs` (same shape as probs, its own strides).
+  template <class T, class Backend = cpu>
+  void backward(const entropy_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
+                stats_view reduced = {}, const Backend& be = {}) const {
+    (void)execute(be, *this, in, reduced, &grad_probs, opts);
+  }
+  template <class T, class Backend = cpu>
+  double value_and_grad(const entropy_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
+                        stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, &grad_probs, opts);
+  }
+};
+
+namespace detail {
+
+template <class T>
+void ent_validate(const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
+                  const matrix_view<T>* grad) {
+  const char* who = "entropy";
+  require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
+          who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
+  check_matrix(who, "probs", in.probs);
+  require(in.probs.cols >= 1 || in.probs.rows == 0, who, ": probs has E = 0 columns");
+  check_mask(who, in.mask, in.probs.rows);
+  if (grad) check_grad(who, "grad_probs", *grad, in.probs);
+  check_stats(who, reduced, 1);
+}
+
+}  // namespace detail
+
+template <class T>
+void execute_stats(const cpu&, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
+  detail::ent_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs.rows));
+}
+
+template <class T>
+double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
+               const matrix_view<T>* grad, grad_options opts) {
+  using Acc = accumulator_t<T>;
+  detail::ent_validate(loss, in, reduced, grad);
+  const auto& P = in.probs;
+  const index_t T_ = P.rows, E = P.cols;
+  const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];
+  const bool any = tv > 0;
+  const Acc inv_tv = any ? static_cast<Acc>(1.0 / tv) : Acc(0);
+  const Acc eta = static_cast<Acc>(loss.cfg.coef);
+  const Acc gc = any ? static_cast<Acc>(opts.grad_scale * loss.cfg.coef / tv) : Acc(0);
+  const Acc tiny = static_cast<Acc>(loss.cfg.tiny);
+  const Acc log_tiny = std::log(tiny);
+  const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
+  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
+  detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
+    Acc sum = Acc(0);
+    for (index_t t = r0; t < r1; ++t) {
+      if (!any || !in.mask(t)) {
+        if (grad && !opts.accumulate)
+          for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), Acc(0), false);
+        continue;
+      }
+      for (index_t e = 0; e < E; ++e) {
+        const Acc p = load(P(t, e));
+        const bool above = p > tiny;
+        const Acc lp = above ? std::log(p) : log_tiny;
+        sum -= p * lp;
+        if (grad) detail::put_grad((*grad)(t, e), gc * (above ? -(lp + Acc(1)) : -log_tiny), opts.accumulate);
+      }
+    }
+    partial[static_cast<std::size_t>(b)] = sum;
+  });
+  return static_cast<double>(eta * inv_tv * detail::pairwise_sum(partial.data(), nb));
+}
+
+}  // namespace moereg

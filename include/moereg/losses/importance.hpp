@@ -1,0 +1,181 @@
+// Importance loss (Shazeer et al. 2017, "Outrageously Large Neural Networks: The
+// Sparsely-Gated Mixture-of-Experts Layer"), LOSSES.md section 7.
+//
+//   imp_e = sum_t m_t P[t,e]                       (a sum, not a mean)
+//   mu    = (1/E) sum_e imp_e,   var = (1/E) sum_e (imp_e - mu)^2   (population variance)
+//   L     = w * CV(imp)^2 = w * var / mu^2
+//   dL/dP[t,e] = m_t * w * ( 2 (imp_e - mu) / (E mu^2) - 2 var / (E mu^3) )
+// T_v = 0 or mu = 0 gives 0 and a zero gradient.
+//
+// w defaults to 1e-2: LOSSES.md gives no default; this is the library's choice (the order of
+// magnitude of the load-balancing alpha).
+//
+// Statistics (LOSSES.md section 9): [imp_0, ..., imp_{E-1}] (E entries, sums). The whole loss
+// is a function of imp, which is global: with reduced statistics each part's gradient rows
+// equal the whole batch's rows, and the value each part returns IS the whole batch's value
+// (CV^2 is not a sum over tokens), so the parts' values must not be added up.
+//
+// Passes over memory (value_and_grad): P read once (column sums), the gradient written once;
+// with reduced statistics P is not read at all (the gradient depends only on e and m_t).
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "../backend/cpu.hpp"
+#include "../core/error.hpp"
+#include "../core/types.hpp"
+#include "../core/views.hpp"
+#include "common.hpp"
+
+namespace moereg {
+
+struct importance_config {
+  double coef = 1e-2;  ///< w (library default; LOSSES.md gives none)
+};
+
+template <class T>
+struct importance_inputs {
+  routing_view<T> probs;  ///< P [T, E]
+  mask_view mask{};       ///< m [T], empty = all valid
+};
+
+struct importance_loss {
+  importance_config cfg{};
+
+  template <class T>
+  index_t stats_size(const importance_inputs<T>& in) const {
+    return in.probs.cols;
+  }
+  template <class T, class Backend = cpu>
+  std::vector<double> local_stats(const importance_inputs<T>& in, const Backend& be = {}) const {
+    std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
+    execute_stats(be, *this, in, s.data());
+    return s;
+  }
+  template <class T, class Backend = cpu>
+  void local_stats(const importance_inputs<T>& in, double* out, const Backend& be = {}) const {
+    execute_stats(be, *this, in, out);
+  }
+  /// The loss; with `reduced`, the whole batch's value (not this part's share).
+  template <class T, class Backend = cpu>
+  double value(const importance_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
+  }
+  /// Writes grad_scale * dL/dP into `grad_probs` (same shape as probs, its own strides).
+  template <class T, class Backend = cpu>
+  void backward(const importance_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
+                stats_view reduced = {}, const Backend& be = {}) const {
+    (void)execute(be, *this, in, reduced, &grad_probs, opts);
+  }
+  template <class T, class Backend = cpu>
+  double value_and_grad(const importance_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
+                        stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, &grad_probs, opts);
+  }
+};
+
+namespace detail {
+
+template <class T>
+void imp_validate(const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
+                  const matrix_view<T>* grad) {
+  const char* who = "importance";
+  check_matrix(who, "probs", in.probs);
+  require(in.probs.cols >= 1 || in.probs.rows == 0, who, ": probs has E = 0 columns");
+  check_mask(who, in.mask, in.probs.rows);
+  if (grad) check_grad(who, "grad_probs", *grad, in.probs);
+  if (!reduced.empty()) {
+    const index_t want = loss.stats_size(in);
+    require(reduced.size == want, who, ": reduced statistics have ", reduced.size, " entries but this call needs ",
+            want);
+    for (index_t i = 0; i < reduced.size; ++i)
+      require(std::isfinite(reduced.data[i]), who, ": reduced statistics entry ", i, " is ", reduced.data[i],
+              "; statistics must be finite");
+  }
+}
+
+/// imp_e = sum_t m_t P[t,e] and T_v, per block and combined in block order.
+template <class T>
+void imp_sums(const cpu& be, const importance_inputs<T>& in, std::vector<accumulator_t<T>>& imp, index_t& tv) {
+  using Acc = accumulator_t<T>;
+  const auto& P = in.probs;
+  const index_t E = P.cols, nb = num_blocks(P.rows, cpu_block_rows);
+  std::vector<Acc> part(static_cast<std::size_t>(nb * E), Acc(0));
+  std::vector<index_t> ptv(static_cast<std::size_t>(nb), 0);
+  parallel_blocks(be, P.rows, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
+    Acc* c = part.data() + b * E;
+    index_t n = 0;
+    for (index_t t = r0; t < r1; ++t) {
+      if (!in.mask(t)) continue;
+      ++n;
+      for (index_t e = 0; e < E; ++e) c[e] += load(P(t, e));
+    }
+    ptv[static_cast<std::size_t>(b)] = n;
+  });
+  imp.assign(static_cast<std::size_t>(E), Acc(0));
+  combine_blocks(part, nb, E, imp.data());
+  tv = 0;
+  for (index_t n : ptv) tv += n;
+}
+
+}  // namespace detail
+
+template <class T>
+void execute_stats(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, double* out) {
+  detail::imp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  std::vector<accumulator_t<T>> imp;
+  index_t tv = 0;
+  detail::imp_sums(be, in, imp, tv);
+  for (std::size_t e = 0; e < imp.size(); ++e) out[e] = static_cast<double>(imp[e]);
+}
+
+template <class T>
+double execute(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
+               const matrix_view<T>* grad, grad_options opts) {
+  using Acc = accumulator_t<T>;
+  detail::imp_validate(loss, in, reduced, grad);
+  const auto& P = in.probs;
+  const index_t E = P.cols;
+  std::vector<Acc> imp;
+  bool any = true;
+  if (reduced.empty()) {
+    index_t tv = 0;
+    detail::imp_sums(be, in, imp, tv);
+    any = tv > 0;
+  } else {
+    imp.resize(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) imp[static_cast<std::size_t>(e)] = static_cast<Acc>(reduced.data[e]);
+  }
+  const Acc Ea = static_cast<Acc>(E);
+  const Acc mu = E > 0 ? detail::pairwise_sum(imp.data(), E) / Ea : Acc(0);
+  std::vector<Acc> dev2(static_cast<std::size_t>(E)), coeff(static_cast<std::size_t>(E), Acc(0));
+  Acc value = Acc(0);
+  if (any && mu != Acc(0)) {
+    for (index_t e = 0; e < E; ++e) {
+      const Acc d = imp[static_cast<std::size_t>(e)] - mu;
+      dev2[static_cast<std::size_t>(e)] = d * d;
+    }
+    const Acc var = detail::pairwise_sum(dev2.data(), E) / Ea;
+    const Acc w = static_cast<Acc>(loss.cfg.coef), gw = static_cast<Acc>(opts.grad_scale * loss.cfg.coef);
+    const Acc mu2 = mu * mu;
+    value = w * var / mu2;
+    for (index_t e = 0; e < E; ++e)
+      coeff[static_cast<std::size_t>(e)] =
+          gw * (Acc(2) * (imp[static_cast<std::size_t>(e)] - mu) / (Ea * mu2) - Acc(2) * var / (Ea * mu2 * mu));
+  }
+  if (grad) {
+    const auto& G = *grad;
+    detail::parallel_blocks(be, P.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
+      for (index_t t = r0; t < r1; ++t) {
+        const bool valid = in.mask(t);
+        if (!valid && opts.accumulate) continue;
+        for (index_t e = 0; e < E; ++e)
+          detail::put_grad(G(t, e), valid ? coeff[static_cast<std::size_t>(e)] : Acc(0), opts.accumulate);
+      }
+    });
+  }
+  return static_cast<double>(value);
+}
+
+}  // namespace moereg

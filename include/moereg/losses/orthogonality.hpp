@@ -1,0 +1,163 @@
+// Orthogonality loss (Guo, Lu, Nan et al., "Advancing Expert Specialization for Better MoE",
+// NeurIPS 2025, L_o), LOSSES.md section 5.
+//
+//   h_{t,s}  output of expert I[t,s] on token t (model width), before the gate weight, in any
+//            activation layout
+//
+// variant = pairwise (the paper's formula), for valid slots j != s of token t:
+//   term_{t,j,s} = || (<h_{t,j}, h_{t,s}> / (<h_{t,s}, h_{t,s}> + eps)) h_{t,s} ||^2
+//                = <h_{t,j}, h_{t,s}>^2 ||h_{t,s}||^2 / (||h_{t,s}||^2 + eps)^2
+//   L = beta * (1 / T_v) sum_t m_t sum_{j != s in A_t} term_{t,j,s}
+//
+// variant = subspace (the idea of the authors' released code): each output is projected onto
+// the span of the token's other valid outputs X_j (d x (|A_t| - 1)), G_j = X_j^T X_j:
+//   term_{t,j} = || X_j (G_j + eps I)^{-1} X_j^T h_{t,j} ||^2
+//   L = beta * (1 / T_v) sum_t m_t (1 / k) sum_{j in A_t} term_{t,j}
+// with k the configured top-k width (config k, 0 = the number of topk columns). The small
+// (|A_t| - 1)-sized systems are solved by an L D L^T factorisation (pivots clamped at eps)
+// and the exact derivative flows through the basis X_j as well
+// (math::orthogonality_subspace_token).
+//
+// reduction = sum drops the 1/T_v (the paper sums over tokens). Tokens with fewer than 2 valid
+// slots contribute 0. eps default 1e-6 (must be positive), beta default 1e-4.
+//
+// Slots: (t, s) is valid iff topk(t, s) >= 0 and token t is unmasked. topk may have at most
+// math::max_slots = 16 columns; a wider topk is rejected with moereg::error.
+//
+// Statistics (LOSSES.md section 9): [T_v], one entry. The only global quantity is T_v (for
+// reduction = mean); with reduced statistics the 1/T_v is the global one, so a batch split
+// into parts gives each part exactly the whole batch's gradient rows, and the parts' values
+// sum to the whole value. With reduction = sum nothing is global: the statistics are still
+// accepted (and checked) but not needed.
+//
+// Gradient: written through the grad view's own layout, as for the specialization loss
+// (overwrite mode zeroes the vectors of masked tokens, dropped slots and tokens with fewer than
+// 2 valid slots; accumulate mode leaves them untouched; unmapped storage is never touched; the
+// gradient buffer must not overlap the activations).
+//
+// Passes over memory (value_and_grad): activations read once, gradient written once. Per
+// token, the Gram pass reads the token's valid vectors once; the gradient pass re-reads them
+// from cache and writes each gradient vector once (the CPU executor of specialization.hpp).
+#pragma once
+
+#include <vector>
+
+#include "../backend/cpu.hpp"
+#include "../core/error.hpp"
+#include "../core/layouts.hpp"
+#include "../core/types.hpp"
+#include "../core/views.hpp"
+#include "../math/pairwise.hpp"
+#include "common.hpp"
+#include "specialization.hpp"  // the shared CPU executor of the Gram-based losses
+
+namespace moereg {
+
+enum class ortho_variant {
+  pairwise,  ///< the paper's pairwise projection terms
+  subspace,  ///< projection onto the span of the other outputs (the authors' code)
+};
+
+enum class ortho_reduction {
+  mean,  ///< divided by T_v
+  sum,   ///< summed over tokens (the paper)
+};
+
+struct orthogonality_config {
+  double coef = 1e-4;  ///< beta
+  double eps = 1e-6;   ///< must be positive
+  ortho_variant variant = ortho_variant::pairwise;
+  ortho_reduction reduction = ortho_reduction::mean;
+  index_t k = 0;  ///< subspace: the k of the 1/k; 0 = the number of topk columns
+};
+
+template <class T, class Layout>
+struct orthogonality_inputs {
+  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
+  topk_view topk;                         ///< I [T, k]; negative = dropped slot
+  mask_view mask{};                       ///< m [T], empty = all valid
+  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
+};
+
+struct orthogonality_loss {
+  orthogonality_config cfg{};
+
+  template <class T, class Layout>
+  index_t stats_size(const orthogonality_inputs<T, Layout>&) const {
+    return 1;
+  }
+  /// [T_v] of this call.
+  template <class T, class Layout, class Backend = cpu>
+  std::vector<double> local_stats(const orthogonality_inputs<T, Layout>& in, const Backend& be = {}) const {
+    std::vector<double> s(1);
+    execute_stats(be, *this, in, s.data());
+    return s;
+  }
+  template <class T, class Layout, class Backend = cpu>
+  void local_stats(const orthogonality_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
+    execute_stats(be, *this, in, out);
+  }
+  /// The loss; with `reduced` (summed statistics), the 1/T_v is the global one.
+  template <class T, class Layout, class Backend = cpu>
+  double value(const orthogonality_inputs<T, Layout>& in, stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, static_cast<const activation_view<T, Layout>*>(nullptr), grad_options{});
+  }
+  /// Writes grad_scale * dL/dh into `grad` (the grad view's layout describes the grad buffer).
+  template <class T, class Layout, class Backend = cpu>
+  void backward(const orthogonality_inputs<T, Layout>& in, activation_view<T, Layout> grad, grad_options opts = {},
+                stats_view reduced = {}, const Backend& be = {}) const {
+    (void)execute(be, *this, in, reduced, &grad, opts);
+  }
+  /// Both at once (activations read once, gradient written once); returns the value.
+  template <class T, class Layout, class Backend = cpu>
+  double value_and_grad(const orthogonality_inputs<T, Layout>& in, activation_view<T, Layout> grad,
+                        grad_options opts = {}, stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, &grad, opts);
+  }
+};
+
+namespace detail {
+
+template <class T, class Layout>
+void orth_validate(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, stats_view reduced,
+                   const activation_view<T, Layout>* grad) {
+  const char* who = "orthogonality";
+  require(loss.cfg.k >= 0, who, ": config k = ", loss.cfg.k, " is negative");
+  require(loss.cfg.variant == ortho_variant::pairwise || loss.cfg.variant == ortho_variant::subspace, who,
+          ": unknown variant");
+  require(loss.cfg.reduction == ortho_reduction::mean || loss.cfg.reduction == ortho_reduction::sum, who,
+          ": unknown reduction");
+  check_gram_loss(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad, reduced);
+}
+
+}  // namespace detail
+
+template <class T, class Layout>
+void execute_stats(const cpu&, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
+  detail::orth_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
+  out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
+}
+
+template <class T, class Layout>
+double execute(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
+               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
+  using Acc = accumulator_t<T>;
+  detail::orth_validate(loss, in, reduced, grad);
+  double scale = loss.cfg.coef;
+  if (loss.cfg.reduction == ortho_reduction::mean) {
+    const double tv =
+        reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.topk.rows)) : reduced.data[0];
+    scale = tv > 0 ? scale / tv : 0.0;
+  }
+  const Acc eps = static_cast<Acc>(loss.cfg.eps);
+  if (loss.cfg.variant == ortho_variant::pairwise)
+    return detail::gram_loss_run(be, in.acts, in.topk, in.mask, grad, opts, scale, [eps](int n, const Acc* G, Acc* W) {
+      return math::orthogonality_pairwise_token(n, G, eps, W);
+    });
+  const index_t kk = loss.cfg.k > 0 ? loss.cfg.k : in.topk.k;
+  return detail::gram_loss_run(
+      be, in.acts, in.topk, in.mask, grad, opts, scale / static_cast<double>(kk),
+      [eps](int n, const Acc* G, Acc* W) { return math::orthogonality_subspace_token(n, G, eps, W); });
+}
+
+}  // namespace moereg

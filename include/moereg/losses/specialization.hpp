@@ -1,0 +1,726 @@
+// Intra-layer specialization loss (Hu et al., "Synergistic Intra- and Cross-Layer
+// Regularization Losses for MoE Expert Specialization", R_sp), LOSSES.md section 3.
+//
+//   h_{t,s}   SwiGLU intermediate activation of expert I[t,s] on token t (the d_ff-long input
+//             of the down projection, before the gate weight), in any activation layout
+//   n_{t,s}   = max(||h_{t,s}||, eps)                           (eps default 1e-8)
+//   c_{t,s,r} = <h_{t,s}, h_{t,r}> / (n_{t,s} n_{t,r})
+//   L         = lambda * (1 / T_v) sum_t m_t w_t sum_{s != r in A_t} c_{t,s,r}^2
+//
+// Ordered pairs (each unordered pair counts twice), w_t = 1; with pairs = mean,
+// w_t = 1 / (|A_t| (|A_t| - 1)). Tokens with fewer than 2 valid slots contribute 0. The
+// gradient flows to every valid h_{t,s}; where ||h|| < eps the norm is the constant eps.
+// lambda default 2e-3 (the paper's pre-training value). The per-token math (value and the
+// k x k derivative with respect to the Gram matrix) is math::specialization_token.
+//
+// Slots: (t, s) is valid iff topk(t, s) >= 0 and token t is unmasked. topk may have at most
+// math::max_slots = 16 columns; a wider topk is rejected with moereg::error. The expert ids
+// are only validated (no repeats in a row; < num_experts when num_experts > 0).
+//
+// Statistics (LOSSES.md section 9): [T_v], one entry. The only global quantity is T_v; with
+// reduced statistics the 1/T_v is the global one, so a batch split into parts gives each part
+// exactly the whole batch's gradient rows, and the parts' values sum to the whole value.
+//
+// Gradient: written through the grad view's own layout (same policy type as the input, its
+// own maps and strides). Overwrite mode writes zeros into every vector the grad layout holds
+// for a masked token, a dropped slot, or a token with fewer than 2 valid slots; accumulate
+// mode leaves those untouched. Storage the layout maps to no (token, slot) is never touched.
+// The gradient buffer must not overlap the activations.
+//
+// Passes over memory (value_and_grad): activations read once, gradient written once. Per
+// token, the Gram pass reads the token's valid vectors once; the gradient pass re-reads the
+// same vectors (then resident in L1/L2: k * d * sizeof(T) bytes) and writes each gradient
+// vector once. topk and mask are read once per token. Nothing proportional to T * k * d is
+// allocated: the only buffer is one partial sum per block of 256 tokens.
+//
+// This header also holds the CPU executor shared by the Gram-based losses (specialization,
+// orthogonality): detail::gram_loss_run, a register-tiled Gram pass and gradient pass
+// specialised at compile time for 2, 4, 6 and 8 valid slots (AVX-512 when MOEREG_HAS_AVX512,
+// portable loops the compiler vectorises otherwise), with a run-time-n fallback.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if MOEREG_HAS_AVX512
+#include <immintrin.h>
+#endif
+
+#include "../backend/cpu.hpp"
+#include "../core/config.hpp"
+#include "../core/error.hpp"
+#include "../core/layouts.hpp"
+#include "../core/types.hpp"
+#include "../core/views.hpp"
+#include "../math/pairwise.hpp"
+#include "../math/reduce.hpp"
+#include "common.hpp"
+
+namespace moereg {
+
+/// How the pair sum of one token is normalised.
+enum class sp_pairs {
+  sum,   ///< sum over ordered pairs (the paper)
+  mean,  ///< divided by |A_t| (|A_t| - 1)
+};
+
+struct specialization_config {
+  double coef = 2e-3;  ///< lambda
+  double eps = 1e-8;   ///< norm clamp; must be positive
+  sp_pairs pairs = sp_pairs::sum;
+};
+
+template <class T, class Layout>
+struct specialization_inputs {
+  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
+  topk_view topk;                         ///< I [T, k]; negative = dropped slot
+  mask_view mask{};                       ///< m [T], empty = all valid
+  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
+};
+
+struct specialization_loss {
+  specialization_config cfg{};
+
+  template <class T, class Layout>
+  index_t stats_size(const specialization_inputs<T, Layout>&) const {
+    return 1;
+  }
+  /// [T_v] of this call.
+  template <class T, class Layout, class Backend = cpu>
+  std::vector<double> local_stats(const specialization_inputs<T, Layout>& in, const Backend& be = {}) const {
+    std::vector<double> s(1);
+    execute_stats(be, *this, in, s.data());
+    return s;
+  }
+  template <class T, class Layout, class Backend = cpu>
+  void local_stats(const specialization_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
+    execute_stats(be, *this, in, out);
+  }
+  /// The loss; with `reduced` (summed statistics), the 1/T_v is the global one.
+  template <class T, class Layout, class Backend = cpu>
+  double value(const specialization_inputs<T, Layout>& in, stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, static_cast<const activation_view<T, Layout>*>(nullptr), grad_options{});
+  }
+  /// Writes grad_scale * dL/dh into `grad` (the grad view's layout describes the grad buffer).
+  template <class T, class Layout, class Backend = cpu>
+  void backward(const specialization_inputs<T, Layout>& in, activation_view<T, Layout> grad, grad_options opts = {},
+                stats_view reduced = {}, const Backend& be = {}) const {
+    (void)execute(be, *this, in, reduced, &grad, opts);
+  }
+  /// Both at once (activations read once, gradient written once); returns the value.
+  template <class T, class Layout, class Backend = cpu>
+  double value_and_grad(const specialization_inputs<T, Layout>& in, activation_view<T, Layout> grad,
+                        grad_options opts = {}, stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, *this, in, reduced, &grad, opts);
+  }
+};
+
+namespace detail {
+
+// ---------------------------------------------------------------------------------------------
+// Validation shared by the Gram-based activation losses.
+
+/// topk of an activation loss: [T, k] with 1 <= k <= math::max_slots. With E > 0 it is
+/// checked like a router's topk (k <= E, every id < E, no repeats: check_topk); E = 0 (the
+/// activation losses do not need E) skips the two checks against E but still rejects an
+/// expert selected twice in a row.
+inline void check_activation_topk(const char* who, const topk_view& I, index_t E) {
+  require(I.rows >= 0 && I.k >= 0, who, ": topk has a negative size [", I.rows, ", ", I.k, "]");
+  require(I.k <= math::max_slots, who, ": topk has k = ", I.k, " columns but at most ", math::max_slots,
+          " slots per token are supported (moereg::math::max_slots)");
+  require(E >= 0, who, ": num_experts = ", E, " is negative");
+  if (E > 0) {
+    check_topk(who, "topk", I, I.rows, E);
+    return;
+  }
+  require(I.k >= 1, who, ": topk has k = ", I.k, " columns; k must be at least 1");
+  require(I.data != nullptr || I.rows == 0, who, ": topk is null but has size [", I.rows, ", ", I.k, "]");
+  require(I.row_stride >= I.k || I.rows <= 1, who, ": topk row stride ", I.row_stride, " is smaller than k = ", I.k);
+  for (index_t t = 0; t < I.rows; ++t)
+    for (index_t s = 1; s < I.k; ++s) {
+      const index_t e = I(t, s);
+      if (e < 0) continue;
+      for (index_t r = 0; r < s; ++r)
+        require(I(t, r) != e, who, ": topk row ", t, " selects expert ", e, " twice (slots ", r, " and ", s, ")");
+    }
+}
+
+/// The gradient view: a sound layout of the input's shape with a vector for every valid slot.
+template <class T, class Layout>
+void check_activation_grad(const char* who, const activation_view<T, Layout>& g,
+                           const activation_view<const T, Layout>& x, const topk_view& I) {
+  g.layout.validate(who);
+  require(g.layout.tokens() == x.layout.tokens() && g.layout.slots() == x.layout.slots() &&
+              g.layout.dim() == x.layout.dim(),
+          who, ": grad layout is [", g.layout.tokens(), ", ", g.layout.slots(), ", ", g.layout.dim(), "] but acts is [",
+          x.layout.tokens(), ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
+  bool any = false;
+  for (index_t t = 0; t < I.rows; ++t)
+    for (index_t s = 0; s < I.k; ++s) {
+      if (I(t, s) < 0) continue;
+      any = true;
+      require(g.layout.offset(t, s) >= 0, who, ": grad layout has no vector for the valid slot (", t, ", ", s, ")");
+    }
+  require(g.data != nullptr || !any || g.layout.dim() == 0, who, ": grad is null but has valid slots");
+}
+
+/// Everything a Gram-based loss checks before it touches memory.
+template <class T, class Layout>
+void check_gram_loss(const char* who, double coef, double eps, const activation_view<const T, Layout>& x,
+                     const topk_view& I, const mask_view& mask, index_t E, const activation_view<T, Layout>* grad,
+                     stats_view reduced) {
+  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
+  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
+  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
+  check_activation_topk(who, I, E);
+  check_mask(who, mask, I.rows);
+  check_activations(who, "acts", x, I);
+  if (grad) check_activation_grad(who, *grad, x, I);
+  check_stats(who, reduced, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Register packs: one chunk of a vector in registers. The width is 64 bytes of accumulator
+// type (16 floats or 8 doubles). All layouts, strides and tails go through the same pack
+// arithmetic in the same order, so a token gives bitwise the same result in every layout.
+
+// Full unrolling of the loops over the vectors of a token (compile-time counts in the
+// specialised passes). GCC needs the hint; Clang unrolls them anyway and warns when a hinted
+// loop with a run-time count is not unrolled. Undefined at the end of this header.
+#if defined(__GNUC__) && !defined(__clang__)
+#define MOEREG_DETAIL_UNROLL _Pragma("GCC unroll 16")
+#else
+#define MOEREG_DETAIL_UNROLL
+#endif
+
+template <class Acc>
+struct pack_portable {
+  using acc_type = Acc;
+  static constexpr int width = 64 / static_cast<int>(sizeof(Acc));
+  struct reg {
+    Acc v[width];
+  };
+  static MOEREG_FORCEINLINE reg zero() {
+    reg r;
+    for (int l = 0; l < width; ++l) r.v[l] = Acc(0);
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg loadu(const Acc* p) {
+    reg r;
+    for (int l = 0; l < width; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static MOEREG_FORCEINLINE void storeu(Acc* p, const reg& a) {
+    for (int l = 0; l < width; ++l) p[l] = a.v[l];
+  }
+  static MOEREG_FORCEINLINE reg fmadd(const reg& a, const reg& b, const reg& c) {
+    reg r;
+    for (int l = 0; l < width; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg mul_s(Acc s, const reg& a) {
+    reg r;
+    for (int l = 0; l < width; ++l) r.v[l] = s * a.v[l];
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg fmadd_s(Acc s, const reg& a, const reg& c) {
+    reg r;
+    for (int l = 0; l < width; ++l) r.v[l] = s * a.v[l] + c.v[l];
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg add(const reg& a, const reg& b) {
+    reg r;
+    for (int l = 0; l < width; ++l) r.v[l] = a.v[l] + b.v[l];
+    return r;
+  }
+  /// Fixed tree: halves added until one lane is left.
+  static MOEREG_FORCEINLINE Acc hsum(const reg& a) {
+    Acc t[width];
+    for (int l = 0; l < width; ++l) t[l] = a.v[l];
+    for (int h = width / 2; h >= 1; h /= 2)
+      for (int l = 0; l < h; ++l) t[l] += t[l + h];
+    return t[0];
+  }
+};
+
+#if MOEREG_HAS_AVX512
+struct pack_avx512_f32 {
+  using acc_type = float;
+  static constexpr int width = 16;
+  using reg = __m512;
+  static MOEREG_FORCEINLINE reg zero() { return _mm512_setzero_ps(); }
+  static MOEREG_FORCEINLINE reg loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static MOEREG_FORCEINLINE void storeu(float* p, reg a) { _mm512_storeu_ps(p, a); }
+  static MOEREG_FORCEINLINE reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static MOEREG_FORCEINLINE reg mul_s(float s, reg a) { return _mm512_mul_ps(_mm512_set1_ps(s), a); }
+  static MOEREG_FORCEINLINE reg fmadd_s(float s, reg a, reg c) { return _mm512_fmadd_ps(_mm512_set1_ps(s), a, c); }
+  static MOEREG_FORCEINLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  // A fixed tree (halves, quarters, ...). Written with the masked intrinsics and an all-ones
+  // mask: the unmasked ones start from an "undefined" register that GCC 12 reports under
+  // -Wuninitialized (GCC bug 105593); the instructions are the same.
+  static MOEREG_FORCEINLINE float hsum(reg a) {
+    const __mmask16 all = 0xffff;
+    a = _mm512_add_ps(a, _mm512_mask_shuffle_f32x4(a, all, a, a, 0x4e));
+    a = _mm512_add_ps(a, _mm512_mask_shuffle_f32x4(a, all, a, a, 0xb1));
+    a = _mm512_add_ps(a, _mm512_mask_permute_ps(a, all, a, 0x4e));
+    a = _mm512_add_ps(a, _mm512_mask_permute_ps(a, all, a, 0xb1));
+    return _mm512_cvtss_f32(a);
+  }
+};
+struct pack_avx512_f64 {
+  using acc_type = double;
+  static constexpr int width = 8;
+  using reg = __m512d;
+  static MOEREG_FORCEINLINE reg zero() { return _mm512_setzero_pd(); }
+  static MOEREG_FORCEINLINE reg loadu(const double* p) { return _mm512_loadu_pd(p); }
+  static MOEREG_FORCEINLINE void storeu(double* p, reg a) { _mm512_storeu_pd(p, a); }
+  static MOEREG_FORCEINLINE reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static MOEREG_FORCEINLINE reg mul_s(double s, reg a) { return _mm512_mul_pd(_mm512_set1_pd(s), a); }
+  static MOEREG_FORCEINLINE reg fmadd_s(double s, reg a, reg c) { return _mm512_fmadd_pd(_mm512_set1_pd(s), a, c); }
+  static MOEREG_FORCEINLINE reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  static MOEREG_FORCEINLINE double hsum(reg a) {
+    const __mmask8 all = 0xff;
+    a = _mm512_add_pd(a, _mm512_mask_shuffle_f64x2(a, all, a, a, 0x4e));
+    a = _mm512_add_pd(a, _mm512_mask_shuffle_f64x2(a, all, a, a, 0xb1));
+    a = _mm512_add_pd(a, _mm512_mask_permute_pd(a, all, a, 0x55));
+    return _mm512_cvtsd_f64(a);
+  }
+};
+template <class T>
+struct gram_pack {
+  using type = pack_avx512_f32;
+};
+template <>
+struct gram_pack<double> {
+  using type = pack_avx512_f64;
+};
+#else
+template <class T>
+struct gram_pack {
+  using type = pack_portable<accumulator_t<T> >;
+};
+#endif
+
+/// Loads and stores of one full, contiguous chunk of storage type T. The generic version
+/// converts element by element; the specialisations below convert whole registers and give
+/// bitwise the same values (the 16-bit to float conversions are exact, and the float to
+/// 16-bit ones round to nearest even like moereg::store).
+template <class P, class T>
+struct chunk_io {
+  using Acc = typename P::acc_type;
+  using reg = typename P::reg;
+  static MOEREG_FORCEINLINE reg load(const T* p) {
+    Acc buf[P::width];
+    for (int l = 0; l < P::width; ++l) buf[l] = moereg::load(p[l]);
+    return P::loadu(buf);
+  }
+  static MOEREG_FORCEINLINE void store(T* p, reg v, bool accumulate) {
+    Acc buf[P::width];
+    P::storeu(buf, v);
+    for (int l = 0; l < P::width; ++l) put_grad(p[l], buf[l], accumulate);
+  }
+  /// Overwrite with a non-temporal store where the instruction set has one (p aligned to
+  /// a whole chunk); a plain store otherwise.
+  static MOEREG_FORCEINLINE void stream(T* p, reg v) { store(p, v, false); }
+};
+template <class Acc>
+struct chunk_io<pack_portable<Acc>, Acc> {
+  using P = pack_portable<Acc>;
+  using reg = typename P::reg;
+  static MOEREG_FORCEINLINE reg load(const Acc* p) { return P::loadu(p); }
+  static MOEREG_FORCEINLINE void store(Acc* p, const reg& v, bool accumulate) {
+    P::storeu(p, accumulate ? P::add(P::loadu(p), v) : v);
+  }
+  static MOEREG_FORCEINLINE void stream(Acc* p, const reg& v) { P::storeu(p, v); }
+};
+#if MOEREG_HAS_AVX512
+template <>
+struct chunk_io<pack_avx512_f32, float> {
+  static MOEREG_FORCEINLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static MOEREG_FORCEINLINE void store(float* p, __m512 v, bool accumulate) {
+    _mm512_storeu_ps(p, accumulate ? _mm512_add_ps(_mm512_loadu_ps(p), v) : v);
+  }
+  static MOEREG_FORCEINLINE void stream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+};
+template <>
+struct chunk_io<pack_avx512_f64, double> {
+  static MOEREG_FORCEINLINE __m512d load(const double* p) { return _mm512_loadu_pd(p); }
+  static MOEREG_FORCEINLINE void store(double* p, __m512d v, bool accumulate) {
+    _mm512_storeu_pd(p, accumulate ? _mm512_add_pd(_mm512_loadu_pd(p), v) : v);
+  }
+  static MOEREG_FORCEINLINE void stream(double* p, __m512d v) { _mm512_stream_pd(p, v); }
+};
+template <>
+struct chunk_io<pack_avx512_f32, bfloat16> {
+  // bfloat16 -> float is a 16-bit left shift of the bits. (Masked intrinsics with an all-ones
+  // mask throughout: see pack_avx512_f32::hsum.)
+  static MOEREG_FORCEINLINE __m512 from_bits(__m256i b) {
+    const __mmask16 all = 0xffff;
+    const __m512i z = _mm512_setzero_si512();
+    return _mm512_castsi512_ps(_mm512_mask_slli_epi32(z, all, _mm512_mask_cvtepu16_epi32(z, all, b), 16));
+  }
+  // float -> bfloat16, round to nearest even; NaN becomes the quiet NaN 0x7fc0 with the sign
+  // kept (the same bits as Eigen's scalar conversion).
+  static MOEREG_FORCEINLINE __m256i to_bits(__m512 v) {
+    const __mmask16 all = 0xffff;
+    const __m512i z = _mm512_setzero_si512();
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i hi = _mm512_mask_srli_epi32(z, all, u, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    const __m512i rounded =
+        _mm512_mask_srli_epi32(z, all, _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i qnan = _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7fc0));
+    return _mm512_mask_cvtepi32_epi16(_mm256_setzero_si256(), all, _mm512_mask_blend_epi32(nan, rounded, qnan));
+  }
+  static MOEREG_FORCEINLINE __m512 load(const bfloat16* p) {
+    return from_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static MOEREG_FORCEINLINE void store(bfloat16* p, __m512 v, bool accumulate) {
+    if (accumulate) v = _mm512_add_ps(load(p), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
+  }
+  static MOEREG_FORCEINLINE void stream(bfloat16* p, __m512 v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
+  }
+};
+template <>
+struct chunk_io<pack_avx512_f32, half> {
+  static MOEREG_FORCEINLINE __m512 load(const half* p) {
+    return _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static MOEREG_FORCEINLINE __m256i to_bits(__m512 v) {
+    return _mm512_mask_cvtps_ph(_mm256_setzero_si256(), 0xffff, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static MOEREG_FORCEINLINE void store(half* p, __m512 v, bool accumulate) {
+    if (accumulate) v = _mm512_add_ps(load(p), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
+  }
+  static MOEREG_FORCEINLINE void stream(half* p, __m512 v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
+  }
+};
+#endif
+
+/// A strided or partial chunk: `count` elements `stride` apart, zero-filled to a full pack.
+template <class P, class T>
+MOEREG_FORCEINLINE typename P::reg load_gather(const T* p, index_t stride, int count) {
+  typename P::acc_type buf[P::width];
+  for (int l = 0; l < P::width; ++l) buf[l] = l < count ? moereg::load(p[l * stride]) : typename P::acc_type(0);
+  return P::loadu(buf);
+}
+template <class P, class T>
+MOEREG_FORCEINLINE void store_scatter(T* p, index_t stride, int count, typename P::reg v, bool accumulate) {
+  typename P::acc_type buf[P::width];
+  P::storeu(buf, v);
+  for (int l = 0; l < count; ++l) put_grad(p[l * stride], buf[l], accumulate);
+}
+
+/// Asks for the cache line at p ahead of use (into L2: the current token's vectors own L1).
+MOEREG_FORCEINLINE void prefetch_l2(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 2);
+#else
+  (void)p;
+#endif
+}
+
+/// Orders the non-temporal stores of this thread before its later stores (they are weakly
+/// ordered); called once per block that streamed.
+MOEREG_FORCEINLINE void stream_fence() {
+#if MOEREG_HAS_AVX512
+  _mm_sfence();
+#endif
+}
+
+template <class T>
+void zero_vector(T* p, index_t d, index_t stride) {
+  for (index_t i = 0; i < d; ++i) store(p[i * stride], accumulator_t<T>(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two per-token passes. N > 0: compile-time number of valid vectors (loops unrolled, the
+// N (N + 1) / 2 accumulators in registers); N = 0: run-time n <= math::max_slots.
+// Contig: every vector has element stride 1 (input and gradient); else `stride` apart.
+
+/// One sweep of the Gram pass: G[a][b] = G[b][a] = <x_a, x_b> for a in [A0, a1), b <= a, with
+/// a1 = A1 (compile time) or n_rt (A1 = 0, then A0 = 0). ld: the leading dimension of G.
+template <int A0, int A1, class P, bool Contig, class T>
+MOEREG_FORCEINLINE void gram_sweep(int n_rt, const T* const* x, index_t d, index_t stride, typename P::acc_type* G,
+                                   int ld, const T* const* pf, int npf) {
+  using reg = typename P::reg;
+  constexpr int W = P::width;
+  constexpr int cap = A1 > 0 ? A1 : math::max_slots;
+  constexpr int base = A0 * (A0 + 1) / 2;
+  const int a1 = A1 > 0 ? A1 : (n_rt < cap ? n_rt : cap);  // (the bound is for the compiler)
+  const int np = a1 * (a1 + 1) / 2 - base;
+  reg acc[cap * (cap + 1) / 2 - base];
+  MOEREG_DETAIL_UNROLL
+  for (int p = 0; p < np; ++p) acc[p] = P::zero();
+  reg v[cap];
+  auto accumulate = [&]() {
+    int p = 0;
+    MOEREG_DETAIL_UNROLL
+    for (int a = A0; a < a1; ++a) {
+      MOEREG_DETAIL_UNROLL
+      for (int b = 0; b <= a; ++b, ++p) acc[p] = P::fmadd(v[a], v[b], acc[p]);
+    }
+  };
+  index_t i = 0;
+  for (; i + W <= d; i += W) {
+    for (int r = 0; r < npf; ++r) prefetch_l2(pf[r] + i);
+    MOEREG_DETAIL_UNROLL
+    for (int r = 0; r < a1; ++r)
+      v[r] = Contig ? chunk_io<P, T>::load(x[r] + i) : load_gather<P>(x[r] + i * stride, stride, W);
+    accumulate();
+  }
+  if (i < d) {
+    const int rest = static_cast<int>(d - i);
+    for (int r = 0; r < a1; ++r) v[r] = load_gather<P>(x[r] + i * stride, stride, rest);
+    accumulate();
+  }
+  int p = 0;
+  for (int a = A0; a < a1; ++a)
+    for (int b = 0; b <= a; ++b, ++p) G[a * ld + b] = G[b * ld + a] = P::hsum(acc[p]);
+}
+
+/// G[a][b] = <x_a, x_b> for the n vectors, both triangles filled (leading dimension n).
+/// More than 6 vectors would need more accumulators than there are registers; the pairs are
+/// then formed in two sweeps (a < 6, then a >= 6), the second re-reading the first 6 vectors
+/// from cache. Every sum runs over the chunks in order either way.
+template <int N, class P, bool Contig, class T>
+void gram_pass(int n_rt, const T* const* x, index_t d, index_t stride, typename P::acc_type* G, const T* const* pf,
+               int npf) {
+  if constexpr (N > 6) {
+    gram_sweep<0, 6, P, Contig>(N, x, d, stride, G, N, pf, npf);
+    gram_sweep<6, N, P, Contig>(N, x, d, stride, G, N, pf, 0);
+  } else {
+    gram_sweep<0, N, P, Contig>(n_rt, x, d, stride, G, N > 0 ? N : n_rt, pf, npf);
+  }
+}
+
+/// g_s (+)= sum_r Wm[s][r] x_r for the n vectors. Stream (with Contig, overwrite mode, every
+/// g_s aligned to a whole chunk): full chunks are written with non-temporal stores.
+template <int N, class P, bool Contig, bool Stream, class T>
+void apply_pass(int n_rt, const T* const* x, T* const* g, index_t d, index_t xstride, index_t gstride,
+                const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
+  using Acc = typename P::acc_type;
+  using reg = typename P::reg;
+  constexpr int W = P::width;
+  constexpr int cap = N > 0 ? N : math::max_slots;
+  const int n = N > 0 ? N : (n_rt < cap ? n_rt : cap);
+  Acc w[cap * cap];  // a private copy: the compiler need not reload it after every store
+  for (int i = 0; i < n * n; ++i) w[i] = Wm[i];
+  reg v[cap];
+  index_t i = 0;
+  for (; i + W <= d; i += W) {
+    for (int r = 0; r < npf; ++r) prefetch_l2(pf[r] + i);
+    MOEREG_DETAIL_UNROLL
+    for (int r = 0; r < n; ++r)
+      v[r] = Contig ? chunk_io<P, T>::load(x[r] + i) : load_gather<P>(x[r] + i * xstride, xstride, W);
+    MOEREG_DETAIL_UNROLL
+    for (int s = 0; s < n; ++s) {
+      reg o = P::mul_s(w[s * n], v[0]);
+      MOEREG_DETAIL_UNROLL
+      for (int r = 1; r < n; ++r) o = P::fmadd_s(w[s * n + r], v[r], o);
+      if constexpr (Stream)
+        chunk_io<P, T>::stream(g[s] + i, o);
+      else if constexpr (Contig)
+        chunk_io<P, T>::store(g[s] + i, o, accumulate);
+      else
+        store_scatter<P>(g[s] + i * gstride, gstride, W, o, accumulate);
+    }
+  }
+  if (i < d) {
+    const int rest = static_cast<int>(d - i);
+    for (int r = 0; r < n; ++r) v[r] = load_gather<P>(x[r] + i * xstride, xstride, rest);
+    for (int s = 0; s < n; ++s) {
+      reg o = P::mul_s(w[s * n], v[0]);
+      for (int r = 1; r < n; ++r) o = P::fmadd_s(w[s * n + r], v[r], o);
+      store_scatter<P>(g[s] + i * gstride, gstride, rest, o, accumulate);
+    }
+  }
+}
+
+template <class P, bool Contig, class T>
+void gram_dispatch(int n, const T* const* x, index_t d, index_t stride, typename P::acc_type* G, const T* const* pf,
+                   int npf) {
+  switch (n) {
+    case 2:
+      gram_pass<2, P, Contig>(n, x, d, stride, G, pf, npf);
+      break;
+    case 4:
+      gram_pass<4, P, Contig>(n, x, d, stride, G, pf, npf);
+      break;
+    case 6:
+      gram_pass<6, P, Contig>(n, x, d, stride, G, pf, npf);
+      break;
+    case 8:
+      gram_pass<8, P, Contig>(n, x, d, stride, G, pf, npf);
+      break;
+    default:
+      gram_pass<0, P, Contig>(n, x, d, stride, G, pf, npf);
+      break;
+  }
+}
+
+template <class P, bool Contig, bool Stream, class T>
+void apply_dispatch(int n, const T* const* x, T* const* g, index_t d, index_t xs, index_t gs,
+                    const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
+  switch (n) {
+    case 2:
+      apply_pass<2, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
+      break;
+    case 4:
+      apply_pass<4, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
+      break;
+    case 6:
+      apply_pass<6, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
+      break;
+    case 8:
+      apply_pass<8, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
+      break;
+    default:
+      apply_pass<0, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
+      break;
+  }
+}
+
+/// Tuning of the CPU executor of the Gram-based losses, a plain struct (like CUB's policies);
+/// gram_loss_run takes another as its first template argument.
+struct gram_cpu_policy {
+  /// In overwrite mode, a gradient of at least this many bytes (T * k * d * sizeof(T)) is
+  /// written with non-temporal stores (AVX-512 builds, contiguous vectors aligned to 64 bytes,
+  /// or 32 for 16-bit types). They bypass the caches and so save the read-for-ownership of
+  /// every gradient line, a third of the memory traffic, when the gradient is too large to stay
+  /// cached for its consumer anyway. Smaller gradients are written normally and stay cached.
+  static constexpr index_t stream_min_bytes = index_t(32) << 20;
+};
+
+/// The CPU executor of a Gram-based loss. For every unmasked token with n >= 2 valid slots:
+/// the Gram pass, token_fn(n, G, W) -> F_t (W = null for the value only), W scaled by
+/// scale * grad_scale, the gradient pass. Returns scale * sum_t F_t, summed per block of
+/// cpu_block_rows tokens and then pairwise over blocks (thread-count independent). scale = 0
+/// (T_v = 0) gives 0 and, in overwrite mode, an all-zero gradient. Inputs must be validated.
+template <class Policy = gram_cpu_policy, class T, class Layout, class TokenFn>
+double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, const topk_view& I,
+                     const mask_view& mask, const activation_view<T, Layout>* grad, grad_options opts, double scale,
+                     TokenFn token_fn) {
+  using Acc = accumulator_t<T>;
+  using P = typename gram_pack<T>::type;
+  constexpr int K = math::max_slots;
+  const index_t ntok = I.rows, k = I.k, d = x.layout.dim();
+  const index_t xs = x.layout.stride(), gs = grad ? grad->layout.stride() : 1;
+  const bool live = scale != 0.0;
+  const Acc gcoef = static_cast<Acc>(scale * opts.grad_scale);
+  const index_t nb = num_blocks(ntok, cpu_block_rows);
+  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
+  const bool contig = xs == 1 && gs == 1;
+  const bool stream =
+      grad && !opts.accumulate && contig && ntok * k * d * static_cast<index_t>(sizeof(T)) >= Policy::stream_min_bytes;
+  constexpr std::uintptr_t chunk_bytes = static_cast<std::uintptr_t>(P::width) * sizeof(T);
+
+  auto run = [&](auto contig_tag) {
+    constexpr bool C = decltype(contig_tag)::value;
+    parallel_blocks(be, ntok, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
+      // The valid vectors of the current token and of the next one, whose memory is
+      // prefetched while the current token is processed.
+      const T* xbuf[2][K];
+      int sbuf[2][K];
+      T* gv[K];
+      Acc G[K * K], Wm[K * K];
+      Acc sum = Acc(0);
+      auto collect = [&](index_t t, const T** xv, int* slot) {
+        int n = 0;
+        if (live && mask(t))
+          for (index_t s = 0; s < k; ++s)
+            if (I(t, s) >= 0) {
+              xv[n] = x.data + x.layout.offset(t, s);
+              slot[n++] = static_cast<int>(s);
+            }
+        return n >= 2 ? n : 0;  // fewer than 2 valid slots: no pair, zero gradient
+      };
+      int cur = 0;
+      int n = r0 < r1 ? collect(r0, xbuf[0], sbuf[0]) : 0;
+      for (index_t t = r0; t < r1; ++t) {
+        const T* const* xv = xbuf[cur];
+        const int* slot = sbuf[cur];
+        const int n_next = t + 1 < r1 ? collect(t + 1, xbuf[1 - cur], sbuf[1 - cur]) : 0;
+        const int npf = C ? n_next : 0;
+        if (n > 0) {
+          gram_dispatch<P, C>(n, xv, d, xs, G, xbuf[1 - cur], grad ? 0 : npf);
+          sum += token_fn(n, static_cast<const Acc*>(G), grad ? Wm : static_cast<Acc*>(nullptr));
+          if (grad) {
+            for (int i = 0; i < n * n; ++i) Wm[i] *= gcoef;
+            for (int i = 0; i < n; ++i) gv[i] = grad->data + grad->layout.offset(t, slot[i]);
+            bool aligned = stream;
+            for (int i = 0; i < n; ++i) aligned = aligned && reinterpret_cast<std::uintptr_t>(gv[i]) % chunk_bytes == 0;
+            if constexpr (C) {
+              if (aligned)
+                apply_dispatch<P, true, true>(n, xv, gv, d, xs, gs, Wm, false, xbuf[1 - cur], npf);
+              else
+                apply_dispatch<P, true, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
+            } else {
+              apply_dispatch<P, false, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
+            }
+          }
+        }
+        if (grad && !opts.accumulate) {
+          for (index_t s = 0, next = 0; s < k; ++s) {
+            if (next < n && slot[next] == s) {
+              ++next;
+              continue;
+            }
+            const index_t o = grad->layout.offset(t, s);
+            if (o >= 0) zero_vector(grad->data + o, d, gs);
+          }
+        }
+        cur = 1 - cur;
+        n = n_next;
+      }
+      if (stream) stream_fence();
+      partial[static_cast<std::size_t>(b)] = sum;
+    });
+  };
+  if (contig)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
+  return scale * static_cast<double>(pairwise_sum(partial.data(), nb));
+}
+
+template <class T, class Layout>
+void sp_validate(const specialization_loss& loss, const specialization_inputs<T, Layout>& in, stats_view reduced,
+                 const activation_view<T, Layout>* grad) {
+  check_gram_loss("specialization", loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
+                  reduced);
+}
+
+}  // namespace detail
+
+template <class T, class Layout>
+void execute_stats(const cpu&, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+                   double* out) {
+  detail::sp_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
+  out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
+}
+
+template <class T, class Layout>
+double execute(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
+  using Acc = accumulator_t<T>;
+  detail::sp_validate(loss, in, reduced, grad);
+  const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.topk.rows)) : reduced.data[0];
+  const double scale = tv > 0 ? loss.cfg.coef / tv : 0.0;
+  const Acc eps = static_cast<Acc>(loss.cfg.eps);
+  const bool mean = loss.cfg.pairs == sp_pairs::mean;
+  return detail::gram_loss_run(
+      be, in.acts, in.topk, in.mask, grad, opts, scale,
+      [eps, mean](int n, const Acc* G, Acc* W) { return math::specialization_token(n, G, eps, mean, W); });
+}
+
+}  // namespace moereg
+
+#undef MOEREG_DETAIL_UNROLL

@@ -1,0 +1,277 @@
+// Tests of the importance loss (include/moereg/losses/importance.hpp) against the naive
+// reference and finite differences.
+#include <catch2/catch.hpp>
+
+#include <moereg/losses/importance.hpp>
+#include <moereg/testing/gradcheck.hpp>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "reference/reference.hpp"
+#include "support/random.hpp"
+
+namespace {
+
+using moereg::index_t;
+using vec = std::vector<double>;
+using mask_t = std::vector<std::uint8_t>;
+
+enum class layout { row_major, padded, col_major };
+
+/// One [T, E] input and its gradient buffer in storage type S, laid out as asked.
+template <class S>
+struct call1 {
+  long long T, E;
+  layout lay;
+  std::vector<S> X, G;
+  mask_t M;  // own copy: the view below points into it
+  moereg::matrix_view<const S> x;
+  moereg::matrix_view<S> g;
+  moereg::mask_view m;
+
+  call1(const vec& data, const mask_t& mask, long long T_, long long E_, layout l = layout::row_major)
+      : T(T_), E(E_), lay(l) {
+    const std::size_t n = static_cast<std::size_t>(lay == layout::padded ? T * (E + 2) : T * E);
+    X.assign(n, S(-9.0f));
+    G.assign(n, S(0.0f));
+    for (long long t = 0; t < T; ++t)
+      for (long long e = 0; e < E; ++e) X[off(t, e)] = static_cast<S>(data[static_cast<std::size_t>(t * E + e)]);
+    x = view<const S>(X.data());
+    g = view<S>(G.data());
+    M = mask;
+    if (!M.empty()) m = moereg::mask_view(M.data(), T);
+  }
+  call1(const call1&) = delete;  // views point into the buffers
+  call1(call1&&) noexcept = default;
+  std::size_t off(long long t, long long e) const {
+    return static_cast<std::size_t>(lay == layout::padded ? t * (E + 2) + e : lay == layout::col_major ? e * T + t : t * E + e);
+  }
+  template <class U>
+  moereg::matrix_view<U> view(U* d) const {
+    if (lay == layout::padded) return moereg::matrix_view<U>(d, T, E, E + 2, 1);
+    if (lay == layout::col_major) return moereg::matrix_view<U>(d, T, E, 1, T);
+    return moereg::matrix_view<U>(d, T, E);
+  }
+  vec grad() const {
+    vec out(static_cast<std::size_t>(T * E));
+    for (long long t = 0; t < T; ++t)
+      for (long long e = 0; e < E; ++e) out[static_cast<std::size_t>(t * E + e)] = static_cast<double>(G[off(t, e)]);
+    return out;
+  }
+  moereg::importance_inputs<S> in() const { return {x, m}; }
+};
+
+double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
+
+moereg_ref::result reference(const vec& P, const mask_t& mask, long long T, long long E, double w) {
+  return moereg_ref::importance(P, moereg_test::to_int_mask(mask), T, E, w);
+}
+
+}  // namespace
+
+TEST_CASE("importance default coefficient is 1e-2", "[importance]") {
+  CHECK(moereg::importance_loss{}.cfg.coef == 1e-2);
+}
+
+TEST_CASE("importance matches the reference in double", "[importance]") {
+  struct shape {
+    long long T, E;
+    bool mask;
+    layout lay;
+  };
+  const std::vector<shape> shapes = {{37, 6, true, layout::row_major}, {300, 8, true, layout::padded},
+                                     {513, 5, false, layout::col_major}, {1, 3, false, layout::row_major},
+                                     {20, 2, true, layout::row_major}};
+  std::uint64_t seed = 221;
+  for (const auto& sh : shapes) {
+    moereg_test::rng r(seed++);
+    const vec P = moereg_test::random_probs(r, sh.T, sh.E, 2.0);
+    const mask_t mask = sh.mask ? moereg_test::random_mask(r, sh.T) : mask_t{};
+    const auto ref = reference(P, mask, sh.T, sh.E, 0.61);
+    call1<double> c(P, mask, sh.T, sh.E, sh.lay);
+    const moereg::importance_loss loss{{0.61}};
+    const double v = loss.value_and_grad(c.in(), c.g);
+    INFO("T " << sh.T << " E " << sh.E);
+    CHECK(rel(v, ref.value) < 1e-12);
+    CHECK(moereg_test::rel_diff(c.grad(), ref.grad) < 1e-12);
+    CHECK(rel(loss.value(c.in()), ref.value) < 1e-12);
+    CHECK(ref.value != 0.0);
+    CHECK(moereg_test::max_abs(ref.grad) > 0.0);
+  }
+}
+
+TEST_CASE("importance gradient matches finite differences", "[importance][gradcheck]") {
+  for (std::uint64_t seed : {231u, 232u}) {
+    moereg_test::rng r(seed);
+    const long long T = 9, E = 6;
+    const vec P = moereg_test::random_probs(r, T, E, 2.0);
+    const mask_t mask = moereg_test::random_mask(r, T, 0.3);
+    const moereg::importance_loss loss{{1.0}};
+    call1<double> c(P, mask, T, E);
+    (void)loss.value_and_grad(c.in(), c.g);
+    auto f = [&](const double* x) {
+      call1<double> cx(vec(x, x + T * E), mask, T, E);
+      return loss.value(cx.in());
+    };
+    const auto rep = moereg::testing::gradcheck(f, P, c.grad());
+    INFO(rep.summary());
+    CHECK(rep.ok);
+    CHECK(rep.checked == T * E);
+    CHECK(moereg_test::max_abs(c.grad()) > 1e-3);
+  }
+}
+
+TEST_CASE("importance odd sizes: T = 0, all masked, E = 1, uniform", "[importance]") {
+  const moereg::importance_loss loss{{1.0}};
+  {
+    call1<double> c({}, {}, 0, 4);
+    CHECK(loss.value_and_grad(c.in(), c.g) == 0.0);
+    const auto s = loss.local_stats(c.in());
+    CHECK(s == vec(4, 0.0));
+    CHECK(loss.value(c.in(), {s.data(), 4}) == 0.0);
+  }
+  {
+    moereg_test::rng r(3);
+    const vec P = moereg_test::random_probs(r, 6, 3);
+    call1<double> c(P, mask_t(6, 0), 6, 3);
+    std::fill(c.G.begin(), c.G.end(), 2.0);
+    CHECK(loss.value_and_grad(c.in(), c.g, {1.0, true}) == 0.0);
+    CHECK(moereg_test::max_abs(c.grad()) == 2.0);
+    CHECK(loss.value_and_grad(c.in(), c.g) == 0.0);
+    CHECK(moereg_test::max_abs(c.grad()) == 0.0);
+  }
+  {  // E = 1: CV^2 of one value is 0, and so is its gradient
+    moereg_test::rng r(4);
+    const vec P = moereg_test::random_normal(r, 7);
+    call1<double> c(P, {}, 7, 1);
+    std::fill(c.G.begin(), c.G.end(), 2.0);
+    CHECK(loss.value_and_grad(c.in(), c.g) == 0.0);
+    CHECK(moereg_test::max_abs(c.grad()) == 0.0);
+  }
+  {  // perfectly balanced importance: value 0, gradient 0
+    const vec P = {0.5, 0.5, 0.25, 0.75, 0.75, 0.25};
+    call1<double> c(P, {}, 3, 2);
+    CHECK(loss.value_and_grad(c.in(), c.g) == 0.0);
+    CHECK(moereg_test::max_abs(c.grad()) == 0.0);
+  }
+  {  // hand-computed: imp = (1, 3), mu = 2, var = 1, CV^2 = 1/4
+    const vec P = {0.5, 1.5, 0.5, 1.5};
+    call1<double> c(P, {}, 2, 2);
+    CHECK(loss.value_and_grad(c.in(), c.g) == 0.25);
+    // dL/dimp_e = 2 (imp_e - mu) / (E mu^2) - 2 var / (E mu^3) = (-1/4 - 1/8, 1/4 - 1/8)
+    CHECK(c.grad() == vec{-0.375, 0.125, -0.375, 0.125});
+  }
+}
+
+TEMPLATE_TEST_CASE("importance 16-bit inputs agree with float", "[importance][half]", moereg::half, moereg::bfloat16) {
+  using S = TestType;
+  const double tol = std::is_same<S, moereg::half>::value ? 2e-3 : 1.6e-2;
+  moereg_test::rng r(241);
+  const long long T = 700, E = 6;
+  vec X = moereg_test::random_probs(r, T, E, 2.0);
+  for (auto& x : X) x = static_cast<double>(static_cast<float>(static_cast<S>(x)));
+  const mask_t mask = moereg_test::random_mask(r, T);
+  const moereg::importance_loss loss{{1.0}};
+  call1<S> cs(X, mask, T, E, layout::padded);
+  call1<float> cf(X, mask, T, E);
+  const double vs = loss.value_and_grad(cs.in(), cs.g), vf = loss.value_and_grad(cf.in(), cf.g);
+  CHECK(rel(vs, vf) < 1e-4);
+  CHECK(moereg_test::rel_diff(cs.grad(), cf.grad()) < tol);
+  const auto ref = reference(X, mask, T, E, 1.0);
+  CHECK(rel(vf, ref.value) < 1e-4);
+  CHECK(moereg_test::rel_diff(cf.grad(), ref.grad) < 1e-4);
+}
+
+TEST_CASE("importance grad_scale and accumulate", "[importance]") {
+  moereg_test::rng r(251);
+  const long long T = 33, E = 4;
+  const vec P = moereg_test::random_probs(r, T, E, 2.0);
+  const mask_t mask = moereg_test::random_mask(r, T);
+  const auto ref = reference(P, mask, T, E, 0.7);
+  call1<double> c(P, mask, T, E, layout::col_major);
+  for (auto& x : c.G) x = r.normal();
+  const vec init = c.grad();
+  const double gs = -1.75;
+  const moereg::importance_loss loss{{0.7}};
+  CHECK(rel(loss.value_and_grad(c.in(), c.g, {gs, true}), ref.value) < 1e-12);
+  vec want = init;
+  for (std::size_t i = 0; i < want.size(); ++i) want[i] += gs * ref.grad[i];
+  CHECK(moereg_test::rel_diff(c.grad(), want) < 1e-12);
+  loss.backward(c.in(), c.g, {gs, false});
+  for (std::size_t i = 0; i < want.size(); ++i) want[i] = gs * ref.grad[i];
+  CHECK(moereg_test::rel_diff(c.grad(), want) < 1e-12);
+}
+
+TEMPLATE_TEST_CASE("importance is bitwise identical for 1 and 2 threads", "[importance][determinism]", double, float) {
+  using S = TestType;
+  moereg_test::rng r(261);
+  const long long T = 1000, E = 7;
+  const vec X = moereg_test::random_probs(r, T, E, 2.0);
+  const mask_t mask = moereg_test::random_mask(r, T);
+  const moereg::importance_loss loss{{1.0}};
+  call1<S> c1(X, mask, T, E), c2(X, mask, T, E);
+  const double v1 = loss.value_and_grad(c1.in(), c1.g, {}, {}, moereg::cpu{1});
+  const double v2 = loss.value_and_grad(c2.in(), c2.g, {}, {}, moereg::cpu{2});
+  CHECK(std::memcmp(&v1, &v2, sizeof v1) == 0);
+  CHECK(std::memcmp(c1.G.data(), c2.G.data(), c1.G.size() * sizeof(S)) == 0);
+  const auto s1 = loss.local_stats(c1.in(), moereg::cpu{1}), s2 = loss.local_stats(c2.in(), moereg::cpu{2});
+  CHECK(std::memcmp(s1.data(), s2.data(), s1.size() * sizeof(double)) == 0);
+}
+
+TEST_CASE("importance statistics: three uneven parts reproduce the whole batch", "[importance][stats]") {
+  moereg_test::rng r(271);
+  const long long T = 777, E = 6, cuts[] = {0, 1, 520, 777};
+  const vec P = moereg_test::random_probs(r, T, E, 2.0);
+  const mask_t mask = moereg_test::random_mask(r, T);
+  const moereg::importance_loss loss{{0.9}};
+  call1<double> whole(P, mask, T, E);
+  const double vw = loss.value_and_grad(whole.in(), whole.g);
+  const vec gw = whole.grad();
+  std::vector<call1<double>> parts;
+  parts.reserve(3);
+  for (int i = 0; i < 3; ++i)
+    parts.emplace_back(vec(P.begin() + cuts[i] * E, P.begin() + cuts[i + 1] * E),
+                       mask_t(mask.begin() + cuts[i], mask.begin() + cuts[i + 1]), cuts[i + 1] - cuts[i], E);
+  vec reduced(static_cast<std::size_t>(E), 0.0);
+  for (auto& p : parts) {
+    const auto s = loss.local_stats(p.in());
+    for (std::size_t i = 0; i < s.size(); ++i) reduced[i] += s[i];
+  }
+  CHECK(moereg_test::rel_diff(reduced, loss.local_stats(whole.in())) < 1e-12);
+  for (int i = 0; i < 3; ++i) {
+    auto& p = parts[static_cast<std::size_t>(i)];
+    // CV^2 is a function of the global imp: every part returns the whole batch's value.
+    const double v = loss.value_and_grad(p.in(), p.g, {}, {reduced.data(), E});
+    CHECK(rel(v, vw) < 1e-12);
+    const vec want(gw.begin() + cuts[i] * E, gw.begin() + cuts[i + 1] * E);
+    CHECK(moereg_test::rel_diff(p.grad(), want, moereg_test::max_abs(gw)) < 1e-12);
+  }
+}
+
+TEST_CASE("importance rejects bad input and leaves the gradient untouched", "[importance][validation]") {
+  moereg_test::rng r(281);
+  const long long T = 10, E = 4;
+  const vec P = moereg_test::random_probs(r, T, E);
+  const mask_t mask = moereg_test::random_mask(r, T);
+  const moereg::importance_loss loss{};
+  call1<double> c(P, mask, T, E);
+  std::fill(c.G.begin(), c.G.end(), std::numeric_limits<double>::quiet_NaN());
+  std::vector<unsigned char> before(c.G.size() * sizeof(double));
+  std::memcpy(before.data(), c.G.data(), before.size());
+  auto bad = c.g;
+  bad.cols = E + 1;
+  CHECK_THROWS_AS(loss.value_and_grad(c.in(), bad), moereg::error);
+  auto in = c.in();
+  in.mask = moereg::mask_view(mask.data(), T - 3);
+  CHECK_THROWS_AS(loss.value_and_grad(in, c.g), moereg::error);
+  in = c.in();
+  in.probs.cols = 0;
+  CHECK_THROWS_AS(loss.value_and_grad(in, c.g), moereg::error);
+  const double three[] = {1.0, 2.0, 3.0}, nan4[] = {1.0, 2.0, std::numeric_limits<double>::quiet_NaN(), 1.0};
+  CHECK_THROWS_AS(loss.value_and_grad(c.in(), c.g, {}, {three, 3}), moereg::error);
+  CHECK_THROWS_AS(loss.value_and_grad(c.in(), c.g, {}, {nan4, 4}), moereg::error);
+  CHECK(std::memcmp(before.data(), c.G.data(), before.size()) == 0);
+}
