@@ -85,6 +85,7 @@ struct gpu_env {
   gpu_env() {
     MOEREG_CUDA_REQUIRE(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     values.allocate(16);
+    values.fill_bytes(0);  // every slot initialised (compute-sanitizer initcheck)
     status.allocate(1);
     status.fill_bytes(0);
   }

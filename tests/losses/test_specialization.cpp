@@ -462,6 +462,10 @@ TEST_CASE("specialization: empty and fully padded batches", "[specialization]") 
     REQUIRE(z.value == 0.0);
     for (double g : z.grad) REQUIRE(g == 0.0);  // written as zeros, not left as poison
     REQUIRE(z.untouched);
+    problem zero_d = make_problem(5, 10, 3, 0);  // d = 0: empty vectors, no cosine
+    const auto zd = sp_run<float>(loss, zero_d, L);
+    REQUIRE(zd.value == 0.0);
+    REQUIRE(zd.untouched);
     problem none = make_problem(3, 20, 4, 8);
     std::fill(none.I.begin(), none.I.end(), -1);  // every slot dropped: T_v > 0 but no pair
     const auto n = sp_run<double>(loss, none, L);

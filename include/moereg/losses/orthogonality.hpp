@@ -37,7 +37,8 @@
 //
 // Passes over memory (value_and_grad): activations read once, gradient written once. Per
 // token, the Gram pass reads the token's valid vectors once; the gradient pass re-reads them
-// from cache and writes each gradient vector once (the CPU executor of specialization.hpp).
+// from cache and writes each gradient vector once (the CPU executor of specialization.hpp,
+// including its non-temporal stores for gradients of 32 MiB or more).
 #pragma once
 
 #include <vector>

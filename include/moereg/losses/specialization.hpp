@@ -31,7 +31,10 @@
 // token, the Gram pass reads the token's valid vectors once; the gradient pass re-reads the
 // same vectors (then resident in L1/L2: k * d * sizeof(T) bytes) and writes each gradient
 // vector once. topk and mask are read once per token. Nothing proportional to T * k * d is
-// allocated: the only buffer is one partial sum per block of 256 tokens.
+// allocated: the only buffer is one partial sum per block of 256 tokens. In overwrite mode a
+// gradient of 32 MiB or more is written with non-temporal stores (AVX-512 builds, aligned
+// contiguous vectors; detail::gram_cpu_policy), which saves the read-for-ownership of its
+// cache lines; smaller ones are written normally and stay cached for their consumer.
 //
 // This header also holds the CPU executor shared by the Gram-based losses (specialization,
 // orthogonality): detail::gram_loss_run, a register-tiled Gram pass and gradient pass

@@ -32,6 +32,15 @@
 //
 // Custom layout policies work when their offset(t, s) is MOEREG_HOST_DEVICE; their maps, if
 // any, are not checked on the device (specialise detail::cuda_gram::layout_keys to add that).
+//
+// Stack: the orthogonality loss's subspace variant runs math::orthogonality_subspace_token on
+// lane 0, whose local arrays need a per-thread stack frame of roughly 12 KB (float) to 25 KB
+// (double), far above CUDA's default per-thread stack (1 KB). The runtime raises
+// cudaLimitStackSize when such a kernel is launched, a device-wide operation that
+// synchronises; before capturing a graph that contains the subspace variant, set the limit
+// once yourself (cudaDeviceSetLimit(cudaLimitStackSize, 32 * 1024), or run one eager call).
+// The other Gram kernels need about 0.6 KB (float) to 1 KB (double) for k <= 8, and 1.5 KB to
+// 3.2 KB for 8 < k <= 16 (sm_90, nvcc 13); the router and coupling kernels under 0.1 KB.
 #pragma once
 
 #include <cmath>
@@ -244,7 +253,10 @@ struct pairs_of {
   static constexpr int value = MaxN * (MaxN + 1) / 2;
 };
 
-template <class T, class Layout, class Acc, int MaxN>
+/// Subspace: the orthogonality loss runs its subspace variant. A separate instantiation,
+/// because math::orthogonality_subspace_token needs a large per-thread stack frame (see
+/// run()) that the other token functions do not.
+template <class T, class Layout, class Acc, int MaxN, bool Subspace>
 __global__ void __launch_bounds__(cuda_tuning::threads) tokens_kernel(plan<T, Layout, Acc> p, workspace<Acc> w) {
   __shared__ Acc sG[cuda_tuning::warps][MaxN * MaxN];
   __shared__ Acc sW[cuda_tuning::warps][MaxN * MaxN];
@@ -338,8 +350,9 @@ __global__ void __launch_bounds__(cuda_tuning::threads) tokens_kernel(plan<T, La
         }
         if (p.use[1] && sc.live[1] != 0) {
           Acc* dst = p.has_grad ? (first ? W : tmp) : nullptr;
-          const Acc f = p.or_subspace ? math::orthogonality_subspace_token(n, G, p.eps[1], dst)
-                                      : math::orthogonality_pairwise_token(n, G, p.eps[1], dst);
+          Acc f;
+          if constexpr (Subspace) f = math::orthogonality_subspace_token(n, G, p.eps[1], dst);
+          else f = math::orthogonality_pairwise_token(n, G, p.eps[1], dst);
           f_acc[1] += f;
           if (p.has_grad) {
             if (first)
@@ -486,7 +499,10 @@ void validate(const char* who, double coef, double eps, const request<T, Layout>
 
 template <int MaxN, class T, class Layout, class Acc>
 void launch_tokens(const plan<T, Layout, Acc>& p, const workspace<Acc>& w, index_t nb, cudaStream_t stream) {
-  tokens_kernel<T, Layout, Acc, MaxN><<<static_cast<unsigned>(nb), cuda_tuning::threads, 0, stream>>>(p, w);
+  if (p.use[1] && p.or_subspace)
+    tokens_kernel<T, Layout, Acc, MaxN, true><<<static_cast<unsigned>(nb), cuda_tuning::threads, 0, stream>>>(p, w);
+  else
+    tokens_kernel<T, Layout, Acc, MaxN, false><<<static_cast<unsigned>(nb), cuda_tuning::threads, 0, stream>>>(p, w);
 }
 
 template <class T, class Layout>
