@@ -49,6 +49,7 @@
 
 namespace moereg {
 
+/// Options of the routing metrics (LOSSES.md section 8).
 struct metrics_config {
   index_t k = 0;        ///< configured top-k width in f_e; 0 = the number of topk columns
   double eps = 1e-8;    ///< norm floor of the cosines (LOSSES.md section 3 default)
@@ -57,8 +58,8 @@ struct metrics_config {
 
 /// Co-selected activation overlap of one layer.
 struct overlap_metrics {
-  double mean_abs_cos = 0.0;
-  double mean_cos2 = 0.0;
+  double mean_abs_cos = 0.0;  ///< mean |c_{t,s,r}| over the pairs
+  double mean_cos2 = 0.0;     ///< mean c_{t,s,r}^2 over the pairs
   index_t pairs = 0;  ///< unordered valid slot pairs of valid tokens that were averaged
 };
 
@@ -67,23 +68,26 @@ struct layer_metrics {
   index_t valid_tokens = 0;                ///< T_v
   std::vector<double> tokens_per_expert;   ///< count_e, length E
   std::vector<double> f;                   ///< count_e / (k T_v), length E
-  double maxvio = 0.0;
-  double cv = 0.0;
+  double maxvio = 0.0;  ///< MaxVio = max_e count_e / mean_e count_e - 1 (0 when nothing is routed)
+  double cv = 0.0;      ///< std_e(count) / mean_e(count), population std (0 when nothing is routed)
   double mean_entropy = 0.0;               ///< nats
-  double mean_topk_mass = 0.0;
+  double mean_topk_mass = 0.0;             ///< (1/T_v) sum_t m_t sum_{s in A_t} P[t, I[t,s]]
   double mean_abs_cos = 0.0;               ///< 0 when no activations were given
-  double mean_cos2 = 0.0;
-  index_t cos_pairs = 0;
+  double mean_cos2 = 0.0;                  ///< 0 when no activations were given
+  index_t cos_pairs = 0;                   ///< co-selected pairs behind the two cosine means
 };
 
 /// The section-8 metrics of one adjacent layer pair.
 struct pathway_metrics {
-  index_t experts_from = 0, experts_to = 0;  ///< E_l, E_n
+  /// E_l and E_n, the experts of the two layers.
+  ///@{
+  index_t experts_from = 0, experts_to = 0;
+  ///@}
   std::vector<double> counts;                ///< count[e][nu], E_l x E_n row-major
   std::vector<double> joint;                 ///< counts / total
   double total = 0.0;                        ///< number of routed token pairs
   double mutual_information = 0.0;           ///< nats
-  double pathway_concentration = 0.0;
+  double pathway_concentration = 0.0;        ///< share of routed pairs in the k_n most frequent successors of each expert
 };
 
 namespace detail {

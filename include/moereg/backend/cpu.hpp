@@ -23,7 +23,7 @@ namespace moereg {
 /// Selects the CPU backend. `threads` = 0 uses OpenMP's default (OMP_NUM_THREADS), 1 runs
 /// serially; without OpenMP every call is serial.
 struct cpu {
-  int threads = 0;
+  int threads = 0;  ///< 0 = OpenMP default, 1 = serial, n > 1 = n OpenMP threads
 };
 
 namespace detail {

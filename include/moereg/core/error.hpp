@@ -17,6 +17,7 @@ namespace moereg {
 /// "load_balancing: topk has 7 rows but probs has 8 rows".
 class error : public std::invalid_argument {
 public:
+  /// An error whose what() is `what`.
   explicit error(const std::string& what) : std::invalid_argument(what) {}
 };
 

@@ -27,9 +27,9 @@ namespace moereg {
 /// Where a non-finite value was found. For a matrix, (row, col) and elem = 0; for an
 /// activation view, (token, slot) in row/col and the element of the vector in elem.
 struct nonfinite_position {
-  index_t row = 0;
-  index_t col = 0;
-  index_t elem = 0;
+  index_t row = 0;  ///< row (matrix) or token (activations)
+  index_t col = 0;  ///< column (matrix) or slot (activations)
+  index_t elem = 0;  ///< element inside the vector h_{t,s} (0 for a matrix)
   double value = 0.0;  ///< the offending value (NaN, +inf or -inf)
 };
 

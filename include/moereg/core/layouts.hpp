@@ -27,20 +27,32 @@ namespace moereg {
 
 /// Token-major [T, k, d] with arbitrary strides (elements). Contiguous by default.
 struct token_major {
+  /// Shape [T, k, d] and the strides (elements) between tokens, slots and elements.
+  ///@{
   index_t num_tokens = 0, num_slots = 0, length = 0;
   index_t token_stride = 0, slot_stride = 0, elem_stride = 1;
+  ///@}
 
+  /// An empty layout.
   constexpr token_major() = default;
+  /// Contiguous [t, k, d].
   constexpr token_major(index_t t, index_t k, index_t d)
       : num_tokens(t), num_slots(k), length(d), token_stride(k * d), slot_stride(d), elem_stride(1) {}
+  /// [t, k, d] with token stride ts, slot stride ss and element stride es.
   constexpr token_major(index_t t, index_t k, index_t d, index_t ts, index_t ss, index_t es = 1)
       : num_tokens(t), num_slots(k), length(d), token_stride(ts), slot_stride(ss), elem_stride(es) {}
 
+  /// T, the number of tokens.
   constexpr index_t tokens() const { return num_tokens; }
+  /// k, the number of slots per token.
   constexpr index_t slots() const { return num_slots; }
+  /// d, the length of one activation vector.
   constexpr index_t dim() const { return length; }
+  /// Elements between two consecutive entries of one vector.
   constexpr index_t stride() const { return elem_stride; }
+  /// Offset (elements) of the first entry of h_{t,s}.
   MOEREG_HOST_DEVICE constexpr index_t offset(index_t t, index_t s) const { return t * token_stride + s * slot_stride; }
+  /// Throws moereg::error (message prefixed by `who`) on negative sizes or strides.
   void validate(const char* who) const {
     detail::require(num_tokens >= 0 && num_slots >= 0 && length >= 0, who, ": token_major layout has a negative size [",
                     num_tokens, ", ", num_slots, ", ", length, "]");
@@ -71,20 +83,32 @@ void require_distinct_keys(const char* who, const char* what, index_t tokens, in
 /// rows are sorted by expert, and a map [T, k] from (token, slot) to row (negative = none).
 struct expert_grouped {
   topk_view row_of;  ///< [T, k] row of h_{t,s}; int32 or int64
+  /// Rows of the grouped matrix, d, and its row and element strides (elements).
+  ///@{
   index_t num_rows = 0, length = 0, row_stride = 0, elem_stride = 1;
+  ///@}
 
+  /// An empty layout.
   expert_grouped() = default;
+  /// `rows` x d matrix, `map` [T, k] giving the row of each slot; `rs < 0` means row stride d.
   expert_grouped(topk_view map, index_t rows, index_t d, index_t rs = -1, index_t es = 1)
       : row_of(map), num_rows(rows), length(d), row_stride(rs < 0 ? d : rs), elem_stride(es) {}
 
+  /// T, the number of tokens.
   index_t tokens() const { return row_of.rows; }
+  /// k, the number of slots per token.
   index_t slots() const { return row_of.k; }
+  /// d, the length of one activation vector.
   index_t dim() const { return length; }
+  /// Elements between two consecutive entries of one vector.
   index_t stride() const { return elem_stride; }
+  /// Offset (elements) of the first entry of h_{t,s}; negative when the slot has no row.
   MOEREG_HOST_DEVICE index_t offset(index_t t, index_t s) const {
     const index_t r = row_of(t, s);
     return r < 0 ? -1 : r * row_stride;
   }
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, a null map, or a row
+  /// /// index that is out of range or used by two slots.
   void validate(const char* who) const {
     detail::require(num_rows >= 0 && length >= 0 && row_stride >= 0 && elem_stride >= 1, who,
                     ": expert_grouped layout has a negative size or stride");
@@ -99,23 +123,35 @@ struct expert_grouped {
 struct capacity_padded {
   topk_view expert_of;    ///< [T, k] expert of each slot (usually the top-k indices)
   topk_view position_of;  ///< [T, k] position in that expert's buffer
+  /// Shape [E, C, d] and the strides (elements) between experts, positions and elements.
+  ///@{
   index_t num_experts = 0, capacity = 0, length = 0;
   index_t expert_stride = 0, row_stride = 0, elem_stride = 1;
+  ///@}
 
+  /// An empty layout.
   capacity_padded() = default;
+  /// Contiguous [e, c, d] buffer; `experts` and `positions` [T, k] place each slot.
   capacity_padded(topk_view experts, topk_view positions, index_t e, index_t c, index_t d)
       : expert_of(experts), position_of(positions), num_experts(e), capacity(c), length(d),
         expert_stride(c * d), row_stride(d), elem_stride(1) {}
 
+  /// T, the number of tokens.
   index_t tokens() const { return expert_of.rows; }
+  /// k, the number of slots per token.
   index_t slots() const { return expert_of.k; }
+  /// d, the length of one activation vector.
   index_t dim() const { return length; }
+  /// Elements between two consecutive entries of one vector.
   index_t stride() const { return elem_stride; }
+  /// Offset (elements) of the first entry of h_{t,s}; negative when the slot is dropped.
   MOEREG_HOST_DEVICE index_t offset(index_t t, index_t s) const {
     const index_t e = expert_of(t, s);
     const index_t p = position_of(t, s);
     return (e < 0 || p < 0) ? -1 : e * expert_stride + p * row_stride;
   }
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, mismatched maps, an
+  /// /// expert or position out of range, or an (expert, position) used by two slots.
   void validate(const char* who) const {
     detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
                         elem_stride >= 1,
@@ -143,9 +179,10 @@ struct capacity_padded {
 /// Activations (or their gradient) in a layout: a pointer and a policy.
 template <class T, class Layout>
 struct activation_view {
-  T* data = nullptr;
-  Layout layout{};
+  T* data = nullptr;  ///< base pointer the layout offsets are added to
+  Layout layout{};  ///< the layout policy (token_major, expert_grouped or capacity_padded)
 
+  /// Pointer to h_{t,s} (entries `layout.stride()` apart), or null when the slot has none.
   MOEREG_HOST_DEVICE T* vector(index_t t, index_t s) const {
     const index_t o = layout.offset(t, s);
     return o < 0 ? nullptr : data + o;

@@ -49,8 +49,8 @@ struct cpu;
 
 /// Where one loss's statistics lie in a flat statistics buffer.
 struct stats_slice {
-  index_t offset = 0;
-  index_t size = 0;
+  index_t offset = 0;  ///< first double of the slice in the buffer
+  index_t size = 0;  ///< number of doubles (the loss's stats_size)
 
   /// The slice inside `buffer` (a buffer with the layout of the bundle that issued it).
   constexpr stats_view in(const double* buffer) const { return stats_view{buffer + offset, size}; }
@@ -114,8 +114,11 @@ class stats_bundle {
   /// The whole buffer: local sums after compute_local(), reduced sums after the caller's
   /// all-reduce over (data(), size()).
   double* data() { return data_.data(); }
+  /// Read-only data().
   const double* data() const { return data_.data(); }
+  /// Number of doubles in the buffer (the sum of the recorded losses' stats_size).
   index_t size() const { return static_cast<index_t>(data_.size()); }
+  /// The buffer as a vector.
   const std::vector<double>& values() const { return data_; }
 
   /// Number of recorded losses.
@@ -218,9 +221,12 @@ class stats_accumulator {
     for (std::size_t i = 0; i < sums_.size(); ++i) sums_[i] += stats[i];
     ++count_;
   }
+  /// add() from a stats_view, a stats_bundle's buffer or a vector.
+  ///@{
   void add(stats_view s) { add(s.data, s.size); }
   void add(const stats_bundle& b) { add(b.data(), b.size()); }
   void add(const std::vector<double>& s) { add(s.data(), static_cast<index_t>(s.size())); }
+  ///@}
 
   /// Starts the next global batch: the current sums become previous() (when at least one
   /// micro-batch was added) and the sums are zeroed.
@@ -235,24 +241,30 @@ class stats_accumulator {
 
   /// True when `steps` > 0 micro-batches have been added to this global batch.
   bool complete() const { return steps_ > 0 && count_ >= steps_; }
+  /// Micro-batches per global batch given at construction (0 = ended by reset() only).
   index_t steps() const { return steps_; }
   /// Micro-batches added since the global batch started.
   index_t count() const { return count_; }
 
   /// The sums (in place: all-reduce data(), size() across ranks in the two-phase schedule).
   double* data() { return sums_.data(); }
+  /// Read-only data().
   const double* data() const { return sums_.data(); }
+  /// Number of sums (0 before the first add() of a global batch).
   index_t size() const { return static_cast<index_t>(sums_.size()); }
 
   /// The sums of this global batch, or of one loss's slice of them.
   stats_view view() const { return stats_view{sums_.data(), size()}; }
+  /// One loss's slice of view(); throws moereg::error when `h` lies outside the sums.
   stats_view view(stats_slice h) const { return slice_of(sums_, h, "view"); }
 
   /// The sums of the last finished global batch; empty before the first reset.
   stats_view previous() const {
     return has_prev_ ? stats_view{prev_.data(), static_cast<index_t>(prev_.size())} : stats_view{};
   }
+  /// One loss's slice of previous(); empty before the first reset.
   stats_view previous(stats_slice h) const { return has_prev_ ? slice_of(prev_, h, "previous") : stats_view{}; }
+  /// True once a global batch has finished (previous() is not empty).
   bool has_previous() const { return has_prev_; }
 
  private:

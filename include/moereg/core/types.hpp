@@ -12,24 +12,28 @@
 
 #include "config.hpp"
 
+/// moereg: Mixture-of-Experts regularization losses (forward value and analytic gradient).
+/// The public API lives here; everything in a nested `detail` namespace is internal.
 namespace moereg {
 
 /// Every size and offset is 64-bit: an element offset may exceed 2^31.
 using index_t = std::int64_t;
 
 /// The 16-bit storage types. They are Eigen's, so Eigen matrices of them map without a copy.
-using half = Eigen::half;
-using bfloat16 = Eigen::bfloat16;
+using half = Eigen::half;  ///< Eigen::half (IEEE binary16)
+using bfloat16 = Eigen::bfloat16;  ///< Eigen::bfloat16 (8-bit exponent, 7-bit mantissa)
 
 /// The arithmetic type for a storage type T.
 template <class T>
 struct accumulator {
-  using type = float;
+  using type = float;  ///< float for float, half and bfloat16
 };
+/// double inputs accumulate in double.
 template <>
 struct accumulator<double> {
-  using type = double;
+  using type = double;  ///< double
 };
+/// accumulator<T>::type, ignoring const: float, or double for double.
 template <class T>
 using accumulator_t = typename accumulator<std::remove_cv_t<T>>::type;
 

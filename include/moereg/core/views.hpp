@@ -25,12 +25,13 @@ namespace moereg {
 /// A strided 2-D view. `T` may be const-qualified for inputs.
 template <class T>
 struct matrix_view {
-  T* data = nullptr;
-  index_t rows = 0;
-  index_t cols = 0;
+  T* data = nullptr;  ///< first element, (0, 0)
+  index_t rows = 0;  ///< number of rows
+  index_t cols = 0;  ///< number of columns
   index_t row_stride = 0;  ///< elements between (i, j) and (i + 1, j)
   index_t col_stride = 1;  ///< elements between (i, j) and (i, j + 1)
 
+  /// An empty view (null data, 0 x 0).
   constexpr matrix_view() = default;
   /// Row-major view; `row_stride < 0` means contiguous rows (row_stride = cols).
   constexpr matrix_view(T* d, index_t r, index_t c, index_t rs = -1, index_t cs = 1)
@@ -40,9 +41,13 @@ struct matrix_view {
   constexpr matrix_view(const matrix_view<U>& o)  // NOLINT(google-explicit-constructor)
       : data(o.data), rows(o.rows), cols(o.cols), row_stride(o.row_stride), col_stride(o.col_stride) {}
 
+  /// Element (i, j); no bounds check.
   MOEREG_HOST_DEVICE T& operator()(index_t i, index_t j) const { return data[i * row_stride + j * col_stride]; }
+  /// Pointer to the first element of row i.
   MOEREG_HOST_DEVICE T* row(index_t i) const { return data + i * row_stride; }
+  /// rows * cols.
   constexpr index_t size() const { return rows * cols; }
+  /// True when the elements of a row are adjacent (col_stride == 1).
   constexpr bool contiguous_rows() const { return col_stride == 1; }
 };
 
@@ -59,6 +64,7 @@ auto view(Eigen::DenseBase<Derived>& m) {
   using S = std::remove_pointer_t<decltype(d.data())>;
   return matrix_view<S>(d.data(), d.rows(), d.cols(), d.rowStride(), d.colStride());
 }
+/// Read-only overload of view(): a matrix_view of const elements for a const expression.
 template <class Derived>
 auto view(const Eigen::DenseBase<Derived>& m) {
   const auto& d = m.derived();
@@ -71,15 +77,18 @@ enum class index_type : std::uint8_t { i32, i64 };
 
 /// Selected experts [T, k], int32 or int64. Negative = dropped slot.
 struct topk_view {
-  const void* data = nullptr;
-  index_type type = index_type::i32;
-  index_t rows = 0;
-  index_t k = 0;
-  index_t row_stride = 0;
+  const void* data = nullptr;  ///< int32 or int64 entries, as `type` says; null = empty view
+  index_type type = index_type::i32;  ///< element type of `data`
+  index_t rows = 0;  ///< T, the number of tokens
+  index_t k = 0;  ///< k, the number of slots per token
+  index_t row_stride = 0;  ///< elements between the rows of two consecutive tokens
 
+  /// An empty view (no tokens).
   constexpr topk_view() = default;
+  /// View of t x kk int32 entries; `rs < 0` means contiguous rows (row stride kk).
   constexpr topk_view(const std::int32_t* d, index_t t, index_t kk, index_t rs = -1)
       : data(d), type(index_type::i32), rows(t), k(kk), row_stride(rs < 0 ? kk : rs) {}
+  /// View of t x kk int64 entries; `rs < 0` means contiguous rows (row stride kk).
   constexpr topk_view(const std::int64_t* d, index_t t, index_t kk, index_t rs = -1)
       : data(d), type(index_type::i64), rows(t), k(kk), row_stride(rs < 0 ? kk : rs) {}
 
@@ -97,17 +106,22 @@ enum class mask_type : std::uint8_t { u8, boolean, i32, i64 };
 /// Token mask [T]: nonzero = real token, zero = padding. A default-constructed mask
 /// (null data) means every token is valid.
 struct mask_view {
-  const void* data = nullptr;
-  mask_type type = mask_type::u8;
-  index_t size = 0;
-  index_t stride = 1;
+  const void* data = nullptr;  ///< entries of type `type`; null = every token valid
+  mask_type type = mask_type::u8;  ///< element type of `data`
+  index_t size = 0;  ///< T, the number of tokens
+  index_t stride = 1;  ///< elements between two consecutive tokens
 
+  /// The all-valid mask (null data).
   constexpr mask_view() = default;
+  /// A mask of n tokens (nonzero = valid) read every `st` elements from d.
+  ///@{
   constexpr mask_view(const std::uint8_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::u8), size(n), stride(st) {}
   constexpr mask_view(const bool* d, index_t n, index_t st = 1) : data(d), type(mask_type::boolean), size(n), stride(st) {}
   constexpr mask_view(const std::int32_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::i32), size(n), stride(st) {}
   constexpr mask_view(const std::int64_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::i64), size(n), stride(st) {}
+  ///@}
 
+  /// True for the default (null) mask: every token is valid.
   constexpr bool all_valid() const { return data == nullptr; }
 
   /// 1 for a valid token, 0 for padding.
@@ -126,15 +140,21 @@ struct mask_view {
 /// Packed-sequence offsets (cu_seqlens) [B + 1], int32 or int64: sequence b holds rows
 /// [offsets[b], offsets[b + 1]).
 struct offsets_view {
-  const void* data = nullptr;
-  index_type type = index_type::i32;
+  const void* data = nullptr;  ///< int32 or int64 entries, as `type` says; null = no offsets
+  index_type type = index_type::i32;  ///< element type of `data`
   index_t size = 0;  ///< B + 1
 
+  /// An empty view (no packed sequences).
   constexpr offsets_view() = default;
+  /// A view of n = B + 1 offsets.
+  ///@{
   constexpr offsets_view(const std::int32_t* d, index_t n) : data(d), type(index_type::i32), size(n) {}
   constexpr offsets_view(const std::int64_t* d, index_t n) : data(d), type(index_type::i64), size(n) {}
+  ///@}
 
+  /// True when no offsets were given.
   constexpr bool empty() const { return data == nullptr; }
+  /// Offset i, 0 <= i <= B; no bounds check.
   MOEREG_HOST_DEVICE index_t operator[](index_t i) const {
     return type == index_type::i32 ? static_cast<index_t>(static_cast<const std::int32_t*>(data)[i])
                                    : static_cast<index_t>(static_cast<const std::int64_t*>(data)[i]);
@@ -143,16 +163,17 @@ struct offsets_view {
 
 /// Reduced statistics handed to a loss (LOSSES.md section 9). Empty = use this call's own.
 struct stats_view {
-  const double* data = nullptr;
-  index_t size = 0;
+  const double* data = nullptr;  ///< the summed statistics; null = none given
+  index_t size = 0;  ///< number of doubles; must equal the loss's stats_size(inputs)
+  /// True when no statistics were given.
   constexpr bool empty() const { return data == nullptr; }
 };
 
 /// How a gradient is written: scaled by grad_scale (the upstream derivative of the total
 /// loss with respect to this loss), and either overwriting or added to the caller's buffer.
 struct grad_options {
-  double grad_scale = 1.0;
-  bool accumulate = false;
+  double grad_scale = 1.0;  ///< g, multiplies every gradient entry (default 1)
+  bool accumulate = false;  ///< false: overwrite the buffer (zeros where the loss has no gradient); true: add into it
 };
 
 }  // namespace moereg

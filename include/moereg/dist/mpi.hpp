@@ -34,6 +34,7 @@
 #include "../core/types.hpp"
 
 namespace moereg {
+/// Distributed adapters: sum a loss's local statistics over a communicator (LOSSES.md section 9).
 namespace dist {
 
 namespace detail {

@@ -24,6 +24,7 @@
 
 namespace moereg {
 
+/// Configuration of bias_update() (auxiliary-loss-free balancing, LOSSES.md section 7).
 struct bias_update_config {
   double rate = 1e-3;   ///< u, the bias update speed
   bool center = false;  ///< subtract mean(b) after the update

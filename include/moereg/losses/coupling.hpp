@@ -71,9 +71,10 @@ namespace moereg {
 /// Which reading of R_cp (LOSSES.md section 4).
 enum class coupling_form { token, log, batch };
 
+/// Configuration of coupling_loss (LOSSES.md section 4).
 struct coupling_config {
   double coef = 1e-3;                         ///< lambda
-  coupling_form form = coupling_form::token;
+  coupling_form form = coupling_form::token;  ///< token (default), log or batch
   double eps = 1e-12;                         ///< log form: log(M^l M^{l+1} + eps)
 };
 
@@ -86,8 +87,10 @@ struct coupling_inputs {
   mask_view mask{};                           ///< m [T], shared by every layer; empty = all valid
 };
 
+/// Cross-layer coupling loss (Hu et al. 2026, R_cp; LOSSES.md section 4), token form
+/// L = -lambda * (1 / T_v) sum_t m_t sum_l M^l_t M^{l+1}_t; gradient with respect to every P^l.
 struct coupling_loss {
-  coupling_config cfg{};
+  coupling_config cfg{};  ///< the configuration; defaults from LOSSES.md
 
   /// Number of doubles local_stats writes: 1 (token, log) or 1 + (L-1) E^2 (batch).
   template <class T>
@@ -96,16 +99,21 @@ struct coupling_loss {
     const index_t E = (in.probs != nullptr && in.layers > 0) ? in.probs[0].cols : 0;
     return 1 + std::max<index_t>(in.layers - 1, 0) * E * E;
   }
+  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
+  /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const coupling_inputs<T>& in, const Backend& be = {}) const {
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
   }
+  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const coupling_inputs<T>& in, double* out, const Backend& be = {}) const {
     execute_stats(be, *this, in, out);
   }
+  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
+  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   double value(const coupling_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
     return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
@@ -117,6 +125,7 @@ struct coupling_loss {
     detail::require(grads != nullptr, "coupling: grads is null; pass one gradient view per layer");
     (void)execute(be, *this, in, reduced, grads, opts);
   }
+  /// value() and backward() in one pass; returns the value.
   template <class T, class Backend = cpu>
   double value_and_grad(const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts = {},
                         stats_view reduced = {}, const Backend& be = {}) const {
@@ -443,6 +452,8 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
 
 }  // namespace detail
 
+/// CPU backend of coupling_loss::local_stats() (found by ADL): validates, then writes the statistics
+/// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double* out) {
   detail::cp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
@@ -457,6 +468,8 @@ void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inpu
   for (std::size_t i = 0; i < U.size(); ++i) out[i + 1] = static_cast<double>(U[i]);
 }
 
+/// CPU backend of coupling_loss's value(), backward() and value_and_grad() (found by ADL): validates,
+/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
 template <class T>
 double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grads, grad_options opts) {

@@ -26,34 +26,44 @@
 
 namespace moereg {
 
+/// Configuration of entropy_loss (LOSSES.md section 7).
 struct entropy_config {
   double coef = 1e-3;   ///< eta (library default; LOSSES.md gives none)
   double tiny = 1e-30;  ///< floor inside the log
 };
 
+/// Inputs of entropy_loss; T is the storage type of P.
 template <class T>
 struct entropy_inputs {
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
 
+/// Router entropy L_H = eta * (1 / T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny))
+/// (LOSSES.md section 7), gradient with respect to P.
 struct entropy_loss {
-  entropy_config cfg{};
+  entropy_config cfg{};  ///< the configuration; defaults from LOSSES.md
 
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const entropy_inputs<T>&) const {
     return 1;
   }
+  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
+  /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const entropy_inputs<T>& in, const Backend& be = {}) const {
     std::vector<double> s(1);
     execute_stats(be, *this, in, s.data());
     return s;
   }
+  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const entropy_inputs<T>& in, double* out, const Backend& be = {}) const {
     execute_stats(be, *this, in, out);
   }
+  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
+  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   double value(const entropy_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
     return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
@@ -64,6 +74,7 @@ struct entropy_loss {
                 stats_view reduced = {}, const Backend& be = {}) const {
     (void)execute(be, *this, in, reduced, &grad_probs, opts);
   }
+  /// value() and backward() in one pass; returns the value.
   template <class T, class Backend = cpu>
   double value_and_grad(const entropy_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
                         stats_view reduced = {}, const Backend& be = {}) const {
@@ -88,12 +99,16 @@ void ent_validate(const entropy_loss& loss, const entropy_inputs<T>& in, stats_v
 
 }  // namespace detail
 
+/// CPU backend of entropy_loss::local_stats() (found by ADL): validates, then writes the statistics
+/// to `out`.
 template <class T>
 void execute_stats(const cpu&, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
   detail::ent_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs.rows));
 }
 
+/// CPU backend of entropy_loss's value(), backward() and value_and_grad() (found by ADL): validates,
+/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
 template <class T>
 double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {

@@ -30,29 +30,37 @@
 
 namespace moereg {
 
+/// Configuration of importance_loss (LOSSES.md section 7).
 struct importance_config {
   double coef = 1e-2;  ///< w (library default; LOSSES.md gives none)
 };
 
+/// Inputs of importance_loss; T is the storage type of P.
 template <class T>
 struct importance_inputs {
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
 
+/// Importance loss L = w * CV(imp)^2, imp_e = sum_t m_t P[t,e] (Shazeer et al. 2017; LOSSES.md
+/// section 7), gradient with respect to P.
 struct importance_loss {
-  importance_config cfg{};
+  importance_config cfg{};  ///< the configuration; defaults from LOSSES.md
 
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const importance_inputs<T>& in) const {
     return in.probs.cols;
   }
+  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
+  /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const importance_inputs<T>& in, const Backend& be = {}) const {
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
   }
+  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const importance_inputs<T>& in, double* out, const Backend& be = {}) const {
     execute_stats(be, *this, in, out);
@@ -68,6 +76,7 @@ struct importance_loss {
                 stats_view reduced = {}, const Backend& be = {}) const {
     (void)execute(be, *this, in, reduced, &grad_probs, opts);
   }
+  /// value() and backward() in one pass; returns the value.
   template <class T, class Backend = cpu>
   double value_and_grad(const importance_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
                         stats_view reduced = {}, const Backend& be = {}) const {
@@ -121,6 +130,8 @@ void imp_sums(const cpu& be, const importance_inputs<T>& in, std::vector<accumul
 
 }  // namespace detail
 
+/// CPU backend of importance_loss::local_stats() (found by ADL): validates, then writes the statistics
+/// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, double* out) {
   detail::imp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
@@ -130,6 +141,8 @@ void execute_stats(const cpu& be, const importance_loss& loss, const importance_
   for (std::size_t e = 0; e < imp.size(); ++e) out[e] = static_cast<double>(imp[e]);
 }
 
+/// CPU backend of importance_loss's value(), backward() and value_and_grad() (found by ADL): validates,
+/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
 template <class T>
 double execute(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {

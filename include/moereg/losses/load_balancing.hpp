@@ -44,13 +44,15 @@ namespace moereg {
 /// The token set over which f and pbar are taken.
 enum class lb_scope { micro, sequence, global };
 
+/// Configuration of load_balancing_loss (LOSSES.md section 1).
 struct load_balancing_config {
   double coef = 1e-2;               ///< alpha
-  lb_scope scope = lb_scope::micro;
+  lb_scope scope = lb_scope::micro;  ///< micro (default), sequence or global
   index_t seq_len = 0;              ///< sequence scope: fixed sequence length S (T = B*S); 0 = use cu_seqlens
   index_t k = 0;                    ///< configured top-k width in f_e; 0 = the number of topk columns
 };
 
+/// Inputs of load_balancing_loss; T is the storage type of P.
 template <class T>
 struct load_balancing_inputs {
   routing_view<T> probs;            ///< P [T, E]
@@ -59,8 +61,10 @@ struct load_balancing_inputs {
   offsets_view cu_seqlens{};        ///< sequence scope without seq_len: offsets [B + 1]
 };
 
+/// Load-balancing loss L = alpha * E * sum_e f_e * pbar_e (Switch / GShard; LOSSES.md section 1),
+/// gradient with respect to the routing probabilities P.
 struct load_balancing_loss {
-  load_balancing_config cfg{};
+  load_balancing_config cfg{};  ///< the configuration; defaults from LOSSES.md
 
   /// Number of doubles local_stats writes for these inputs.
   template <class T>
@@ -74,6 +78,7 @@ struct load_balancing_loss {
     execute_stats(be, *this, in, s.data());
     return s;
   }
+  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const load_balancing_inputs<T>& in, double* out, const Backend& be = {}) const {
     execute_stats(be, *this, in, out);
@@ -206,6 +211,8 @@ void lb_write_grad(const cpu& be, const load_balancing_inputs<T>& in, index_t r0
 
 }  // namespace detail
 
+/// CPU backend of load_balancing_loss::local_stats() (found by ADL): validates, then writes the statistics
+/// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, double* out) {
   using Acc = accumulator_t<T>;
@@ -222,6 +229,8 @@ void execute_stats(const cpu& be, const load_balancing_loss& loss, const load_ba
   for (std::size_t e = 0; e < counts.size(); ++e) out[e + 1] = static_cast<double>(counts[e]);
 }
 
+/// CPU backend of load_balancing_loss's value(), backward() and value_and_grad() (found by ADL): validates,
+/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
 template <class T>
 double execute(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {

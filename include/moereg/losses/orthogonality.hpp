@@ -54,24 +54,28 @@
 
 namespace moereg {
 
+/// Which form of the orthogonality loss (LOSSES.md section 5).
 enum class ortho_variant {
   pairwise,  ///< the paper's pairwise projection terms
   subspace,  ///< projection onto the span of the other outputs (the authors' code)
 };
 
+/// Outer normalisation of the orthogonality loss.
 enum class ortho_reduction {
   mean,  ///< divided by T_v
   sum,   ///< summed over tokens (the paper)
 };
 
+/// Configuration of orthogonality_loss (LOSSES.md section 5).
 struct orthogonality_config {
   double coef = 1e-4;  ///< beta
   double eps = 1e-6;   ///< must be positive
-  ortho_variant variant = ortho_variant::pairwise;
-  ortho_reduction reduction = ortho_reduction::mean;
+  ortho_variant variant = ortho_variant::pairwise;  ///< pairwise (default) or subspace
+  ortho_reduction reduction = ortho_reduction::mean;  ///< mean over T_v (default) or sum
   index_t k = 0;  ///< subspace: the k of the 1/k; 0 = the number of topk columns
 };
 
+/// Inputs of orthogonality_loss; T is the storage type, Layout the activation layout policy.
 template <class T, class Layout>
 struct orthogonality_inputs {
   activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
@@ -80,9 +84,12 @@ struct orthogonality_inputs {
   index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
 
+/// Orthogonality loss L_o = beta * (1 / T_v) sum_t m_t sum_{j != s} term_{t,j,s} (Guo et al. 2025;
+/// LOSSES.md section 5), gradient with respect to the expert outputs h.
 struct orthogonality_loss {
-  orthogonality_config cfg{};
+  orthogonality_config cfg{};  ///< the configuration; defaults from LOSSES.md
 
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const orthogonality_inputs<T, Layout>&) const {
     return 1;
@@ -94,6 +101,7 @@ struct orthogonality_loss {
     execute_stats(be, *this, in, s.data());
     return s;
   }
+  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Layout, class Backend = cpu>
   void local_stats(const orthogonality_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
     execute_stats(be, *this, in, out);
@@ -133,12 +141,16 @@ void orth_validate(const orthogonality_loss& loss, const orthogonality_inputs<T,
 
 }  // namespace detail
 
+/// CPU backend of orthogonality_loss::local_stats() (found by ADL): validates, then writes the statistics
+/// to `out`.
 template <class T, class Layout>
 void execute_stats(const cpu&, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
   detail::orth_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
 
+/// CPU backend of orthogonality_loss's value(), backward() and value_and_grad() (found by ADL): validates,
+/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
 template <class T, class Layout>
 double execute(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {

@@ -69,12 +69,14 @@ enum class sp_pairs {
   mean,  ///< divided by |A_t| (|A_t| - 1)
 };
 
+/// Configuration of specialization_loss (LOSSES.md section 3).
 struct specialization_config {
   double coef = 2e-3;  ///< lambda
   double eps = 1e-8;   ///< norm clamp; must be positive
-  sp_pairs pairs = sp_pairs::sum;
+  sp_pairs pairs = sp_pairs::sum;  ///< sum over ordered pairs (default) or mean
 };
 
+/// Inputs of specialization_loss; T is the storage type, Layout the activation layout policy.
 template <class T, class Layout>
 struct specialization_inputs {
   activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
@@ -83,9 +85,12 @@ struct specialization_inputs {
   index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
 
+/// Intra-layer specialization loss L = lambda * (1 / T_v) sum_t m_t sum_{s != r} c_{t,s,r}^2
+/// (Hu et al. 2026, R_sp; LOSSES.md section 3), gradient with respect to the activations h.
 struct specialization_loss {
-  specialization_config cfg{};
+  specialization_config cfg{};  ///< the configuration; defaults from LOSSES.md
 
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const specialization_inputs<T, Layout>&) const {
     return 1;
@@ -97,6 +102,7 @@ struct specialization_loss {
     execute_stats(be, *this, in, s.data());
     return s;
   }
+  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Layout, class Backend = cpu>
   void local_stats(const specialization_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
     execute_stats(be, *this, in, out);
@@ -703,6 +709,8 @@ void sp_validate(const specialization_loss& loss, const specialization_inputs<T,
 
 }  // namespace detail
 
+/// CPU backend of specialization_loss::local_stats() (found by ADL): validates, then writes the statistics
+/// to `out`.
 template <class T, class Layout>
 void execute_stats(const cpu&, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
                    double* out) {
@@ -710,6 +718,8 @@ void execute_stats(const cpu&, const specialization_loss& loss, const specializa
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
 
+/// CPU backend of specialization_loss's value(), backward() and value_and_grad() (found by ADL): validates,
+/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
 template <class T, class Layout>
 double execute(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {

@@ -49,35 +49,45 @@ enum class variance_axis { tokens, experts };
 /// Outer normalisation: mean over valid tokens (1/T_v) or plain sum over tokens.
 enum class variance_reduction { mean, sum };
 
+/// Configuration of variance_loss (LOSSES.md section 6).
 struct variance_config {
   double coef = 1e-3;                                   ///< gamma
-  variance_axis axis = variance_axis::tokens;
-  variance_reduction reduction = variance_reduction::mean;
+  variance_axis axis = variance_axis::tokens;  ///< tokens (the paper, default) or experts
+  variance_reduction reduction = variance_reduction::mean;  ///< tokens axis: mean (default) or sum
 };
 
+/// Inputs of variance_loss; T is the storage type of S.
 template <class T>
 struct variance_inputs {
   routing_view<T> scores;  ///< S [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
 
+/// Variance loss L_v = -gamma * (1 / E) (1 / T_v) sum_t m_t sum_e (S[t,e] - sbar_e)^2 (Guo et al. 2025;
+/// LOSSES.md section 6), gradient with respect to the routing scores S.
 struct variance_loss {
-  variance_config cfg{};
+  variance_config cfg{};  ///< the configuration; defaults from LOSSES.md
 
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const variance_inputs<T>& in) const {
     return cfg.axis == variance_axis::tokens ? 1 + in.scores.cols : 1;
   }
+  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
+  /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const variance_inputs<T>& in, const Backend& be = {}) const {
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
   }
+  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const variance_inputs<T>& in, double* out, const Backend& be = {}) const {
     execute_stats(be, *this, in, out);
   }
+  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
+  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   double value(const variance_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
     return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
@@ -88,6 +98,7 @@ struct variance_loss {
                 stats_view reduced = {}, const Backend& be = {}) const {
     (void)execute(be, *this, in, reduced, &grad_scores, opts);
   }
+  /// value() and backward() in one pass; returns the value.
   template <class T, class Backend = cpu>
   double value_and_grad(const variance_inputs<T>& in, matrix_view<T> grad_scores, grad_options opts = {},
                         stats_view reduced = {}, const Backend& be = {}) const {
@@ -160,6 +171,8 @@ void var_zero_grad(const cpu& be, const matrix_view<T>* grad, grad_options opts)
 
 }  // namespace detail
 
+/// CPU backend of variance_loss::local_stats() (found by ADL): validates, then writes the statistics
+/// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, double* out) {
   detail::var_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
@@ -174,6 +187,8 @@ void execute_stats(const cpu& be, const variance_loss& loss, const variance_inpu
   for (std::size_t e = 0; e < colsum.size(); ++e) out[e + 1] = static_cast<double>(colsum[e]);
 }
 
+/// CPU backend of variance_loss's value(), backward() and value_and_grad() (found by ADL): validates,
+/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
 template <class T>
 double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {

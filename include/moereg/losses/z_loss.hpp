@@ -26,42 +26,55 @@
 
 namespace moereg {
 
+/// Configuration of z_loss (LOSSES.md section 2).
 struct z_loss_config {
   double coef = 1e-3;  ///< beta
 };
 
+/// Inputs of z_loss; T is the storage type of Z.
 template <class T>
 struct z_loss_inputs {
   routing_view<T> logits;  ///< Z [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
 
+/// Router z-loss L = beta * (1 / T_v) sum_t m_t lse_t^2 (ST-MoE; LOSSES.md section 2), gradient
+/// with respect to the router logits Z.
 struct z_loss {
-  z_loss_config cfg{};
+  z_loss_config cfg{};  ///< the configuration; defaults from LOSSES.md
 
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const z_loss_inputs<T>&) const {
     return 1;
   }
+  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
+  /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const z_loss_inputs<T>& in, const Backend& be = {}) const {
     std::vector<double> s(1);
     execute_stats(be, *this, in, s.data());
     return s;
   }
+  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const z_loss_inputs<T>& in, double* out, const Backend& be = {}) const {
     execute_stats(be, *this, in, out);
   }
+  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
+  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   double value(const z_loss_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
     return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
   }
+  /// Writes grad_scale * dL/dZ into `grad_logits` (same shape as the input, its own strides),
+  /// overwriting or accumulating per `opts`; nothing is written when it throws.
   template <class T, class Backend = cpu>
   void backward(const z_loss_inputs<T>& in, matrix_view<T> grad_logits, grad_options opts = {},
                 stats_view reduced = {}, const Backend& be = {}) const {
     (void)execute(be, *this, in, reduced, &grad_logits, opts);
   }
+  /// value() and backward() in one pass; returns the value.
   template <class T, class Backend = cpu>
   double value_and_grad(const z_loss_inputs<T>& in, matrix_view<T> grad_logits, grad_options opts = {},
                         stats_view reduced = {}, const Backend& be = {}) const {
@@ -90,12 +103,16 @@ MOEREG_FORCEINLINE Acc row_logsumexp(const T* z, index_t n, index_t stride, Acc*
 
 }  // namespace detail
 
+/// CPU backend of z_loss::local_stats() (found by ADL): validates, then writes the statistics
+/// to `out`.
 template <class T>
 void execute_stats(const cpu&, const z_loss&, const z_loss_inputs<T>& in, double* out) {
   detail::z_validate(in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.logits.rows));
 }
 
+/// CPU backend of z_loss's value(), backward() and value_and_grad() (found by ADL): validates,
+/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
 template <class T>
 double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {

@@ -35,6 +35,9 @@
 #endif
 
 namespace moereg {
+/// The per-token arithmetic of the activation (Gram-based) losses, shared by the CPU loops
+/// and the CUDA kernels (MOEREG_HOST_DEVICE): Gram matrices, cos^2 and projection terms and
+/// their derivatives for the k slots of one token.
 namespace math {
 
 /// The largest number of slots per token (the top-k width) the Gram-based losses accept.
@@ -45,8 +48,9 @@ inline constexpr int max_slots = 16;
 /// eps may be a double literal and W may be nullptr.
 template <class T>
 struct nondeduced {
-  using type = T;
+  using type = T;  ///< T itself
 };
+/// nondeduced<T>::type.
 template <class T>
 using nondeduced_t = typename nondeduced<T>::type;
 

@@ -33,21 +33,30 @@ using gram_fused_inputs = specialization_inputs<T, Layout>;
 
 /// Reduced statistics (device) per loss; empty = local.
 struct gram_fused_reduced {
+  /// One view per loss (one double each).
+  ///@{
   stats_view specialization{}, orthogonality{};
+  ///@}
 };
 
 /// Local statistics outputs (device), one double each; null = not wanted.
 struct gram_fused_stats_out {
-  double* specialization = nullptr;
-  double* orthogonality = nullptr;
+  double* specialization = nullptr;  ///< specialization_loss statistics
+  double* orthogonality = nullptr;   ///< orthogonality_loss statistics
 };
 
+/// The specialization and orthogonality losses on one set of activations in one pass (CUDA),
+/// sharing the per-token Gram matrix. Pointers to the losses (null = absent).
 struct gram_fused {
-  const specialization_loss* specialization = nullptr;
-  const orthogonality_loss* orthogonality = nullptr;
+  const specialization_loss* specialization = nullptr;  ///< null = absent
+  const orthogonality_loss* orthogonality = nullptr;    ///< null = absent
 
+  /// Index of each loss's value in be.value[], and their number.
+  ///@{
   static constexpr int slot_specialization = 0, slot_orthogonality = 1, slots = 2;
+  ///@}
 
+  /// Bytes of workspace value_and_grad, value and local_stats need for these inputs.
   template <class T, class Layout>
   std::size_t workspace_size(const specialization_inputs<T, Layout>& in, const cuda& = {}) const {
     return detail::cuda_gram::required_bytes(request(in, static_cast<const activation_view<T, Layout>*>(nullptr)));
@@ -60,6 +69,7 @@ struct gram_fused {
     run(in, &grad, opts, reduced, gram_fused_stats_out{}, false, be);
   }
 
+  /// The values only, into be.value[slot].
   template <class T, class Layout>
   void value(const specialization_inputs<T, Layout>& in, const gram_fused_reduced& reduced = {},
              const cuda& be = {}) const {
@@ -67,6 +77,7 @@ struct gram_fused {
         false, be);
   }
 
+  /// Every present loss's local statistics into its output (device), in one run.
   template <class T, class Layout>
   void local_stats(const specialization_inputs<T, Layout>& in, const gram_fused_stats_out& out,
                    const cuda& be = {}) const {

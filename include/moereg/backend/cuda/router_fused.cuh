@@ -50,28 +50,34 @@ struct router_fused_inputs {
 
 /// Reduced statistics (device) per loss; an empty view means that loss uses its local ones.
 struct router_fused_reduced {
+  /// One view per loss, stats_size of that loss.
+  ///@{
   stats_view load_balancing{}, z{}, entropy{}, variance{}, importance{};
+  ///@}
 };
 
 /// Local statistics outputs (device) per loss, each of that loss's stats_size; null = not wanted.
 struct router_fused_stats_out {
-  double* load_balancing = nullptr;
-  double* z = nullptr;
-  double* entropy = nullptr;
-  double* variance = nullptr;
-  double* importance = nullptr;
+  double* load_balancing = nullptr;  ///< load_balancing_loss statistics
+  double* z = nullptr;               ///< z_loss statistics
+  double* entropy = nullptr;         ///< entropy_loss statistics
+  double* variance = nullptr;        ///< variance_loss statistics
+  double* importance = nullptr;      ///< importance_loss statistics
 };
 
 /// Several router losses in one pass. Pointers to the losses (null = absent).
 struct router_fused {
-  const load_balancing_loss* load_balancing = nullptr;
-  const z_loss* z = nullptr;
-  const entropy_loss* entropy = nullptr;
-  const variance_loss* variance = nullptr;
-  const importance_loss* importance = nullptr;
+  const load_balancing_loss* load_balancing = nullptr;  ///< on probs, topk (null = absent)
+  const z_loss* z = nullptr;                            ///< on logits (null = absent)
+  const entropy_loss* entropy = nullptr;                ///< on probs (null = absent)
+  const variance_loss* variance = nullptr;              ///< on probs as the scores S (null = absent)
+  const importance_loss* importance = nullptr;          ///< on probs (null = absent)
 
+  /// Index of each loss's value in be.value[], and their number.
+  ///@{
   static constexpr int slot_load_balancing = 0, slot_z = 1, slot_entropy = 2, slot_variance = 3,
                        slot_importance = 4, slots = 5;
+  ///@}
 
   /// Bytes of workspace value_and_grad and local_stats need for these inputs.
   template <class T>
