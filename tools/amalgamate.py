@@ -18,8 +18,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INCLUDE = ROOT / "include"
 OUT = ROOT / "single_include" / "moereg"
-QUOTED = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
-ANGLED_MOEREG = re.compile(r'^\s*#\s*include\s+<(moereg/[^>]+)>\s*$')
+QUOTED = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*(//.*)?$')
+ANGLED_MOEREG = re.compile(r'^\s*#\s*include\s+<(moereg/[^>]+)>\s*(//.*)?$')
 
 
 def expand(path, seen, out):
