@@ -289,9 +289,6 @@ void run(const arguments& args) {
     fail("unknown loss " + detail::quoted(args.loss) + "; expected one of " + join(names));
   }
   if (!e->fn) fail(e->name + " is not implemented yet in this build of moereg-eval");
-  // The CUDA backend is not wired into the tool yet: until it is, --backend cuda is refused
-  // rather than silently run on the CPU.
-  if (args.backend == "cuda") fail("CUDA backend not built: this moereg-eval runs the CPU backend only");
   check_against_table(*e, args);
 
   {
@@ -315,7 +312,10 @@ void run(const arguments& args) {
 
   const request rq(args, std::move(inputs), std::move(stats_in), !args.stats_in.empty());
   response rs;
-  e->fn(rq, rs);
+  if (args.backend == "cuda")
+    eval_cuda(rq, rs);  // never silently on the CPU: builds without CUDA refuse
+  else
+    e->fn(rq, rs);
   if (rq.want_stats() && rs.stats.empty()) fail(e->name + " produced no statistics for --stats-out");
 
   staged_outputs out;

@@ -26,6 +26,17 @@
 #include "args.hpp"
 #include "npy.hpp"
 
+namespace moereg {
+struct load_balancing_loss;
+struct z_loss;
+struct specialization_loss;
+struct coupling_loss;
+struct orthogonality_loss;
+struct variance_loss;
+struct entropy_loss;
+struct importance_loss;
+}  // namespace moereg
+
 namespace moereg_eval {
 
 /// A loss function's view of one invocation: options, inputs and reduced statistics.
@@ -36,6 +47,8 @@ class request {
       : args_(args), inputs_(std::move(inputs)), stats_in_(std::move(stats_in)), has_stats_in_(has_stats_in) {}
 
   const std::string& loss() const { return args_.loss; }
+  /// "cpu" or "cuda", from --backend.
+  const std::string& backend() const { return args_.backend; }
   double grad_scale() const { return args_.grad_scale; }
   /// True when --stats-out was given: the loss must fill response::stats.
   bool want_stats() const { return !args_.stats_out.empty(); }
@@ -142,5 +155,23 @@ void eval_orthogonality(const request& rq, response& rs);
 void eval_variance(const request& rq, response& rs);
 void eval_entropy(const request& rq, response& rs);
 void eval_importance(const request& rq, response& rs);
+
+// Each loss's options (loss_NAME.cpp), shared by both backends.
+moereg::load_balancing_loss load_balancing_options(const request& rq);
+moereg::z_loss z_loss_options(const request& rq);
+moereg::specialization_loss specialization_options(const request& rq);
+moereg::coupling_loss coupling_options(const request& rq);
+/// The number of coupled layers L >= 2, after checking that probs0.. and topk0.. match.
+std::size_t coupling_layers(const request& rq);
+moereg::orthogonality_loss orthogonality_options(const request& rq);
+moereg::variance_loss variance_options(const request& rq);
+moereg::entropy_loss entropy_options(const request& rq);
+moereg::importance_loss importance_options(const request& rq);
+
+/// Runs the request's loss on the CUDA backend (cuda_exec.cu, in builds with
+/// MOEREG_ENABLE_CUDA): inputs copied to the first CUDA device, value, gradients and
+/// statistics copied back; a nonzero device status (an out-of-range or repeated top-k index,
+/// bad reduced statistics) is an error naming the bits. Builds without CUDA refuse.
+void eval_cuda(const request& rq, response& rs);
 
 }  // namespace moereg_eval

@@ -4,41 +4,11 @@
 //            numbered without gaps), mask [T] shared by every layer
 //   output:  grad_probs0 .. grad_probs{L-1}
 // Every probsL must have the same dtype.
-#include <string>
-#include <vector>
-
-#include <moereg/losses/coupling.hpp>
-
-#include "eval.hpp"
+#include "runners.hpp"
 
 namespace moereg_eval {
-namespace {
 
-template <class T>
-void run_coupling(const request& rq, response& rs, const moereg::coupling_loss& loss, std::size_t L) {
-  std::vector<moereg::routing_view<T>> probs;
-  std::vector<moereg::topk_view> topk;
-  for (std::size_t l = 0; l < L; ++l) {
-    probs.push_back(rq.matrix<T>("probs" + std::to_string(l)));
-    topk.push_back(rq.topk("topk" + std::to_string(l)));
-  }
-  moereg::coupling_inputs<T> in;
-  in.probs = probs.data();
-  in.topk = topk.data();
-  in.layers = static_cast<moereg::index_t>(L);
-  in.mask = rq.mask();
-  if (rq.want_stats()) rs.stats = loss.local_stats(in);
-  std::vector<moereg::matrix_view<T>> grads;
-  for (std::size_t l = 0; l < L; ++l) {
-    const std::string name = "probs" + std::to_string(l);
-    grads.push_back(rs.add_grad_matrix<T>(name, rq.input(name)));
-  }
-  rs.value = loss.value_and_grad(in, grads.data(), moereg::grad_options{rq.grad_scale(), false}, rq.stats());
-}
-
-}  // namespace
-
-void eval_coupling(const request& rq, response& rs) {
+moereg::coupling_loss coupling_options(const request& rq) {
   moereg::coupling_loss loss;
   loss.cfg.coef = rq.opt_double("coef", loss.cfg.coef);
   loss.cfg.eps = rq.opt_double("eps", loss.cfg.eps);
@@ -46,12 +16,14 @@ void eval_coupling(const request& rq, response& rs) {
   loss.cfg.form = form == "log"     ? moereg::coupling_form::log
                   : form == "batch" ? moereg::coupling_form::batch
                                     : moereg::coupling_form::token;
+  return loss;
+}
 
+std::size_t coupling_layers(const request& rq) {
   // Layers are numbered 0 .. L-1 without gaps, each with both probsL and topkL.
   const std::size_t L = rq.count_numbered("probs");
   if (L < 2)
     throw moereg::error("coupling needs at least two layers: --in probs0=... --in probs1=... (and topk0, topk1)");
-  std::vector<std::string> floats;
   for (const auto& name : rq.input_names()) {
     for (const char* stem : {"probs", "topk"}) {
       const std::string s = stem;
@@ -62,16 +34,18 @@ void eval_coupling(const request& rq, response& rs) {
                             " is missing; layers must be numbered 0, 1, ... without gaps");
     }
   }
-  for (std::size_t l = 0; l < L; ++l) {
+  for (std::size_t l = 0; l < L; ++l)
     if (!rq.has("topk" + std::to_string(l)))
       throw moereg::error("coupling: probs" + std::to_string(l) + " has no topk" + std::to_string(l) + " (--in topk" +
                           std::to_string(l) + "=FILE.npy)");
-    floats.push_back("probs" + std::to_string(l));
-  }
-  if (rq.float_dtype(floats) == npy::dtype::f4)
-    run_coupling<float>(rq, rs, loss, L);
-  else
-    run_coupling<double>(rq, rs, loss, L);
+  return L;
+}
+
+void eval_coupling(const request& rq, response& rs) {
+  const moereg::coupling_loss loss = coupling_options(rq);
+  const std::size_t L = coupling_layers(rq);
+  cpu_exec x;
+  run_coupling(rq, rs, loss, L, x);
 }
 
 }  // namespace moereg_eval

@@ -67,3 +67,5 @@
 #include "cuda/specialization.cuh"
 
 #include "cuda/gram_fused.cuh"
+
+#include "cuda/bias_update.cuh"

@@ -198,7 +198,7 @@ void check_gram_loss(const char* who, double coef, double eps, const activation_
 // Full unrolling of the loops over the vectors of a token (compile-time counts in the
 // specialised passes). GCC needs the hint; Clang unrolls them anyway and warns when a hinted
 // loop with a run-time count is not unrolled. Undefined at the end of this header.
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)  // nvcc rejects GCC loop pragmas
 #define MOEREG_DETAIL_UNROLL _Pragma("GCC unroll 16")
 #else
 #define MOEREG_DETAIL_UNROLL

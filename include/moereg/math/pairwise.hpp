@@ -26,7 +26,7 @@
 // Loops over the lanes of the subspace solver (below): kept rolled, so that the compiler
 // vectorises them across lanes instead of unrolling them into scalar code. Undefined again at
 // the end of this header.
-#if defined(__CUDA_ARCH__) || !defined(__GNUC__)
+#if defined(__CUDACC__) || !defined(__GNUC__)  // nvcc's front end rejects GCC loop pragmas
 #define MOEREG_DETAIL_LANES
 #elif defined(__clang__)
 #define MOEREG_DETAIL_LANES _Pragma("clang loop unroll(disable) vectorize(enable)")
