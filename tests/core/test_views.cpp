@@ -96,6 +96,23 @@ TEST_CASE("layout policies place vectors and validate their maps", "[layouts]") 
   const std::int64_t pos_dup[4] = {1, 0, 1, 0};
   CHECK_THROWS_WITH(moereg::capacity_padded(moereg::topk_view(ex, 2, 2), moereg::topk_view(pos_dup, 2, 2), 2, 3, 4).validate("test"),
                     Catch::Contains("already used"));
+
+  // The layouts' own index maps get the shape checks of a top-k view before any entry is read
+  // (found by fuzz_views: a position map whose rows overlapped or ran backwards was read
+  // outside its buffer while the layout was being validated).
+  moereg::topk_view overlapping(pos, 2, 2);
+  overlapping.row_stride = 1;  // rows overlap
+  CHECK_THROWS_WITH(moereg::capacity_padded(moereg::topk_view(ex, 2, 2), overlapping, 2, 3, 4).validate("test"),
+                    Catch::Contains("position map row stride 1 is smaller than k = 2"));
+  moereg::topk_view backwards(ex, 2, 2);
+  backwards.row_stride = -2;
+  CHECK_THROWS_WITH(moereg::capacity_padded(backwards, moereg::topk_view(pos, 2, 2), 2, 3, 4).validate("test"),
+                    Catch::Contains("expert map row stride -2"));
+  moereg::topk_view rows_back(rows, 3, 2);
+  rows_back.row_stride = -1;
+  CHECK_THROWS_WITH(moereg::expert_grouped(rows_back, 5, 8).validate("test"), Catch::Contains("row map row stride -1"));
+  moereg::topk_view null_map(static_cast<const std::int32_t*>(nullptr), 3, 2);
+  CHECK_THROWS_WITH(moereg::expert_grouped(null_map, 5, 8).validate("test"), Catch::Contains("row map is null"));
 }
 
 TEST_CASE("offsets beyond 2^31 elements are formed in 64 bits", "[layouts][sizes]") {

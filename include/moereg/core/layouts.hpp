@@ -62,6 +62,16 @@ struct token_major {
 };
 
 namespace detail {
+/// Checks the shape of a layout's [T, k] index map before any entry is read: non-negative
+/// sizes, a pointer when it has entries, and rows that do not overlap (row stride >= k),
+/// as check_topk does for top-k views.
+inline void require_index_map(const char* who, const char* what, const topk_view& m) {
+  require(m.rows >= 0 && m.k >= 0, who, ": ", what, " has a negative size [", m.rows, ", ", m.k, "]");
+  require(m.data != nullptr || m.rows * m.k == 0, who, ": ", what, " is null but has size [", m.rows, ", ", m.k, "]");
+  require(m.row_stride >= m.k || m.rows <= 1, who, ": ", what, " row stride ", m.row_stride, " is smaller than k = ",
+          m.k);
+}
+
 // Checks that the valid entries of an index map are distinct keys in [0, n); key_of(t, s)
 // returns the key or a negative number for no entry.
 template <class KeyOf>
@@ -112,7 +122,7 @@ struct expert_grouped {
   void validate(const char* who) const {
     detail::require(num_rows >= 0 && length >= 0 && row_stride >= 0 && elem_stride >= 1, who,
                     ": expert_grouped layout has a negative size or stride");
-    detail::require(row_of.data != nullptr || row_of.rows * row_of.k == 0, who, ": expert_grouped row map is null");
+    detail::require_index_map(who, "expert_grouped row map", row_of);
     detail::require_distinct_keys(who, "expert_grouped row map", row_of.rows, row_of.k, num_rows,
                                   [&](index_t t, index_t s) { return row_of(t, s); });
   }
@@ -156,6 +166,8 @@ struct capacity_padded {
     detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
                         elem_stride >= 1,
                     who, ": capacity_padded layout has a negative size or stride");
+    detail::require_index_map(who, "capacity_padded expert map", expert_of);
+    detail::require_index_map(who, "capacity_padded position map", position_of);
     detail::require(position_of.rows == expert_of.rows && position_of.k == expert_of.k, who,
                     ": capacity_padded position map is [", position_of.rows, ", ", position_of.k,
                     "] but the expert map is [", expert_of.rows, ", ", expert_of.k, "]");

@@ -99,8 +99,7 @@ struct layout_keys<expert_grouped> {
   static void host_check(const char* who, const char* name, const expert_grouped& l) {
     require(l.num_rows >= 0 && l.length >= 0 && l.row_stride >= 0 && l.elem_stride >= 1, who, ": ", name,
             " expert_grouped layout has a negative size or stride");
-    require(l.row_of.data != nullptr || l.row_of.rows * l.row_of.k == 0, who, ": ", name,
-            " expert_grouped row map is null");
+    require_index_map(who, "expert_grouped row map", l.row_of);  // shape only: entries live on the device
   }
 };
 
@@ -126,8 +125,8 @@ struct layout_keys<capacity_padded> {
     require(l.position_of.rows == l.expert_of.rows && l.position_of.k == l.expert_of.k, who, ": ", name,
             " capacity_padded position map is [", l.position_of.rows, ", ", l.position_of.k,
             "] but the expert map is [", l.expert_of.rows, ", ", l.expert_of.k, "]");
-    require((l.expert_of.data != nullptr && l.position_of.data != nullptr) || l.expert_of.rows * l.expert_of.k == 0,
-            who, ": ", name, " capacity_padded maps are null");
+    require_index_map(who, "capacity_padded expert map", l.expert_of);  // shapes only: entries live on the device
+    require_index_map(who, "capacity_padded position map", l.position_of);
   }
 };
 
