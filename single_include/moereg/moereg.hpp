@@ -426,6 +426,16 @@ struct token_major {
 };
 
 namespace detail {
+/// Checks the shape of a layout's [T, k] index map before any entry is read: non-negative
+/// sizes, a pointer when it has entries, and rows that do not overlap (row stride >= k),
+/// as check_topk does for top-k views.
+inline void require_index_map(const char* who, const char* what, const topk_view& m) {
+  require(m.rows >= 0 && m.k >= 0, who, ": ", what, " has a negative size [", m.rows, ", ", m.k, "]");
+  require(m.data != nullptr || m.rows * m.k == 0, who, ": ", what, " is null but has size [", m.rows, ", ", m.k, "]");
+  require(m.row_stride >= m.k || m.rows <= 1, who, ": ", what, " row stride ", m.row_stride, " is smaller than k = ",
+          m.k);
+}
+
 // Checks that the valid entries of an index map are distinct keys in [0, n); key_of(t, s)
 // returns the key or a negative number for no entry.
 template <class KeyOf>
@@ -476,7 +486,7 @@ struct expert_grouped {
   void validate(const char* who) const {
     detail::require(num_rows >= 0 && length >= 0 && row_stride >= 0 && elem_stride >= 1, who,
                     ": expert_grouped layout has a negative size or stride");
-    detail::require(row_of.data != nullptr || row_of.rows * row_of.k == 0, who, ": expert_grouped row map is null");
+    detail::require_index_map(who, "expert_grouped row map", row_of);
     detail::require_distinct_keys(who, "expert_grouped row map", row_of.rows, row_of.k, num_rows,
                                   [&](index_t t, index_t s) { return row_of(t, s); });
   }
@@ -520,6 +530,8 @@ struct capacity_padded {
     detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
                         elem_stride >= 1,
                     who, ": capacity_padded layout has a negative size or stride");
+    detail::require_index_map(who, "capacity_padded expert map", expert_of);
+    detail::require_index_map(who, "capacity_padded position map", position_of);
     detail::require(position_of.rows == expert_of.rows && position_of.k == expert_of.k, who,
                     ": capacity_padded position map is [", position_of.rows, ", ", position_of.k,
                     "] but the expert map is [", expert_of.rows, ", ", expert_of.k, "]");
@@ -951,7 +963,10 @@ class stats_accumulator {
 // number of threads and on every run.
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
+
+#include <Eigen/Core>
 
 #if MOEREG_HAS_OPENMP
 #include <omp.h>
@@ -1026,6 +1041,64 @@ template <class T, class A>
 MOEREG_FORCEINLINE void put_grad(T& dst, A v, bool accumulate) {
   if (accumulate) store(dst, load(dst) + v);
   else store(dst, v);
+}
+
+// ---------------------------------------------------------------------------------------
+// Vectorised rows. Per-row losses whose cost is one exp or log per element (z-loss,
+// entropy) evaluate a row with Eigen's packet math (AVX-512 / AVX2 / SSE2, whatever the
+// build targets) on a scratch buffer that each block allocates once. Every reduction runs
+// over that aligned scratch, never over the caller's memory, so its order depends only on
+// the row length: the same row gives the same bits wherever it lies and whichever thread
+// computes it.
+// ---------------------------------------------------------------------------------------
+
+/// Scratch for one row, aligned for Eigen's widest packet.
+template <class Acc>
+using row_scratch = std::vector<Acc, Eigen::aligned_allocator<Acc>>;
+
+/// An Eigen array over aligned row scratch.
+template <class Acc>
+using scratch_array = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>, Eigen::AlignedMax>;
+
+/// An Eigen array over row elements that may lie anywhere (read element-wise only).
+template <class Acc>
+using row_array = Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>>;
+
+/// True when acc_row() needs its `conv` scratch for `m`: 16-bit storage or strided rows.
+template <class T>
+bool acc_row_converts(const matrix_view<const T>& m) {
+  return !std::is_same_v<T, accumulator_t<T>> || !m.contiguous_rows();
+}
+
+/// Row t of `m` as contiguous accumulator values: the row itself when it is contiguous and
+/// stored in the accumulator type, otherwise `conv` (m.cols elements) holding the converted
+/// (or gathered) row. Either way the values are the same, so a strided view computes
+/// bitwise what a compact copy of the same data computes.
+template <class T>
+MOEREG_FORCEINLINE const accumulator_t<T>* acc_row(const matrix_view<const T>& m, index_t t, accumulator_t<T>* conv) {
+  const T* r = m.row(t);
+  if constexpr (std::is_same_v<T, accumulator_t<T>>) {
+    if (m.contiguous_rows()) return r;
+  }
+  for (index_t e = 0; e < m.cols; ++e) conv[e] = load(r[e * m.col_stride]);
+  return conv;
+}
+
+/// Writes row t of a gradient, c * v[e] for every column, per put_grad: a plain loop the
+/// compiler vectorises when the row is contiguous, strided stores otherwise.
+template <class T, class Acc>
+MOEREG_FORCEINLINE void put_grad_row(const matrix_view<T>& g, index_t t, Acc c, const Acc* MOEREG_RESTRICT v,
+                                     bool accumulate) {
+  const index_t n = g.cols;
+  if (g.contiguous_rows()) {
+    T* MOEREG_RESTRICT d = g.row(t);
+    if (accumulate)
+      for (index_t e = 0; e < n; ++e) store(d[e], load(d[e]) + c * v[e]);
+    else
+      for (index_t e = 0; e < n; ++e) store(d[e], c * v[e]);
+  } else {
+    for (index_t e = 0; e < n; ++e) put_grad(g(t, e), c * v[e], accumulate);
+  }
 }
 
 }  // namespace detail
@@ -1721,6 +1794,8 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
 //
 // Passes over memory (value_and_grad): Z is read once (a row is kept in a small buffer
 // while its softmax is formed) and the gradient written once; the mask is read twice.
+// Each row is evaluated with Eigen's vectorised exp (row_logsumexp_vec; a strided row is
+// gathered first, so every layout gives the same bits).
 
 #include <algorithm>
 #include <cmath>
@@ -1805,6 +1880,36 @@ MOEREG_FORCEINLINE Acc row_logsumexp(const T* z, index_t n, index_t stride, Acc*
   return detail::logsumexp_row<Acc>([z, stride](index_t e) { return load(z[e * stride]); }, n, buf, sum);
 }
 
+/// row_logsumexp() of row t, vectorised: the maximum, the exponentials and their sum run on
+/// Eigen packets (`buf` must be aligned row scratch, `conv` row scratch when
+/// acc_row_converts(Z)). Same formulas as logsumexp_row (lse_shift, lse_term,
+/// lse_finish), to a few ulp of the exponential; two exceptions keep the scalar results:
+/// terms whose exponential is below the smallest normal number (Eigen clamps the argument of
+/// exp there, so exp(-inf) would not be 0) are recomputed with lse_term, and a row whose
+/// maximum or log-sum-exp is not finite (an inf or NaN in the row) is redone by
+/// row_logsumexp.
+template <class T, class Acc = accumulator_t<T>>
+Acc row_logsumexp_vec(const matrix_view<const T>& Z, index_t t, Acc* buf, Acc* conv, Acc& sum) {
+  const index_t n = Z.cols;
+  const Acc* z = acc_row(Z, t, conv);
+  const row_array<Acc> zr(z, n);
+  const Acc mx = zr.maxCoeff();
+  if (!(std::abs(mx) <= std::numeric_limits<Acc>::max())) return row_logsumexp(Z.row(t), n, Z.col_stride, buf, sum);
+  const Acc shift = lse_shift(mx);
+  scratch_array<Acc> ex(buf, n);
+  ex = (zr - shift).exp();
+  // log of the smallest normal number: below it Eigen's exp is clamped.
+  const Acc normal_floor = std::log(std::numeric_limits<Acc>::min());
+  if (zr.minCoeff() - shift < normal_floor)
+    for (index_t e = 0; e < n; ++e)
+      if (!(z[e] - shift >= normal_floor)) buf[e] = lse_term(z[e], shift);
+  const Acc s = ex.sum();
+  const Acc lse = lse_finish(shift, s);
+  if (!(std::abs(lse) <= std::numeric_limits<Acc>::max())) return row_logsumexp(Z.row(t), n, Z.col_stride, buf, sum);
+  sum = s;
+  return lse;
+}
+
 }  // namespace detail
 
 /// CPU backend of z_loss::local_stats() (found by ADL): validates, then writes the statistics
@@ -1831,7 +1936,8 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
   const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
   std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
   detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    std::vector<Acc> buf(static_cast<std::size_t>(E));
+    detail::row_scratch<Acc> buf(static_cast<std::size_t>(E));
+    detail::row_scratch<Acc> conv(detail::acc_row_converts(Z) ? static_cast<std::size_t>(E) : 0);
     Acc sum = Acc(0);
     for (index_t t = r0; t < r1; ++t) {
       const bool valid = in.mask(t);
@@ -1841,12 +1947,9 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
         continue;
       }
       Acc expsum = Acc(0);
-      const Acc lse = detail::row_logsumexp(Z.row(t), E, Z.col_stride, buf.data(), expsum);
+      const Acc lse = detail::row_logsumexp_vec(Z, t, buf.data(), conv.data(), expsum);
       sum += lse * lse;
-      if (grad) {
-        const Acc c = detail::z_row_grad_coeff(gcoef, lse, expsum);
-        for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), c * buf[static_cast<std::size_t>(e)], opts.accumulate);
-      }
+      if (grad) detail::put_grad_row(*grad, t, detail::z_row_grad_coeff(gcoef, lse, expsum), buf.data(), opts.accumulate);
     }
     partial[static_cast<std::size_t>(b)] = sum;
   });
@@ -1935,7 +2038,7 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
 // Loops over the lanes of the subspace solver (below): kept rolled, so that the compiler
 // vectorises them across lanes instead of unrolling them into scalar code. Undefined again at
 // the end of this header.
-#if defined(__CUDA_ARCH__) || !defined(__GNUC__)
+#if defined(__CUDACC__) || !defined(__GNUC__)  // nvcc's front end rejects GCC loop pragmas
 #define MOEREG_DETAIL_LANES
 #elif defined(__clang__)
 #define MOEREG_DETAIL_LANES _Pragma("clang loop unroll(disable) vectorize(enable)")
@@ -2365,7 +2468,7 @@ void check_gram_loss(const char* who, double coef, double eps, const activation_
 // Full unrolling of the loops over the vectors of a token (compile-time counts in the
 // specialised passes). GCC needs the hint; Clang unrolls them anyway and warns when a hinted
 // loop with a run-time count is not unrolled. Undefined at the end of this header.
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)  // nvcc rejects GCC loop pragmas
 #define MOEREG_DETAIL_UNROLL _Pragma("GCC unroll 16")
 #else
 #define MOEREG_DETAIL_UNROLL
@@ -3826,10 +3929,14 @@ double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T
 // batch split into parts gives each part the whole batch's gradient rows, and the parts'
 // values sum to the whole batch's value.
 //
-// Passes over memory (value_and_grad): P read once, the gradient written once.
+// Passes over memory (value_and_grad): P read once, the gradient written once. Rows are
+// evaluated with Eigen's vectorised log (ent_row_vec; a strided row is gathered first, so
+// every layout gives the same bits), element by element only for a subnormal tiny.
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 
@@ -3906,6 +4013,34 @@ void ent_validate(const entropy_loss& loss, const entropy_inputs<T>& in, stats_v
   check_stats(who, reduced, 1);
 }
 
+/// One valid row t, vectorised: returns the row's
+/// sum_e P log max(P, tiny) and leaves in `df` the factors d(-P log max(P, tiny))/dP, the
+/// expressions of the scalar loop (entropy_elem in math/router.hpp) with the logarithm taken
+/// by Eigen's packet log. `df`, `terms` and `conv` are aligned row scratch (`conv` used when
+/// acc_row_converts(P)). Entries at or below tiny take log_tiny (computed once by std::log),
+/// exactly as in the scalar loop; the caller guarantees that tiny is a normal number, the
+/// range where Eigen's log is accurate.
+template <class T, class Acc = accumulator_t<T>>
+Acc ent_row_vec(const matrix_view<const T>& P, index_t t, Acc tiny, Acc log_tiny, Acc* MOEREG_RESTRICT df,
+                Acc* MOEREG_RESTRICT terms, Acc* conv) {
+  const index_t n = P.cols;
+  const Acc* MOEREG_RESTRICT p = acc_row(P, t, conv);
+  scratch_array<Acc>(df, n) = row_array<Acc>(p, n).log();
+  // The factor is written -(lp + one) with one = 1 above tiny and 0 below: -(log p + 1) and
+  // -(log_tiny + 0) = -log_tiny exactly, the scalar loop's two cases. Selecting only loaded
+  // values and constants, with all arithmetic unconditional, lets the compiler vectorise the
+  // loop (it does not speculate floating-point arithmetic under -ftrapping-math).
+  for (index_t e = 0; e < n; ++e) {
+    const Acc pe = p[e], log_pe = df[e];
+    const bool above = pe > tiny;
+    const Acc lp = above ? log_pe : log_tiny;
+    const Acc one = above ? Acc(1) : Acc(0);
+    terms[e] = pe * lp;
+    df[e] = -(lp + one);
+  }
+  return scratch_array<Acc>(terms, n).sum();
+}
+
 }  // namespace detail
 
 /// CPU backend of entropy_loss::local_stats() (found by ADL): validates, then writes the statistics
@@ -3934,12 +4069,22 @@ double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>&
   const Acc log_tiny = std::log(tiny);
   const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
   std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
+  // Rows take the vectorised path (ent_row_vec) when tiny is a normal number, the scalar
+  // loop below otherwise.
+  const bool vec_rows = tiny >= std::numeric_limits<Acc>::min();
   detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
+    const std::size_t scratch = vec_rows ? static_cast<std::size_t>(E) : 0;
+    detail::row_scratch<Acc> df(scratch), terms(scratch), conv(detail::acc_row_converts(P) ? scratch : 0);
     Acc sum = Acc(0);
     for (index_t t = r0; t < r1; ++t) {
       if (!any || !in.mask(t)) {
         if (grad && !opts.accumulate)
           for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), Acc(0), false);
+        continue;
+      }
+      if (vec_rows) {
+        sum -= detail::ent_row_vec(P, t, tiny, log_tiny, df.data(), terms.data(), conv.data());
+        if (grad) detail::put_grad_row(*grad, t, gc, df.data(), opts.accumulate);
         continue;
       }
       for (index_t e = 0; e < E; ++e) {

@@ -2480,8 +2480,7 @@ struct layout_keys<expert_grouped> {
   static void host_check(const char* who, const char* name, const expert_grouped& l) {
     require(l.num_rows >= 0 && l.length >= 0 && l.row_stride >= 0 && l.elem_stride >= 1, who, ": ", name,
             " expert_grouped layout has a negative size or stride");
-    require(l.row_of.data != nullptr || l.row_of.rows * l.row_of.k == 0, who, ": ", name,
-            " expert_grouped row map is null");
+    require_index_map(who, "expert_grouped row map", l.row_of);  // shape only: entries live on the device
   }
 };
 
@@ -2507,8 +2506,8 @@ struct layout_keys<capacity_padded> {
     require(l.position_of.rows == l.expert_of.rows && l.position_of.k == l.expert_of.k, who, ": ", name,
             " capacity_padded position map is [", l.position_of.rows, ", ", l.position_of.k,
             "] but the expert map is [", l.expert_of.rows, ", ", l.expert_of.k, "]");
-    require((l.expert_of.data != nullptr && l.position_of.data != nullptr) || l.expert_of.rows * l.expert_of.k == 0,
-            who, ": ", name, " capacity_padded maps are null");
+    require_index_map(who, "capacity_padded expert map", l.expert_of);  // shapes only: entries live on the device
+    require_index_map(who, "capacity_padded position map", l.position_of);
   }
 };
 
@@ -3339,7 +3338,7 @@ void bias_update(const bias_update_config& cfg, const C* counts, index_t n_count
   if (n_bias == 0) return;
   detail::cuda_check_pointer(who, "counts", counts, be);
   detail::cuda_check_pointer(who, "bias", bias, be);
-  detail::cuda_bias::update_kernel<C, B><<<1, cuda_tuning::threads, 0, be.stream>>>(counts, bias, n_bias, cfg.rate,
+  detail::cuda_bias::update_kernel<C, B><<<1, detail::cuda_tuning::threads, 0, be.stream>>>(counts, bias, n_bias, cfg.rate,
                                                                                     cfg.center, be.status);
   detail::cuda_check_launch(who, "update_kernel");
 }

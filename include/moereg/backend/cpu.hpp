@@ -8,7 +8,10 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
+
+#include <Eigen/Core>
 
 #if MOEREG_HAS_OPENMP
 #include <omp.h>
@@ -16,6 +19,7 @@
 
 #include "../core/config.hpp"
 #include "../core/types.hpp"
+#include "../core/views.hpp"
 #include "../math/reduce.hpp"
 
 namespace moereg {
@@ -62,6 +66,64 @@ template <class T, class A>
 MOEREG_FORCEINLINE void put_grad(T& dst, A v, bool accumulate) {
   if (accumulate) store(dst, load(dst) + v);
   else store(dst, v);
+}
+
+// ---------------------------------------------------------------------------------------
+// Vectorised rows. Per-row losses whose cost is one exp or log per element (z-loss,
+// entropy) evaluate a row with Eigen's packet math (AVX-512 / AVX2 / SSE2, whatever the
+// build targets) on a scratch buffer that each block allocates once. Every reduction runs
+// over that aligned scratch, never over the caller's memory, so its order depends only on
+// the row length: the same row gives the same bits wherever it lies and whichever thread
+// computes it.
+// ---------------------------------------------------------------------------------------
+
+/// Scratch for one row, aligned for Eigen's widest packet.
+template <class Acc>
+using row_scratch = std::vector<Acc, Eigen::aligned_allocator<Acc>>;
+
+/// An Eigen array over aligned row scratch.
+template <class Acc>
+using scratch_array = Eigen::Map<Eigen::Array<Acc, Eigen::Dynamic, 1>, Eigen::AlignedMax>;
+
+/// An Eigen array over row elements that may lie anywhere (read element-wise only).
+template <class Acc>
+using row_array = Eigen::Map<const Eigen::Array<Acc, Eigen::Dynamic, 1>>;
+
+/// True when acc_row() needs its `conv` scratch for `m`: 16-bit storage or strided rows.
+template <class T>
+bool acc_row_converts(const matrix_view<const T>& m) {
+  return !std::is_same_v<T, accumulator_t<T>> || !m.contiguous_rows();
+}
+
+/// Row t of `m` as contiguous accumulator values: the row itself when it is contiguous and
+/// stored in the accumulator type, otherwise `conv` (m.cols elements) holding the converted
+/// (or gathered) row. Either way the values are the same, so a strided view computes
+/// bitwise what a compact copy of the same data computes.
+template <class T>
+MOEREG_FORCEINLINE const accumulator_t<T>* acc_row(const matrix_view<const T>& m, index_t t, accumulator_t<T>* conv) {
+  const T* r = m.row(t);
+  if constexpr (std::is_same_v<T, accumulator_t<T>>) {
+    if (m.contiguous_rows()) return r;
+  }
+  for (index_t e = 0; e < m.cols; ++e) conv[e] = load(r[e * m.col_stride]);
+  return conv;
+}
+
+/// Writes row t of a gradient, c * v[e] for every column, per put_grad: a plain loop the
+/// compiler vectorises when the row is contiguous, strided stores otherwise.
+template <class T, class Acc>
+MOEREG_FORCEINLINE void put_grad_row(const matrix_view<T>& g, index_t t, Acc c, const Acc* MOEREG_RESTRICT v,
+                                     bool accumulate) {
+  const index_t n = g.cols;
+  if (g.contiguous_rows()) {
+    T* MOEREG_RESTRICT d = g.row(t);
+    if (accumulate)
+      for (index_t e = 0; e < n; ++e) store(d[e], load(d[e]) + c * v[e]);
+    else
+      for (index_t e = 0; e < n; ++e) store(d[e], c * v[e]);
+  } else {
+    for (index_t e = 0; e < n; ++e) put_grad(g(t, e), c * v[e], accumulate);
+  }
 }
 
 }  // namespace detail

@@ -11,11 +11,15 @@
 // batch split into parts gives each part the whole batch's gradient rows, and the parts'
 // values sum to the whole batch's value.
 //
-// Passes over memory (value_and_grad): P read once, the gradient written once.
+// Passes over memory (value_and_grad): P read once, the gradient written once. Rows are
+// evaluated with Eigen's vectorised log (ent_row_vec; a strided row is gathered first, so
+// every layout gives the same bits), element by element only for a subnormal tiny.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../backend/cpu.hpp"
@@ -97,6 +101,34 @@ void ent_validate(const entropy_loss& loss, const entropy_inputs<T>& in, stats_v
   check_stats(who, reduced, 1);
 }
 
+/// One valid row t, vectorised: returns the row's
+/// sum_e P log max(P, tiny) and leaves in `df` the factors d(-P log max(P, tiny))/dP, the
+/// expressions of the scalar loop (entropy_elem in math/router.hpp) with the logarithm taken
+/// by Eigen's packet log. `df`, `terms` and `conv` are aligned row scratch (`conv` used when
+/// acc_row_converts(P)). Entries at or below tiny take log_tiny (computed once by std::log),
+/// exactly as in the scalar loop; the caller guarantees that tiny is a normal number, the
+/// range where Eigen's log is accurate.
+template <class T, class Acc = accumulator_t<T>>
+Acc ent_row_vec(const matrix_view<const T>& P, index_t t, Acc tiny, Acc log_tiny, Acc* MOEREG_RESTRICT df,
+                Acc* MOEREG_RESTRICT terms, Acc* conv) {
+  const index_t n = P.cols;
+  const Acc* MOEREG_RESTRICT p = acc_row(P, t, conv);
+  scratch_array<Acc>(df, n) = row_array<Acc>(p, n).log();
+  // The factor is written -(lp + one) with one = 1 above tiny and 0 below: -(log p + 1) and
+  // -(log_tiny + 0) = -log_tiny exactly, the scalar loop's two cases. Selecting only loaded
+  // values and constants, with all arithmetic unconditional, lets the compiler vectorise the
+  // loop (it does not speculate floating-point arithmetic under -ftrapping-math).
+  for (index_t e = 0; e < n; ++e) {
+    const Acc pe = p[e], log_pe = df[e];
+    const bool above = pe > tiny;
+    const Acc lp = above ? log_pe : log_tiny;
+    const Acc one = above ? Acc(1) : Acc(0);
+    terms[e] = pe * lp;
+    df[e] = -(lp + one);
+  }
+  return scratch_array<Acc>(terms, n).sum();
+}
+
 }  // namespace detail
 
 /// CPU backend of entropy_loss::local_stats() (found by ADL): validates, then writes the statistics
@@ -125,12 +157,22 @@ double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>&
   const Acc log_tiny = std::log(tiny);
   const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
   std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
+  // Rows take the vectorised path (ent_row_vec) when tiny is a normal number, the scalar
+  // loop below otherwise.
+  const bool vec_rows = tiny >= std::numeric_limits<Acc>::min();
   detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
+    const std::size_t scratch = vec_rows ? static_cast<std::size_t>(E) : 0;
+    detail::row_scratch<Acc> df(scratch), terms(scratch), conv(detail::acc_row_converts(P) ? scratch : 0);
     Acc sum = Acc(0);
     for (index_t t = r0; t < r1; ++t) {
       if (!any || !in.mask(t)) {
         if (grad && !opts.accumulate)
           for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), Acc(0), false);
+        continue;
+      }
+      if (vec_rows) {
+        sum -= detail::ent_row_vec(P, t, tiny, log_tiny, df.data(), terms.data(), conv.data());
+        if (grad) detail::put_grad_row(*grad, t, gc, df.data(), opts.accumulate);
         continue;
       }
       for (index_t e = 0; e < E; ++e) {

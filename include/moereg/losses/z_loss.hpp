@@ -10,6 +10,8 @@
 //
 // Passes over memory (value_and_grad): Z is read once (a row is kept in a small buffer
 // while its softmax is formed) and the gradient written once; the mask is read twice.
+// Each row is evaluated with Eigen's vectorised exp (row_logsumexp_vec; a strided row is
+// gathered first, so every layout gives the same bits).
 #pragma once
 
 #include <algorithm>
@@ -101,6 +103,36 @@ MOEREG_FORCEINLINE Acc row_logsumexp(const T* z, index_t n, index_t stride, Acc*
   return detail::logsumexp_row<Acc>([z, stride](index_t e) { return load(z[e * stride]); }, n, buf, sum);
 }
 
+/// row_logsumexp() of row t, vectorised: the maximum, the exponentials and their sum run on
+/// Eigen packets (`buf` must be aligned row scratch, `conv` row scratch when
+/// acc_row_converts(Z)). Same formulas as logsumexp_row (lse_shift, lse_term,
+/// lse_finish), to a few ulp of the exponential; two exceptions keep the scalar results:
+/// terms whose exponential is below the smallest normal number (Eigen clamps the argument of
+/// exp there, so exp(-inf) would not be 0) are recomputed with lse_term, and a row whose
+/// maximum or log-sum-exp is not finite (an inf or NaN in the row) is redone by
+/// row_logsumexp.
+template <class T, class Acc = accumulator_t<T>>
+Acc row_logsumexp_vec(const matrix_view<const T>& Z, index_t t, Acc* buf, Acc* conv, Acc& sum) {
+  const index_t n = Z.cols;
+  const Acc* z = acc_row(Z, t, conv);
+  const row_array<Acc> zr(z, n);
+  const Acc mx = zr.maxCoeff();
+  if (!(std::abs(mx) <= std::numeric_limits<Acc>::max())) return row_logsumexp(Z.row(t), n, Z.col_stride, buf, sum);
+  const Acc shift = lse_shift(mx);
+  scratch_array<Acc> ex(buf, n);
+  ex = (zr - shift).exp();
+  // log of the smallest normal number: below it Eigen's exp is clamped.
+  const Acc normal_floor = std::log(std::numeric_limits<Acc>::min());
+  if (zr.minCoeff() - shift < normal_floor)
+    for (index_t e = 0; e < n; ++e)
+      if (!(z[e] - shift >= normal_floor)) buf[e] = lse_term(z[e], shift);
+  const Acc s = ex.sum();
+  const Acc lse = lse_finish(shift, s);
+  if (!(std::abs(lse) <= std::numeric_limits<Acc>::max())) return row_logsumexp(Z.row(t), n, Z.col_stride, buf, sum);
+  sum = s;
+  return lse;
+}
+
 }  // namespace detail
 
 /// CPU backend of z_loss::local_stats() (found by ADL): validates, then writes the statistics
@@ -127,7 +159,8 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
   const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
   std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
   detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    std::vector<Acc> buf(static_cast<std::size_t>(E));
+    detail::row_scratch<Acc> buf(static_cast<std::size_t>(E));
+    detail::row_scratch<Acc> conv(detail::acc_row_converts(Z) ? static_cast<std::size_t>(E) : 0);
     Acc sum = Acc(0);
     for (index_t t = r0; t < r1; ++t) {
       const bool valid = in.mask(t);
@@ -137,12 +170,9 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
         continue;
       }
       Acc expsum = Acc(0);
-      const Acc lse = detail::row_logsumexp(Z.row(t), E, Z.col_stride, buf.data(), expsum);
+      const Acc lse = detail::row_logsumexp_vec(Z, t, buf.data(), conv.data(), expsum);
       sum += lse * lse;
-      if (grad) {
-        const Acc c = detail::z_row_grad_coeff(gcoef, lse, expsum);
-        for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), c * buf[static_cast<std::size_t>(e)], opts.accumulate);
-      }
+      if (grad) detail::put_grad_row(*grad, t, detail::z_row_grad_coeff(gcoef, lse, expsum), buf.data(), opts.accumulate);
     }
     partial[static_cast<std::size_t>(b)] = sum;
   });
