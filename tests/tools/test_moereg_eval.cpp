@@ -952,6 +952,30 @@ TEST_CASE("moereg-eval specialization and orthogonality match the reference", "[
   check_close(read_value(d / "sp32"), ref32.value, 1e-4, "float32 specialization value");
   check_close(read_values(d / "sp32/grad_acts.npy", npy::dtype::f4, {p.T, p.k, p.d}), ref32.grad, 1e-4,
               "float32 grad_acts");
+
+  // k = 1 (no pair anywhere: zero value and gradient) and zero activation vectors (norms at
+  // the eps clamp), against the same reference.
+  acts_problem k1(83, 31, 1, 9);
+  acts_problem zeros(84, 41, 4, 6);
+  for (std::size_t v = 0; v < static_cast<std::size_t>(zeros.T * zeros.k); v += 5)
+    std::fill_n(zeros.H.begin() + static_cast<std::ptrdiff_t>(v * static_cast<std::size_t>(zeros.d)), zeros.d, 0.0);
+  for (const acts_problem* q : {&k1, &zeros}) {
+    INFO("k = " << q->k << ", zero vectors: " << (q == &zeros));
+    const auto qmask = moereg_test::to_int_mask(q->mask);
+    write_acts_problem(d, *q, 0, q->T);
+    run_ok(d, cat({"specialization", "--output-dir", d / "spq"}, acts_inputs(d)));
+    const auto rs = moereg_ref::specialization(q->H, q->I, qmask, q->T, q->k, q->d, 2e-3, false, 1e-8);
+    check_close(read_value(d / "spq"), rs.value, 1e-9, "specialization value");
+    check_close(read_values(d / "spq/grad_acts.npy", npy::dtype::f8, {q->T, q->k, q->d}), rs.grad, 1e-9,
+                "specialization grad_acts");
+    for (const char* variant : {"pairwise", "subspace"}) {
+      run_ok(d, cat({"orthogonality", "--output-dir", d / "orq", "--variant", variant}, acts_inputs(d)));
+      const auto ro = moereg_ref::orthogonality(q->H, q->I, qmask, q->T, q->k, q->d, 1e-4, false, variant, 1e-6);
+      check_close(read_value(d / "orq"), ro.value, 1e-9, "orthogonality value");
+      check_close(read_values(d / "orq/grad_acts.npy", npy::dtype::f8, {q->T, q->k, q->d}), ro.grad, 1e-9,
+                  "orthogonality grad_acts");
+    }
+  }
   report_worst("specialization/orthogonality");
 }
 
