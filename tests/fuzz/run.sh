@@ -3,7 +3,7 @@
 # fixed number of iterations, starting from the seed corpus checked in under
 # tests/fuzz/corpus/<target>/ (the seeds, including past crash reproducers, are replayed
 # first). New inputs go to a scratch directory, never into the checked-in corpus.
-#   FUZZ_RUNS=N      iterations per target (default: npy 300000, args 150000, views 100000,
+#   FUZZ_RUNS=N      iterations per target (default: npy 2000000, args 1000000, views 1000000,
 #                    about a minute and a half in all on 2 cores)
 #   FUZZ_BUILD=DIR   build directory (default build-fuzz)
 set -euo pipefail
@@ -21,7 +21,7 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_CO
   -DMOEREG_BUILD_BENCHMARKS=OFF -DMOEREG_BUILD_EXAMPLES=OFF -DMOEREG_WERROR=ON >/dev/null
 targets=${FUZZ_TARGETS:-npy args views}
 cmake --build "$build" -j "$jobs" --target $(for t in $targets; do printf 'fuzz_%s ' "$t"; done)
-declare -A default_runs=([npy]=300000 [args]=150000 [views]=100000)
+declare -A default_runs=([npy]=2000000 [args]=1000000 [views]=1000000)
 for target in $targets; do
   runs=${FUZZ_RUNS:-${default_runs[$target]}}
   scratch="$build/fuzz-corpus/$target"
