@@ -2,7 +2,7 @@
 # Installs the Debian packages moereg's build, tests, examples and benchmarks use, when
 # any is missing. Needs root (or sudo) only when something is missing.
 set -euo pipefail
-pkgs=(g++ cmake ninja-build libeigen3-dev catch2 libomp-dev libopenmpi-dev openmpi-bin libbenchmark-dev python3 clang libclang-rt-14-dev doxygen)
+pkgs=(g++ cmake ninja-build libeigen3-dev catch2 libomp-dev libopenmpi-dev openmpi-bin libbenchmark-dev python3 clang libclang-rt-14-dev doxygen pkg-config)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

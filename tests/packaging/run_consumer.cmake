@@ -1,5 +1,5 @@
 # Builds and runs tests/packaging/consumer against moereg.
-#   -DMODE=find_package|add_subdirectory|copy  -DSOURCE_DIR= -DBUILD_DIR= -DWORK_DIR= [-DVERSION=] [-DCXX=] [-DEIGEN_INC=]
+#   -DMODE=find_package|add_subdirectory|copy|pkg_config  -DSOURCE_DIR= -DBUILD_DIR= -DWORK_DIR= [-DVERSION=] [-DCXX=] [-DEIGEN_INC=]
 cmake_minimum_required(VERSION 3.18)
 
 function(run)
@@ -28,6 +28,26 @@ elseif(MODE STREQUAL "copy")
   # Plain copying of include/: no CMake on the consumer side, only a compiler and Eigen.
   file(COPY ${SOURCE_DIR}/include/moereg DESTINATION ${WORK_DIR}/vendor)
   run(${CXX} -std=c++17 -I${WORK_DIR}/vendor -I${EIGEN_INC} ${consumer}/main.cpp -o ${WORK_DIR}/consumer)
+  run(${WORK_DIR}/consumer)
+  return()
+elseif(MODE STREQUAL "pkg_config")
+  # Installed to a prefix that is not the configured one: the .pc file must find its prefix
+  # from where it lies. No CMake on the consumer side: pkg-config's flags and a compiler.
+  find_program(PKG_CONFIG NAMES pkg-config pkgconf REQUIRED)
+  run(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_DIR}/prefix)
+  set(ENV{PKG_CONFIG_PATH} ${WORK_DIR}/prefix/share/pkgconfig)
+  execute_process(COMMAND ${PKG_CONFIG} --modversion moereg OUTPUT_VARIABLE ver OUTPUT_STRIP_TRAILING_WHITESPACE
+                  RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0 OR NOT ver MATCHES "^0\\.1\\.")
+    message(FATAL_ERROR "pkg-config --modversion moereg gave '${ver}' (rc ${rc})")
+  endif()
+  execute_process(COMMAND ${PKG_CONFIG} --cflags moereg OUTPUT_VARIABLE cflags OUTPUT_STRIP_TRAILING_WHITESPACE
+                  RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0 OR NOT cflags MATCHES "${WORK_DIR}/prefix")
+    message(FATAL_ERROR "pkg-config --cflags moereg gave '${cflags}' (rc ${rc}), not the install prefix")
+  endif()
+  separate_arguments(cflags UNIX_COMMAND "${cflags}")
+  run(${CXX} ${cflags} ${consumer}/main.cpp -o ${WORK_DIR}/consumer)
   run(${WORK_DIR}/consumer)
   return()
 else()
