@@ -390,6 +390,10 @@ struct grad_options {
 namespace moereg {
 
 /// Token-major [T, k, d] with arbitrary strides (elements). Contiguous by default.
+/// The strides are not checked for overlap: an input view whose slots share memory (for
+/// example slot_stride 0) is read as given, but a gradient view must give every (t, s) its
+/// own memory, or the gradient written there is unspecified (the caller's contract; the map
+/// layouts below check theirs).
 struct token_major {
   /// Shape [T, k, d] and the strides (elements) between tokens, slots and elements.
   ///@{
