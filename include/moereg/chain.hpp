@@ -10,6 +10,8 @@
 // may be the same buffer only when accumulate is false.
 #pragma once
 
+#include "core/config.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -21,14 +23,16 @@
 #include "core/views.hpp"
 #include "losses/common.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
 template <class T>
 void softmax_backward(routing_view<T> probs, matrix_view<const T> grad_probs, matrix_view<T> grad_logits,
                       grad_options opts = {}, const cpu& be = {}) {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
   const char* who = "softmax_backward";
+  detail::check_scalars(who, 0.0, opts, be.threads);
   detail::check_matrix(who, "probs", probs);
   detail::check_grad(who, "grad_probs", grad_probs, probs);
   detail::check_grad(who, "grad_logits", grad_logits, probs);
@@ -55,8 +59,10 @@ void softmax_backward(routing_view<T> probs, matrix_view<const T> grad_probs, ma
 template <class T>
 void sigmoid_norm_backward(routing_view<T> logits, matrix_view<const T> grad_scores, matrix_view<T> grad_logits,
                            grad_options opts = {}, const cpu& be = {}) {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
   const char* who = "sigmoid_norm_backward";
+  detail::check_scalars(who, 0.0, opts, be.threads);
   detail::check_matrix(who, "logits", logits);
   detail::check_grad(who, "grad_scores", grad_scores, logits);
   detail::check_grad(who, "grad_logits", grad_logits, logits);
@@ -96,4 +102,4 @@ void sigmoid_norm_backward(routing_view<T> logits, matrix_view<const T> grad_sco
   });
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -34,6 +34,8 @@
 // for its norm and once per pair it belongs to (|A_t| - 1 times, from cache).
 #pragma once
 
+#include "core/config.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -47,7 +49,7 @@
 #include "losses/common.hpp"
 #include "math/reduce.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Options of the routing metrics (LOSSES.md section 8).
 struct metrics_config {
@@ -344,4 +346,4 @@ inline std::vector<pathway_metrics> measure_pathways(const std::vector<topk_view
   return out;
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -23,6 +23,7 @@
 // Every annotation and feature macro of the library, defined once. Each sits inside
 // #ifndef so that a user can override it before the first moereg include.
 
+
 #ifndef MOEREG_HOST_DEVICE
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MOEREG_HOST_DEVICE __host__ __device__
@@ -58,12 +59,63 @@
 #else
 #define MOEREG_HAS_AVX512 0
 #endif
+
+// MOEREG_KEEP_STORES(p): a compiler barrier placed right after a loop nest that writes an
+// array through p with two index patterns (the symmetric G[a][b] = G[b][a] fills of the Gram
+// losses). GCC 12 (seen with 12.2; 11.3 is not affected) may rewrite such a store at -O1 into
+// an address with a null base and the pointer hidden in the index; its late pure-const and
+// mod-ref analyses then take the store for one that writes nothing the caller can see, and the
+// caller drops the call or reads the array before it was written. The empty asm statement
+// with a "memory" clobber makes every store before it visible to whatever follows, inside the
+// function and in its callers; it emits no instruction. docs/compiler-bugs.md has the
+// reduced reproducer.
+#ifndef MOEREG_KEEP_STORES
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDA_ARCH__)
+#define MOEREG_KEEP_STORES(p) __asm__ __volatile__("" : : "r"(p) : "memory")
+#else
+#define MOEREG_KEEP_STORES(p) static_cast<void>(p)
+#endif
+#endif
+
+// The ABI namespace. Every moereg name lives in an inline namespace whose name encodes the
+// configuration that changes template bodies: the major version, OpenMP (MOEREG_HAS_OPENMP) and
+// AVX-512 (MOEREG_HAS_AVX512), e.g. moereg::abi_v0_omp1_avx0. Two translation units of one
+// program built with different settings (one with -fopenmp, one without; one with
+// -march=native, one portable) then instantiate distinct symbols instead of sharing one mangled
+// name whose body the linker picks at random (an AVX-512 body could end up running on a CPU
+// without AVX-512). User code keeps writing moereg::name. Under nvcc the host and device passes
+// must see the same names, and OpenMP and AVX-512 are host-pass settings, so CUDA translation
+// units use one fixed tag (abi_v0_cuda): their host code must be built with one setting per
+// program.
+#define MOEREG_ABI_CAT_(a, b, c, d, e) a##b##c##d##e
+#define MOEREG_ABI_CAT(a, b, c, d, e) MOEREG_ABI_CAT_(a, b, c, d, e)
+#ifndef MOEREG_ABI_NAMESPACE
+#if defined(__CUDACC__)
+#define MOEREG_ABI_NAMESPACE MOEREG_ABI_CAT(abi_v, MOEREG_VERSION_MAJOR, _cuda, , )
+#else
+#define MOEREG_ABI_NAMESPACE \
+  MOEREG_ABI_CAT(abi_v, MOEREG_VERSION_MAJOR, MOEREG_ABI_CAT(_omp, MOEREG_HAS_OPENMP, , , ), _avx, MOEREG_HAS_AVX512)
+#endif
+#endif
+/// Opens namespace moereg and its ABI namespace (see MOEREG_ABI_NAMESPACE).
+#define MOEREG_NAMESPACE_BEGIN \
+  namespace moereg {           \
+  inline namespace MOEREG_ABI_NAMESPACE {
+/// Closes what MOEREG_NAMESPACE_BEGIN opened.
+#define MOEREG_NAMESPACE_END \
+  }                          \
+  }
 // ---- end moereg/core/config.hpp ----
 // ---- begin moereg/core/error.hpp ----
-// moereg::error and the validation helpers used at every public entry point.
+// moereg::error, moereg::backend_error and the validation helpers used at every public entry
+// point.
 //
+// Two kinds of failure, two exception types: bad input (a shape, a stride, an id, a
+// coefficient) throws moereg::error, a std::invalid_argument; a failure of the machinery
+// underneath (a CUDA call, MPI, NCCL) throws moereg::backend_error, a std::runtime_error.
 // Validation happens once, on the host, before anything is written: a call that throws
-// leaves every output buffer exactly as it was.
+// moereg::error leaves every output buffer exactly as it was.
+
 
 #include <cstdint>
 #include <sstream>
@@ -71,7 +123,7 @@
 #include <string>
 #include <utility>
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// The exception every public entry point throws for bad input. Its message names the
 /// argument at fault and the shapes involved, for example
@@ -80,6 +132,16 @@ class error : public std::invalid_argument {
 public:
   /// An error whose what() is `what`.
   explicit error(const std::string& what) : std::invalid_argument(what) {}
+};
+
+/// The exception thrown when a backend or communication library fails at run time: a CUDA
+/// call that returns an error, an MPI or NCCL all-reduce that fails, MPI used before
+/// MPI_Init or after MPI_Finalize. Its message names the moereg function, the library call
+/// and the library's own error text.
+class backend_error : public std::runtime_error {
+public:
+  /// A backend error whose what() is `what`.
+  explicit backend_error(const std::string& what) : std::runtime_error(what) {}
 };
 
 namespace detail {
@@ -97,8 +159,14 @@ void require(bool ok, Args&&... args) {
   if (!ok) throw error(concat(std::forward<Args>(args)...));
 }
 
+/// Throws moereg::backend_error with the concatenation of `args` when `ok` is false.
+template <class... Args>
+void require_backend(bool ok, Args&&... args) {
+  if (!ok) throw backend_error(concat(std::forward<Args>(args)...));
+}
+
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/core/error.hpp ----
 // ---- begin moereg/core/finite.hpp ----
 // Opt-in checks for non-finite inputs (NaN, +-Inf).
@@ -115,6 +183,7 @@ void require(bool ok, Args&&... args) {
 //   if (auto p = moereg::find_nonfinite(logits)) { ... }     // no throw: the position or nullopt
 //
 // Cost: one read of the checked buffer (the loss reads it again).
+
 
 #include <cmath>
 #include <optional>
@@ -135,8 +204,13 @@ void require(bool ok, Args&&... args) {
 //   void validate(const char* who) const;    // throws moereg::error on an inconsistent layout
 //
 // Gradients are written through the same policy, so they land in the caller's layout.
-// Two valid slots must never share storage (validate() checks this for the maps below).
+// Two valid slots must never share storage: validate() of the three built-in layouts checks
+// that the strides do not overlap against the extents (is_unique(), mdspan's question) and,
+// for the map layouts, that no row or (expert, position) is used twice. This holds for input
+// views as well: an overlapping view is almost always a mistake (a row stride smaller than the
+// width), so it is refused rather than read as given. A layout of your own answers for itself.
 
+#include <type_traits>
 #include <vector>
 
 // ---- begin moereg/core/types.hpp ----
@@ -154,7 +228,7 @@ void require(bool ok, Args&&... args) {
 
 /// moereg: Mixture-of-Experts regularization losses (forward value and analytic gradient).
 /// The public API lives here; everything in a nested `detail` namespace is internal.
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Every size and offset is 64-bit: an element offset may exceed 2^31.
 using index_t = std::int64_t;
@@ -183,6 +257,11 @@ inline constexpr bool is_storage_type_v =
     std::is_same_v<std::remove_cv_t<T>, float> || std::is_same_v<std::remove_cv_t<T>, double> ||
     std::is_same_v<std::remove_cv_t<T>, half> || std::is_same_v<std::remove_cv_t<T>, bfloat16>;
 
+/// The message of the static_assert every loss input and chain helper makes on its element
+/// type: integers, raw 16-bit patterns in uint16_t and other arithmetic types do not compile.
+#define MOEREG_STORAGE_TYPE_MESSAGE \
+  "moereg: the element type of probabilities, logits, scores and activations must be float, double, moereg::half or moereg::bfloat16"
+
 /// Reads one element as its accumulator type.
 template <class T>
 MOEREG_FORCEINLINE accumulator_t<T> load(const T& x) {
@@ -206,7 +285,7 @@ constexpr const char* type_name() {
   else return "unsupported";
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/core/types.hpp ----
 // ---- begin moereg/core/views.hpp ----
 // Non-owning views of the routing tensors: a pointer, a shape and strides, nothing more.
@@ -228,9 +307,35 @@ constexpr const char* type_name() {
 #include <Eigen/Core>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// A strided 2-D view. `T` may be const-qualified for inputs.
+namespace detail {
+/// Whether an n-dimensional strided view addresses a distinct element for every index
+/// (mdspan's is_unique question), by the usual sufficient test: the dimensions of extent > 1,
+/// in increasing stride order, each have a stride larger than the span the smaller ones cover.
+/// A view with a zero extent has no elements and is unique.
+inline bool strides_unique(int n, const index_t* extent, const index_t* stride) {
+  index_t ext[4], str[4];
+  int m = 0;
+  for (int i = 0; i < n; ++i) {
+    if (extent[i] == 0) return true;
+    if (extent[i] > 1) ext[m] = extent[i], str[m++] = stride[i];
+  }
+  for (int i = 1; i < m; ++i)  // insertion sort by stride (m <= 4)
+    for (int j = i; j > 0 && str[j] < str[j - 1]; --j) {
+      const index_t te = ext[j], ts = str[j];
+      ext[j] = ext[j - 1], str[j] = str[j - 1], ext[j - 1] = te, str[j - 1] = ts;
+    }
+  index_t span = 0;  // the largest offset the dimensions so far reach
+  for (int i = 0; i < m; ++i) {
+    if (str[i] <= span) return false;
+    span += str[i] * (ext[i] - 1);
+  }
+  return true;
+}
+}  // namespace detail
+
 template <class T>
 struct matrix_view {
   T* data = nullptr;  ///< first element, (0, 0)
@@ -255,6 +360,11 @@ struct matrix_view {
   MOEREG_HOST_DEVICE T* row(index_t i) const { return data + i * row_stride; }
   /// rows * cols.
   constexpr index_t size() const { return rows * cols; }
+  /// True when every (i, j) has its own element: no two rows or columns overlap.
+  bool is_unique() const {
+    const index_t ext[2] = {rows, cols}, str[2] = {row_stride, col_stride};
+    return detail::strides_unique(2, ext, str);
+  }
   /// True when the elements of a row are adjacent (col_stride == 1).
   constexpr bool contiguous_rows() const { return col_stride == 1; }
 };
@@ -384,16 +494,14 @@ struct grad_options {
   bool accumulate = false;  ///< false: overwrite the buffer (zeros where the loss has no gradient); true: add into it
 };
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/core/views.hpp ----
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
-/// Token-major [T, k, d] with arbitrary strides (elements). Contiguous by default.
-/// The strides are not checked for overlap: an input view whose slots share memory (for
-/// example slot_stride 0) is read as given, but a gradient view must give every (t, s) its
-/// own memory, or the gradient written there is unspecified (the caller's contract; the map
-/// layouts below check theirs).
+/// Token-major [T, k, d] with arbitrary strides (elements). Contiguous by default. The
+/// strides must not overlap (validate() refuses, for example, slot_stride 0 with k > 1, or a
+/// token stride smaller than the k * d a contiguous token needs).
 struct token_major {
   /// Shape [T, k, d] and the strides (elements) between tokens, slots and elements.
   ///@{
@@ -426,6 +534,14 @@ struct token_major {
                     num_tokens, ", ", num_slots, ", ", length, "]");
     detail::require(token_stride >= 0 && slot_stride >= 0 && elem_stride >= 1, who,
                     ": token_major layout needs non-negative strides and an element stride >= 1");
+    detail::require(is_unique(), who, ": token_major layout [", num_tokens, ", ", num_slots, ", ", length,
+                    "] with strides (", token_stride, ", ", slot_stride, ", ", elem_stride,
+                    ") overlaps: two (token, slot, element) share storage");
+  }
+  /// True when every (token, slot, element) has its own storage (the strides against the extents).
+  bool is_unique() const {
+    const index_t ext[3] = {num_tokens, num_slots, length}, str[3] = {token_stride, slot_stride, elem_stride};
+    return detail::strides_unique(3, ext, str);
   }
 };
 
@@ -485,11 +601,18 @@ struct expert_grouped {
     const index_t r = row_of(t, s);
     return r < 0 ? -1 : r * row_stride;
   }
-  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, a null map, or a row
-  /// /// index that is out of range or used by two slots.
+  /// True when every (row, element) of the grouped matrix has its own storage.
+  bool is_unique() const {
+    const index_t ext[2] = {num_rows, length}, str[2] = {row_stride, elem_stride};
+    return detail::strides_unique(2, ext, str);
+  }
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping rows, a null
+  /// map, or a row index that is out of range or used by two slots.
   void validate(const char* who) const {
     detail::require(num_rows >= 0 && length >= 0 && row_stride >= 0 && elem_stride >= 1, who,
                     ": expert_grouped layout has a negative size or stride");
+    detail::require(is_unique(), who, ": expert_grouped rows [", num_rows, ", ", length, "] with row stride ",
+                    row_stride, " and element stride ", elem_stride, " overlap: two rows share storage");
     detail::require_index_map(who, "expert_grouped row map", row_of);
     detail::require_distinct_keys(who, "expert_grouped row map", row_of.rows, row_of.k, num_rows,
                                   [&](index_t t, index_t s) { return row_of(t, s); });
@@ -528,12 +651,21 @@ struct capacity_padded {
     const index_t p = position_of(t, s);
     return (e < 0 || p < 0) ? -1 : e * expert_stride + p * row_stride;
   }
-  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, mismatched maps, an
-  /// /// expert or position out of range, or an (expert, position) used by two slots.
+  /// True when every (expert, position, element) of the buffer has its own storage.
+  bool is_unique() const {
+    const index_t ext[3] = {num_experts, capacity, length}, str[3] = {expert_stride, row_stride, elem_stride};
+    return detail::strides_unique(3, ext, str);
+  }
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping storage,
+  /// mismatched maps, an expert or position out of range, or an (expert, position) used by two
+  /// slots.
   void validate(const char* who) const {
     detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
                         elem_stride >= 1,
                     who, ": capacity_padded layout has a negative size or stride");
+    detail::require(is_unique(), who, ": capacity_padded buffer [", num_experts, ", ", capacity, ", ", length,
+                    "] with strides (", expert_stride, ", ", row_stride, ", ", elem_stride,
+                    ") overlaps: two (expert, position, element) share storage");
     detail::require_index_map(who, "capacity_padded expert map", expert_of);
     detail::require_index_map(who, "capacity_padded position map", position_of);
     detail::require(position_of.rows == expert_of.rows && position_of.k == expert_of.k, who,
@@ -569,16 +701,35 @@ struct activation_view {
   }
 };
 
+/// An expert-grouped view of the rows of an Eigen matrix with direct access (Matrix, Map,
+/// Block, Ref; row-major or column-major): the grouped matrix is m itself, [m.rows(), d =
+/// m.cols()], with m's own strides, so a default column-major matrix is read correctly (its
+/// elements are m.rows() apart). Building expert_grouped from m.data() and the sizes alone
+/// would describe a row-major matrix. row_map [T, k] gives each (token, slot) its row.
+template <class Derived>
+auto grouped_view(const topk_view& row_map, Eigen::DenseBase<Derived>& m) {
+  using S = std::remove_reference_t<decltype(*m.derived().data())>;
+  return activation_view<S, expert_grouped>{
+      m.derived().data(), expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
+}
+/// Read-only overload of grouped_view() for a const matrix or expression.
+template <class Derived>
+auto grouped_view(const topk_view& row_map, const Eigen::DenseBase<Derived>& m) {
+  using S = const std::remove_const_t<std::remove_reference_t<decltype(*m.derived().data())>>;
+  return activation_view<S, expert_grouped>{
+      m.derived().data(), expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
+}
+
 /// Shorthand for a contiguous token-major [T, k, d] view.
 template <class T>
 activation_view<T, token_major> token_major_view(T* data, index_t t, index_t k, index_t d) {
   return {data, token_major(t, k, d)};
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/core/layouts.hpp ----
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Where a non-finite value was found. For a matrix, (row, col) and elem = 0; for an
 /// activation view, (token, slot) in row/col and the element of the vector in elem.
@@ -671,7 +822,7 @@ void check_finite(const char* name, const activation_view<T, Layout>& h, const t
                                detail::nonfinite_kind(p->value), " (the first non-finite element)"));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/core/finite.hpp ----
 // ---- begin moereg/core/stats.hpp ----
 // Sum-reducible statistics of several losses in one flat buffer (LOSSES.md section 9).
@@ -706,6 +857,7 @@ void check_finite(const char* name, const activation_view<T, Layout>& h, const t
 // are rounded in every addition; a reduction whose order depends on the rank count (as
 // MPI_Allreduce's and ncclAllReduce's may) can change their last bits between rank counts.
 
+
 #include <cstddef>
 #include <functional>
 #include <type_traits>
@@ -713,7 +865,7 @@ void check_finite(const char* name, const activation_view<T, Layout>& h, const t
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 // The CPU backend is the default; its definition comes with every loss header, so core/
 // needs only the name (a bundle is always used together with some loss).
@@ -954,7 +1106,7 @@ class stats_accumulator {
   bool has_prev_ = false;
 };
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/core/stats.hpp ----
 
 // ---- begin moereg/backend/cpu.hpp ----
@@ -981,7 +1133,7 @@ class stats_accumulator {
 // number of threads, so a reduction gives bitwise the same result on every run.
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 
 /// Pairwise (cascade) sum of v[0], v[stride], ..., v[(n - 1) * stride]: error O(log n)
@@ -998,10 +1150,10 @@ MOEREG_HOST_DEVICE Acc pairwise_sum(const Acc* v, index_t n, index_t stride = 1)
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/math/reduce.hpp ----
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Selects the CPU backend. `threads` = 0 uses OpenMP's default (OMP_NUM_THREADS), 1 runs
 /// serially; without OpenMP every call is serial.
@@ -1106,7 +1258,7 @@ MOEREG_FORCEINLINE void put_grad_row(const matrix_view<T>& g, index_t t, Acc c, 
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cpu.hpp ----
 // ---- begin moereg/chain.hpp ----
 // Chain helpers (LOSSES.md section 7): carry a gradient with respect to router
@@ -1120,6 +1272,7 @@ MOEREG_FORCEINLINE void put_grad_row(const matrix_view<T>& g, index_t t, Acc c, 
 // Both write grad_scale * dZ into the caller's buffer (overwrite or accumulate). dP and dZ
 // may be the same buffer only when accumulate is false.
 
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -1129,12 +1282,23 @@ MOEREG_FORCEINLINE void put_grad_row(const matrix_view<T>& g, index_t t, Acc c, 
 // Validation shared by the losses. Every check runs before anything is written, so a call
 // that throws leaves the caller's buffers untouched.
 
+
 #include <cmath>
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
+
+/// The one rule for the scalar arguments of every loss, checked before any input is read: a
+/// finite coefficient, a finite grad_scale and a thread count of at least 0 (0 = the OpenMP
+/// default, 1 = serial, n = n threads).
+inline void check_scalars(const char* who, double coef, const grad_options& opts, int threads) {
+  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
+  require(std::isfinite(opts.grad_scale), who, ": grad_scale = ", opts.grad_scale, " is not finite");
+  require(threads >= 0, who, ": cpu::threads = ", threads,
+          " is negative (0 = the OpenMP default, 1 = serial, n > 1 = n threads)");
+}
 
 template <class T>
 void check_matrix(const char* who, const char* name, const matrix_view<T>& m) {
@@ -1142,6 +1306,8 @@ void check_matrix(const char* who, const char* name, const matrix_view<T>& m) {
   require(m.data != nullptr || m.rows * m.cols == 0, who, ": ", name, " is null but has size [", m.rows, ", ", m.cols,
           "]");
   require(m.row_stride >= 0 && m.col_stride >= 0, who, ": ", name, " has a negative stride");
+  require(m.is_unique(), who, ": ", name, " [", m.rows, ", ", m.cols, "] with row stride ", m.row_stride,
+          " and column stride ", m.col_stride, " has overlapping rows or columns; every element needs its own storage");
 }
 
 /// A gradient buffer must have the shape of its input; its strides are its own.
@@ -1212,17 +1378,19 @@ inline index_t count_valid(const mask_view& m, index_t T) {
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/losses/common.hpp ----
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
 template <class T>
 void softmax_backward(routing_view<T> probs, matrix_view<const T> grad_probs, matrix_view<T> grad_logits,
                       grad_options opts = {}, const cpu& be = {}) {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
   const char* who = "softmax_backward";
+  detail::check_scalars(who, 0.0, opts, be.threads);
   detail::check_matrix(who, "probs", probs);
   detail::check_grad(who, "grad_probs", grad_probs, probs);
   detail::check_grad(who, "grad_logits", grad_logits, probs);
@@ -1249,8 +1417,10 @@ void softmax_backward(routing_view<T> probs, matrix_view<const T> grad_probs, ma
 template <class T>
 void sigmoid_norm_backward(routing_view<T> logits, matrix_view<const T> grad_scores, matrix_view<T> grad_logits,
                            grad_options opts = {}, const cpu& be = {}) {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
   const char* who = "sigmoid_norm_backward";
+  detail::check_scalars(who, 0.0, opts, be.threads);
   detail::check_matrix(who, "logits", logits);
   detail::check_grad(who, "grad_scores", grad_scores, logits);
   detail::check_grad(who, "grad_logits", grad_logits, logits);
@@ -1290,7 +1460,7 @@ void sigmoid_norm_backward(routing_view<T> logits, matrix_view<const T> grad_sco
   });
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/chain.hpp ----
 // ---- begin moereg/losses/load_balancing.hpp ----
 // Load-balancing loss (Switch Transformer / GShard), LOSSES.md section 1.
@@ -1324,6 +1494,7 @@ void sigmoid_norm_backward(routing_view<T> logits, matrix_view<const T> grad_sco
 // The per-expert arithmetic (f_e, the value term and the gradient coefficient) lives in
 // math/router.hpp and is shared with the CUDA backend (backend/cuda/load_balancing.cuh).
 
+
 #include <vector>
 
 // ---- begin moereg/math/router.hpp ----
@@ -1341,7 +1512,7 @@ void sigmoid_norm_backward(routing_view<T> logits, matrix_view<const T> grad_sco
 #include <cmath>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 
 /// +infinity of an accumulator type, usable in device code (numeric_limits is constexpr
@@ -1518,10 +1689,10 @@ MOEREG_HOST_DEVICE inline void coupling_select_row(const Src* row, index_t E, in
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/math/router.hpp ----
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// The token set over which f and pbar are taken.
 enum class lb_scope { micro, sequence, global };
@@ -1537,6 +1708,7 @@ struct load_balancing_config {
 /// Inputs of load_balancing_loss; T is the storage type of P.
 template <class T>
 struct load_balancing_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> probs;            ///< P [T, E]
   topk_view topk;                   ///< I [T, k]
   mask_view mask{};                 ///< m [T], empty = all valid
@@ -1697,6 +1869,7 @@ void lb_write_grad(const cpu& be, const load_balancing_inputs<T>& in, index_t r0
 /// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, double* out) {
+  detail::check_scalars("load_balancing", loss.cfg.coef, grad_options{}, be.threads);
   using Acc = accumulator_t<T>;
   const auto seq = detail::lb_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.scope == lb_scope::sequence) {
@@ -1716,6 +1889,7 @@ void execute_stats(const cpu& be, const load_balancing_loss& loss, const load_ba
 template <class T>
 double execute(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("load_balancing", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   const auto seq = detail::lb_validate(loss, in, reduced, grad);
   const index_t E = in.probs.cols;
@@ -1783,7 +1957,7 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
   return static_cast<double>(invB * detail::pairwise_sum(seq_values.data(), seq.count));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/losses/load_balancing.hpp ----
 // ---- begin moereg/losses/z_loss.hpp ----
 // Router z-loss (ST-MoE, Zoph et al. 2022), LOSSES.md section 2.
@@ -1801,13 +1975,14 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
 // Each row is evaluated with Eigen's vectorised exp (row_logsumexp_vec; a strided row is
 // gathered first, so every layout gives the same bits).
 
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Configuration of z_loss (LOSSES.md section 2).
 struct z_loss_config {
@@ -1817,6 +1992,7 @@ struct z_loss_config {
 /// Inputs of z_loss; T is the storage type of Z.
 template <class T>
 struct z_loss_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> logits;  ///< Z [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
@@ -1919,7 +2095,8 @@ Acc row_logsumexp_vec(const matrix_view<const T>& Z, index_t t, Acc* buf, Acc* c
 /// CPU backend of z_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T>
-void execute_stats(const cpu&, const z_loss&, const z_loss_inputs<T>& in, double* out) {
+void execute_stats(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, double* out) {
+  detail::check_scalars("z_loss", loss.cfg.coef, grad_options{}, be.threads);
   detail::z_validate(in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.logits.rows));
 }
@@ -1929,6 +2106,7 @@ void execute_stats(const cpu&, const z_loss&, const z_loss_inputs<T>& in, double
 template <class T>
 double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("z_loss", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::z_validate(in, reduced, grad);
   const auto& Z = in.logits;
@@ -1960,7 +2138,7 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
   return static_cast<double>(beta * inv_tv * detail::pairwise_sum(partial.data(), nb));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/losses/z_loss.hpp ----
 // ---- begin moereg/losses/specialization.hpp ----
 // Intra-layer specialization loss (Hu et al., "Synergistic Intra- and Cross-Layer
@@ -2050,7 +2228,7 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
 #define MOEREG_DETAIL_LANES _Pragma("GCC unroll 1") _Pragma("GCC ivdep")
 #endif
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 /// The per-token arithmetic of the activation (Gram-based) losses, shared by the CPU loops
 /// and the CUDA kernels (MOEREG_HOST_DEVICE): Gram matrices, cos^2 and projection terms and
 /// their derivatives for the k slots of one token.
@@ -2108,6 +2286,7 @@ MOEREG_HOST_DEVICE Real specialization_token(int n, const Real* G, nondeduced_t<
       rowsum[r] += c2;
       if (W) W[s * n + r] = W[r * n + s] = Real(4) * w * c * inr;
     }
+  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
   if (W)
     for (int s = 0; s < n; ++s)
       W[s * n + s] = active[s] ? Real(-4) * w * rowsum[s] * inv_norm[s] * inv_norm[s] : Real(0);
@@ -2145,6 +2324,7 @@ MOEREG_HOST_DEVICE Real orthogonality_pairwise_token(int n, const Real* G, nonde
       colsum[j] += a2;
       if (W) W[j * n + s] = W[s * n + j] = Real(2) * a * (phi[s] + phi[j]);
     }
+  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
   if (W)
     for (int s = 0; s < n; ++s) W[s * n + s] = Real(2) * dphi[s] * colsum[s];
   return total;
@@ -2326,16 +2506,17 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
       W[x * n + y] = v;
       W[y * n + x] = v;
     }
+  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
   return total;
 }
 
 }  // namespace math
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 
 #undef MOEREG_DETAIL_LANES
 // ---- end moereg/math/pairwise.hpp ----
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// How the pair sum of one token is normalised.
 enum class sp_pairs {
@@ -2353,6 +2534,7 @@ struct specialization_config {
 /// Inputs of specialization_loss; T is the storage type, Layout the activation layout policy.
 template <class T, class Layout>
 struct specialization_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
   topk_view topk;                         ///< I [T, k]; negative = dropped slot
   mask_view mask{};                       ///< m [T], empty = all valid
@@ -2767,6 +2949,7 @@ MOEREG_FORCEINLINE void gram_sweep(int n_rt, const T* const* x, index_t d, index
   int p = 0;
   for (int a = A0; a < a1; ++a)
     for (int b = 0; b <= a; ++b, ++p) G[a * ld + b] = G[b * ld + a] = P::hsum(acc[p]);
+  MOEREG_KEEP_STORES(G);  // GCC 12 at -O1 lost these stores (core/config.hpp)
 }
 
 /// G[a][b] = <x_a, x_b> for the n vectors, both triangles filled (leading dimension n).
@@ -2986,8 +3169,9 @@ void sp_validate(const specialization_loss& loss, const specialization_inputs<T,
 /// CPU backend of specialization_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T, class Layout>
-void execute_stats(const cpu&, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+void execute_stats(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
                    double* out) {
+  detail::check_scalars("specialization", loss.cfg.coef, grad_options{}, be.threads);
   detail::sp_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
@@ -2997,6 +3181,7 @@ void execute_stats(const cpu&, const specialization_loss& loss, const specializa
 template <class T, class Layout>
 double execute(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
+  detail::check_scalars("specialization", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::sp_validate(loss, in, reduced, grad);
   const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.topk.rows)) : reduced.data[0];
@@ -3008,7 +3193,7 @@ double execute(const cpu& be, const specialization_loss& loss, const specializat
       [eps, mean](int n, const Acc* G, Acc* W) { return math::specialization_token(n, G, eps, mean, W); });
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 
 #undef MOEREG_DETAIL_UNROLL
 // ---- end moereg/losses/specialization.hpp ----
@@ -3055,10 +3240,11 @@ double execute(const cpu& be, const specialization_loss& loss, const specializat
 // from cache and writes each gradient vector once (the CPU executor of specialization.hpp,
 // including its non-temporal stores for gradients of 32 MiB or more).
 
+
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Which form of the orthogonality loss (LOSSES.md section 5).
 enum class ortho_variant {
@@ -3084,6 +3270,7 @@ struct orthogonality_config {
 /// Inputs of orthogonality_loss; T is the storage type, Layout the activation layout policy.
 template <class T, class Layout>
 struct orthogonality_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
   topk_view topk;                         ///< I [T, k]; negative = dropped slot
   mask_view mask{};                       ///< m [T], empty = all valid
@@ -3150,7 +3337,8 @@ void orth_validate(const orthogonality_loss& loss, const orthogonality_inputs<T,
 /// CPU backend of orthogonality_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T, class Layout>
-void execute_stats(const cpu&, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
+void execute_stats(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
+  detail::check_scalars("orthogonality", loss.cfg.coef, grad_options{}, be.threads);
   detail::orth_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
@@ -3160,6 +3348,7 @@ void execute_stats(const cpu&, const orthogonality_loss& loss, const orthogonali
 template <class T, class Layout>
 double execute(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
+  detail::check_scalars("orthogonality", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::orth_validate(loss, in, reduced, grad);
   double scale = loss.cfg.coef;
@@ -3179,7 +3368,7 @@ double execute(const cpu& be, const orthogonality_loss& loss, const orthogonalit
       [eps](int n, const Acc* G, Acc* W) { return math::orthogonality_subspace_token(n, G, eps, W); });
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/losses/orthogonality.hpp ----
 // ---- begin moereg/losses/coupling.hpp ----
 // Cross-layer coupling loss (Hu, Cao, Kong, Sun, Yuan 2026, "Synergistic Intra- and
@@ -3231,6 +3420,7 @@ double execute(const cpu& be, const orthogonality_loss& loss, const orthogonalit
 // thread (see detail::cp_eigen_serial_blocks) into freshly allocated, aligned buffers, so the
 // result is bitwise the same for any number of moereg threads.
 
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -3244,7 +3434,7 @@ double execute(const cpu& be, const orthogonality_loss& loss, const orthogonalit
 #include <omp.h>
 #endif
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Which reading of R_cp (LOSSES.md section 4).
 enum class coupling_form { token, log, batch };
@@ -3259,6 +3449,7 @@ struct coupling_config {
 /// The routing of `layers` consecutive layers. probs[l] is P^l [T, E], topk[l] is I^l [T, k_l].
 template <class T>
 struct coupling_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   const routing_view<T>* probs = nullptr;     ///< `layers` views
   const topk_view* topk = nullptr;            ///< `layers` views
   index_t layers = 0;                         ///< L >= 2
@@ -3634,6 +3825,7 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
 /// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double* out) {
+  detail::check_scalars("coupling", loss.cfg.coef, grad_options{}, be.threads);
   detail::cp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.form != coupling_form::batch) {
     out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows));
@@ -3651,6 +3843,7 @@ void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inpu
 template <class T>
 double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grads, grad_options opts) {
+  detail::check_scalars("coupling", loss.cfg.coef, opts, be.threads);
   detail::cp_validate(loss, in, reduced, grads);
   if (loss.cfg.form == coupling_form::batch) return detail::cp_execute_batch(be, loss, in, reduced, grads, opts);
   const double tv =
@@ -3662,7 +3855,7 @@ double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T
   return detail::cp_execute_token(be, loss, in, tv, grads, opts);
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/losses/coupling.hpp ----
 // ---- begin moereg/losses/variance.hpp ----
 // Variance loss (Guo, Lu, Nan et al. 2025, "Advancing Expert Specialization for Better MoE",
@@ -3699,11 +3892,12 @@ double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T
 // gradient), one when reduced statistics are given; experts axis one. The gradient is
 // written once.
 
+
 #include <cmath>
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Over which axis the variance is taken (LOSSES.md section 6).
 enum class variance_axis { tokens, experts };
@@ -3720,6 +3914,7 @@ struct variance_config {
 /// Inputs of variance_loss; T is the storage type of S.
 template <class T>
 struct variance_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> scores;  ///< S [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
@@ -3836,6 +4031,7 @@ void var_zero_grad(const cpu& be, const matrix_view<T>* grad, grad_options opts)
 /// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, double* out) {
+  detail::check_scalars("variance", loss.cfg.coef, grad_options{}, be.threads);
   detail::var_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.axis == variance_axis::experts) {
     out[0] = static_cast<double>(detail::count_valid(in.mask, in.scores.rows));
@@ -3853,6 +4049,7 @@ void execute_stats(const cpu& be, const variance_loss& loss, const variance_inpu
 template <class T>
 double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("variance", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::var_validate(loss, in, reduced, grad);
   const auto& S = in.scores;
@@ -3917,7 +4114,7 @@ double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T
   return static_cast<double>(vc * detail::pairwise_sum(partial.data(), nb));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/losses/variance.hpp ----
 // ---- begin moereg/losses/entropy.hpp ----
 // Router entropy, LOSSES.md section 7.
@@ -3937,6 +4134,7 @@ double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T
 // evaluated with Eigen's vectorised log (ent_row_vec; a strided row is gathered first, so
 // every layout gives the same bits), element by element only for a subnormal tiny.
 
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -3944,7 +4142,7 @@ double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Configuration of entropy_loss (LOSSES.md section 7).
 struct entropy_config {
@@ -3955,6 +4153,7 @@ struct entropy_config {
 /// Inputs of entropy_loss; T is the storage type of P.
 template <class T>
 struct entropy_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
@@ -4050,7 +4249,8 @@ Acc ent_row_vec(const matrix_view<const T>& P, index_t t, Acc tiny, Acc log_tiny
 /// CPU backend of entropy_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T>
-void execute_stats(const cpu&, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
+void execute_stats(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
+  detail::check_scalars("entropy", loss.cfg.coef, grad_options{}, be.threads);
   detail::ent_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs.rows));
 }
@@ -4060,6 +4260,7 @@ void execute_stats(const cpu&, const entropy_loss& loss, const entropy_inputs<T>
 template <class T>
 double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("entropy", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::ent_validate(loss, in, reduced, grad);
   const auto& P = in.probs;
@@ -4104,7 +4305,7 @@ double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>&
   return static_cast<double>(eta * inv_tv * detail::pairwise_sum(partial.data(), nb));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/losses/entropy.hpp ----
 // ---- begin moereg/losses/importance.hpp ----
 // Importance loss (Shazeer et al. 2017, "Outrageously Large Neural Networks: The
@@ -4127,11 +4328,12 @@ double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>&
 // Passes over memory (value_and_grad): P read once (column sums), the gradient written once;
 // with reduced statistics P is not read at all (the gradient depends only on e and m_t).
 
+
 #include <cmath>
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Configuration of importance_loss (LOSSES.md section 7).
 struct importance_config {
@@ -4141,6 +4343,7 @@ struct importance_config {
 /// Inputs of importance_loss; T is the storage type of P.
 template <class T>
 struct importance_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
@@ -4237,6 +4440,7 @@ void imp_sums(const cpu& be, const importance_inputs<T>& in, std::vector<accumul
 /// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, double* out) {
+  detail::check_scalars("importance", loss.cfg.coef, grad_options{}, be.threads);
   detail::imp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   std::vector<accumulator_t<T>> imp;
   index_t tv = 0;
@@ -4249,6 +4453,7 @@ void execute_stats(const cpu& be, const importance_loss& loss, const importance_
 template <class T>
 double execute(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("importance", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::imp_validate(loss, in, reduced, grad);
   const auto& P = in.probs;
@@ -4294,7 +4499,7 @@ double execute(const cpu& be, const importance_loss& loss, const importance_inpu
   return static_cast<double>(value);
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/losses/importance.hpp ----
 // ---- begin moereg/losses/bias_update.hpp ----
 // Auxiliary-loss-free load balancing (DeepSeek-V3, Liu et al. 2024), LOSSES.md section 7.
@@ -4312,12 +4517,13 @@ double execute(const cpu& be, const importance_loss& loss, const importance_inpu
 //
 // Passes: the counts are read once, the bias read and written once (twice with center).
 
+
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Configuration of bias_update() (auxiliary-loss-free balancing, LOSSES.md section 7).
 struct bias_update_config {
@@ -4367,7 +4573,7 @@ void bias_update(const bias_update_config& cfg, const std::vector<C>& counts, st
   bias_update(cfg, counts.data(), static_cast<index_t>(counts.size()), bias.data(), static_cast<index_t>(bias.size()));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/losses/bias_update.hpp ----
 // ---- begin moereg/metrics.hpp ----
 // Routing and specialization metrics (LOSSES.md section 8). No gradient: these are the
@@ -4405,13 +4611,14 @@ void bias_update(const bias_update_config& cfg, const std::vector<C>& counts, st
 // for any thread count. Passes over memory: P, topk and mask once; each activation vector once
 // for its norm and once per pair it belongs to (|A_t| - 1 times, from cache).
 
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Options of the routing metrics (LOSSES.md section 8).
 struct metrics_config {
@@ -4708,7 +4915,7 @@ inline std::vector<pathway_metrics> measure_pathways(const std::vector<topk_view
   return out;
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/metrics.hpp ----
 // ---- end moereg/moereg.hpp ----
 // ---- begin moereg/testing/gradcheck.hpp ----
@@ -4726,6 +4933,7 @@ inline std::vector<pathway_metrics> measure_pathways(const std::vector<topk_view
 // difference quotient itself (a loss of size 100 cannot be differenced to 1e-9 with h = 1e-6).
 // The report keeps the worst entries by that normalised error.
 
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -4736,7 +4944,7 @@ inline std::vector<pathway_metrics> measure_pathways(const std::vector<topk_view
 #include <vector>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 /// Finite-difference gradient checking, public so users can check their own layers.
 namespace testing {
 
@@ -4840,6 +5048,6 @@ gradcheck_report gradcheck(F&& f, std::vector<double> x, const std::vector<doubl
 }
 
 }  // namespace testing
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/testing/gradcheck.hpp ----
 #endif

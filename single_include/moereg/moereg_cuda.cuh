@@ -103,7 +103,7 @@
 #include <type_traits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Selects the CUDA backend. All pointers are device pointers.
 struct cuda {
@@ -148,7 +148,7 @@ inline std::string cuda_status_string(int status) {
 inline void cuda_clear_status(const cuda& be) {
   if (be.status == nullptr) return;
   const cudaError_t e = cudaMemsetAsync(be.status, 0, sizeof(int), be.stream);
-  if (e != cudaSuccess) throw error(detail::concat("cuda_clear_status: cudaMemsetAsync failed: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) throw backend_error(detail::concat("cuda_clear_status: cudaMemsetAsync failed: ", cudaGetErrorString(e)));
 }
 
 /// Copies the status word to the host and waits for the stream: an explicit
@@ -158,7 +158,7 @@ inline int cuda_read_status(const cuda& be) {
   int h = 0;
   cudaError_t e = cudaMemcpyAsync(&h, be.status, sizeof(int), cudaMemcpyDeviceToHost, be.stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(be.stream);
-  if (e != cudaSuccess) throw error(detail::concat("cuda_read_status: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) throw backend_error(detail::concat("cuda_read_status: ", cudaGetErrorString(e)));
   return h;
 }
 
@@ -168,7 +168,7 @@ inline double cuda_read_value(const cuda& be) {
   double h = 0;
   cudaError_t e = cudaMemcpyAsync(&h, be.value, sizeof(double), cudaMemcpyDeviceToHost, be.stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(be.stream);
-  if (e != cudaSuccess) throw error(detail::concat("cuda_read_value: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) throw backend_error(detail::concat("cuda_read_value: ", cudaGetErrorString(e)));
   return h;
 }
 
@@ -232,7 +232,7 @@ private:
 // ---------------------------------------------------------------------------------------
 
 inline void cuda_require(cudaError_t e, const char* who, const char* what) {
-  if (e != cudaSuccess) throw error(concat(who, ": ", what, " failed: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) throw backend_error(concat(who, ": ", what, " failed: ", cudaGetErrorString(e)));
 }
 
 /// Checks that the launch just enqueued was accepted (no synchronisation).
@@ -449,7 +449,7 @@ __device__ inline void publish(double* value, int* status, double v, int flags) 
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/core.cuh ----
 // ---- begin moereg/backend/cuda/router.cuh ----
 // The CUDA engine of the router losses that read one [T, E] matrix: load balancing (micro and
@@ -476,11 +476,12 @@ __device__ inline void publish(double* value, int* status, double v, int flags) 
 // The per-element and per-expert arithmetic is math/router.hpp's (the CPU's expressions).
 // All sums run in fixed orders that depend only on T and E: bitwise reproducible.
 
+
 #include <cmath>
 #include <limits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_router {
 
@@ -1030,7 +1031,7 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
 
 }  // namespace cuda_router
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/router.cuh ----
 
 // ---- begin moereg/backend/cuda/coupling.cuh ----
@@ -1068,13 +1069,14 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
 // Device checks: top-k indices >= E or repeated in a row (token and log forms; the batch form
 // uses only the width k_l of each layer), reduced statistics not finite or a negative T_v.
 
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_cp {
 
@@ -1581,7 +1583,7 @@ double execute(const cuda& be, const coupling_loss& loss, const coupling_inputs<
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/coupling.cuh ----
 // ---- begin moereg/backend/cuda/entropy.cuh ----
 // CUDA backend of the router entropy (losses/entropy.hpp, LOSSES.md section 7).
@@ -1593,11 +1595,12 @@ double execute(const cuda& be, const coupling_loss& loss, const coupling_inputs<
 // (detail::entropy_elem of math/router.hpp per entry: the CPU's expressions), and a one-block
 // fixed-order sum of the per-block partials of -sum p log max(p, tiny).
 
+
 #include <cmath>
 #include <limits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_ent {
 
@@ -1666,7 +1669,7 @@ double execute(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/entropy.cuh ----
 // ---- begin moereg/backend/cuda/importance.cuh ----
 // CUDA backend of the importance loss (losses/importance.hpp, LOSSES.md section 7).
@@ -1679,10 +1682,11 @@ double execute(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>
 // detail::importance_coeff of math/router.hpp, the CPU's expressions; fixed-order sums), and a
 // gradient kernel that writes m_t * coeff[e] (P is not read again).
 
+
 #include <limits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_imp {
 
@@ -1752,7 +1756,7 @@ double execute(const cuda& be, const importance_loss& loss, const importance_inp
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/importance.cuh ----
 // ---- begin moereg/backend/cuda/load_balancing.cuh ----
 // CUDA backend of the load-balancing loss (losses/load_balancing.hpp, LOSSES.md section 1).
@@ -1773,11 +1777,12 @@ double execute(const cuda& be, const importance_loss& loss, const importance_inp
 // and global scopes every gradient entry is NaN (the counts are global), in the sequence
 // scope the rows of the sequences concerned.
 
+
 #include <cstdint>
 #include <limits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_lb {
 
@@ -2023,7 +2028,7 @@ double execute(const cuda& be, const load_balancing_loss& loss, const load_balan
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/load_balancing.cuh ----
 // ---- begin moereg/backend/cuda/variance.cuh ----
 // CUDA backend of the variance loss (losses/variance.hpp, LOSSES.md section 6).
@@ -2037,10 +2042,11 @@ double execute(const cuda& be, const load_balancing_loss& loss, const load_balan
 // mean by a warp sum, then the same row pass. The constants come from
 // detail::variance_scale of math/router.hpp (the CPU's expressions).
 
+
 #include <limits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_var {
 
@@ -2115,7 +2121,7 @@ double execute(const cuda& be, const variance_loss& loss, const variance_inputs<
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/variance.cuh ----
 // ---- begin moereg/backend/cuda/z_loss.cuh ----
 // CUDA backend of the router z-loss (losses/z_loss.hpp, LOSSES.md section 2).
@@ -2130,10 +2136,11 @@ double execute(const cuda& be, const variance_loss& loss, const variance_inputs<
 // maximum, the sum and the gradient (the second and third reads are served by L1/L2); the
 // gradient is written once.
 
+
 #include <limits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_z {
 
@@ -2199,7 +2206,7 @@ double execute(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in, s
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/z_loss.cuh ----
 
 // ---- begin moereg/backend/cuda/router_fused.cuh ----
@@ -2231,10 +2238,11 @@ double execute(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in, s
 // slot_z (1), slot_entropy (2), slot_variance (3), slot_importance (4); the slots of absent
 // losses are not touched. A null be.value writes no value.
 
+
 #include <cstddef>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// The shared inputs of a fused router call (device views).
 template <class T>
@@ -2381,7 +2389,7 @@ private:
   }
 };
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/router_fused.cuh ----
 
 // ---- begin moereg/backend/cuda/gram.cuh ----
@@ -2429,11 +2437,12 @@ private:
 // The other Gram kernels need about 0.6 KB (float) to 1 KB (double) for k <= 8, and 1.5 KB to
 // 3.2 KB for 8 < k <= 16 (sm_90, nvcc 13); the router and coupling kernels under 0.1 KB.
 
+
 #include <cmath>
 #include <limits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_gram {
 
@@ -2966,7 +2975,7 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
 
 }  // namespace cuda_gram
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/gram.cuh ----
 // ---- begin moereg/backend/cuda/orthogonality.cuh ----
 // CUDA backend of the orthogonality loss (losses/orthogonality.hpp, LOSSES.md section 5): the
@@ -2975,10 +2984,11 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
 //
 // Include <moereg/backend/cuda.hpp>, not this file.
 
+
 #include <limits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_orth {
 
@@ -3047,7 +3057,7 @@ double execute(const cuda& be, const orthogonality_loss& loss, const orthogonali
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/orthogonality.cuh ----
 // ---- begin moereg/backend/cuda/specialization.cuh ----
 // CUDA backend of the intra-layer specialization loss (losses/specialization.hpp, LOSSES.md
@@ -3056,10 +3066,11 @@ double execute(const cuda& be, const orthogonality_loss& loss, const orthogonali
 //
 // Include <moereg/backend/cuda.hpp>, not this file.
 
+
 #include <limits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_sp {
 
@@ -3119,7 +3130,7 @@ double execute(const cuda& be, const specialization_loss& loss, const specializa
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/specialization.cuh ----
 
 // ---- begin moereg/backend/cuda/gram_fused.cuh ----
@@ -3142,10 +3153,11 @@ double execute(const cuda& be, const specialization_loss& loss, const specializa
 // Note (LOSSES.md): the papers apply R_sp to the SwiGLU intermediate activations and L_o to
 // the expert outputs; fusing them requires one tensor for both, which is the caller's choice.
 
+
 #include <cstddef>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// The shared inputs: activations, topk, mask, num_experts (the specialization loss's inputs).
 template <class T, class Layout>
@@ -3248,7 +3260,7 @@ private:
   }
 };
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/gram_fused.cuh ----
 
 // ---- begin moereg/backend/cuda/bias_update.cuh ----
@@ -3269,10 +3281,11 @@ private:
 // reported as cuda_bad_stats in *be.status and leaves the bias untouched; the host validates
 // sizes and pointers first and throws moereg::error without launching anything.
 
+
 #include <type_traits>
 
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_bias {
 
@@ -3343,7 +3356,7 @@ void bias_update(const bias_update_config& cfg, const C* counts, index_t n_count
   detail::cuda_check_launch(who, "update_kernel");
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/bias_update.cuh ----
 // ---- end moereg/backend/cuda.hpp ----
 #endif

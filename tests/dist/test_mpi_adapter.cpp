@@ -23,12 +23,14 @@ void check(bool ok, const char* what) {
   std::printf("rank %d: FAILED: %s\n", rank_id, what);
 }
 
-// Runs f and reports whether it threw moereg::error whose message contains `needle`.
-template <class F>
+// Runs f and reports whether it threw Error (moereg::error for bad arguments,
+// moereg::backend_error for MPI's own failures) whose message contains `needle`; an exception
+// of the other kind is a failure.
+template <class Error = moereg::error, class F>
 bool throws_with(F&& f, const std::string& needle) {
   try {
     f();
-  } catch (const moereg::error& e) {
+  } catch (const Error& e) {
     const bool ok = std::string(e.what()).find(needle) != std::string::npos;
     if (!ok) std::printf("rank %d: unexpected message: %s\n", rank_id, e.what());
     return ok;
@@ -99,7 +101,7 @@ int main(int argc, char** argv) {
     int len = 0;
     MPI_Error_string(MPI_ERR_COMM, text, &len);
     const std::string expected(text, static_cast<std::size_t>(len));
-    check(throws_with([&] { moereg::dist::allreduce_sum(&x, 1, MPI_COMM_NULL); },
+    check(throws_with<moereg::backend_error>([&] { moereg::dist::allreduce_sum(&x, 1, MPI_COMM_NULL); },
                       "MPI_Allreduce of 1 doubles failed: " + expected),
           "an MPI error code is thrown with its MPI_Error_string");
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
@@ -109,7 +111,8 @@ int main(int argc, char** argv) {
   MPI_Allreduce(&failures, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   MPI_Finalize();
 
-  check(throws_with([&] { moereg::dist::allreduce_sum(&x, 1, MPI_COMM_WORLD); }, "already finalized"),
+  check(throws_with<moereg::backend_error>([&] { moereg::dist::allreduce_sum(&x, 1, MPI_COMM_WORLD); },
+                                           "already finalized"),
         "a call after MPI_Finalize throws");
   if (failures > worst) worst = failures;
   if (rank_id == 0) std::printf("moereg MPI adapter on %d ranks: %s\n", ranks, worst == 0 ? "ok" : "FAILED");

@@ -24,11 +24,13 @@ void check(bool ok, const char* what) {
   std::printf("FAILED: %s\n", what);
 }
 
-template <class F>
+// Whether f threw Error (moereg::error for bad arguments, moereg::backend_error for NCCL's own
+// failures) with `needle` in its message.
+template <class Error = moereg::error, class F>
 bool throws_with(F&& f, const std::string& needle) {
   try {
     f();
-  } catch (const moereg::error& e) {
+  } catch (const Error& e) {
     const bool ok = std::string(e.what()).find(needle) != std::string::npos;
     if (!ok) std::printf("unexpected message: %s\n", e.what());
     return ok;
@@ -53,8 +55,8 @@ int main() {
         "negative count throws");
   check(throws_with([&] { moereg::dist::allreduce(nullptr, 4, nullptr, nullptr); }, "device buffer is null"),
         "null buffer throws");
-  check(throws_with([&] { moereg::dist::allreduce_sum(&host, 1, nullptr, nullptr); },
-                    std::string("ncclAllReduce of 1 doubles failed: ") + ncclGetErrorString(ncclInvalidArgument)),
+  check(throws_with<moereg::backend_error>([&] { moereg::dist::allreduce_sum(&host, 1, nullptr, nullptr); },
+                                           std::string("ncclAllReduce of 1 doubles failed: ") + ncclGetErrorString(ncclInvalidArgument)),
         "a null communicator is reported with ncclGetErrorString's text");
 
   int devices = 0;

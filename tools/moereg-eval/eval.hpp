@@ -26,7 +26,9 @@
 #include "args.hpp"
 #include "npy.hpp"
 
-namespace moereg {
+#include <moereg/core/config.hpp>
+
+MOEREG_NAMESPACE_BEGIN
 struct load_balancing_loss;
 struct z_loss;
 struct specialization_loss;
@@ -35,7 +37,7 @@ struct orthogonality_loss;
 struct variance_loss;
 struct entropy_loss;
 struct importance_loss;
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 
 namespace moereg_eval {
 

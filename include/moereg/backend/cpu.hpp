@@ -22,7 +22,7 @@
 #include "../core/views.hpp"
 #include "../math/reduce.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Selects the CPU backend. `threads` = 0 uses OpenMP's default (OMP_NUM_THREADS), 1 runs
 /// serially; without OpenMP every call is serial.
@@ -127,4 +127,4 @@ MOEREG_FORCEINLINE void put_grad_row(const matrix_view<T>& g, index_t t, Acc c, 
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -2,6 +2,8 @@
 // #ifndef so that a user can override it before the first moereg include.
 #pragma once
 
+#include "../version.hpp"
+
 #ifndef MOEREG_HOST_DEVICE
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define MOEREG_HOST_DEVICE __host__ __device__
@@ -37,3 +39,49 @@
 #else
 #define MOEREG_HAS_AVX512 0
 #endif
+
+// MOEREG_KEEP_STORES(p): a compiler barrier placed right after a loop nest that writes an
+// array through p with two index patterns (the symmetric G[a][b] = G[b][a] fills of the Gram
+// losses). GCC 12 (seen with 12.2; 11.3 is not affected) may rewrite such a store at -O1 into
+// an address with a null base and the pointer hidden in the index; its late pure-const and
+// mod-ref analyses then take the store for one that writes nothing the caller can see, and the
+// caller drops the call or reads the array before it was written. The empty asm statement
+// with a "memory" clobber makes every store before it visible to whatever follows, inside the
+// function and in its callers; it emits no instruction. docs/compiler-bugs.md has the
+// reduced reproducer.
+#ifndef MOEREG_KEEP_STORES
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDA_ARCH__)
+#define MOEREG_KEEP_STORES(p) __asm__ __volatile__("" : : "r"(p) : "memory")
+#else
+#define MOEREG_KEEP_STORES(p) static_cast<void>(p)
+#endif
+#endif
+
+// The ABI namespace. Every moereg name lives in an inline namespace whose name encodes the
+// configuration that changes template bodies: the major version, OpenMP (MOEREG_HAS_OPENMP) and
+// AVX-512 (MOEREG_HAS_AVX512), e.g. moereg::abi_v0_omp1_avx0. Two translation units of one
+// program built with different settings (one with -fopenmp, one without; one with
+// -march=native, one portable) then instantiate distinct symbols instead of sharing one mangled
+// name whose body the linker picks at random (an AVX-512 body could end up running on a CPU
+// without AVX-512). User code keeps writing moereg::name. Under nvcc the host and device passes
+// must see the same names, and OpenMP and AVX-512 are host-pass settings, so CUDA translation
+// units use one fixed tag (abi_v0_cuda): their host code must be built with one setting per
+// program.
+#define MOEREG_ABI_CAT_(a, b, c, d, e) a##b##c##d##e
+#define MOEREG_ABI_CAT(a, b, c, d, e) MOEREG_ABI_CAT_(a, b, c, d, e)
+#ifndef MOEREG_ABI_NAMESPACE
+#if defined(__CUDACC__)
+#define MOEREG_ABI_NAMESPACE MOEREG_ABI_CAT(abi_v, MOEREG_VERSION_MAJOR, _cuda, , )
+#else
+#define MOEREG_ABI_NAMESPACE \
+  MOEREG_ABI_CAT(abi_v, MOEREG_VERSION_MAJOR, MOEREG_ABI_CAT(_omp, MOEREG_HAS_OPENMP, , , ), _avx, MOEREG_HAS_AVX512)
+#endif
+#endif
+/// Opens namespace moereg and its ABI namespace (see MOEREG_ABI_NAMESPACE).
+#define MOEREG_NAMESPACE_BEGIN \
+  namespace moereg {           \
+  inline namespace MOEREG_ABI_NAMESPACE {
+/// Closes what MOEREG_NAMESPACE_BEGIN opened.
+#define MOEREG_NAMESPACE_END \
+  }                          \
+  }

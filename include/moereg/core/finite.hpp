@@ -14,6 +14,8 @@
 // Cost: one read of the checked buffer (the loss reads it again).
 #pragma once
 
+#include "config.hpp"
+
 #include <cmath>
 #include <optional>
 
@@ -22,7 +24,7 @@
 #include "types.hpp"
 #include "views.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Where a non-finite value was found. For a matrix, (row, col) and elem = 0; for an
 /// activation view, (token, slot) in row/col and the element of the vector in elem.
@@ -115,4 +117,4 @@ void check_finite(const char* name, const activation_view<T, Layout>& h, const t
                                detail::nonfinite_kind(p->value), " (the first non-finite element)"));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

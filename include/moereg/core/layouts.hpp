@@ -13,9 +13,14 @@
 //   void validate(const char* who) const;    // throws moereg::error on an inconsistent layout
 //
 // Gradients are written through the same policy, so they land in the caller's layout.
-// Two valid slots must never share storage (validate() checks this for the maps below).
+// Two valid slots must never share storage: validate() of the three built-in layouts checks
+// that the strides do not overlap against the extents (is_unique(), mdspan's question) and,
+// for the map layouts, that no row or (expert, position) is used twice. This holds for input
+// views as well: an overlapping view is almost always a mistake (a row stride smaller than the
+// width), so it is refused rather than read as given. A layout of your own answers for itself.
 #pragma once
 
+#include <type_traits>
 #include <vector>
 
 #include "config.hpp"
@@ -23,13 +28,11 @@
 #include "types.hpp"
 #include "views.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
-/// Token-major [T, k, d] with arbitrary strides (elements). Contiguous by default.
-/// The strides are not checked for overlap: an input view whose slots share memory (for
-/// example slot_stride 0) is read as given, but a gradient view must give every (t, s) its
-/// own memory, or the gradient written there is unspecified (the caller's contract; the map
-/// layouts below check theirs).
+/// Token-major [T, k, d] with arbitrary strides (elements). Contiguous by default. The
+/// strides must not overlap (validate() refuses, for example, slot_stride 0 with k > 1, or a
+/// token stride smaller than the k * d a contiguous token needs).
 struct token_major {
   /// Shape [T, k, d] and the strides (elements) between tokens, slots and elements.
   ///@{
@@ -62,6 +65,14 @@ struct token_major {
                     num_tokens, ", ", num_slots, ", ", length, "]");
     detail::require(token_stride >= 0 && slot_stride >= 0 && elem_stride >= 1, who,
                     ": token_major layout needs non-negative strides and an element stride >= 1");
+    detail::require(is_unique(), who, ": token_major layout [", num_tokens, ", ", num_slots, ", ", length,
+                    "] with strides (", token_stride, ", ", slot_stride, ", ", elem_stride,
+                    ") overlaps: two (token, slot, element) share storage");
+  }
+  /// True when every (token, slot, element) has its own storage (the strides against the extents).
+  bool is_unique() const {
+    const index_t ext[3] = {num_tokens, num_slots, length}, str[3] = {token_stride, slot_stride, elem_stride};
+    return detail::strides_unique(3, ext, str);
   }
 };
 
@@ -121,11 +132,18 @@ struct expert_grouped {
     const index_t r = row_of(t, s);
     return r < 0 ? -1 : r * row_stride;
   }
-  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, a null map, or a row
-  /// /// index that is out of range or used by two slots.
+  /// True when every (row, element) of the grouped matrix has its own storage.
+  bool is_unique() const {
+    const index_t ext[2] = {num_rows, length}, str[2] = {row_stride, elem_stride};
+    return detail::strides_unique(2, ext, str);
+  }
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping rows, a null
+  /// map, or a row index that is out of range or used by two slots.
   void validate(const char* who) const {
     detail::require(num_rows >= 0 && length >= 0 && row_stride >= 0 && elem_stride >= 1, who,
                     ": expert_grouped layout has a negative size or stride");
+    detail::require(is_unique(), who, ": expert_grouped rows [", num_rows, ", ", length, "] with row stride ",
+                    row_stride, " and element stride ", elem_stride, " overlap: two rows share storage");
     detail::require_index_map(who, "expert_grouped row map", row_of);
     detail::require_distinct_keys(who, "expert_grouped row map", row_of.rows, row_of.k, num_rows,
                                   [&](index_t t, index_t s) { return row_of(t, s); });
@@ -164,12 +182,21 @@ struct capacity_padded {
     const index_t p = position_of(t, s);
     return (e < 0 || p < 0) ? -1 : e * expert_stride + p * row_stride;
   }
-  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, mismatched maps, an
-  /// /// expert or position out of range, or an (expert, position) used by two slots.
+  /// True when every (expert, position, element) of the buffer has its own storage.
+  bool is_unique() const {
+    const index_t ext[3] = {num_experts, capacity, length}, str[3] = {expert_stride, row_stride, elem_stride};
+    return detail::strides_unique(3, ext, str);
+  }
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping storage,
+  /// mismatched maps, an expert or position out of range, or an (expert, position) used by two
+  /// slots.
   void validate(const char* who) const {
     detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
                         elem_stride >= 1,
                     who, ": capacity_padded layout has a negative size or stride");
+    detail::require(is_unique(), who, ": capacity_padded buffer [", num_experts, ", ", capacity, ", ", length,
+                    "] with strides (", expert_stride, ", ", row_stride, ", ", elem_stride,
+                    ") overlaps: two (expert, position, element) share storage");
     detail::require_index_map(who, "capacity_padded expert map", expert_of);
     detail::require_index_map(who, "capacity_padded position map", position_of);
     detail::require(position_of.rows == expert_of.rows && position_of.k == expert_of.k, who,
@@ -205,10 +232,29 @@ struct activation_view {
   }
 };
 
+/// An expert-grouped view of the rows of an Eigen matrix with direct access (Matrix, Map,
+/// Block, Ref; row-major or column-major): the grouped matrix is m itself, [m.rows(), d =
+/// m.cols()], with m's own strides, so a default column-major matrix is read correctly (its
+/// elements are m.rows() apart). Building expert_grouped from m.data() and the sizes alone
+/// would describe a row-major matrix. row_map [T, k] gives each (token, slot) its row.
+template <class Derived>
+auto grouped_view(const topk_view& row_map, Eigen::DenseBase<Derived>& m) {
+  using S = std::remove_reference_t<decltype(*m.derived().data())>;
+  return activation_view<S, expert_grouped>{
+      m.derived().data(), expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
+}
+/// Read-only overload of grouped_view() for a const matrix or expression.
+template <class Derived>
+auto grouped_view(const topk_view& row_map, const Eigen::DenseBase<Derived>& m) {
+  using S = const std::remove_const_t<std::remove_reference_t<decltype(*m.derived().data())>>;
+  return activation_view<S, expert_grouped>{
+      m.derived().data(), expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
+}
+
 /// Shorthand for a contiguous token-major [T, k, d] view.
 template <class T>
 activation_view<T, token_major> token_major_view(T* data, index_t t, index_t k, index_t d) {
   return {data, token_major(t, k, d)};
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -31,6 +31,8 @@
 // MPI_Allreduce's and ncclAllReduce's may) can change their last bits between rank counts.
 #pragma once
 
+#include "config.hpp"
+
 #include <cstddef>
 #include <functional>
 #include <type_traits>
@@ -41,7 +43,7 @@
 #include "types.hpp"
 #include "views.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 // The CPU backend is the default; its definition comes with every loss header, so core/
 // needs only the name (a bundle is always used together with some loss).
@@ -282,4 +284,4 @@ class stats_accumulator {
   bool has_prev_ = false;
 };
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

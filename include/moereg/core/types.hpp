@@ -14,7 +14,7 @@
 
 /// moereg: Mixture-of-Experts regularization losses (forward value and analytic gradient).
 /// The public API lives here; everything in a nested `detail` namespace is internal.
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Every size and offset is 64-bit: an element offset may exceed 2^31.
 using index_t = std::int64_t;
@@ -43,6 +43,11 @@ inline constexpr bool is_storage_type_v =
     std::is_same_v<std::remove_cv_t<T>, float> || std::is_same_v<std::remove_cv_t<T>, double> ||
     std::is_same_v<std::remove_cv_t<T>, half> || std::is_same_v<std::remove_cv_t<T>, bfloat16>;
 
+/// The message of the static_assert every loss input and chain helper makes on its element
+/// type: integers, raw 16-bit patterns in uint16_t and other arithmetic types do not compile.
+#define MOEREG_STORAGE_TYPE_MESSAGE \
+  "moereg: the element type of probabilities, logits, scores and activations must be float, double, moereg::half or moereg::bfloat16"
+
 /// Reads one element as its accumulator type.
 template <class T>
 MOEREG_FORCEINLINE accumulator_t<T> load(const T& x) {
@@ -66,4 +71,4 @@ constexpr const char* type_name() {
   else return "unsupported";
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -20,9 +20,35 @@
 #include "config.hpp"
 #include "types.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// A strided 2-D view. `T` may be const-qualified for inputs.
+namespace detail {
+/// Whether an n-dimensional strided view addresses a distinct element for every index
+/// (mdspan's is_unique question), by the usual sufficient test: the dimensions of extent > 1,
+/// in increasing stride order, each have a stride larger than the span the smaller ones cover.
+/// A view with a zero extent has no elements and is unique.
+inline bool strides_unique(int n, const index_t* extent, const index_t* stride) {
+  index_t ext[4], str[4];
+  int m = 0;
+  for (int i = 0; i < n; ++i) {
+    if (extent[i] == 0) return true;
+    if (extent[i] > 1) ext[m] = extent[i], str[m++] = stride[i];
+  }
+  for (int i = 1; i < m; ++i)  // insertion sort by stride (m <= 4)
+    for (int j = i; j > 0 && str[j] < str[j - 1]; --j) {
+      const index_t te = ext[j], ts = str[j];
+      ext[j] = ext[j - 1], str[j] = str[j - 1], ext[j - 1] = te, str[j - 1] = ts;
+    }
+  index_t span = 0;  // the largest offset the dimensions so far reach
+  for (int i = 0; i < m; ++i) {
+    if (str[i] <= span) return false;
+    span += str[i] * (ext[i] - 1);
+  }
+  return true;
+}
+}  // namespace detail
+
 template <class T>
 struct matrix_view {
   T* data = nullptr;  ///< first element, (0, 0)
@@ -47,6 +73,11 @@ struct matrix_view {
   MOEREG_HOST_DEVICE T* row(index_t i) const { return data + i * row_stride; }
   /// rows * cols.
   constexpr index_t size() const { return rows * cols; }
+  /// True when every (i, j) has its own element: no two rows or columns overlap.
+  bool is_unique() const {
+    const index_t ext[2] = {rows, cols}, str[2] = {row_stride, col_stride};
+    return detail::strides_unique(2, ext, str);
+  }
   /// True when the elements of a row are adjacent (col_stride == 1).
   constexpr bool contiguous_rows() const { return col_stride == 1; }
 };
@@ -176,4 +207,4 @@ struct grad_options {
   bool accumulate = false;  ///< false: overwrite the buffer (zeros where the loss has no gradient); true: add into it
 };
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

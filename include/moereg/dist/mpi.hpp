@@ -12,8 +12,9 @@
 //
 // Errors: MPI's default error handler (MPI_ERRORS_ARE_FATAL) aborts the job before this
 // code sees an error. A communicator with MPI_ERRORS_RETURN (MPI_Comm_set_errhandler) makes
-// MPI return the error code instead; it is then thrown as moereg::error carrying
-// MPI_Error_string's text. Calls before MPI_Init or after MPI_Finalize throw too.
+// MPI return the error code instead; it is then thrown as moereg::backend_error carrying
+// MPI_Error_string's text. Calls before MPI_Init or after MPI_Finalize throw
+// moereg::backend_error too; a bad count or buffer throws moereg::error before MPI is called.
 //
 // Determinism: the summation order of MPI_Allreduce is the implementation's and may change
 // with the rank count. Integer statistics (counts, valid tokens) are exact in double up to
@@ -24,6 +25,8 @@
 // of the umbrella header moereg.hpp.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <climits>
 #include <string>
 
@@ -33,7 +36,7 @@
 #include "../core/stats.hpp"
 #include "../core/types.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 /// Distributed adapters: sum a loss's local statistics over a communicator (LOSSES.md section 9).
 namespace dist {
 
@@ -56,14 +59,14 @@ inline void allreduce_sum(double* buf, index_t count, MPI_Comm comm) {
   int initialized = 0, finalized = 0;
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
-  moereg::detail::require(initialized != 0 && finalized == 0, who, ": MPI is ",
+  moereg::detail::require_backend(initialized != 0 && finalized == 0, who, ": MPI is ",
                           initialized ? "already finalized" : "not initialized");
   index_t done = 0;
   do {  // at least one call, so that count = 0 stays a collective every rank takes part in
     const index_t n = count - done < static_cast<index_t>(INT_MAX) ? count - done : static_cast<index_t>(INT_MAX);
     const int rc = MPI_Allreduce(MPI_IN_PLACE, buf + done, static_cast<int>(n), MPI_DOUBLE, MPI_SUM, comm);
     if (rc != MPI_SUCCESS)
-      throw error(
+      throw backend_error(
           moereg::detail::concat(who, ": MPI_Allreduce of ", n, " doubles failed: ", detail::mpi_error_text(rc)));
     done += n;
   } while (done < count);
@@ -82,4 +85,4 @@ inline void allreduce(stats_accumulator& acc, MPI_Comm comm) {
 }
 
 }  // namespace dist
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -17,7 +17,7 @@
 // then each loss reads bundle.view(h, host_buffer).
 //
 // Errors: a negative count or a null buffer with count > 0 throws moereg::error before NCCL
-// is called; a result other than ncclSuccess throws moereg::error with ncclGetErrorString's
+// is called; a result other than ncclSuccess throws moereg::backend_error with ncclGetErrorString's
 // text (and ncclGetLastError's, where NCCL has it).
 //
 // Determinism: NCCL's summation order depends on the algorithm, the topology and the rank
@@ -28,6 +28,8 @@
 // libnccl and the CUDA runtime; it is not part of the umbrella header moereg.hpp.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <cstddef>
 #include <string>
 
@@ -37,7 +39,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace dist {
 
 /// In-place sum of the device buffer device_buf[0..count) over every rank of `comm`,
@@ -57,7 +59,7 @@ inline void allreduce(double* device_buf, index_t count, ncclComm_t comm, cudaSt
   const char* last = ncclGetLastError(comm);
   if (last != nullptr && last[0] != '\0') text += std::string(" (") + last + ")";
 #endif
-  throw error(moereg::detail::concat(who, ": ncclAllReduce of ", count, " doubles failed: ", text));
+  throw backend_error(moereg::detail::concat(who, ": ncclAllReduce of ", count, " doubles failed: ", text));
 }
 
 /// The same as allreduce(device_buf, count, comm, stream).
@@ -66,4 +68,4 @@ inline void allreduce_sum(double* device_buf, index_t count, ncclComm_t comm, cu
 }
 
 }  // namespace dist
-}  // namespace moereg
+MOEREG_NAMESPACE_END

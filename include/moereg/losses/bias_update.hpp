@@ -14,6 +14,8 @@
 // Passes: the counts are read once, the bias read and written once (twice with center).
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -22,7 +24,7 @@
 #include "../core/types.hpp"
 #include "../math/reduce.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Configuration of bias_update() (auxiliary-loss-free balancing, LOSSES.md section 7).
 struct bias_update_config {
@@ -72,4 +74,4 @@ void bias_update(const bias_update_config& cfg, const std::vector<C>& counts, st
   bias_update(cfg, counts.data(), static_cast<index_t>(counts.size()), bias.data(), static_cast<index_t>(bias.size()));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -2,6 +2,8 @@
 // that throws leaves the caller's buffers untouched.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <cmath>
 #include <vector>
 
@@ -10,8 +12,18 @@
 #include "../core/types.hpp"
 #include "../core/views.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
+
+/// The one rule for the scalar arguments of every loss, checked before any input is read: a
+/// finite coefficient, a finite grad_scale and a thread count of at least 0 (0 = the OpenMP
+/// default, 1 = serial, n = n threads).
+inline void check_scalars(const char* who, double coef, const grad_options& opts, int threads) {
+  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
+  require(std::isfinite(opts.grad_scale), who, ": grad_scale = ", opts.grad_scale, " is not finite");
+  require(threads >= 0, who, ": cpu::threads = ", threads,
+          " is negative (0 = the OpenMP default, 1 = serial, n > 1 = n threads)");
+}
 
 template <class T>
 void check_matrix(const char* who, const char* name, const matrix_view<T>& m) {
@@ -19,6 +31,8 @@ void check_matrix(const char* who, const char* name, const matrix_view<T>& m) {
   require(m.data != nullptr || m.rows * m.cols == 0, who, ": ", name, " is null but has size [", m.rows, ", ", m.cols,
           "]");
   require(m.row_stride >= 0 && m.col_stride >= 0, who, ": ", name, " has a negative stride");
+  require(m.is_unique(), who, ": ", name, " [", m.rows, ", ", m.cols, "] with row stride ", m.row_stride,
+          " and column stride ", m.col_stride, " has overlapping rows or columns; every element needs its own storage");
 }
 
 /// A gradient buffer must have the shape of its input; its strides are its own.
@@ -89,4 +103,4 @@ inline index_t count_valid(const mask_view& m, index_t T) {
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -48,6 +48,8 @@
 // result is bitwise the same for any number of moereg threads.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -66,7 +68,7 @@
 #include <omp.h>
 #endif
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Which reading of R_cp (LOSSES.md section 4).
 enum class coupling_form { token, log, batch };
@@ -81,6 +83,7 @@ struct coupling_config {
 /// The routing of `layers` consecutive layers. probs[l] is P^l [T, E], topk[l] is I^l [T, k_l].
 template <class T>
 struct coupling_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   const routing_view<T>* probs = nullptr;     ///< `layers` views
   const topk_view* topk = nullptr;            ///< `layers` views
   index_t layers = 0;                         ///< L >= 2
@@ -456,6 +459,7 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
 /// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double* out) {
+  detail::check_scalars("coupling", loss.cfg.coef, grad_options{}, be.threads);
   detail::cp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.form != coupling_form::batch) {
     out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows));
@@ -473,6 +477,7 @@ void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inpu
 template <class T>
 double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grads, grad_options opts) {
+  detail::check_scalars("coupling", loss.cfg.coef, opts, be.threads);
   detail::cp_validate(loss, in, reduced, grads);
   if (loss.cfg.form == coupling_form::batch) return detail::cp_execute_batch(be, loss, in, reduced, grads, opts);
   const double tv =
@@ -484,4 +489,4 @@ double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T
   return detail::cp_execute_token(be, loss, in, tv, grads, opts);
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

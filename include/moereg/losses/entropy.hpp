@@ -16,6 +16,8 @@
 // every layout gives the same bits), element by element only for a subnormal tiny.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -28,7 +30,7 @@
 #include "../core/views.hpp"
 #include "common.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Configuration of entropy_loss (LOSSES.md section 7).
 struct entropy_config {
@@ -39,6 +41,7 @@ struct entropy_config {
 /// Inputs of entropy_loss; T is the storage type of P.
 template <class T>
 struct entropy_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
@@ -134,7 +137,8 @@ Acc ent_row_vec(const matrix_view<const T>& P, index_t t, Acc tiny, Acc log_tiny
 /// CPU backend of entropy_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T>
-void execute_stats(const cpu&, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
+void execute_stats(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
+  detail::check_scalars("entropy", loss.cfg.coef, grad_options{}, be.threads);
   detail::ent_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs.rows));
 }
@@ -144,6 +148,7 @@ void execute_stats(const cpu&, const entropy_loss& loss, const entropy_inputs<T>
 template <class T>
 double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("entropy", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::ent_validate(loss, in, reduced, grad);
   const auto& P = in.probs;
@@ -188,4 +193,4 @@ double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>&
   return static_cast<double>(eta * inv_tv * detail::pairwise_sum(partial.data(), nb));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

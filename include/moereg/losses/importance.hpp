@@ -19,6 +19,8 @@
 // with reduced statistics P is not read at all (the gradient depends only on e and m_t).
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <cmath>
 #include <vector>
 
@@ -28,7 +30,7 @@
 #include "../core/views.hpp"
 #include "common.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Configuration of importance_loss (LOSSES.md section 7).
 struct importance_config {
@@ -38,6 +40,7 @@ struct importance_config {
 /// Inputs of importance_loss; T is the storage type of P.
 template <class T>
 struct importance_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
@@ -134,6 +137,7 @@ void imp_sums(const cpu& be, const importance_inputs<T>& in, std::vector<accumul
 /// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, double* out) {
+  detail::check_scalars("importance", loss.cfg.coef, grad_options{}, be.threads);
   detail::imp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   std::vector<accumulator_t<T>> imp;
   index_t tv = 0;
@@ -146,6 +150,7 @@ void execute_stats(const cpu& be, const importance_loss& loss, const importance_
 template <class T>
 double execute(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("importance", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::imp_validate(loss, in, reduced, grad);
   const auto& P = in.probs;
@@ -191,4 +196,4 @@ double execute(const cpu& be, const importance_loss& loss, const importance_inpu
   return static_cast<double>(value);
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -30,6 +30,8 @@
 // math/router.hpp and is shared with the CUDA backend (backend/cuda/load_balancing.cuh).
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <vector>
 
 #include "../backend/cpu.hpp"
@@ -39,7 +41,7 @@
 #include "../math/router.hpp"
 #include "common.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// The token set over which f and pbar are taken.
 enum class lb_scope { micro, sequence, global };
@@ -55,6 +57,7 @@ struct load_balancing_config {
 /// Inputs of load_balancing_loss; T is the storage type of P.
 template <class T>
 struct load_balancing_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> probs;            ///< P [T, E]
   topk_view topk;                   ///< I [T, k]
   mask_view mask{};                 ///< m [T], empty = all valid
@@ -215,6 +218,7 @@ void lb_write_grad(const cpu& be, const load_balancing_inputs<T>& in, index_t r0
 /// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, double* out) {
+  detail::check_scalars("load_balancing", loss.cfg.coef, grad_options{}, be.threads);
   using Acc = accumulator_t<T>;
   const auto seq = detail::lb_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.scope == lb_scope::sequence) {
@@ -234,6 +238,7 @@ void execute_stats(const cpu& be, const load_balancing_loss& loss, const load_ba
 template <class T>
 double execute(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("load_balancing", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   const auto seq = detail::lb_validate(loss, in, reduced, grad);
   const index_t E = in.probs.cols;
@@ -301,4 +306,4 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
   return static_cast<double>(invB * detail::pairwise_sum(seq_values.data(), seq.count));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

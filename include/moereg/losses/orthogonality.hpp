@@ -41,6 +41,8 @@
 // including its non-temporal stores for gradients of 32 MiB or more).
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <vector>
 
 #include "../backend/cpu.hpp"
@@ -52,7 +54,7 @@
 #include "common.hpp"
 #include "specialization.hpp"  // the shared CPU executor of the Gram-based losses
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Which form of the orthogonality loss (LOSSES.md section 5).
 enum class ortho_variant {
@@ -78,6 +80,7 @@ struct orthogonality_config {
 /// Inputs of orthogonality_loss; T is the storage type, Layout the activation layout policy.
 template <class T, class Layout>
 struct orthogonality_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
   topk_view topk;                         ///< I [T, k]; negative = dropped slot
   mask_view mask{};                       ///< m [T], empty = all valid
@@ -144,7 +147,8 @@ void orth_validate(const orthogonality_loss& loss, const orthogonality_inputs<T,
 /// CPU backend of orthogonality_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T, class Layout>
-void execute_stats(const cpu&, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
+void execute_stats(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
+  detail::check_scalars("orthogonality", loss.cfg.coef, grad_options{}, be.threads);
   detail::orth_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
@@ -154,6 +158,7 @@ void execute_stats(const cpu&, const orthogonality_loss& loss, const orthogonali
 template <class T, class Layout>
 double execute(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
+  detail::check_scalars("orthogonality", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::orth_validate(loss, in, reduced, grad);
   double scale = loss.cfg.coef;
@@ -173,4 +178,4 @@ double execute(const cpu& be, const orthogonality_loss& loss, const orthogonalit
       [eps](int n, const Acc* G, Acc* W) { return math::orthogonality_subspace_token(n, G, eps, W); });
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -61,7 +61,7 @@
 #include "../math/reduce.hpp"
 #include "common.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// How the pair sum of one token is normalised.
 enum class sp_pairs {
@@ -79,6 +79,7 @@ struct specialization_config {
 /// Inputs of specialization_loss; T is the storage type, Layout the activation layout policy.
 template <class T, class Layout>
 struct specialization_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
   topk_view topk;                         ///< I [T, k]; negative = dropped slot
   mask_view mask{};                       ///< m [T], empty = all valid
@@ -493,6 +494,7 @@ MOEREG_FORCEINLINE void gram_sweep(int n_rt, const T* const* x, index_t d, index
   int p = 0;
   for (int a = A0; a < a1; ++a)
     for (int b = 0; b <= a; ++b, ++p) G[a * ld + b] = G[b * ld + a] = P::hsum(acc[p]);
+  MOEREG_KEEP_STORES(G);  // GCC 12 at -O1 lost these stores (core/config.hpp)
 }
 
 /// G[a][b] = <x_a, x_b> for the n vectors, both triangles filled (leading dimension n).
@@ -712,8 +714,9 @@ void sp_validate(const specialization_loss& loss, const specialization_inputs<T,
 /// CPU backend of specialization_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T, class Layout>
-void execute_stats(const cpu&, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+void execute_stats(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
                    double* out) {
+  detail::check_scalars("specialization", loss.cfg.coef, grad_options{}, be.threads);
   detail::sp_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
@@ -723,6 +726,7 @@ void execute_stats(const cpu&, const specialization_loss& loss, const specializa
 template <class T, class Layout>
 double execute(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
+  detail::check_scalars("specialization", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::sp_validate(loss, in, reduced, grad);
   const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.topk.rows)) : reduced.data[0];
@@ -734,6 +738,6 @@ double execute(const cpu& be, const specialization_loss& loss, const specializat
       [eps, mean](int n, const Acc* G, Acc* W) { return math::specialization_token(n, G, eps, mean, W); });
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 
 #undef MOEREG_DETAIL_UNROLL

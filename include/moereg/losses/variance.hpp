@@ -33,6 +33,8 @@
 // written once.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <cmath>
 #include <vector>
 
@@ -42,7 +44,7 @@
 #include "../core/views.hpp"
 #include "common.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Over which axis the variance is taken (LOSSES.md section 6).
 enum class variance_axis { tokens, experts };
@@ -59,6 +61,7 @@ struct variance_config {
 /// Inputs of variance_loss; T is the storage type of S.
 template <class T>
 struct variance_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> scores;  ///< S [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
@@ -175,6 +178,7 @@ void var_zero_grad(const cpu& be, const matrix_view<T>* grad, grad_options opts)
 /// to `out`.
 template <class T>
 void execute_stats(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, double* out) {
+  detail::check_scalars("variance", loss.cfg.coef, grad_options{}, be.threads);
   detail::var_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.axis == variance_axis::experts) {
     out[0] = static_cast<double>(detail::count_valid(in.mask, in.scores.rows));
@@ -192,6 +196,7 @@ void execute_stats(const cpu& be, const variance_loss& loss, const variance_inpu
 template <class T>
 double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("variance", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::var_validate(loss, in, reduced, grad);
   const auto& S = in.scores;
@@ -256,4 +261,4 @@ double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T
   return static_cast<double>(vc * detail::pairwise_sum(partial.data(), nb));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -14,6 +14,8 @@
 // gathered first, so every layout gives the same bits).
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -26,7 +28,7 @@
 #include "../math/router.hpp"
 #include "common.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Configuration of z_loss (LOSSES.md section 2).
 struct z_loss_config {
@@ -36,6 +38,7 @@ struct z_loss_config {
 /// Inputs of z_loss; T is the storage type of Z.
 template <class T>
 struct z_loss_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   routing_view<T> logits;  ///< Z [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
@@ -138,7 +141,8 @@ Acc row_logsumexp_vec(const matrix_view<const T>& Z, index_t t, Acc* buf, Acc* c
 /// CPU backend of z_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T>
-void execute_stats(const cpu&, const z_loss&, const z_loss_inputs<T>& in, double* out) {
+void execute_stats(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, double* out) {
+  detail::check_scalars("z_loss", loss.cfg.coef, grad_options{}, be.threads);
   detail::z_validate(in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.logits.rows));
 }
@@ -148,6 +152,7 @@ void execute_stats(const cpu&, const z_loss&, const z_loss_inputs<T>& in, double
 template <class T>
 double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grad, grad_options opts) {
+  detail::check_scalars("z_loss", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
   detail::z_validate(in, reduced, grad);
   const auto& Z = in.logits;
@@ -179,4 +184,4 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
   return static_cast<double>(beta * inv_tv * detail::pairwise_sum(partial.data(), nb));
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

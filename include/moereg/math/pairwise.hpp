@@ -34,7 +34,7 @@
 #define MOEREG_DETAIL_LANES _Pragma("GCC unroll 1") _Pragma("GCC ivdep")
 #endif
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 /// The per-token arithmetic of the activation (Gram-based) losses, shared by the CPU loops
 /// and the CUDA kernels (MOEREG_HOST_DEVICE): Gram matrices, cos^2 and projection terms and
 /// their derivatives for the k slots of one token.
@@ -92,6 +92,7 @@ MOEREG_HOST_DEVICE Real specialization_token(int n, const Real* G, nondeduced_t<
       rowsum[r] += c2;
       if (W) W[s * n + r] = W[r * n + s] = Real(4) * w * c * inr;
     }
+  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
   if (W)
     for (int s = 0; s < n; ++s)
       W[s * n + s] = active[s] ? Real(-4) * w * rowsum[s] * inv_norm[s] * inv_norm[s] : Real(0);
@@ -129,6 +130,7 @@ MOEREG_HOST_DEVICE Real orthogonality_pairwise_token(int n, const Real* G, nonde
       colsum[j] += a2;
       if (W) W[j * n + s] = W[s * n + j] = Real(2) * a * (phi[s] + phi[j]);
     }
+  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
   if (W)
     for (int s = 0; s < n; ++s) W[s * n + s] = Real(2) * dphi[s] * colsum[s];
   return total;
@@ -310,10 +312,11 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
       W[x * n + y] = v;
       W[y * n + x] = v;
     }
+  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
   return total;
 }
 
 }  // namespace math
-}  // namespace moereg
+MOEREG_NAMESPACE_END
 
 #undef MOEREG_DETAIL_LANES

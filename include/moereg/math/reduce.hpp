@@ -5,7 +5,7 @@
 #include "../core/config.hpp"
 #include "../core/types.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 
 /// Pairwise (cascade) sum of v[0], v[stride], ..., v[(n - 1) * stride]: error O(log n)
@@ -22,4 +22,4 @@ MOEREG_HOST_DEVICE Acc pairwise_sum(const Acc* v, index_t n, index_t stride = 1)
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END

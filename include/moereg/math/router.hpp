@@ -15,7 +15,7 @@
 #include "../core/config.hpp"
 #include "../core/types.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 
 /// +infinity of an accumulator type, usable in device code (numeric_limits is constexpr
@@ -192,4 +192,4 @@ MOEREG_HOST_DEVICE inline void coupling_select_row(const Src* row, index_t E, in
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -13,6 +13,8 @@
 // The report keeps the worst entries by that normalised error.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,7 +27,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 /// Finite-difference gradient checking, public so users can check their own layers.
 namespace testing {
 
@@ -129,4 +131,4 @@ gradcheck_report gradcheck(F&& f, std::vector<double> x, const std::vector<doubl
 }
 
 }  // namespace testing
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -16,12 +16,14 @@
 // sizes and pointers first and throws moereg::error without launching anything.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <type_traits>
 
 #include "../../losses/bias_update.hpp"
 #include "core.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_bias {
 
@@ -92,4 +94,4 @@ void bias_update(const bias_update_config& cfg, const C* counts, index_t n_count
   detail::cuda_check_launch(who, "update_kernel");
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -54,7 +54,7 @@
 #include "../../math/reduce.hpp"
 #include "../../math/router.hpp"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// Selects the CUDA backend. All pointers are device pointers.
 struct cuda {
@@ -99,7 +99,7 @@ inline std::string cuda_status_string(int status) {
 inline void cuda_clear_status(const cuda& be) {
   if (be.status == nullptr) return;
   const cudaError_t e = cudaMemsetAsync(be.status, 0, sizeof(int), be.stream);
-  if (e != cudaSuccess) throw error(detail::concat("cuda_clear_status: cudaMemsetAsync failed: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) throw backend_error(detail::concat("cuda_clear_status: cudaMemsetAsync failed: ", cudaGetErrorString(e)));
 }
 
 /// Copies the status word to the host and waits for the stream: an explicit
@@ -109,7 +109,7 @@ inline int cuda_read_status(const cuda& be) {
   int h = 0;
   cudaError_t e = cudaMemcpyAsync(&h, be.status, sizeof(int), cudaMemcpyDeviceToHost, be.stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(be.stream);
-  if (e != cudaSuccess) throw error(detail::concat("cuda_read_status: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) throw backend_error(detail::concat("cuda_read_status: ", cudaGetErrorString(e)));
   return h;
 }
 
@@ -119,7 +119,7 @@ inline double cuda_read_value(const cuda& be) {
   double h = 0;
   cudaError_t e = cudaMemcpyAsync(&h, be.value, sizeof(double), cudaMemcpyDeviceToHost, be.stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(be.stream);
-  if (e != cudaSuccess) throw error(detail::concat("cuda_read_value: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) throw backend_error(detail::concat("cuda_read_value: ", cudaGetErrorString(e)));
   return h;
 }
 
@@ -183,7 +183,7 @@ private:
 // ---------------------------------------------------------------------------------------
 
 inline void cuda_require(cudaError_t e, const char* who, const char* what) {
-  if (e != cudaSuccess) throw error(concat(who, ": ", what, " failed: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess) throw backend_error(concat(who, ": ", what, " failed: ", cudaGetErrorString(e)));
 }
 
 /// Checks that the launch just enqueued was accepted (no synchronisation).
@@ -400,4 +400,4 @@ __device__ inline void publish(double* value, int* status, double v, int flags) 
 }
 
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -33,6 +33,8 @@
 // uses only the width k_l of each layer), reduced statistics not finite or a negative T_v.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -41,7 +43,7 @@
 #include "../../losses/coupling.hpp"
 #include "core.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_cp {
 
@@ -548,4 +550,4 @@ double execute(const cuda& be, const coupling_loss& loss, const coupling_inputs<
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -8,6 +8,8 @@
 // fixed-order sum of the per-block partials of -sum p log max(p, tiny).
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <cmath>
 #include <limits>
 
@@ -15,7 +17,7 @@
 #include "core.cuh"
 #include "router.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_ent {
 
@@ -84,4 +86,4 @@ double execute(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -43,6 +43,8 @@
 // 3.2 KB for 8 < k <= 16 (sm_90, nvcc 13); the router and coupling kernels under 0.1 KB.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <cmath>
 #include <limits>
 
@@ -52,7 +54,7 @@
 #include "../../math/pairwise.hpp"
 #include "core.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_gram {
 
@@ -585,4 +587,4 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
 
 }  // namespace cuda_gram
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -18,6 +18,8 @@
 // the expert outputs; fusing them requires one tensor for both, which is the caller's choice.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <cstddef>
 
 #include "core.cuh"
@@ -25,7 +27,7 @@
 #include "orthogonality.cuh"
 #include "specialization.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// The shared inputs: activations, topk, mask, num_experts (the specialization loss's inputs).
 template <class T, class Layout>
@@ -128,4 +130,4 @@ private:
   }
 };
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -9,13 +9,15 @@
 // gradient kernel that writes m_t * coeff[e] (P is not read again).
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <limits>
 
 #include "../../losses/importance.hpp"
 #include "core.cuh"
 #include "router.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_imp {
 
@@ -85,4 +87,4 @@ double execute(const cuda& be, const importance_loss& loss, const importance_inp
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -17,6 +17,8 @@
 // scope the rows of the sequences concerned.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <cstdint>
 #include <limits>
 
@@ -24,7 +26,7 @@
 #include "core.cuh"
 #include "router.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_lb {
 
@@ -270,4 +272,4 @@ double execute(const cuda& be, const load_balancing_loss& loss, const load_balan
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -5,13 +5,15 @@
 // Include <moereg/backend/cuda.hpp>, not this file.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <limits>
 
 #include "../../losses/orthogonality.hpp"
 #include "core.cuh"
 #include "gram.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_orth {
 
@@ -80,4 +82,4 @@ double execute(const cuda& be, const orthogonality_loss& loss, const orthogonali
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

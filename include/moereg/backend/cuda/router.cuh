@@ -23,6 +23,8 @@
 // All sums run in fixed orders that depend only on T and E: bitwise reproducible.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <cmath>
 #include <limits>
 
@@ -33,7 +35,7 @@
 #include "../../losses/z_loss.hpp"
 #include "core.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_router {
 
@@ -583,4 +585,4 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
 
 }  // namespace cuda_router
 }  // namespace detail
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -27,6 +27,8 @@
 // losses are not touched. A null be.value writes no value.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <cstddef>
 
 #include "core.cuh"
@@ -37,7 +39,7 @@
 #include "variance.cuh"
 #include "z_loss.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 
 /// The shared inputs of a fused router call (device views).
 template <class T>
@@ -184,4 +186,4 @@ private:
   }
 };
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

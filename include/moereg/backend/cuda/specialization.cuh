@@ -5,13 +5,15 @@
 // Include <moereg/backend/cuda.hpp>, not this file.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <limits>
 
 #include "../../losses/specialization.hpp"
 #include "core.cuh"
 #include "gram.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_sp {
 
@@ -71,4 +73,4 @@ double execute(const cuda& be, const specialization_loss& loss, const specializa
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

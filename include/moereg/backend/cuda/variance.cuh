@@ -10,13 +10,15 @@
 // detail::variance_scale of math/router.hpp (the CPU's expressions).
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <limits>
 
 #include "../../losses/variance.hpp"
 #include "core.cuh"
 #include "router.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_var {
 
@@ -91,4 +93,4 @@ double execute(const cuda& be, const variance_loss& loss, const variance_inputs<
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END

@@ -11,13 +11,15 @@
 // gradient is written once.
 #pragma once
 
+#include "../../core/config.hpp"
+
 #include <limits>
 
 #include "../../losses/z_loss.hpp"
 #include "core.cuh"
 #include "router.cuh"
 
-namespace moereg {
+MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_z {
 
@@ -83,4 +85,4 @@ double execute(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in, s
   return std::numeric_limits<double>::quiet_NaN();
 }
 
-}  // namespace moereg
+MOEREG_NAMESPACE_END
