@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -341,6 +342,10 @@ int main(int argc, char** argv) {
     std::fputs(os.str().c_str(), stdout);
   }
 
+  {
+    std::error_code ec;
+    std::filesystem::create_directories(opt.out_dir, ec);
+  }
   const std::string base_path = opt.out_dir + "/text_moe";
   {
     std::ofstream f(base_path + "_table.txt");
