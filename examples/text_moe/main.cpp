@@ -265,9 +265,20 @@ int main(int argc, char** argv) {
       {"", "last_orth_term", 6, [](const rr& r) { return r.last.orthogonality; }},
       {"", "last_var_term", 6, [](const rr& r) { return r.last.variance; }},
   };
-  for (text_moe::index_t l = 0; l < NLy; ++l)
+  for (text_moe::index_t l = 0; l < NLy; ++l) {
+    const auto li = static_cast<std::size_t>(l);
     extra.push_back({"", "majority_share_l" + std::to_string(l + 1), 4,
-                     [l](const rr& r) { return r.eval.majority_share[static_cast<std::size_t>(l)]; }});
+                     [li](const rr& r) { return r.eval.majority_share[li]; }});
+    // Per expert: the share of its tokens in its majority language, and that language (the
+    // index of the language in the order en de es it cs pl ru; -1 = the expert got no token).
+    for (text_moe::index_t e = 0; e < mc.experts; ++e) {
+      const auto ei = static_cast<std::size_t>(e);
+      const std::string tag = "_l" + std::to_string(l + 1) + "_e" + std::to_string(e);
+      extra.push_back({"", "majority_share" + tag, 4, [li, ei](const rr& r) { return r.eval.expert_share[li][ei]; }});
+      extra.push_back({"", "majority_language" + tag, 0,
+                       [li, ei](const rr& r) { return static_cast<double>(r.eval.expert_language[li][ei]); }});
+    }
+  }
   for (text_moe::index_t q = 0; q + 1 < NLy; ++q) {
     const std::string tag = std::to_string(q + 1) + std::to_string(q + 2);
     const auto qi = static_cast<std::size_t>(q);

@@ -625,6 +625,8 @@ struct evaluation {
   double overlap_o = 0, cos2_o = 0;       ///< co-selected expert outputs o (L_o's space)
   std::vector<double> lang_mi;            ///< per layer: MI(language; selected expert), nats
   std::vector<double> majority_share;     ///< per layer: mean over experts of the share of its tokens in its majority language
+  std::vector<std::vector<double>> expert_share;  ///< [layer][expert]: share of the expert's tokens in its majority language (0 if unused)
+  std::vector<std::vector<int>> expert_language;  ///< [layer][expert]: that majority language (index into languages(); -1 if unused)
   double lang_mi_mean = 0, majority_mean = 0;
   std::vector<double> pathway_pair, prefetch_pair, prefetch_chance_pair;
   double pathway = 0;          ///< pathway concentration (held-out)
@@ -684,13 +686,19 @@ evaluation evaluate(const param_layout& pl, const S* params, const batch& heldou
     ev.lang_mi.push_back(mutual_information(tc, languages, c.experts));
     double share = 0;
     index_t used = 0;
+    ev.expert_share.emplace_back(uz(c.experts), 0.0);
+    ev.expert_language.emplace_back(uz(c.experts), -1);
     for (index_t e = 0; e < c.experts; ++e) {
       double tot = 0, mx = 0;
       for (index_t g = 0; g < languages; ++g) {
         tot += tc[uz(g * c.experts + e)];
-        mx = std::max(mx, tc[uz(g * c.experts + e)]);
+        if (tc[uz(g * c.experts + e)] > mx) {
+          mx = tc[uz(g * c.experts + e)];
+          ev.expert_language.back()[uz(e)] = static_cast<int>(g);
+        }
       }
       if (tot > 0) {
+        ev.expert_share.back()[uz(e)] = mx / tot;
         share += mx / tot;
         ++used;
       }
