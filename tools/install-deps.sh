@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages moereg's build, tests, examples and benchmarks use, when
-# any is missing. Needs root (or sudo) only when something is missing.
+# any is missing. Needs root (or sudo) only when something is missing. The fortunes packages
+# are the demo's training text and gnuplot draws its figure (examples/text_moe).
 set -euo pipefail
-pkgs=(g++ cmake ninja-build libeigen3-dev catch2 libomp-dev libopenmpi-dev openmpi-bin libbenchmark-dev python3 clang libclang-rt-14-dev doxygen pkg-config)
+pkgs=(g++ cmake ninja-build libeigen3-dev catch2 libomp-dev libopenmpi-dev openmpi-bin libbenchmark-dev python3 clang libclang-rt-14-dev doxygen pkg-config
+  fortunes fortunes-de fortunes-es fortunes-it fortunes-cs fortunes-pl fortunes-ru gnuplot-nox)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

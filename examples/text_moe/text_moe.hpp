@@ -1,25 +1,20 @@
-// A small Mixture-of-Experts next-token model written with Eigen and moereg only, used to
-// show what the specialization losses do (examples/toy_moe/main.cpp, docs/demo.md).
+// A byte-level Mixture-of-Experts language model written with Eigen and moereg only, used to
+// show what the specialization losses do on real text (examples/text_moe/main.cpp,
+// docs/demo.md; the data is fortunes.hpp).
 //
-// Task (toy_moe::task). K hidden topics share a vocabulary of V tokens: each topic owns a few
-// tokens and uses a common pool of shared tokens. A sample picks a topic, a first token from
-// that topic's tokens, and runs the topic's own Markov chain (each token has `branching`
-// successors with probabilities proportional to 1, 1/2, 1/4, ...) for `window` steps; the
-// model sees the `window` tokens and predicts the next one. The topic is never shown: it has
-// to be inferred from the context, and the right prediction after a shared token depends on
-// it. Experts can specialise on topics. The Bayes-optimal loss is computed exactly.
-//
-// Model (toy_moe::model_config). x_0 = sum_j Emb_j[token at position j] (one table per
-// context position), then `layers` MoE layers, each
+// Model (text_moe::model_config). The previous `window` bytes c_1..c_n of a byte are looked
+// up in one embedding table [256, E_d], concatenated (n E_d values, oldest first) and mixed by
+// a learned layer: x_0 = concat(Emb[c_1], ..., Emb[c_n]) W_mix + b_mix. Then `layers` MoE
+// layers, each
 //   Z = x W_r,  P = softmax(Z),  I = top-k of P (ties to the lower index),
 //   S[t,e] = P[t,e] / sum_{s in A_t} P[t, I[t,s]] for selected e (0 otherwise),
 //   h_{t,s} = SiLU(x_t Wg_e) * (x_t Wu_e),  o_{t,s} = h_{t,s} Wd_e   (e = I[t,s], SwiGLU),
 //   x_{l+1,t} = x_{l,t} + sum_s S[t, I[t,s]] o_{t,s}                  (residual),
-// and a softmax output layer (x_L W_o + b_o) with the cross-entropy of the next token.
-// Expert rows are computed grouped by expert (one small GEMM per expert), the layout a
+// and a softmax over the 256 byte values (x_L W_o + b_o) with the cross-entropy of the next
+// byte. Expert rows are computed grouped by expert (one small GEMM per expert), the layout a
 // grouped-GEMM trainer has, so the activation losses see moereg::expert_grouped views.
 //
-// Regularisers (toy_moe::reg_config), each summed over layers, gradients added through the
+// Regularisers (text_moe::reg_config), each summed over layers, gradients added through the
 // chain: load balancing on P; specialization (Hu et al.) on h; coupling (Hu et al.) on the P
 // of all layers; orthogonality (Guo et al.) on o; variance (Guo et al.) on S; router z-loss on
 // Z. Gradients with respect to P are carried to Z with moereg::softmax_backward, gradients
@@ -28,6 +23,14 @@
 // All gradients are analytic. The selection I is a constant (as in every MoE trainer); a
 // caller may fix it (forward(..., fixed_topk)) so that a finite-difference check sees a smooth
 // function.
+//
+// Repeatability. Eigen's vectorised reductions and products peel a different number of
+// leading elements depending on the address alignment of their operands, so the same
+// arithmetic on a buffer at another heap address can round differently. The parameters,
+// gradients and optimiser state therefore live in buffers aligned by Eigen's allocator, and
+// every parameter block starts at a multiple of 16 elements: every operand has the same
+// alignment on every run, whatever else the program allocates (this is what made the earlier
+// toy demo's numbers move when curves were drawn).
 #pragma once
 
 #include <algorithm>
@@ -50,11 +53,16 @@
 #include <moereg/losses/z_loss.hpp>
 #include <moereg/metrics.hpp>
 
-namespace toy_moe {
+#include "fortunes.hpp"
+
+namespace text_moe {
 
 using index_t = moereg::index_t;
 template <class S>
 using mat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+/// Parameter-sized buffers: aligned the same way on every run (see the header comment).
+template <class S>
+using buffer = std::vector<S, Eigen::aligned_allocator<S>>;
 
 inline std::size_t uz(index_t i) { return static_cast<std::size_t>(i); }
 
@@ -66,165 +74,66 @@ using row_map_of = Eigen::Map<std::conditional_t<std::is_const_v<S>, const Eigen
                                                  Eigen::Matrix<S, 1, Eigen::Dynamic>>>;
 
 // ------------------------------------------------------------------------------------------
-// The synthetic task
-// ------------------------------------------------------------------------------------------
-
-struct task_config {
-  index_t topics = 4;
-  index_t own = 8;         ///< tokens owned by each topic
-  index_t shared = 16;     ///< tokens every topic uses
-  index_t branching = 3;   ///< successors per token and topic
-  index_t window = 4;      ///< context length
-  std::uint64_t seed = 20240611;
-  index_t vocab() const { return topics * own + shared; }
-};
-
-/// A batch of samples: contexts [n, window] (row-major), next tokens and hidden topics [n].
-struct batch {
-  index_t size = 0, window = 0;
-  std::vector<std::int32_t> context, target, topic;
-};
-
-class task {
-public:
-  explicit task(const task_config& c) : cfg_(c) {
-    if (c.topics < 1 || c.own < 0 || c.shared < 0 || c.window < 1 || c.branching < 1)
-      throw std::invalid_argument("toy_moe::task: bad configuration");
-    const index_t V = c.vocab();
-    std::mt19937_64 g(c.seed);
-    support_.resize(uz(c.topics));
-    for (index_t k = 0; k < c.topics; ++k) {
-      for (index_t i = 0; i < c.own; ++i) support_[uz(k)].push_back(static_cast<std::int32_t>(k * c.own + i));
-      for (index_t i = 0; i < c.shared; ++i) support_[uz(k)].push_back(static_cast<std::int32_t>(c.topics * c.own + i));
-      if (static_cast<index_t>(support_[uz(k)].size()) < c.branching)
-        throw std::invalid_argument("toy_moe::task: a topic has fewer tokens than successors");
-    }
-    // trans_[k][a * V + b] = P(b | a, topic k)
-    trans_.assign(uz(c.topics), std::vector<double>(uz(V * V), 0.0));
-    double wsum = 0;
-    for (index_t i = 0; i < c.branching; ++i) wsum += std::ldexp(1.0, -static_cast<int>(i));
-    for (index_t k = 0; k < c.topics; ++k) {
-      auto sup = support_[uz(k)];
-      for (index_t a = 0; a < V; ++a) {
-        std::shuffle(sup.begin(), sup.end(), g);
-        for (index_t i = 0; i < c.branching; ++i)
-          trans_[uz(k)][uz(a * V + sup[uz(i)])] = std::ldexp(1.0, -static_cast<int>(i)) / wsum;
-      }
-    }
-  }
-
-  const task_config& config() const { return cfg_; }
-  index_t vocab() const { return cfg_.vocab(); }
-
-  /// n fresh samples from `g`.
-  batch sample(std::mt19937_64& g, index_t n) const {
-    const index_t V = vocab(), w = cfg_.window;
-    batch b;
-    b.size = n;
-    b.window = w;
-    b.context.resize(uz(n * w));
-    b.target.resize(uz(n));
-    b.topic.resize(uz(n));
-    std::uniform_real_distribution<double> u(0.0, 1.0);
-    for (index_t i = 0; i < n; ++i) {
-      const auto k = static_cast<index_t>(std::uniform_int_distribution<index_t>(0, cfg_.topics - 1)(g));
-      const auto& sup = support_[uz(k)];
-      std::int32_t tok = sup[uz(std::uniform_int_distribution<index_t>(0, static_cast<index_t>(sup.size()) - 1)(g))];
-      for (index_t j = 0; j <= w; ++j) {
-        if (j > 0) {
-          double r = u(g), acc = 0.0;
-          const double* row = trans_[uz(k)].data() + tok * V;
-          index_t next = -1;
-          for (index_t bb = 0; bb < V; ++bb) {
-            if (row[bb] <= 0.0) continue;
-            next = bb;
-            acc += row[bb];
-            if (r < acc) break;
-          }
-          tok = static_cast<std::int32_t>(next);
-        }
-        if (j < w) b.context[uz(i * w + j)] = tok;
-        else b.target[uz(i)] = tok;
-      }
-      b.topic[uz(i)] = static_cast<std::int32_t>(k);
-    }
-    return b;
-  }
-
-  /// Mean cross-entropy (nats) of the Bayes-optimal predictor on `b`: the posterior over
-  /// topics given the context, then the mixture of the topics' next-token distributions.
-  double bayes_loss(const batch& b) const {
-    const index_t V = vocab(), w = b.window, K = cfg_.topics;
-    double total = 0.0;
-    std::vector<double> post(uz(K));
-    for (index_t i = 0; i < b.size; ++i) {
-      const std::int32_t* ctx = b.context.data() + i * w;
-      double z = 0.0;
-      for (index_t k = 0; k < K; ++k) {
-        const auto& sup = support_[uz(k)];
-        double p = std::find(sup.begin(), sup.end(), ctx[0]) != sup.end() ? 1.0 / static_cast<double>(sup.size()) : 0.0;
-        for (index_t j = 1; j < w; ++j) p *= trans_[uz(k)][uz(ctx[j - 1] * V + ctx[j])];
-        post[uz(k)] = p;
-        z += p;
-      }
-      double q = 0.0;
-      for (index_t k = 0; k < K; ++k) q += post[uz(k)] / z * trans_[uz(k)][uz(ctx[w - 1] * V + b.target[uz(i)])];
-      total -= std::log(q);
-    }
-    return b.size > 0 ? total / static_cast<double>(b.size) : 0.0;
-  }
-
-private:
-  task_config cfg_;
-  std::vector<std::vector<std::int32_t>> support_;
-  std::vector<std::vector<double>> trans_;
-};
-
-// ------------------------------------------------------------------------------------------
 // The model
 // ------------------------------------------------------------------------------------------
 
 struct model_config {
-  index_t vocab = 48, window = 4, dim = 32, experts = 8, top_k = 2, hidden = 32, layers = 3;
+  index_t vocab = 256;   ///< byte values
+  index_t window = 8;    ///< context bytes
+  index_t embed = 16;    ///< embedding width per context byte
+  index_t dim = 48, experts = 8, top_k = 2, hidden = 32, layers = 2;
 };
 
 /// Where each parameter block lies in the flat parameter (and gradient) buffer. All
-/// matrices are row-major.
+/// matrices are row-major; every block starts at a multiple of `align` elements.
 struct param_layout {
+  static constexpr index_t align = 16;
   model_config c;
-  index_t emb = 0;                                      ///< window tables [V, D]
+  index_t emb = 0, mix_w = 0, mix_b = 0;                ///< [V, E_d], [n E_d, D], [D]
   std::vector<index_t> router, w_gate, w_up, w_down;    ///< per layer: [D, E]; E x [D, F]; E x [D, F]; E x [F, D]
+  index_t expert_stride = 0;                            ///< elements between two experts' blocks
   index_t out_w = 0, out_b = 0;                         ///< [D, V], [V]
   index_t total = 0;
 
+  static index_t round_up(index_t n) { return (n + align - 1) / align * align; }
+
   explicit param_layout(const model_config& m) : c(m) {
-    if (m.vocab < 1 || m.window < 1 || m.dim < 1 || m.experts < 1 || m.top_k < 1 || m.top_k > m.experts ||
-        m.hidden < 1 || m.layers < 1)
-      throw std::invalid_argument("toy_moe::model_config: bad sizes");
+    if (m.vocab < 1 || m.window < 1 || m.embed < 1 || m.dim < 1 || m.experts < 1 || m.top_k < 1 ||
+        m.top_k > m.experts || m.hidden < 1 || m.layers < 1)
+      throw std::invalid_argument("text_moe::model_config: bad sizes");
     index_t o = 0;
-    emb = o;
-    o += m.window * m.vocab * m.dim;
+    auto take = [&](index_t n) {
+      const index_t at = o;
+      o += round_up(n);
+      return at;
+    };
+    expert_stride = round_up(m.dim * m.hidden);
+    emb = take(m.vocab * m.embed);
+    mix_w = take(m.window * m.embed * m.dim);
+    mix_b = take(m.dim);
     for (index_t l = 0; l < m.layers; ++l) {
-      router.push_back(o);
-      o += m.dim * m.experts;
-      w_gate.push_back(o);
-      o += m.experts * m.dim * m.hidden;
-      w_up.push_back(o);
-      o += m.experts * m.dim * m.hidden;
-      w_down.push_back(o);
-      o += m.experts * m.hidden * m.dim;
+      router.push_back(take(m.dim * m.experts));
+      w_gate.push_back(take(m.experts * expert_stride));
+      w_up.push_back(take(m.experts * expert_stride));
+      w_down.push_back(take(m.experts * expert_stride));
     }
-    out_w = o;
-    o += m.dim * m.vocab;
-    out_b = o;
-    o += m.vocab;
+    out_w = take(m.dim * m.vocab);
+    out_b = take(m.vocab);
     total = o;
   }
 
   // Maps of the parameter blocks in a flat buffer; read-only maps for a const buffer.
   template <class S>
-  map_of<S> embedding(S* p, index_t j) const {
-    return {p + emb + j * c.vocab * c.dim, c.vocab, c.dim};
+  map_of<S> embedding(S* p) const {
+    return {p + emb, c.vocab, c.embed};
+  }
+  template <class S>
+  map_of<S> mix(S* p) const {
+    return {p + mix_w, c.window * c.embed, c.dim};
+  }
+  template <class S>
+  row_map_of<S> mix_bias(S* p) const {
+    return {p + mix_b, c.dim};
   }
   template <class S>
   map_of<S> router_w(S* p, index_t l) const {
@@ -232,15 +141,15 @@ struct param_layout {
   }
   template <class S>
   map_of<S> gate_w(S* p, index_t l, index_t e) const {
-    return {p + w_gate[uz(l)] + e * c.dim * c.hidden, c.dim, c.hidden};
+    return {p + w_gate[uz(l)] + e * expert_stride, c.dim, c.hidden};
   }
   template <class S>
   map_of<S> up_w(S* p, index_t l, index_t e) const {
-    return {p + w_up[uz(l)] + e * c.dim * c.hidden, c.dim, c.hidden};
+    return {p + w_up[uz(l)] + e * expert_stride, c.dim, c.hidden};
   }
   template <class S>
   map_of<S> down_w(S* p, index_t l, index_t e) const {
-    return {p + w_down[uz(l)] + e * c.hidden * c.dim, c.hidden, c.dim};
+    return {p + w_down[uz(l)] + e * expert_stride, c.hidden, c.dim};
   }
   template <class S>
   map_of<S> output_w(S* p) const {
@@ -252,12 +161,13 @@ struct param_layout {
   }
 };
 
-/// Random initial parameters: embeddings N(0, 1/window) so that x_0 has unit-variance
-/// entries, fan-in scaled weights, a small router (near-uniform routing at the start) and
-/// down projections scaled by 1/sqrt(2 layers) to keep the residual stream bounded.
+/// Random initial parameters: unit-variance embeddings, fan-in scaled weights (so x_0 has
+/// entries of about unit variance), a small router (near-uniform routing at the start) and
+/// down projections scaled by 1/sqrt(2 layers) to keep the residual stream bounded. Padding
+/// between blocks stays 0.
 template <class S>
-std::vector<S> init_params(const param_layout& pl, std::uint64_t seed) {
-  std::vector<S> p(uz(pl.total), S(0));
+buffer<S> init_params(const param_layout& pl, std::uint64_t seed) {
+  buffer<S> p(uz(pl.total), S(0));
   std::mt19937_64 g(seed);
   std::normal_distribution<double> nd(0.0, 1.0);
   auto fill = [&](index_t off, index_t n, double sd) {
@@ -265,19 +175,22 @@ std::vector<S> init_params(const param_layout& pl, std::uint64_t seed) {
   };
   const auto& c = pl.c;
   const double D = static_cast<double>(c.dim), F = static_cast<double>(c.hidden);
-  fill(pl.emb, c.window * c.vocab * c.dim, 1.0 / std::sqrt(static_cast<double>(c.window)));
+  fill(pl.emb, c.vocab * c.embed, 1.0);
+  fill(pl.mix_w, c.window * c.embed * c.dim, 1.0 / std::sqrt(static_cast<double>(c.window * c.embed)));
   for (index_t l = 0; l < c.layers; ++l) {
     fill(pl.router[uz(l)], c.dim * c.experts, 0.1 / std::sqrt(D));
-    fill(pl.w_gate[uz(l)], c.experts * c.dim * c.hidden, 1.0 / std::sqrt(D));
-    fill(pl.w_up[uz(l)], c.experts * c.dim * c.hidden, 1.0 / std::sqrt(D));
-    fill(pl.w_down[uz(l)], c.experts * c.hidden * c.dim, 1.0 / std::sqrt(F * 2.0 * static_cast<double>(c.layers)));
+    for (index_t e = 0; e < c.experts; ++e) {
+      fill(pl.w_gate[uz(l)] + e * pl.expert_stride, c.dim * c.hidden, 1.0 / std::sqrt(D));
+      fill(pl.w_up[uz(l)] + e * pl.expert_stride, c.dim * c.hidden, 1.0 / std::sqrt(D));
+      fill(pl.w_down[uz(l)] + e * pl.expert_stride, c.hidden * c.dim, 1.0 / std::sqrt(F * 2.0 * static_cast<double>(c.layers)));
+    }
   }
   fill(pl.out_w, c.dim * c.vocab, 1.0 / std::sqrt(D));
   return p;
 }
 
-/// Coefficients of the regularisers; 0 switches one off. The non-zero defaults used by the
-/// demo are those of LOSSES.md (the papers' values).
+/// Coefficients of the regularisers; 0 switches one off. The demo's non-zero values are those
+/// of LOSSES.md (the papers' values) and multiples of them.
 struct reg_config {
   double load_balancing = 0;  ///< alpha, LOSSES.md 1e-2
   double specialization = 0;  ///< lambda (Hu et al. R_sp), 2e-3
@@ -307,6 +220,7 @@ struct layer_cache {
 
 template <class S>
 struct forward_cache {
+  mat<S> xc;                    ///< concatenated context embeddings [T, n E_d]
   std::vector<layer_cache<S>> layers;
   mat<S> x_out, logits, probs;  ///< [T, D], [T, V], [T, V]
 };
@@ -314,6 +228,7 @@ struct forward_cache {
 /// The values of one objective evaluation (regularisers already multiplied by their coefficients).
 struct loss_terms {
   double task = 0, load_balancing = 0, specialization = 0, coupling = 0, orthogonality = 0, variance = 0, z = 0;
+  double reg_seconds = 0;  ///< wall time spent inside the moereg loss calls (not part of the total)
   double total() const { return task + load_balancing + specialization + coupling + orthogonality + variance + z; }
 };
 
@@ -357,26 +272,32 @@ template <class S>
 forward_cache<S> forward(const param_layout& pl, const S* params, const batch& b,
                          const std::vector<std::vector<std::int32_t>>* fixed_topk = nullptr) {
   const auto& c = pl.c;
-  const index_t T = b.size, D = c.dim, E = c.experts, k = c.top_k, F = c.hidden;
-  if (b.window != c.window) throw std::invalid_argument("toy_moe::forward: batch window differs from the model's");
+  const index_t T = b.size, D = c.dim, E = c.experts, k = c.top_k, F = c.hidden, Ed = c.embed;
+  if (b.window != c.window) throw std::invalid_argument("text_moe::forward: batch window differs from the model's");
   if (fixed_topk && static_cast<index_t>(fixed_topk->size()) != c.layers)
-    throw std::invalid_argument("toy_moe::forward: fixed_topk needs one selection per layer");
+    throw std::invalid_argument("text_moe::forward: fixed_topk needs one selection per layer");
   const S* p = params;
   forward_cache<S> fc;
-  mat<S> x = mat<S>::Zero(T, D);
+  fc.xc.resize(T, c.window * Ed);
+  const auto emb = pl.embedding(p);
   for (index_t t = 0; t < T; ++t)
-    for (index_t j = 0; j < c.window; ++j) x.row(t) += pl.embedding(p, j).row(b.context[uz(t * c.window + j)]);
+    for (index_t j = 0; j < c.window; ++j)
+      fc.xc.row(t).segment(j * Ed, Ed) = emb.row(b.context[uz(t * c.window + j)]);
+  mat<S> x(T, D);
+  x.noalias() = fc.xc * pl.mix(p);
+  x.rowwise() += pl.mix_bias(p);
 
   fc.layers.resize(uz(c.layers));
   for (index_t l = 0; l < c.layers; ++l) {
     auto& L = fc.layers[uz(l)];
     L.x = x;
-    L.logits = x * pl.router_w(p, l);
+    L.logits.resize(T, E);
+    L.logits.noalias() = x * pl.router_w(p, l);
     detail::softmax_rows(L.logits, L.probs);
     if (fixed_topk) {
       L.topk = (*fixed_topk)[uz(l)];
       if (static_cast<index_t>(L.topk.size()) != T * k)
-        throw std::invalid_argument("toy_moe::forward: a fixed selection has the wrong size");
+        throw std::invalid_argument("text_moe::forward: a fixed selection has the wrong size");
     } else {
       L.topk = select_topk(L.probs, k);
     }
@@ -435,18 +356,27 @@ forward_cache<S> forward(const param_layout& pl, const S* params, const batch& b
     x = std::move(xn);
   }
   fc.x_out = x;
-  fc.logits = x * pl.output_w(p);
+  fc.logits.resize(T, c.vocab);
+  fc.logits.noalias() = x * pl.output_w(p);
   fc.logits.rowwise() += pl.output_b(p);
   detail::softmax_rows(fc.logits, fc.probs);
   return fc;
 }
 
-/// Mean cross-entropy of the next tokens of `b` under the forward pass `fc`.
+/// Cross-entropy (nats) of every target of `b` under the forward pass `fc`.
+template <class S>
+std::vector<double> token_losses(const forward_cache<S>& fc, const batch& b) {
+  std::vector<double> out(uz(b.size));
+  for (index_t t = 0; t < b.size; ++t)
+    out[uz(t)] = -std::log(std::max(static_cast<double>(fc.probs(t, b.target[uz(t)])), 1e-300));
+  return out;
+}
+
+/// Mean cross-entropy (nats) of the targets of `b` under the forward pass `fc`.
 template <class S>
 double task_loss(const forward_cache<S>& fc, const batch& b) {
   double s = 0.0;
-  for (index_t t = 0; t < b.size; ++t)
-    s -= std::log(std::max(static_cast<double>(fc.probs(t, b.target[uz(t)])), 1e-300));
+  for (double v : token_losses(fc, b)) s += v;
   return b.size > 0 ? s / static_cast<double>(b.size) : 0.0;
 }
 
@@ -476,7 +406,7 @@ template <class S>
 loss_terms objective(const param_layout& pl, const S* params, const batch& b, const forward_cache<S>& fc,
                      const reg_config& reg, S* grad = nullptr, int threads = 1) {
   const auto& c = pl.c;
-  const index_t T = b.size, D = c.dim, E = c.experts, k = c.top_k, F = c.hidden, NL = c.layers;
+  const index_t T = b.size, D = c.dim, E = c.experts, k = c.top_k, F = c.hidden, NL = c.layers, Ed = c.embed;
   const moereg::cpu be{threads};
   loss_terms out;
   out.task = task_loss(fc, b);
@@ -492,6 +422,10 @@ loss_terms objective(const param_layout& pl, const S* params, const batch& b, co
     dZ[uz(l)] = mat<S>::Zero(T, E);
     dH[uz(l)] = mat<S>::Zero(R, F);
     dO[uz(l)] = mat<S>::Zero(R, D);
+  }
+  const auto r0 = std::chrono::steady_clock::now();
+  for (index_t l = 0; l < NL; ++l) {
+    const auto& L = fc.layers[uz(l)];
     const moereg::topk_view I = L.topk_view(k);
     if (reg.load_balancing != 0) {
       const moereg::load_balancing_loss lb{{reg.load_balancing}};
@@ -534,6 +468,7 @@ loss_terms objective(const param_layout& pl, const S* params, const batch& b, co
     const moereg::coupling_inputs<S> in{probs.data(), sel.data(), NL};
     out.coupling = want ? cl.value_and_grad(in, g.data(), {1.0, /*accumulate=*/true}, {}, be) : cl.value(in, {}, be);
   }
+  out.reg_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - r0).count();
   if (!want) return out;
 
   // Backward through the network.
@@ -545,7 +480,8 @@ loss_terms objective(const param_layout& pl, const S* params, const batch& b, co
   dlog *= invT;
   pl.output_w(grad).noalias() = fc.x_out.transpose() * dlog;
   pl.output_b(grad) = dlog.colwise().sum();
-  mat<S> dx = dlog * pl.output_w(p).transpose();
+  mat<S> dx(T, D);
+  dx.noalias() = dlog * pl.output_w(p).transpose();
 
   mat<S> xe, dxe, dA, dB, dHe;
   for (index_t l = NL - 1; l >= 0; --l) {
@@ -568,31 +504,39 @@ loss_terms objective(const param_layout& pl, const S* params, const batch& b, co
     mat<S> dxin = dx;
     dxin.noalias() += dZ[uz(l)] * pl.router_w(p, l).transpose();
     for (index_t e = 0; e < E; ++e) {
-      const index_t r0 = L.first[uz(e)], n = L.first[uz(e + 1)] - r0;
+      const index_t q0 = L.first[uz(e)], n = L.first[uz(e + 1)] - q0;
       if (n == 0) continue;
       xe.resize(n, D);
-      for (index_t i = 0; i < n; ++i) xe.row(i) = L.x.row(L.token_of[uz(r0 + i)]);
-      pl.down_w(grad, l, e).noalias() = L.h.middleRows(r0, n).transpose() * dOl.middleRows(r0, n);
-      dHe = dH[uz(l)].middleRows(r0, n);
-      dHe.noalias() += dOl.middleRows(r0, n) * pl.down_w(p, l, e).transpose();
+      for (index_t i = 0; i < n; ++i) xe.row(i) = L.x.row(L.token_of[uz(q0 + i)]);
+      pl.down_w(grad, l, e).noalias() = L.h.middleRows(q0, n).transpose() * dOl.middleRows(q0, n);
+      dHe = dH[uz(l)].middleRows(q0, n);
+      dHe.noalias() += dOl.middleRows(q0, n) * pl.down_w(p, l, e).transpose();
       dA.resize(n, F);
       dB.resize(n, F);
       for (index_t i = 0; i < n; ++i)
         for (index_t f = 0; f < F; ++f) {
-          const S av = L.a(r0 + i, f), sg = detail::sigmoid(av);
-          dA(i, f) = dHe(i, f) * L.b(r0 + i, f) * sg * (S(1) + av * (S(1) - sg));
+          const S av = L.a(q0 + i, f), sg = detail::sigmoid(av);
+          dA(i, f) = dHe(i, f) * L.b(q0 + i, f) * sg * (S(1) + av * (S(1) - sg));
           dB(i, f) = dHe(i, f) * av * sg;
         }
       pl.gate_w(grad, l, e).noalias() = xe.transpose() * dA;
       pl.up_w(grad, l, e).noalias() = xe.transpose() * dB;
+      dxe.resize(n, D);
       dxe.noalias() = dA * pl.gate_w(p, l, e).transpose();
       dxe.noalias() += dB * pl.up_w(p, l, e).transpose();
-      for (index_t i = 0; i < n; ++i) dxin.row(L.token_of[uz(r0 + i)]) += dxe.row(i);
+      for (index_t i = 0; i < n; ++i) dxin.row(L.token_of[uz(q0 + i)]) += dxe.row(i);
     }
     dx = std::move(dxin);
   }
+  // x_0 = xc W_mix + b_mix, xc = the concatenated embeddings of the context bytes.
+  pl.mix(grad).noalias() = fc.xc.transpose() * dx;
+  pl.mix_bias(grad) = dx.colwise().sum();
+  mat<S> dxc(T, c.window * Ed);
+  dxc.noalias() = dx * pl.mix(p).transpose();
+  auto demb = pl.embedding(grad);
   for (index_t t = 0; t < T; ++t)
-    for (index_t j = 0; j < c.window; ++j) pl.embedding(grad, j).row(b.context[uz(t * c.window + j)]) += dx.row(t);
+    for (index_t j = 0; j < c.window; ++j)
+      demb.row(b.context[uz(t * c.window + j)]) += dxc.row(t).segment(j * Ed, Ed);
   return out;
 }
 
@@ -601,30 +545,14 @@ loss_terms objective(const param_layout& pl, const S* params, const batch& b, co
 // ------------------------------------------------------------------------------------------
 
 struct train_config {
-  index_t steps = 1500;
+  index_t steps = 1200;
   index_t batch = 256;
   double lr = 3e-3;
-  index_t warmup = 50;       ///< linear warm-up steps, then cosine decay to lr_final * lr
+  index_t warmup = 30;       ///< linear warm-up steps, then cosine decay to lr_final * lr
   double lr_final = 0.1;
   double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
   index_t eval_every = 0;    ///< > 0: record the held-out loss every so many steps (curves)
   std::uint64_t seed = 1;    ///< model initialisation and the stream of training samples
-};
-
-/// What a trained model shows on the held-out set.
-struct evaluation {
-  double task_loss = 0;         ///< mean cross-entropy, nats
-  double accuracy = 0;          ///< top-1 next-token accuracy
-  double maxvio = 0;            ///< MaxVio, mean over layers
-  double cv = 0;                ///< coefficient of variation of counts, mean over layers
-  double entropy = 0;           ///< mean routing entropy, nats, mean over layers
-  double topk_mass = 0;         ///< mean top-k mass of P, mean over layers
-  double overlap_h = 0;         ///< mean |cos| of co-selected SwiGLU intermediates h (R_sp's space)
-  double overlap_o = 0;         ///< mean |cos| of co-selected expert outputs o (L_o's space)
-  double cos2_h = 0, cos2_o = 0;///< the same as mean cos^2
-  double pathway = 0;           ///< pathway concentration, mean over adjacent layer pairs
-  double pathway_mi = 0;        ///< mutual information of adjacent selections, nats
-  double topic_mi = 0;          ///< mutual information between the hidden topic and the selected expert, nats, mean over layers
 };
 
 /// Mutual information (nats) of a joint table of counts [rows, cols].
@@ -638,6 +566,7 @@ inline double mutual_information(const std::vector<double>& counts, index_t rows
       c[uz(j)] += v;
       total += v;
     }
+  if (total <= 0) return 0.0;
   double mi = 0;
   for (index_t i = 0; i < rows; ++i)
     for (index_t j = 0; j < cols; ++j) {
@@ -647,22 +576,92 @@ inline double mutual_information(const std::vector<double>& counts, index_t rows
   return mi;
 }
 
-/// Held-out loss and the routing metrics of LOSSES.md section 8 (moereg/metrics.hpp).
+/// The most frequent `n` successors of every expert at layer l (a row of the [E, E] table of
+/// counts of co-routed pairs, as moereg::measure_pathways returns it), ties to the lower index.
+inline std::vector<std::vector<index_t>> successors(const moereg::pathway_metrics& pw, index_t n) {
+  std::vector<std::vector<index_t>> out(uz(pw.experts_from));
+  for (index_t e = 0; e < pw.experts_from; ++e) {
+    std::vector<index_t> idx(uz(pw.experts_to));
+    for (index_t j = 0; j < pw.experts_to; ++j) idx[uz(j)] = j;
+    const double* row = pw.counts.data() + e * pw.experts_to;
+    std::stable_sort(idx.begin(), idx.end(), [&](index_t a, index_t b) { return row[a] > row[b]; });
+    idx.resize(uz(std::min(n, pw.experts_to)));
+    out[uz(e)] = idx;
+  }
+  return out;
+}
+
+/// Share of the valid layer-(l+1) slots of token t whose expert is among the successors of
+/// the token's layer-l experts; `shift` pairs token t's layer-l experts with token
+/// (t + shift) mod T's layer-(l+1) experts (shift > 0 measures the chance level).
+inline double prefetch_hit_rate(const moereg::topk_view& from, const moereg::topk_view& to,
+                                const std::vector<std::vector<index_t>>& succ, index_t experts, index_t shift = 0) {
+  const index_t T = from.rows;
+  double hits = 0, total = 0;
+  std::vector<char> in(uz(experts));
+  for (index_t t = 0; t < T; ++t) {
+    std::fill(in.begin(), in.end(), char(0));
+    for (index_t s = 0; s < from.k; ++s)
+      if (from(t, s) >= 0)
+        for (index_t nu : succ[uz(from(t, s))]) in[uz(nu)] = 1;
+    const index_t u = (t + shift) % T;
+    for (index_t r = 0; r < to.k; ++r)
+      if (to(u, r) >= 0) {
+        total += 1;
+        hits += in[uz(to(u, r))] ? 1 : 0;
+      }
+  }
+  return total > 0 ? hits / total : 0.0;
+}
+
+/// What a trained model shows on the held-out set. Per-layer vectors have one entry per MoE
+/// layer, per-pair vectors one per adjacent layer pair; the scalars are their means.
+struct evaluation {
+  double bits_per_byte = 0;               ///< mean over the (stratified) held-out bytes
+  std::vector<double> bits_per_byte_lang; ///< per language
+  double accuracy = 0;                    ///< top-1 next-byte accuracy
+  double maxvio = 0, cv = 0, entropy = 0, topk_mass = 0;
+  double overlap_h = 0, cos2_h = 0;       ///< co-selected SwiGLU intermediates h (R_sp's space)
+  double overlap_o = 0, cos2_o = 0;       ///< co-selected expert outputs o (L_o's space)
+  std::vector<double> lang_mi;            ///< per layer: MI(language; selected expert), nats
+  std::vector<double> majority_share;     ///< per layer: mean over experts of the share of its tokens in its majority language
+  std::vector<std::vector<double>> expert_share;  ///< [layer][expert]: share of the expert's tokens in its majority language (0 if unused)
+  std::vector<std::vector<int>> expert_language;  ///< [layer][expert]: that majority language (index into languages(); -1 if unused)
+  double lang_mi_mean = 0, majority_mean = 0;
+  std::vector<double> pathway_pair, prefetch_pair, prefetch_chance_pair;
+  double pathway = 0;          ///< pathway concentration (held-out)
+  double pathway_mi = 0;       ///< MI of adjacent selections, nats
+  double prefetch = 0;         ///< prefetch hit rate with successor tables from the training probe
+  double prefetch_chance = 0;  ///< the same with tokens paired at random (layer l+1 of another token)
+};
+
+/// Held-out loss and the routing metrics (moereg/metrics.hpp and the language measures above).
+/// `train_probe` is a sample of training bytes from which the successor tables come.
 template <class S>
-evaluation evaluate(const param_layout& pl, const S* params, const batch& b, int threads = 1) {
+evaluation evaluate(const param_layout& pl, const S* params, const batch& heldout, const batch& train_probe,
+                    index_t languages, index_t prefetch_k, int threads = 1) {
   const auto& c = pl.c;
   const moereg::cpu be{threads};
-  const auto fc = forward(pl, params, b);
+  const auto fc = forward(pl, params, heldout);
   evaluation ev;
-  ev.task_loss = task_loss(fc, b);
+  const auto tl = token_losses(fc, heldout);
+  std::vector<double> lsum(uz(languages), 0.0), lcnt(uz(languages), 0.0);
+  double sum = 0;
   index_t hits = 0;
-  for (index_t t = 0; t < b.size; ++t) {
+  for (index_t t = 0; t < heldout.size; ++t) {
+    sum += tl[uz(t)];
+    lsum[uz(heldout.lang[uz(t)])] += tl[uz(t)];
+    lcnt[uz(heldout.lang[uz(t)])] += 1;
     index_t best = 0;
     fc.probs.row(t).maxCoeff(&best);
-    hits += best == b.target[uz(t)] ? 1 : 0;
+    hits += best == heldout.target[uz(t)] ? 1 : 0;
   }
-  ev.accuracy = static_cast<double>(hits) / static_cast<double>(std::max<index_t>(b.size, 1));
-  const auto K = static_cast<index_t>(*std::max_element(b.topic.begin(), b.topic.end())) + 1;
+  const double ln2 = std::log(2.0);
+  ev.bits_per_byte = sum / static_cast<double>(std::max<index_t>(heldout.size, 1)) / ln2;
+  for (index_t l = 0; l < languages; ++l)
+    ev.bits_per_byte_lang.push_back(lcnt[uz(l)] > 0 ? lsum[uz(l)] / lcnt[uz(l)] / ln2 : 0.0);
+  ev.accuracy = static_cast<double>(hits) / static_cast<double>(std::max<index_t>(heldout.size, 1));
+
   std::vector<moereg::topk_view> sel;
   for (const auto& L : fc.layers) {
     const auto I = L.topk_view(c.top_k);
@@ -680,57 +679,106 @@ evaluation evaluate(const param_layout& pl, const S* params, const batch& b, int
     ev.cos2_h += oh.mean_cos2;
     ev.overlap_o += oo.mean_abs_cos;
     ev.cos2_o += oo.mean_cos2;
-    std::vector<double> tc(uz(K * c.experts), 0.0);
-    for (index_t t = 0; t < b.size; ++t)
+    std::vector<double> tc(uz(languages * c.experts), 0.0);
+    for (index_t t = 0; t < heldout.size; ++t)
       for (index_t s = 0; s < c.top_k; ++s)
-        if (I(t, s) >= 0) tc[uz(b.topic[uz(t)] * c.experts + I(t, s))] += 1.0;
-    ev.topic_mi += mutual_information(tc, K, c.experts);
+        if (I(t, s) >= 0) tc[uz(heldout.lang[uz(t)] * c.experts + I(t, s))] += 1.0;
+    ev.lang_mi.push_back(mutual_information(tc, languages, c.experts));
+    double share = 0;
+    index_t used = 0;
+    ev.expert_share.emplace_back(uz(c.experts), 0.0);
+    ev.expert_language.emplace_back(uz(c.experts), -1);
+    for (index_t e = 0; e < c.experts; ++e) {
+      double tot = 0, mx = 0;
+      for (index_t g = 0; g < languages; ++g) {
+        tot += tc[uz(g * c.experts + e)];
+        if (tc[uz(g * c.experts + e)] > mx) {
+          mx = tc[uz(g * c.experts + e)];
+          ev.expert_language.back()[uz(e)] = static_cast<int>(g);
+        }
+      }
+      if (tot > 0) {
+        ev.expert_share.back()[uz(e)] = mx / tot;
+        share += mx / tot;
+        ++used;
+      }
+    }
+    ev.majority_share.push_back(used > 0 ? share / static_cast<double>(used) : 0.0);
   }
   const double nl = static_cast<double>(c.layers);
-  for (double* v : {&ev.maxvio, &ev.cv, &ev.entropy, &ev.topk_mass, &ev.overlap_h, &ev.cos2_h, &ev.overlap_o,
-                    &ev.cos2_o, &ev.topic_mi})
+  for (double* v : {&ev.maxvio, &ev.cv, &ev.entropy, &ev.topk_mass, &ev.overlap_h, &ev.cos2_h, &ev.overlap_o, &ev.cos2_o})
     *v /= nl;
+  for (index_t l = 0; l < c.layers; ++l) {
+    ev.lang_mi_mean += ev.lang_mi[uz(l)] / nl;
+    ev.majority_mean += ev.majority_share[uz(l)] / nl;
+  }
+
+  // Pathways: concentration on held-out; successor tables from the training probe.
   const auto pw = moereg::measure_pathways(sel, c.experts, moereg::mask_view{}, be);
-  for (const auto& q : pw) {
-    ev.pathway += q.pathway_concentration;
-    ev.pathway_mi += q.mutual_information;
+  const auto fp = forward(pl, params, train_probe);
+  std::vector<moereg::topk_view> psel;
+  for (const auto& L : fp.layers) psel.push_back(L.topk_view(c.top_k));
+  const auto ppw = moereg::measure_pathways(psel, c.experts, moereg::mask_view{}, be);
+  for (std::size_t q = 0; q < pw.size(); ++q) {
+    const auto succ = successors(ppw[q], prefetch_k);
+    ev.pathway_pair.push_back(pw[q].pathway_concentration);
+    ev.prefetch_pair.push_back(prefetch_hit_rate(sel[q], sel[q + 1], succ, c.experts));
+    ev.prefetch_chance_pair.push_back(prefetch_hit_rate(sel[q], sel[q + 1], succ, c.experts, heldout.size / 2 + 1));
+    ev.pathway += pw[q].pathway_concentration;
+    ev.pathway_mi += pw[q].mutual_information;
+    ev.prefetch += ev.prefetch_pair.back();
+    ev.prefetch_chance += ev.prefetch_chance_pair.back();
   }
   if (!pw.empty()) {
-    ev.pathway /= static_cast<double>(pw.size());
-    ev.pathway_mi /= static_cast<double>(pw.size());
+    const double np = static_cast<double>(pw.size());
+    ev.pathway /= np;
+    ev.pathway_mi /= np;
+    ev.prefetch /= np;
+    ev.prefetch_chance /= np;
   }
   return ev;
 }
 
 struct curve_point {
   index_t step = 0;
-  double train_loss = 0;  ///< task loss of the training batches since the last point (mean)
-  double heldout_loss = 0;
+  double train_bpb = 0;    ///< task loss of the training batches since the last point (mean), bits per byte
+  double heldout_bpb = 0;  ///< on the curve batch
 };
 
 struct run_result {
   evaluation eval;
-  double seconds = 0;  ///< training wall time (initialisation to the last step, curve evaluations excluded)
+  double seconds = 0;      ///< training wall time (initialisation to the last step, curve evaluations excluded)
+  double reg_seconds = 0;  ///< of which inside the moereg loss calls
+  double median_step = 0;  ///< median wall time of one training step (robust to other load on the machine)
+  double median_reg = 0;   ///< median wall time of the moereg loss calls in one step
+  index_t steps = 0;
   std::vector<curve_point> curve;
-  loss_terms last;     ///< the objective's terms at the last step
+  loss_terms last;         ///< the objective's terms at the last step
 };
 
-/// Trains a fresh model (Adam) with the regularisers of `reg` and evaluates it on `heldout`.
+/// Trains a fresh model (Adam) with the regularisers of `reg` on bytes drawn from `train_set`
+/// and evaluates it on `heldout`. The seed fixes the initialisation and the training stream.
 template <class S>
-run_result train(const task& tk, const model_config& mc, const reg_config& reg, const train_config& tc,
-                 const batch& heldout, const batch* curve_batch = nullptr) {
+run_result train(const corpus& train_set, const model_config& mc, const reg_config& reg, const train_config& tc,
+                 const batch& heldout, const batch& train_probe, index_t languages, index_t prefetch_k,
+                 const batch* curve_batch = nullptr) {
   const param_layout pl(mc);
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<S> params = init_params<S>(pl, tc.seed);
-  std::vector<S> grad(params.size()), m1(params.size(), S(0)), m2(params.size(), S(0));
+  buffer<S> params = init_params<S>(pl, tc.seed);
+  buffer<S> grad(params.size()), m1(params.size(), S(0)), m2(params.size(), S(0));
   std::mt19937_64 g(tc.seed * 0x9E3779B97F4A7C15ULL + 17);
   run_result rr;
+  rr.steps = tc.steps;
   double acc = 0, curve_seconds = 0;  // curve evaluations are not counted as training time
   index_t acc_n = 0;
+  const double ln2 = std::log(2.0);
+  std::vector<double> step_s, reg_s;
   for (index_t step = 1; step <= tc.steps; ++step) {
-    const batch bt = tk.sample(g, tc.batch);
+    const auto s0 = std::chrono::steady_clock::now();
+    const batch bt = sample_uniform(train_set, g, tc.batch);
     const auto fc = forward(pl, params.data(), bt);
     rr.last = objective(pl, params.data(), bt, fc, reg, grad.data());
+    rr.reg_seconds += rr.last.reg_seconds;
     acc += rr.last.task;
     ++acc_n;
     double lr = tc.lr;
@@ -749,18 +797,27 @@ run_result train(const task& tk, const model_config& mc, const reg_config& reg, 
       m2[i] = b2 * m2[i] + (S(1) - b2) * grad[i] * grad[i];
       params[i] -= a * m1[i] / (std::sqrt(m2[i] * ib2) + ep);
     }
+    step_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - s0).count());
+    reg_s.push_back(rr.last.reg_seconds);
     if (curve_batch && tc.eval_every > 0 && (step % tc.eval_every == 0 || step == tc.steps)) {
       const auto e0 = std::chrono::steady_clock::now();
       const auto fe = forward(pl, params.data(), *curve_batch);
-      rr.curve.push_back({step, acc / static_cast<double>(acc_n), task_loss(fe, *curve_batch)});
+      rr.curve.push_back({step, acc / static_cast<double>(acc_n) / ln2, task_loss(fe, *curve_batch) / ln2});
       acc = 0;
       acc_n = 0;
       curve_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - e0).count();
     }
   }
   rr.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() - curve_seconds;
-  rr.eval = evaluate(pl, params.data(), heldout);
+  const auto median = [](std::vector<double> v) {
+    if (v.empty()) return 0.0;
+    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+    return v[v.size() / 2];
+  };
+  rr.median_step = median(step_s);
+  rr.median_reg = median(reg_s);
+  rr.eval = evaluate(pl, params.data(), heldout, train_probe, languages, prefetch_k);
   return rr;
 }
 
-}  // namespace toy_moe
+}  // namespace text_moe
