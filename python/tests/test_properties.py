@@ -248,3 +248,11 @@ def test_cuda_tensor_error_names_the_build_option():
         pytest.skip("no CUDA device")
     with pytest.raises(NotImplementedError, match="MOEREG_TORCH_CUDA"):
         mt.z_loss(torch.randn(4, 3, device="cuda"))
+
+
+def test_non_cpu_tensor_error_names_the_build_option():
+    # A meta tensor takes the same path as a CUDA tensor in this CPU-only build.
+    with pytest.raises(NotImplementedError, match="MOEREG_TORCH_CUDA=1"):
+        mt.z_loss(torch.empty(4, 3, device="meta"))
+    with pytest.raises(NotImplementedError, match="CPU-only"):
+        mt.specialization(torch.empty(4, 2, 3, device="meta"), torch.zeros(4, 2, dtype=torch.long))
