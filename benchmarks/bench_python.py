@@ -6,6 +6,9 @@ overhead per op. One run, same inputs, same thread count for both.
 Times are the minimum of `reps` runs of forward + backward (the gradient of the loss with
 respect to its floating input), after one warm-up run: the minimum, not the median, because
 on a shared machine the other runs measure the neighbours' load.
+
+The last column, a clone of the op's floating input (one read and one write of a fresh
+tensor, as the gradient is), is the memory-bound floor of that machine at that moment.
 """
 import argparse
 import time
@@ -102,6 +105,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    load0 = open("/proc/loadavg").read().split()[:3]
     T_r, E_r = (2048, 64) if a.quick else (16384, 256)
     T_a, K, D = (512, 8, 128) if a.quick else (4096, 8, 1024)
     reps = 3 if a.quick else 7
@@ -125,7 +129,8 @@ def main():
                    lambda: e_coupling([P, P2], [I, I2], m), [P, P2]))
     for name, f_mt, f_eager, xs in router:
         tm, te = timeit(fwd_bwd(f_mt, xs), reps), timeit(fwd_bwd(f_eager, xs), reps)
-        rows.append((name, f"T={T_r}, E={E_r}, float32", tm, te))
+        tc = timeit(lambda: [x.detach().clone() for x in xs], reps)
+        rows.append((name, f"T={T_r}, E={E_r}, float32", tm, te, tc))
     del P, Z, P2
     H = torch.randn(T_a, K, D).requires_grad_()
     Ia = torch.stack([torch.randperm(64)[:K] for _ in range(T_a)])
@@ -133,7 +138,8 @@ def main():
     for name, f_mt, f_eager in [("specialization", lambda: mt.specialization(H, Ia, ma), lambda: e_spec(H, Ia, ma)),
                                 ("orthogonality", lambda: mt.orthogonality(H, Ia, ma), lambda: e_ortho(H, Ia, ma))]:
         tm, te = timeit(fwd_bwd(f_mt, [H]), reps), timeit(fwd_bwd(f_eager, [H]), reps)
-        rows.append((name, f"T={T_a}, k={K}, d={D}, float32", tm, te))
+        tc = timeit(lambda: H.detach().clone(), reps)
+        rows.append((name, f"T={T_a}, k={K}, d={D}, float32", tm, te, tc))
     del H
 
     # Python call overhead on small inputs: forward only (no grad) and forward + backward.
@@ -177,10 +183,12 @@ def main():
                 break
     print(f"moereg_torch {mt.__version__}, torch {torch.__version__}, {a.threads} threads, CPU: {model}")
     print()
-    print("| op | size | moereg_torch fwd+bwd (ms) | eager autograd fwd+bwd (ms) | speed-up |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, size, tm, te in rows:
-        print(f"| {name} | {size} | {tm * 1e3:.2f} | {te * 1e3:.2f} | {te / tm:.1f}x |")
+    print(f"load average before / after: {load0} / {open('/proc/loadavg').read().split()[:3]}")
+    print()
+    print("| op | size | moereg_torch fwd+bwd (ms) | eager autograd fwd+bwd (ms) | speed-up | input clone (ms) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, size, tm, te, tc in rows:
+        print(f"| {name} | {size} | {tm * 1e3:.2f} | {te * 1e3:.2f} | {te / tm:.1f}x | {tc * 1e3:.2f} |")
     print()
     print("| op (T=8, E=8 or k=2, d=8) | call, no grad (us) | call + backward (us) |")
     print("| --- | --- | --- |")

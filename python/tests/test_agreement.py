@@ -176,6 +176,3 @@ def test_defaults_match_the_library():
             assert params[opt].kind == inspect.Parameter.KEYWORD_ONLY, (name, opt)
             assert params[opt].default == value, (name, opt, params[opt].default, value)
 
-
-def pytest_sessionfinish():
-    pass
