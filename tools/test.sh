@@ -11,3 +11,5 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS_RELEAS
   -DMOEREG_ENABLE_CUDA=OFF "$@"
 cmake --build build -j "$jobs"
 ctest --test-dir build --output-on-failure -j "$jobs"
+# The PyTorch package (python/): built with pip against Debian's torch and tested with pytest.
+bash tools/python-test.sh build-python
