@@ -22,7 +22,6 @@
 
 MOEREG_NAMESPACE_BEGIN
 
-/// A strided 2-D view. `T` may be const-qualified for inputs.
 namespace detail {
 /// Whether an n-dimensional strided view addresses a distinct element for every index
 /// (mdspan's is_unique question), by the usual sufficient test: the dimensions of extent > 1,
@@ -49,6 +48,7 @@ inline bool strides_unique(int n, const index_t* extent, const index_t* stride) 
 }
 }  // namespace detail
 
+/// A strided 2-D view. `T` may be const-qualified for inputs.
 template <class T>
 struct matrix_view {
   T* data = nullptr;  ///< first element, (0, 0)
