@@ -14,6 +14,7 @@
 #include <moereg/testing/gradcheck.hpp>
 
 #include "reference/reference.hpp"
+#include "support/grad_buffers.hpp"
 #include "support/random.hpp"
 
 namespace {
@@ -131,8 +132,8 @@ TEST_CASE("stats_bundle packs several losses end to end and unpacks each slice",
 
   // Each loss finishes from its slice exactly as from its own statistics.
   std::vector<double> g1(37 * 6), g2(37 * 6);
-  const double v1 = lb.value_and_grad(in_lb, moereg::matrix_view<double>(g1.data(), 37, 6), {}, bundle.view(h1));
-  const double v2 = lb.value_and_grad(in_lb, moereg::matrix_view<double>(g2.data(), 37, 6));
+  const double v1 = moereg_test::checked_matrix_into(g1, lb, in_lb, 37, 6, {}, bundle.view(h1));
+  const double v2 = moereg_test::checked_matrix_into(g2, lb, in_lb, 37, 6);
   CHECK(v1 == v2);
   CHECK(g1 == g2);
 
@@ -178,8 +179,8 @@ TEST_CASE("summing the bundles of three uneven parts reproduces the whole batch"
 
   // Whole batch in one call, and the naive reference.
   std::vector<double> g_lb(static_cast<std::size_t>(b.T * E)), g_z(g_lb.size());
-  const double v_lb = lb.value_and_grad(lb_rows(b, 0, b.T), moereg::matrix_view<double>(g_lb.data(), b.T, E));
-  const double v_z = zl.value_and_grad(z_rows(b, 0, b.T), moereg::matrix_view<double>(g_z.data(), b.T, E));
+  const double v_lb = moereg_test::checked_matrix_into(g_lb, lb, lb_rows(b, 0, b.T), b.T, E);
+  const double v_z = moereg_test::checked_matrix_into(g_z, zl, z_rows(b, 0, b.T), b.T, E);
   const auto I_ll = moereg_test::cast<long long>(b.I);
   const auto m_int = moereg_test::to_int_mask(b.mask);
   const auto ref_lb = moereg_ref::load_balancing(b.P, I_ll, m_int, b.T, E, k, 0.03);
@@ -204,10 +205,8 @@ TEST_CASE("summing the bundles of three uneven parts reproduces the whole batch"
   for (std::size_t p = 0; p < 3; ++p) {
     const index_t r0 = cut[p], r1 = cut[p + 1], n = r1 - r0;
     std::vector<double> gl(static_cast<std::size_t>(n * E), 99.0), gz(gl.size(), 99.0);
-    sum_lb +=
-        lb.value_and_grad(lb_rows(b, r0, r1), moereg::matrix_view<double>(gl.data(), n, E), {}, parts[p].view(h_lb[p]));
-    sum_z +=
-        zl.value_and_grad(z_rows(b, r0, r1), moereg::matrix_view<double>(gz.data(), n, E), {}, parts[p].view(h_z[p]));
+    sum_lb += moereg_test::checked_matrix_into(gl, lb, lb_rows(b, r0, r1), n, E, {}, parts[p].view(h_lb[p]));
+    sum_z += moereg_test::checked_matrix_into(gz, zl, z_rows(b, r0, r1), n, E, {}, parts[p].view(h_z[p]));
     CHECK(moereg_test::rel_diff(gl, rows_of(g_lb, r0, r1, E)) <= 1e-12);
     CHECK(moereg_test::rel_diff(gz, rows_of(g_z, r0, r1, E)) <= 1e-12);
     CHECK(moereg_test::rel_diff(gl, rows_of(ref_lb.grad, r0, r1, E)) <= 1e-12);
@@ -338,13 +337,12 @@ TEST_CASE("global scope: f from the accumulated global batch, pbar local (two ph
 
   // Phase two: every part's gradient with the accumulated sums.
   std::vector<double> gz_whole(static_cast<std::size_t>(b.T * E));
-  const double vz_whole = zl.value_and_grad(z_rows(b, 0, b.T), moereg::matrix_view<double>(gz_whole.data(), b.T, E));
+  const double vz_whole = moereg_test::checked_matrix_into(gz_whole, zl, z_rows(b, 0, b.T), b.T, E);
   double vz_sum = 0;
   for (std::size_t p = 0; p < 6; ++p) {
     const index_t r0 = cut[p], r1 = cut[p + 1], n = r1 - r0;
     std::vector<double> g(static_cast<std::size_t>(n * E), -1.0), gz(g.size());
-    const double v =
-        lb.value_and_grad(lb_rows(b, r0, r1), moereg::matrix_view<double>(g.data(), n, E), {}, acc.view(h_lb));
+    const double v = moereg_test::checked_matrix_into(g, lb, lb_rows(b, r0, r1), n, E, {}, acc.view(h_lb));
     const auto hand = hand_global(b, {{0, b.T}}, r0, r1, 0.05);
     INFO("part " << p);
     CHECK(v == Approx(hand.value).epsilon(1e-12));
@@ -356,7 +354,7 @@ TEST_CASE("global scope: f from the accumulated global batch, pbar local (two ph
       CHECK(v > 0.0);
     }
     // z-loss fed accumulated sums normalises by the global batch's T_v.
-    vz_sum += zl.value_and_grad(z_rows(b, r0, r1), moereg::matrix_view<double>(gz.data(), n, E), {}, acc.view(h_z));
+    vz_sum += moereg_test::checked_matrix_into(gz, zl, z_rows(b, r0, r1), n, E, {}, acc.view(h_z));
     CHECK(moereg_test::rel_diff(gz, rows_of(gz_whole, r0, r1, E)) <= 1e-12);
   }
   CHECK(vz_sum == Approx(vz_whole).epsilon(1e-12));
@@ -398,7 +396,7 @@ TEST_CASE("global scope: running sums and previous-step sums (one-pass schedules
     // Running: (reduce, then) add, and use at once: micro-batch i sees rows g0..r1.
     running.add(bundle);
     std::vector<double> g(static_cast<std::size_t>(n * E));
-    const double v = lb.value_and_grad(in, moereg::matrix_view<double>(g.data(), n, E), {}, running.view(h));
+    const double v = moereg_test::checked_matrix_into(g, lb, in, n, E, {}, running.view(h));
     const auto hand = hand_global(b, {{g0, r1}}, r0, r1, lb.cfg.coef);
     INFO("micro-batch " << i);
     CHECK(v == Approx(hand.value).epsilon(1e-12));
@@ -409,7 +407,7 @@ TEST_CASE("global scope: running sums and previous-step sums (one-pass schedules
     whole.add(bundle);
     const moereg::stats_view prev = whole.previous(h);
     std::vector<double> gp(static_cast<std::size_t>(n * E));
-    const double vp = lb.value_and_grad(in, moereg::matrix_view<double>(gp.data(), n, E), {}, prev);
+    const double vp = moereg_test::checked_matrix_into(gp, lb, in, n, E, {}, prev);
     const auto hand_prev =
         i < 3 ? hand_global(b, {{r0, r1}}, r0, r1, lb.cfg.coef) : hand_global(b, {{0, 100}}, r0, r1, lb.cfg.coef);
     CHECK(prev.empty() == (i < 3));

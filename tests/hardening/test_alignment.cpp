@@ -11,6 +11,7 @@
 
 #include <moereg/moereg.hpp>
 
+#include "support/grad_buffers.hpp"
 #include "support/random.hpp"
 
 namespace {
@@ -41,21 +42,42 @@ run_out<T> run_all(int off, const std::vector<T>& P0, const std::vector<T>& H0, 
   const moereg::activation_view<const T, moereg::token_major> hv{H, L};
   const moereg::activation_view<T, moereg::token_major> ghv{GH.data() + off, L};
   run_out<T> r;
-  auto keep_p = [&] { r.grads.insert(r.grads.end(), gv.data, gv.data + P0.size()); };
-  auto keep_h = [&] { r.grads.insert(r.grads.end(), ghv.data, ghv.data + H0.size()); };
+  // Every gradient buffer holds the NaN sentinel before each overwrite-mode call, so an entry
+  // a loss does not write cannot inherit the previous loss's value (support/grad_buffers.hpp).
+  auto fresh = [&] {
+    moereg_test::fill_sentinel(GP);
+    moereg_test::fill_sentinel(GP2);
+    moereg_test::fill_sentinel(GH);
+  };
+  auto written = [](const T* p, std::size_t n) { return moereg_test::count_nan(std::vector<T>(p, p + n)) == 0; };
+  auto keep_p = [&] {
+    CHECK(written(gv.data, P0.size()));
+    r.grads.insert(r.grads.end(), gv.data, gv.data + P0.size());
+  };
+  auto keep_h = [&] {
+    CHECK(written(ghv.data, H0.size()));
+    r.grads.insert(r.grads.end(), ghv.data, ghv.data + H0.size());
+  };
+  fresh();
   r.values.push_back(moereg::z_loss{}.value_and_grad(moereg::z_loss_inputs<T>{pv, m}, gv));
   keep_p();
+  fresh();
   r.values.push_back(moereg::entropy_loss{}.value_and_grad(moereg::entropy_inputs<T>{pv, m}, gv));
   keep_p();
+  fresh();
   r.values.push_back(moereg::load_balancing_loss{}.value_and_grad(moereg::load_balancing_inputs<T>{pv, tv, m}, gv));
   keep_p();
+  fresh();
   r.values.push_back(moereg::variance_loss{}.value_and_grad(moereg::variance_inputs<T>{pv, m}, gv));
   keep_p();
+  fresh();
   r.values.push_back(moereg::importance_loss{}.value_and_grad(moereg::importance_inputs<T>{pv, m}, gv));
   keep_p();
+  fresh();
   r.values.push_back(moereg::specialization_loss{}.value_and_grad(
       moereg::specialization_inputs<T, moereg::token_major>{hv, tv, m}, ghv));
   keep_h();
+  fresh();
   r.values.push_back(moereg::orthogonality_loss{}.value_and_grad(
       moereg::orthogonality_inputs<T, moereg::token_major>{hv, tv, m}, ghv));
   keep_h();
@@ -70,8 +92,10 @@ run_out<T> run_all(int off, const std::vector<T>& P0, const std::vector<T>& H0, 
     ci.topk = ts;
     ci.layers = 2;
     ci.mask = m;
+    fresh();
     r.values.push_back(cl.value_and_grad(ci, gs));
     keep_p();
+    CHECK(written(gv2.data, P0.size()));
     r.grads.insert(r.grads.end(), gv2.data, gv2.data + P0.size());
   }
   return r;

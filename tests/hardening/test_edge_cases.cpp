@@ -12,6 +12,7 @@
 
 #include "hardening/cases.hpp"
 #include "reference/reference.hpp"
+#include "support/grad_buffers.hpp"
 
 namespace {
 
@@ -49,8 +50,8 @@ void z_loss_huge_logits(double rtol_value, double rtol_grad) {
   const std::vector<std::uint8_t> mask = {1, 1, 1, 1, 0};
   std::vector<S> g(raw.size());
   moereg::z_loss loss{};
-  const double v = loss.value_and_grad(moereg::z_loss_inputs<S>{{z.data(), T, E}, moereg::mask_view(mask.data(), T)},
-                                       moereg::matrix_view<S>(g.data(), T, E));
+  const double v = moereg_test::checked_matrix_into(
+      g, loss, moereg::z_loss_inputs<S>{{z.data(), T, E}, moereg::mask_view(mask.data(), T)}, T, E);
   const auto ref = moereg_ref::z_loss(zd, std::vector<int>(mask.begin(), mask.end()), T, E, loss.cfg.coef);
   std::vector<double> gd(g.size());
   for (std::size_t i = 0; i < g.size(); ++i) gd[i] = static_cast<double>(g[i]);
@@ -74,8 +75,8 @@ TEST_CASE("entropy with probabilities exactly 0 and 1", "[hardening][edge]") {
   const std::vector<double> P = {1, 0, 0, 0, 0.5, 0.5, 0, 0, 0, 0, 0, 1, 0.25, 0.25, 0.25, 0.25};
   std::vector<double> g(P.size());
   const moereg::entropy_loss loss{};
-  const double v = loss.value_and_grad(moereg::entropy_inputs<double>{{P.data(), T, E}, {}},
-                                       moereg::matrix_view<double>(g.data(), T, E));
+  const double v =
+      moereg_test::checked_matrix_into(g, loss, moereg::entropy_inputs<double>{{P.data(), T, E}, {}}, T, E);
   const auto ref = moereg_ref::entropy(P, {}, T, E, loss.cfg.coef);
   REQUIRE(std::isfinite(v));
   REQUIRE(all_finite(g));
@@ -86,8 +87,8 @@ TEST_CASE("entropy with probabilities exactly 0 and 1", "[hardening][edge]") {
   // float storage: same, at float precision
   const auto Pf = moereg_test::cast<float>(P);
   std::vector<float> gf(P.size());
-  const double vf = loss.value_and_grad(moereg::entropy_inputs<float>{{Pf.data(), T, E}, {}},
-                                        moereg::matrix_view<float>(gf.data(), T, E));
+  const double vf =
+      moereg_test::checked_matrix_into(gf, loss, moereg::entropy_inputs<float>{{Pf.data(), T, E}, {}}, T, E);
   CHECK(vf == Approx(ref.value).epsilon(1e-6));
   check_close(moereg_test::cast<double>(gf), ref.grad, 1e-6);
 }
@@ -151,33 +152,33 @@ TEST_CASE("a fully masked batch gives 0 and an all-zero gradient for every loss"
       moereg::load_balancing_loss loss{};
       loss.cfg.scope = scope;
       if (scope == moereg::lb_scope::sequence) loss.cfg.seq_len = 100;
-      expect_zero(loss.value_and_grad(moereg::load_balancing_inputs<double>{{c.P.data(), T, E}, topk, mask},
-                                      moereg::matrix_view<double>(g.data(), T, E)),
+      expect_zero(moereg_test::checked_matrix_into(
+                      g, loss, moereg::load_balancing_inputs<double>{{c.P.data(), T, E}, topk, mask}, T, E),
                   g);
     }
   }
   SECTION("z-loss") {
-    expect_zero(moereg::z_loss{}.value_and_grad(moereg::z_loss_inputs<double>{{c.Z.data(), T, E}, mask},
-                                                moereg::matrix_view<double>(g.data(), T, E)),
+    expect_zero(moereg_test::checked_matrix_into(g, moereg::z_loss{},
+                                                 moereg::z_loss_inputs<double>{{c.Z.data(), T, E}, mask}, T, E),
                 g);
   }
   SECTION("variance, both axes") {
     for (auto axis : {moereg::variance_axis::tokens, moereg::variance_axis::experts}) {
       moereg::variance_loss loss{};
       loss.cfg.axis = axis;
-      expect_zero(loss.value_and_grad(moereg::variance_inputs<double>{{c.P.data(), T, E}, mask},
-                                      moereg::matrix_view<double>(g.data(), T, E)),
-                  g);
+      expect_zero(
+          moereg_test::checked_matrix_into(g, loss, moereg::variance_inputs<double>{{c.P.data(), T, E}, mask}, T, E),
+          g);
     }
   }
   SECTION("entropy") {
-    expect_zero(moereg::entropy_loss{}.value_and_grad(moereg::entropy_inputs<double>{{c.P.data(), T, E}, mask},
-                                                      moereg::matrix_view<double>(g.data(), T, E)),
+    expect_zero(moereg_test::checked_matrix_into(g, moereg::entropy_loss{},
+                                                 moereg::entropy_inputs<double>{{c.P.data(), T, E}, mask}, T, E),
                 g);
   }
   SECTION("importance") {
-    expect_zero(moereg::importance_loss{}.value_and_grad(moereg::importance_inputs<double>{{c.P.data(), T, E}, mask},
-                                                         moereg::matrix_view<double>(g.data(), T, E)),
+    expect_zero(moereg_test::checked_matrix_into(g, moereg::importance_loss{},
+                                                 moereg::importance_inputs<double>{{c.P.data(), T, E}, mask}, T, E),
                 g);
   }
   SECTION("coupling, every form") {
@@ -214,9 +215,9 @@ TEST_CASE("k = E: every expert selected by every token", "[hardening][edge]") {
   const auto mask = moereg_test::to_int_mask(m8);
   std::vector<double> g(P.size());
   const moereg::load_balancing_loss lb{};
-  const double v = lb.value_and_grad(moereg::load_balancing_inputs<double>{{P.data(), T, E}, {I.data(), T, k},
-                                                                            moereg::mask_view(m8.data(), T)},
-                                     moereg::matrix_view<double>(g.data(), T, E));
+  const double v = moereg_test::checked_matrix_into(
+      g, lb, moereg::load_balancing_inputs<double>{{P.data(), T, E}, {I.data(), T, k}, moereg::mask_view(m8.data(), T)},
+      T, E);
   const auto ref = moereg_ref::load_balancing(P, as_ll(I), mask, T, E, k, lb.cfg.coef);
   CHECK(v == Approx(ref.value).epsilon(1e-13));
   check_close(g, ref.grad, 1e-13);
@@ -248,8 +249,8 @@ TEST_CASE("E = 1: a single expert", "[hardening][edge]") {
 
   SECTION("load balancing: f = 1, pbar = 1, L = alpha") {
     const moereg::load_balancing_loss loss{};
-    const double v = loss.value_and_grad(moereg::load_balancing_inputs<double>{{P.data(), T, E}, {I.data(), T, 1}, mv},
-                                         moereg::matrix_view<double>(g.data(), T, E));
+    const double v = moereg_test::checked_matrix_into(
+        g, loss, moereg::load_balancing_inputs<double>{{P.data(), T, E}, {I.data(), T, 1}, mv}, T, E);
     const auto ref = moereg_ref::load_balancing(P, as_ll(I), mask, T, E, 1, loss.cfg.coef);
     CHECK(v == Approx(loss.cfg.coef).epsilon(1e-14));
     CHECK(v == Approx(ref.value).epsilon(1e-14));
@@ -257,8 +258,8 @@ TEST_CASE("E = 1: a single expert", "[hardening][edge]") {
   }
   SECTION("z-loss: lse = z, L = beta * mean z^2") {
     const moereg::z_loss loss{};
-    const double v = loss.value_and_grad(moereg::z_loss_inputs<double>{{Z.data(), T, E}, mv},
-                                         moereg::matrix_view<double>(g.data(), T, E));
+    const double v =
+        moereg_test::checked_matrix_into(g, loss, moereg::z_loss_inputs<double>{{Z.data(), T, E}, mv}, T, E);
     double want = 0;
     for (long long t = 0; t < T; ++t) want += m8[static_cast<std::size_t>(t)] ? Z[static_cast<std::size_t>(t)] * Z[static_cast<std::size_t>(t)] : 0.0;
     want *= loss.cfg.coef / tv;
@@ -268,8 +269,8 @@ TEST_CASE("E = 1: a single expert", "[hardening][edge]") {
   }
   SECTION("entropy: 0, with the gradient of -p log p at p = 1") {
     const moereg::entropy_loss loss{};
-    const double v = loss.value_and_grad(moereg::entropy_inputs<double>{{P.data(), T, E}, mv},
-                                         moereg::matrix_view<double>(g.data(), T, E));
+    const double v =
+        moereg_test::checked_matrix_into(g, loss, moereg::entropy_inputs<double>{{P.data(), T, E}, mv}, T, E);
     const auto ref = moereg_ref::entropy(P, mask, T, E, loss.cfg.coef);
     CHECK(v == 0.0);
     check_close(g, ref.grad, 1e-14);
@@ -279,8 +280,8 @@ TEST_CASE("E = 1: a single expert", "[hardening][edge]") {
     for (auto axis : {moereg::variance_axis::tokens, moereg::variance_axis::experts}) {
       moereg::variance_loss loss{};
       loss.cfg.axis = axis;
-      const double v = loss.value_and_grad(moereg::variance_inputs<double>{{S.data(), T, E}, mv},
-                                           moereg::matrix_view<double>(g.data(), T, E));
+      const double v =
+          moereg_test::checked_matrix_into(g, loss, moereg::variance_inputs<double>{{S.data(), T, E}, mv}, T, E);
       const auto ref = moereg_ref::variance(S, mask, T, E, loss.cfg.coef,
                                             axis == moereg::variance_axis::tokens ? "tokens" : "experts", false);
       if (axis == moereg::variance_axis::experts) {
@@ -295,8 +296,8 @@ TEST_CASE("E = 1: a single expert", "[hardening][edge]") {
   }
   SECTION("importance: CV^2 of one expert is 0") {
     const moereg::importance_loss loss{};
-    const double v = loss.value_and_grad(moereg::importance_inputs<double>{{P.data(), T, E}, mv},
-                                         moereg::matrix_view<double>(g.data(), T, E));
+    const double v =
+        moereg_test::checked_matrix_into(g, loss, moereg::importance_inputs<double>{{P.data(), T, E}, mv}, T, E);
     const auto ref = moereg_ref::importance(P, mask, T, E, loss.cfg.coef);
     CHECK(v == 0.0);
     CHECK(v == Approx(ref.value).margin(1e-15));

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "reference/reference.hpp"
+#include "support/grad_buffers.hpp"
 #include "support/random.hpp"
 
 namespace {
@@ -120,6 +121,32 @@ struct lib_call {
       default: return moereg::matrix_view<U>(d, pb.T, pb.E);
     }
   }
+  /// value_and_grad through moereg_test::checked_grad (support/grad_buffers.hpp) on one flat
+  /// buffer holding every layer's gradient: NaN before the overwrite call, random values before
+  /// an accumulate call, and the entries of the padded layout that map to no (t, e) must stay
+  /// untouched. Gbuf holds the overwrite-mode gradients afterwards.
+  template <class Loss>
+  double checked(const Loss& loss, moereg::grad_options o = {}, moereg::stats_view st = {}, moereg::cpu be = {}) {
+    const std::size_t n = static_cast<std::size_t>(layout_size()), L = pb.layers();
+    std::vector<char> mapped(n * L, 0);
+    for (std::size_t l = 0; l < L; ++l)
+      for (long long t = 0; t < pb.T; ++t)
+        for (long long e = 0; e < pb.E; ++e) mapped[l * n + off(t, e)] = 1;
+    moereg_test::grad_check_options chk;
+    chk.mapped = &mapped;
+    auto r = moereg_test::checked_grad<S>(
+        n * L,
+        [&](S* b, moereg::grad_options go) {
+          std::vector<moereg::matrix_view<S>> views;
+          for (std::size_t l = 0; l < L; ++l) views.push_back(view(b + l * n));
+          return loss.value_and_grad(in, views.data(), go, st, be);
+        },
+        o, chk);
+    for (std::size_t l = 0; l < L; ++l)
+      std::copy(r.grad.begin() + static_cast<std::ptrdiff_t>(l * n),
+                r.grad.begin() + static_cast<std::ptrdiff_t>((l + 1) * n), Gbuf[l].begin());
+    return r.value;
+  }
   std::vector<vec> grads() const {
     std::vector<vec> out;
     for (std::size_t l = 0; l < pb.layers(); ++l) {
@@ -167,7 +194,7 @@ TEST_CASE("coupling matches the reference in double", "[coupling]") {
       const auto ref = reference(pb, lambda, f);
       lib_call<double> c(pb, sh.lay, sh.int32);
       const moereg::coupling_loss loss{{lambda, f}};
-      const double v = loss.value_and_grad(c.in, c.gv.data());
+      const double v = c.checked(loss);
       INFO("form " << form_name(f) << " T " << sh.T << " E " << sh.E << " layers " << sh.k.size());
       CHECK(rel(v, ref.first) < 1e-12);
       CHECK(max_rel(c.grads(), ref.second) < 1e-12);
@@ -185,7 +212,7 @@ TEST_CASE("coupling log form honours eps", "[coupling]") {
   for (double eps : {1e-12, 1e-3, 0.5}) {
     const auto ref = reference(pb, 1.0, coupling_form::log, eps);
     lib_call<double> c(pb);
-    const double v = moereg::coupling_loss{{1.0, coupling_form::log, eps}}.value_and_grad(c.in, c.gv.data());
+    const double v = c.checked(moereg::coupling_loss{{1.0, coupling_form::log, eps}});
     CHECK(rel(v, ref.first) < 1e-12);
     CHECK(max_rel(c.grads(), ref.second) < 1e-12);
   }
@@ -198,7 +225,7 @@ TEST_CASE("coupling gradients match finite differences", "[coupling][gradcheck]"
       const problem base = make_problem(seed++, 7, 5, ks, true, 0.2, 0.3);
       const moereg::coupling_loss loss{{1.0, f}};
       lib_call<double> c(base);
-      (void)loss.value_and_grad(c.in, c.gv.data());
+      (void)c.checked(loss);
       vec x, g;
       for (std::size_t l = 0; l < base.layers(); ++l) x.insert(x.end(), base.P[l].begin(), base.P[l].end());
       for (const auto& gl : c.grads()) g.insert(g.end(), gl.begin(), gl.end());
@@ -224,7 +251,7 @@ TEST_CASE("coupling odd sizes: T = 0, T = 1, all masked, E = 1, k = E", "[coupli
       problem pb = make_problem(1, 0, 4, {2, 2}, false);
       lib_call<double> c(pb);
       const moereg::coupling_loss loss{{1.0, f}};
-      CHECK(loss.value_and_grad(c.in, c.gv.data()) == 0.0);
+      CHECK(c.checked(loss) == 0.0);
       CHECK(loss.local_stats(c.in)[0] == 0.0);
     }
     {  // all masked: value 0, gradient overwritten with zeros, accumulate leaves it alone
@@ -235,7 +262,7 @@ TEST_CASE("coupling odd sizes: T = 0, T = 1, all masked, E = 1, k = E", "[coupli
       const moereg::coupling_loss loss{{1.0, f}};
       CHECK(loss.value_and_grad(c.in, c.gv.data(), {1.0, true}) == 0.0);
       for (const auto& g : c.grads()) CHECK(moereg_test::max_abs(g) == 3.0);
-      CHECK(loss.value_and_grad(c.in, c.gv.data()) == 0.0);
+      CHECK(c.checked(loss) == 0.0);
       for (const auto& g : c.grads()) CHECK(moereg_test::max_abs(g) == 0.0);
     }
     for (const auto& sh : std::vector<std::pair<long long, std::vector<long long>>>{
@@ -244,7 +271,7 @@ TEST_CASE("coupling odd sizes: T = 0, T = 1, all masked, E = 1, k = E", "[coupli
         const problem pb = make_problem(static_cast<std::uint64_t>(T * 7 + sh.first), T, sh.first, sh.second, T > 1);
         const auto ref = reference(pb, 0.5, f);
         lib_call<double> c(pb);
-        const double v = moereg::coupling_loss{{0.5, f}}.value_and_grad(c.in, c.gv.data());
+        const double v = c.checked(moereg::coupling_loss{{0.5, f}});
         CHECK(std::abs(v - ref.first) <= 1e-12 * std::abs(ref.first) + 1e-300);
         CHECK(max_rel(c.grads(), ref.second) < 1e-12);
       }
@@ -267,7 +294,7 @@ TEST_CASE("coupling batch form: ties go to the lower expert index", "[coupling]"
   pb.P = {p1, p2};
   pb.I = {std::vector<long long>(6, 0), std::vector<long long>(12, -1)};
   lib_call<double> c(pb);
-  const double v = moereg::coupling_loss{{1.0, coupling_form::batch}}.value_and_grad(c.in, c.gv.data());
+  const double v = c.checked(moereg::coupling_loss{{1.0, coupling_form::batch}});
   // J^1[e, 0] = 0.5 * 0.25 for e in {0, 1}, 0 for e in {2, 3}: L = -(0.125 + 0.125).
   CHECK(v == Approx(-0.25).epsilon(1e-15));
   const auto g = c.grads();
@@ -292,8 +319,8 @@ TEMPLATE_TEST_CASE("coupling 16-bit inputs agree with float", "[coupling][half]"
     lib_call<S> cs(pb, layout::padded);
     lib_call<float> cf(pb);
     const moereg::coupling_loss loss{{1.0, f}};
-    const double vs = loss.value_and_grad(cs.in, cs.gv.data());
-    const double vf = loss.value_and_grad(cf.in, cf.gv.data());
+    const double vs = cs.checked(loss);
+    const double vf = cf.checked(loss);
     INFO(form_name(f));
     CHECK(rel(vs, vf) < 1e-5);
     CHECK(max_rel(cs.grads(), cf.grads()) < tol);
@@ -322,7 +349,8 @@ TEST_CASE("coupling grad_scale and accumulate", "[coupling]") {
     for (std::size_t l = 0; l < want.size(); ++l)
       for (std::size_t i = 0; i < want[l].size(); ++i) want[l][i] += gs * ref.second[l][i];
     CHECK(max_rel(c.grads(), want) < 1e-12);
-    // backward overwrites
+    // backward overwrites (an entry it does not write stays NaN)
+    for (auto& g : c.Gbuf) moereg_test::fill_sentinel(g);
     moereg::coupling_loss{{0.8, f}}.backward(c.in, c.gv.data(), {gs, false});
     std::vector<vec> scaled = ref.second;
     for (auto& g : scaled)
@@ -341,8 +369,8 @@ TEMPLATE_TEST_CASE("coupling is bitwise identical for 1 and 2 threads", "[coupli
       for (layout lay : {layout::row_major, layout::col_major}) {
         lib_call<S> c1(pb, lay), c2(pb, lay);
         const moereg::coupling_loss loss{{1.0, f}};
-        const double v1 = loss.value_and_grad(c1.in, c1.gv.data(), {}, {}, moereg::cpu{1});
-        const double v2 = loss.value_and_grad(c2.in, c2.gv.data(), {}, {}, moereg::cpu{2});
+        const double v1 = c1.checked(loss, {}, {}, moereg::cpu{1});
+        const double v2 = c2.checked(loss, {}, {}, moereg::cpu{2});
         INFO(form_name(f) << " T " << T);
         CHECK(std::memcmp(&v1, &v2, sizeof v1) == 0);
         for (std::size_t l = 0; l < pb.layers(); ++l)
@@ -360,7 +388,7 @@ TEST_CASE("coupling statistics: three uneven parts reproduce the whole batch", "
       const problem pb = make_problem(seed++, 611, 6, {2, 3, 2}, use_mask);
       const moereg::coupling_loss loss{{0.9, f}};
       lib_call<double> whole(pb);
-      const double vw = loss.value_and_grad(whole.in, whole.gv.data());
+      const double vw = whole.checked(loss);
       const auto gw = whole.grads();
       const long long cuts[] = {0, 17, 400, 611};
       std::vector<problem> parts;
@@ -379,7 +407,7 @@ TEST_CASE("coupling statistics: three uneven parts reproduce the whole batch", "
       double vsum = 0;
       for (int i = 0; i < 3; ++i) {
         lib_call<double> c(parts[static_cast<std::size_t>(i)]);
-        vsum += loss.value_and_grad(c.in, c.gv.data(), {}, moereg::stats_view{reduced.data(), static_cast<index_t>(reduced.size())});
+        vsum += c.checked(loss, {}, moereg::stats_view{reduced.data(), static_cast<index_t>(reduced.size())});
         const auto gp = c.grads();
         for (std::size_t l = 0; l < pb.layers(); ++l) {
           const vec want(gw[l].begin() + cuts[i] * pb.E, gw[l].begin() + cuts[i + 1] * pb.E);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "reference/reference.hpp"
+#include "support/grad_buffers.hpp"
 #include "support/random.hpp"
 
 namespace {
@@ -62,6 +63,24 @@ struct call1 {
     return out;
   }
   moereg::entropy_inputs<S> in() const { return {x, m}; }
+  /// value_and_grad through moereg_test::checked_grad (support/grad_buffers.hpp): NaN in every
+  /// entry before the overwrite call, random values before an accumulate call, and the entries
+  /// of the padded layout that map to no (t, e) must stay untouched. G holds the overwrite-mode
+  /// gradient afterwards (NaN in the unmapped entries).
+  template <class Loss>
+  double checked(const Loss& loss, moereg::grad_options o = {}, moereg::stats_view st = {}, moereg::cpu be = {}) {
+    std::vector<char> mapped(G.size(), 0);
+    for (long long t = 0; t < T; ++t)
+      for (long long e = 0; e < E; ++e) mapped[off(t, e)] = 1;
+    moereg_test::grad_check_options chk;
+    chk.mapped = &mapped;
+    auto r = moereg_test::checked_grad<S>(
+        G.size(), [&](S* b, moereg::grad_options go) { return loss.value_and_grad(in(), view<S>(b), go, st, be); }, o,
+        chk);
+    G = r.grad;
+    g = view<S>(G.data());
+    return r.value;
+  }
 };
 
 double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
@@ -100,7 +119,7 @@ TEST_CASE("entropy matches the reference in double", "[entropy]") {
     const auto ref = reference(P, mask, sh.T, sh.E, 0.61);
     call1<double> c(P, mask, sh.T, sh.E, sh.lay);
     const moereg::entropy_loss loss{{0.61}};
-    const double v = loss.value_and_grad(c.in(), c.g);
+    const double v = c.checked(loss);
     INFO("T " << sh.T << " E " << sh.E);
     CHECK(rel(v, ref.value) < 1e-12);
     CHECK(moereg_test::rel_diff(c.grad(), ref.grad) < 1e-12);
@@ -113,7 +132,7 @@ TEST_CASE("entropy matches the reference in double", "[entropy]") {
 TEST_CASE("entropy gradient at and below tiny is -log(tiny)", "[entropy]") {
   const vec P = {0.0, 1e-40, 0.5, 0.5 - 1e-40};
   call1<double> c(P, {}, 1, 4);
-  const double v = moereg::entropy_loss{{1.0}}.value_and_grad(c.in(), c.g);
+  const double v = c.checked(moereg::entropy_loss{{1.0}});
   const vec g = c.grad();
   CHECK(g[0] == -std::log(1e-30));
   CHECK(g[1] == -std::log(1e-30));
@@ -130,7 +149,7 @@ TEST_CASE("entropy gradient matches finite differences", "[entropy][gradcheck]")
     const mask_t mask = moereg_test::random_mask(r, T, 0.3);
     const moereg::entropy_loss loss{{1.0}};
     call1<double> c(P, mask, T, E);
-    (void)loss.value_and_grad(c.in(), c.g);
+    (void)c.checked(loss);
     auto f = [&](const double* x) {
       call1<double> cx(vec(x, x + T * E), mask, T, E);
       return loss.value(cx.in());
@@ -147,7 +166,7 @@ TEST_CASE("entropy odd sizes: T = 0, all masked, E = 1", "[entropy]") {
   const moereg::entropy_loss loss{{1.0}};
   {
     call1<double> c({}, {}, 0, 4);
-    CHECK(loss.value_and_grad(c.in(), c.g) == 0.0);
+    CHECK(c.checked(loss) == 0.0);
     CHECK(loss.local_stats(c.in())[0] == 0.0);
   }
   {
@@ -157,14 +176,14 @@ TEST_CASE("entropy odd sizes: T = 0, all masked, E = 1", "[entropy]") {
     std::fill(c.G.begin(), c.G.end(), 2.0);
     CHECK(loss.value_and_grad(c.in(), c.g, {1.0, true}) == 0.0);
     CHECK(moereg_test::max_abs(c.grad()) == 2.0);
-    CHECK(loss.value_and_grad(c.in(), c.g) == 0.0);
+    CHECK(c.checked(loss) == 0.0);
     CHECK(moereg_test::max_abs(c.grad()) == 0.0);
   }
   {  // E = 1: P = 1 gives entropy 0 and gradient -eta / T_v per valid token
     const vec P(5, 1.0);
     const mask_t mask = {1, 0, 1, 1, 0};
     call1<double> c(P, mask, 5, 1);
-    CHECK(loss.value_and_grad(c.in(), c.g) == 0.0);
+    CHECK(c.checked(loss) == 0.0);
     const vec want = {-1.0 / 3, 0.0, -1.0 / 3, -1.0 / 3, 0.0};
     CHECK(moereg_test::rel_diff(c.grad(), want) < 1e-15);
     CHECK(moereg_test::rel_diff(c.grad(), reference(P, mask, 5, 1, 1.0).grad) < 1e-15);
@@ -182,7 +201,7 @@ TEMPLATE_TEST_CASE("entropy 16-bit inputs agree with float", "[entropy][half]", 
   const moereg::entropy_loss loss{{1.0}};
   call1<S> cs(X, mask, T, E, layout::padded);
   call1<float> cf(X, mask, T, E);
-  const double vs = loss.value_and_grad(cs.in(), cs.g), vf = loss.value_and_grad(cf.in(), cf.g);
+  const double vs = cs.checked(loss), vf = cf.checked(loss);
   CHECK(rel(vs, vf) < 1e-5);
   CHECK(moereg_test::rel_diff(cs.grad(), cf.grad()) < tol);
   const auto ref = reference(X, mask, T, E, 1.0);
@@ -205,6 +224,7 @@ TEST_CASE("entropy grad_scale and accumulate", "[entropy]") {
   vec want = init;
   for (std::size_t i = 0; i < want.size(); ++i) want[i] += gs * ref.grad[i];
   CHECK(moereg_test::rel_diff(c.grad(), want) < 1e-12);
+  moereg_test::fill_sentinel(c.G);  // an entry backward() does not write stays NaN
   loss.backward(c.in(), c.g, {gs, false});
   for (std::size_t i = 0; i < want.size(); ++i) want[i] = gs * ref.grad[i];
   CHECK(moereg_test::rel_diff(c.grad(), want) < 1e-12);
@@ -218,8 +238,8 @@ TEMPLATE_TEST_CASE("entropy is bitwise identical for 1 and 2 threads", "[entropy
   const mask_t mask = moereg_test::random_mask(r, T);
   const moereg::entropy_loss loss{{1.0}};
   call1<S> c1(X, mask, T, E), c2(X, mask, T, E);
-  const double v1 = loss.value_and_grad(c1.in(), c1.g, {}, {}, moereg::cpu{1});
-  const double v2 = loss.value_and_grad(c2.in(), c2.g, {}, {}, moereg::cpu{2});
+  const double v1 = c1.checked(loss, {}, {}, moereg::cpu{1});
+  const double v2 = c2.checked(loss, {}, {}, moereg::cpu{2});
   CHECK(std::memcmp(&v1, &v2, sizeof v1) == 0);
   CHECK(std::memcmp(c1.G.data(), c2.G.data(), c1.G.size() * sizeof(S)) == 0);
 }
@@ -231,7 +251,7 @@ TEST_CASE("entropy statistics: three uneven parts reproduce the whole batch", "[
   const mask_t mask = moereg_test::random_mask(r, T);
   const moereg::entropy_loss loss{{0.9}};
   call1<double> whole(P, mask, T, E);
-  const double vw = loss.value_and_grad(whole.in(), whole.g);
+  const double vw = whole.checked(loss);
   const vec gw = whole.grad();
   std::vector<call1<double>> parts;
   parts.reserve(3);
@@ -244,7 +264,7 @@ TEST_CASE("entropy statistics: three uneven parts reproduce the whole batch", "[
   double vsum = 0;
   for (int i = 0; i < 3; ++i) {
     auto& p = parts[static_cast<std::size_t>(i)];
-    vsum += loss.value_and_grad(p.in(), p.g, {}, {reduced.data(), 1});
+    vsum += p.checked(loss, {}, {reduced.data(), 1});
     const vec want(gw.begin() + cuts[i] * E, gw.begin() + cuts[i + 1] * E);
     CHECK(moereg_test::rel_diff(p.grad(), want, moereg_test::max_abs(gw)) < 1e-12);
   }

@@ -11,6 +11,7 @@
 #include <moereg/testing/gradcheck.hpp>
 
 #include "reference/reference.hpp"
+#include "support/grad_buffers.hpp"
 #include "support/random.hpp"
 
 using moereg::index_t;
@@ -38,8 +39,11 @@ struct lb_case {
 
 double run(const moereg::load_balancing_loss& loss, const moereg::load_balancing_inputs<double>& in,
            std::vector<double>& g, moereg::stats_view st = {}, moereg::cpu be = {}) {
-  g.assign(static_cast<std::size_t>(in.probs.rows * in.probs.cols), 0.0);
-  return loss.value_and_grad(in, moereg::matrix_view<double>(g.data(), in.probs.rows, in.probs.cols), {}, st, be);
+  // NaN-filled before the overwrite call, random before an accumulate call (support/grad_buffers.hpp).
+  return checked_grad_into(
+      g, static_cast<std::size_t>(in.probs.rows * in.probs.cols), [&](double* b, moereg::grad_options o) {
+        return loss.value_and_grad(in, moereg::matrix_view<double>(b, in.probs.rows, in.probs.cols), o, st, be);
+      });
 }
 
 }  // namespace
@@ -90,8 +94,7 @@ TEST_CASE("load balancing: sequence scope with a fixed length and with packed of
   loss.cfg.seq_len = 0;
   auto in = c.inputs();
   in.cu_seqlens = moereg::offsets_view(cu32.data(), 6);
-  g.assign(g.size(), 0.0);
-  v = loss.value_and_grad(in, moereg::matrix_view<double>(g.data(), c.T, c.E));
+  v = run(loss, in, g);
   ref = moereg_ref::load_balancing_seq(c.P, c.I, to_int_mask(c.m), c.T, c.E, c.k, 0.3, cast<long long>(cu32));
   CHECK(v == Approx(ref.value).epsilon(1e-12));
   CHECK(rel_diff(g, ref.grad) < 1e-12);
@@ -184,8 +187,8 @@ TEST_CASE("load balancing: empty and fully padded batches give 0 and a zero grad
   CHECK(loss.value(empty) == 0.0);
   lb_case c(3, 6, 4, 2);
   std::fill(c.m.begin(), c.m.end(), 0);
-  std::vector<double> g(c.P.size(), 7.0);
-  CHECK(loss.value_and_grad(c.inputs(), moereg::matrix_view<double>(g.data(), c.T, c.E)) == 0.0);
+  std::vector<double> g;
+  CHECK(run(loss, c.inputs(), g) == 0.0);
   for (double x : g) CHECK(x == 0.0);
   for (auto x : loss.local_stats(c.inputs())) CHECK(x == 0.0);
 }
@@ -196,12 +199,16 @@ TEMPLATE_TEST_CASE("load balancing in 16- and 32-bit storage matches the double 
   const moereg::load_balancing_loss loss{{1.0}};
   std::vector<double> gd;
   const double vd = run(loss, c.inputs(), gd);
-  std::vector<TestType> P(c.P.size()), g(c.P.size());
+  std::vector<TestType> P(c.P.size());
   for (std::size_t i = 0; i < P.size(); ++i) P[i] = static_cast<TestType>(static_cast<float>(c.P[i]));
   std::vector<std::int32_t> I32(c.I.begin(), c.I.end());
   std::vector<std::int32_t> mi(c.m.begin(), c.m.end());
   const moereg::load_balancing_inputs<TestType> in{{P.data(), c.T, c.E}, {I32.data(), c.T, c.k}, {mi.data(), c.T}};
-  const double v = loss.value_and_grad(in, moereg::matrix_view<TestType>(g.data(), c.T, c.E));
+  const auto res = checked_grad<TestType>(P.size(), [&](TestType* b, moereg::grad_options o) {
+    return loss.value_and_grad(in, moereg::matrix_view<TestType>(b, c.T, c.E), o);
+  });
+  const double v = res.value;
+  const auto& g = res.grad;
   const double tol = std::is_same_v<TestType, float> ? 1e-6 : std::is_same_v<TestType, moereg::half> ? 2e-3 : 1.6e-2;
   CHECK(v == Approx(vd).epsilon(tol));
   std::vector<double> gf(g.size());
@@ -215,10 +222,14 @@ TEST_CASE("load balancing is bitwise identical for 1 and 2 threads and across ru
   for (auto scope : {moereg::lb_scope::micro, moereg::lb_scope::sequence}) {
     const moereg::load_balancing_loss loss{{1e-2, scope, scope == moereg::lb_scope::sequence ? 1001 : 0}};
     const moereg::load_balancing_inputs<float> in{{P.data(), c.T, c.E}, c.inputs().topk, c.inputs().mask};
-    std::vector<float> g1(P.size()), g2(P.size()), g3(P.size());
-    const double v1 = loss.value_and_grad(in, moereg::matrix_view<float>(g1.data(), c.T, c.E), {}, {}, moereg::cpu{1});
-    const double v2 = loss.value_and_grad(in, moereg::matrix_view<float>(g2.data(), c.T, c.E), {}, {}, moereg::cpu{2});
-    const double v3 = loss.value_and_grad(in, moereg::matrix_view<float>(g3.data(), c.T, c.E), {}, {}, moereg::cpu{2});
+    auto with_threads = [&](int n) {
+      return checked_grad<float>(P.size(), [&](float* b, moereg::grad_options o) {
+        return loss.value_and_grad(in, moereg::matrix_view<float>(b, c.T, c.E), o, {}, moereg::cpu{n});
+      });
+    };
+    const auto r1 = with_threads(1), r2 = with_threads(2), r3 = with_threads(2);
+    const double v1 = r1.value, v2 = r2.value, v3 = r3.value;
+    const auto &g1 = r1.grad, &g2 = r2.grad, &g3 = r3.grad;
     CHECK(std::memcmp(&v1, &v2, sizeof v1) == 0);
     CHECK(std::memcmp(&v2, &v3, sizeof v1) == 0);
     CHECK(std::memcmp(g1.data(), g2.data(), g1.size() * sizeof(float)) == 0);
@@ -231,7 +242,7 @@ TEST_CASE("load balancing accepts column-major Eigen matrices and strided rows w
   Eigen::MatrixXd Pc(c.T, c.E);  // column-major
   for (long long t = 0; t < c.T; ++t)
     for (long long e = 0; e < c.E; ++e) Pc(t, e) = c.P[t * c.E + e];
-  Eigen::MatrixXd Gc = Eigen::MatrixXd::Zero(c.T, c.E);
+  Eigen::MatrixXd Gc = Eigen::MatrixXd::Constant(c.T, c.E, std::numeric_limits<double>::quiet_NaN());
   auto in = c.inputs();
   in.probs = moereg::view(Pc);
   const moereg::load_balancing_loss loss{{1.0}};

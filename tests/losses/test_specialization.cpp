@@ -14,6 +14,7 @@
 #include <moereg/testing/gradcheck.hpp>
 
 #include "reference/reference.hpp"
+#include "support/grad_buffers.hpp"
 #include "support/random.hpp"
 
 namespace {
@@ -148,10 +149,27 @@ outcome run_in(const Loss& loss, const problem& p, const Layout& xl, const Layou
   if (!o.reduced.empty()) st = moereg::stats_view{o.reduced.data(), static_cast<index_t>(o.reduced.size())};
   outcome out;
   moereg::activation_view<T, Layout> gv{g.data(), gl};
-  if (o.with_grad)
+  // An overwrite-mode run goes through moereg_test::checked_grad (support/grad_buffers.hpp):
+  // NaN in every entry before the call, so an entry the loss should write (zeros included)
+  // but does not is caught, then the same call in accumulate mode on random values; storage
+  // mapped to no (token, slot) must keep the sentinel.
+  const bool checked = o.with_grad && !o.g.accumulate && o.prefill == nullptr;
+  if (checked) {
+    moereg_test::grad_check_options chk;
+    chk.mapped = &covered;
+    auto r = moereg_test::checked_grad<T>(
+        gsize,
+        [&](T* b, moereg::grad_options go) {
+          return loss.value_and_grad(in, moereg::activation_view<T, Layout>{b, gl}, go, st, moereg::cpu{o.threads});
+        },
+        o.g, chk);
+    out.value = r.value;
+    g = std::move(r.grad);
+  } else if (o.with_grad) {
     out.value = loss.value_and_grad(in, gv, o.g, st, moereg::cpu{o.threads});
-  else
+  } else {
     out.value = loss.value(in, st, moereg::cpu{o.threads});
+  }
   out.grad.assign(static_cast<std::size_t>(T_ * k * d), 0.0);
   for (index_t t = 0; t < T_; ++t)
     for (index_t s = 0; s < k; ++s) {
@@ -162,7 +180,7 @@ outcome run_in(const Loss& loss, const problem& p, const Layout& xl, const Layou
             to_d(g[static_cast<std::size_t>(og + i * gl.stride())]);
     }
   for (std::size_t i = 0; i < gsize; ++i)
-    if (!covered[i] && to_d(g[i]) != to_d(to_t<T>(poison))) out.untouched = false;
+    if (!covered[i] && !(checked ? std::isnan(to_d(g[i])) : to_d(g[i]) == to_d(to_t<T>(poison)))) out.untouched = false;
   return out;
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "reference/reference.hpp"
+#include "support/grad_buffers.hpp"
 #include "support/random.hpp"
 
 namespace {
@@ -64,6 +65,24 @@ struct call1 {
     return out;
   }
   moereg::variance_inputs<S> in() const { return {x, m}; }
+  /// value_and_grad through moereg_test::checked_grad (support/grad_buffers.hpp): NaN in every
+  /// entry before the overwrite call, random values before an accumulate call, and the entries
+  /// of the padded layout that map to no (t, e) must stay untouched. G holds the overwrite-mode
+  /// gradient afterwards (NaN in the unmapped entries).
+  template <class Loss>
+  double checked(const Loss& loss, moereg::grad_options o = {}, moereg::stats_view st = {}, moereg::cpu be = {}) {
+    std::vector<char> mapped(G.size(), 0);
+    for (long long t = 0; t < T; ++t)
+      for (long long e = 0; e < E; ++e) mapped[off(t, e)] = 1;
+    moereg_test::grad_check_options chk;
+    chk.mapped = &mapped;
+    auto r = moereg_test::checked_grad<S>(
+        G.size(), [&](S* b, moereg::grad_options go) { return loss.value_and_grad(in(), view<S>(b), go, st, be); }, o,
+        chk);
+    G = r.grad;
+    g = view<S>(G.data());
+    return r.value;
+  }
 };
 
 /// Scores after a top-k step: k of E entries of each row kept and renormalised.
@@ -114,7 +133,7 @@ TEST_CASE("variance matches the reference in double", "[variance]") {
         const auto ref = reference(S, mask, sh.T, sh.E, 0.43, a, red);
         call1<double> c(S, mask, sh.T, sh.E, sh.lay);
         const moereg::variance_loss loss{{0.43, a, red}};
-        const double v = loss.value_and_grad(c.in(), c.g);
+        const double v = c.checked(loss);
         INFO("T " << sh.T << " E " << sh.E << " axis " << static_cast<int>(a) << " reduction " << static_cast<int>(red));
         CHECK(rel(v, ref.value) < 1e-12);
         CHECK(moereg_test::rel_diff(c.grad(), ref.grad) < 1e-12);
@@ -136,7 +155,7 @@ TEST_CASE("variance gradients match finite differences", "[variance][gradcheck]"
       const mask_t mask = moereg_test::random_mask(r, T, 0.3);
       const moereg::variance_loss loss{{1.0, a, red}};
       call1<double> c(S, mask, T, E);
-      (void)loss.value_and_grad(c.in(), c.g);
+      (void)c.checked(loss);
       auto f = [&](const double* x) {
         call1<double> cx(vec(x, x + T * E), mask, T, E);
         return loss.value(cx.in());
@@ -156,7 +175,7 @@ TEST_CASE("variance odd sizes: T = 0, T = 1, all masked, E = 1", "[variance]") {
       INFO("axis " << static_cast<int>(a) << " reduction " << static_cast<int>(red));
       {  // T = 0
         call1<double> c({}, {}, 0, 4);
-        CHECK(loss.value_and_grad(c.in(), c.g) == 0.0);
+        CHECK(c.checked(loss) == 0.0);
         CHECK(loss.local_stats(c.in())[0] == 0.0);
       }
       {  // all masked: 0, zeros written, accumulate leaves the buffer
@@ -167,7 +186,7 @@ TEST_CASE("variance odd sizes: T = 0, T = 1, all masked, E = 1", "[variance]") {
         std::fill(c.G.begin(), c.G.end(), 2.0);
         CHECK(loss.value_and_grad(c.in(), c.g, {1.0, true}) == 0.0);
         CHECK(moereg_test::max_abs(c.grad()) == 2.0);
-        CHECK(loss.value_and_grad(c.in(), c.g) == 0.0);
+        CHECK(c.checked(loss) == 0.0);
         CHECK(moereg_test::max_abs(c.grad()) == 0.0);
       }
       for (long long T : {1LL, 14LL})
@@ -178,7 +197,7 @@ TEST_CASE("variance odd sizes: T = 0, T = 1, all masked, E = 1", "[variance]") {
           const auto ref = reference(S, mask, T, E, 0.5, a, red);
           call1<double> c(S, mask, T, E);
           std::fill(c.G.begin(), c.G.end(), 5.0);
-          const double v = moereg::variance_loss{{0.5, a, red}}.value_and_grad(c.in(), c.g);
+          const double v = c.checked(moereg::variance_loss{{0.5, a, red}});
           CHECK(std::abs(v - ref.value) <= 1e-12 * std::abs(ref.value));
           CHECK(moereg_test::rel_diff(c.grad(), ref.grad, 1.0) < 1e-12);
         }
@@ -199,7 +218,7 @@ TEMPLATE_TEST_CASE("variance 16-bit inputs agree with float", "[variance][half]"
       const moereg::variance_loss loss{{1.0, a, red}};
       call1<S> cs(X, mask, T, E, layout::padded);
       call1<float> cf(X, mask, T, E);
-      const double vs = loss.value_and_grad(cs.in(), cs.g), vf = loss.value_and_grad(cf.in(), cf.g);
+      const double vs = cs.checked(loss), vf = cf.checked(loss);
       CHECK(rel(vs, vf) < 1e-5);
       CHECK(moereg_test::rel_diff(cs.grad(), cf.grad()) < tol);
       const auto ref = reference(X, mask, T, E, 1.0, a, red);
@@ -226,6 +245,7 @@ TEST_CASE("variance grad_scale and accumulate", "[variance]") {
       vec want = init;
       for (std::size_t i = 0; i < want.size(); ++i) want[i] += gs * ref.grad[i];
       CHECK(moereg_test::rel_diff(c.grad(), want) < 1e-12);
+      moereg_test::fill_sentinel(c.G);  // an entry backward() does not write stays NaN
       loss.backward(c.in(), c.g, {gs, false});
       for (std::size_t i = 0; i < want.size(); ++i) want[i] = gs * ref.grad[i];
       CHECK(moereg_test::rel_diff(c.grad(), want) < 1e-12);
@@ -243,8 +263,8 @@ TEMPLATE_TEST_CASE("variance is bitwise identical for 1 and 2 threads", "[varian
       const mask_t mask = moereg_test::random_mask(r, T);
       const moereg::variance_loss loss{{1.0, a, red}};
       call1<S> c1(X, mask, T, E), c2(X, mask, T, E);
-      const double v1 = loss.value_and_grad(c1.in(), c1.g, {}, {}, moereg::cpu{1});
-      const double v2 = loss.value_and_grad(c2.in(), c2.g, {}, {}, moereg::cpu{2});
+      const double v1 = c1.checked(loss, {}, {}, moereg::cpu{1});
+      const double v2 = c2.checked(loss, {}, {}, moereg::cpu{2});
       CHECK(std::memcmp(&v1, &v2, sizeof v1) == 0);
       CHECK(std::memcmp(c1.G.data(), c2.G.data(), c1.G.size() * sizeof(S)) == 0);
       const auto s1 = loss.local_stats(c1.in(), moereg::cpu{1}), s2 = loss.local_stats(c2.in(), moereg::cpu{2});
@@ -262,7 +282,7 @@ TEST_CASE("variance statistics: three uneven parts reproduce the whole batch", "
       const mask_t mask = moereg_test::random_mask(r, T);
       const moereg::variance_loss loss{{0.9, a, red}};
       call1<double> whole(S, mask, T, E);
-      const double vw = loss.value_and_grad(whole.in(), whole.g);
+      const double vw = whole.checked(loss);
       const vec gw = whole.grad();
       std::vector<call1<double>> parts;
       parts.reserve(3);
@@ -282,7 +302,7 @@ TEST_CASE("variance statistics: three uneven parts reproduce the whole batch", "
       double vsum = 0;
       for (int i = 0; i < 3; ++i) {
         auto& p = parts[static_cast<std::size_t>(i)];
-        vsum += loss.value_and_grad(p.in(), p.g, {}, st);
+        vsum += p.checked(loss, {}, st);
         const vec want(gw.begin() + cuts[i] * E, gw.begin() + cuts[i + 1] * E);
         CHECK(moereg_test::rel_diff(p.grad(), want, moereg_test::max_abs(gw)) < 1e-12);
       }
@@ -331,6 +351,6 @@ TEST_CASE("variance rejects bad input and leaves the gradient untouched", "[vari
     for (auto& x : neg) x = -std::abs(x);
     call1<double> cn(neg, {}, T, E);
     const vec sn = loss.local_stats(cn.in());
-    CHECK_NOTHROW(loss.value_and_grad(cn.in(), cn.g, {}, {sn.data(), static_cast<index_t>(sn.size())}));
+    CHECK_NOTHROW(cn.checked(loss, {}, {sn.data(), static_cast<index_t>(sn.size())}));
   }
 }

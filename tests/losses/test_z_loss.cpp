@@ -10,6 +10,7 @@
 #include <moereg/testing/gradcheck.hpp>
 
 #include "reference/reference.hpp"
+#include "support/grad_buffers.hpp"
 #include "support/random.hpp"
 
 using moereg::index_t;
@@ -27,8 +28,8 @@ TEST_CASE("z-loss agrees with the naive reference and finite differences", "[z_l
     const auto Z = random_normal(r, static_cast<std::size_t>(T * E), 3.0);
     const auto m = random_mask(r, T);
     const moereg::z_loss loss{{0.5}};
-    std::vector<double> g(Z.size());
-    const double v = loss.value_and_grad(zin(Z, m, T, E), moereg::matrix_view<double>(g.data(), T, E));
+    std::vector<double> g;
+    const double v = checked_matrix_into(g, loss, zin(Z, m, T, E), T, E);
     const auto ref = moereg_ref::z_loss(Z, to_int_mask(m), T, E, 0.5);
     CHECK(v == Approx(ref.value).epsilon(1e-12));
     CHECK(rel_diff(g, ref.grad) < 1e-12);
@@ -44,10 +45,12 @@ TEST_CASE("z-loss agrees with the naive reference and finite differences", "[z_l
 TEMPLATE_TEST_CASE("z-loss stays finite for logits of magnitude 1e4", "[z_loss][edge]", float, double, moereg::bfloat16) {
   const long long T = 4, E = 3;
   const double vals[T * E] = {1e4, -1e4, 0, -1e4, -1e4, -1e4, 1e4, 1e4, 1e4, 3, -1e4, 1e4};
-  std::vector<TestType> Z(T * E), g(T * E);
+  std::vector<TestType> Z(T * E);
   for (int i = 0; i < T * E; ++i) Z[i] = static_cast<TestType>(static_cast<float>(vals[i]));
   const moereg::z_loss loss{{1.0}};
-  const double v = loss.value_and_grad(moereg::z_loss_inputs<TestType>{{Z.data(), T, E}}, moereg::matrix_view<TestType>(g.data(), T, E));
+  const auto res = checked_matrix<TestType>(loss, moereg::z_loss_inputs<TestType>{{Z.data(), T, E}}, T, E);
+  const double v = res.value;
+  const auto& g = res.grad;
   // Exact value from the stored logits (bfloat16 rounds 1e4 to 9984), in double.
   double expect = 0;
   for (int t = 0; t < T; ++t) {
@@ -70,8 +73,8 @@ TEST_CASE("z-loss: statistics split, grad_scale, accumulate, padding", "[z_loss]
   const auto Z = random_normal(r, T * E, 2.0);
   const auto m = random_mask(r, T, 0.3);
   const moereg::z_loss loss{};
-  std::vector<double> g_all(Z.size());
-  const double v_all = loss.value_and_grad(zin(Z, m, T, E), moereg::matrix_view<double>(g_all.data(), T, E));
+  std::vector<double> g_all;
+  const double v_all = checked_matrix_into(g_all, loss, zin(Z, m, T, E), T, E);
   const long long cuts[4] = {0, 1, 31, 50};
   double tot = 0, v_sum = 0;
   for (int p = 0; p < 3; ++p) {
@@ -98,22 +101,23 @@ TEST_CASE("z-loss: empty, fully padded, determinism, 16-bit storage", "[z_loss][
   const long long T = 2100, E = 33;
   const auto Zd = random_normal(r, T * E, 4.0);
   std::vector<std::uint8_t> none(T, 0);
-  std::vector<double> g(Zd.size(), 5.0);
-  CHECK(loss.value_and_grad(zin(Zd, none, T, E), moereg::matrix_view<double>(g.data(), T, E)) == 0.0);
+  std::vector<double> g;
+  CHECK(checked_matrix_into(g, loss, zin(Zd, none, T, E), T, E) == 0.0);
   for (double x : g) CHECK(x == 0.0);
 
   const std::vector<float> Z(Zd.begin(), Zd.end());
-  std::vector<float> g1(Z.size()), g2(Z.size());
   const moereg::z_loss_inputs<float> in{{Z.data(), T, E}};
-  const double v1 = loss.value_and_grad(in, moereg::matrix_view<float>(g1.data(), T, E), {}, {}, moereg::cpu{1});
-  const double v2 = loss.value_and_grad(in, moereg::matrix_view<float>(g2.data(), T, E), {}, {}, moereg::cpu{2});
+  const auto r1 = checked_matrix<float>(loss, in, T, E, {}, {}, moereg::cpu{1});
+  const auto r2 = checked_matrix<float>(loss, in, T, E, {}, {}, moereg::cpu{2});
+  const double v1 = r1.value, v2 = r2.value;
+  const auto &g1 = r1.grad, &g2 = r2.grad;
   CHECK(std::memcmp(&v1, &v2, sizeof v1) == 0);
   CHECK(std::memcmp(g1.data(), g2.data(), g1.size() * sizeof(float)) == 0);
 
-  std::vector<moereg::half> Zh(Z.size()), gh(Z.size());
+  std::vector<moereg::half> Zh(Z.size());
   for (std::size_t i = 0; i < Z.size(); ++i) Zh[i] = moereg::half(Z[i]);
-  const double vh = loss.value_and_grad(moereg::z_loss_inputs<moereg::half>{{Zh.data(), T, E}},
-                                        moereg::matrix_view<moereg::half>(gh.data(), T, E));
+  const double vh =
+      checked_matrix<moereg::half>(loss, moereg::z_loss_inputs<moereg::half>{{Zh.data(), T, E}}, T, E).value;
   CHECK(vh == Approx(v1).epsilon(5e-3));
 }
 

@@ -471,6 +471,23 @@ TEST_CASE("moereg-eval load_balancing, sequence scope (--seq-len and cu_seqlens)
       check_close(read_values(d / "out/grad_probs.npy", npy::dtype::f8, {p.T, p.E}), ref.grad, 1e-9, "grad_probs");
     }
   }
+  SECTION("packed sequences: empty ones at the start and the end, the last row a valid token") {
+    for (const ivec& cu : {ivec{0, 0, 0, 19, 19, 64, 64}, ivec{0, 64}}) {
+      temp_dir d;
+      lb_problem p(23, 64, 7, 3);
+      p.mask[63] = 1;  // the row a cu_seqlens off by one at the end would lose
+      write_lb(d, p, 0, p.T);
+      const std::vector<std::int64_t> shape = {static_cast<std::int64_t>(cu.size())};
+      npy::write_npy(d / "cu.npy", npy::array::from<std::int64_t>(shape, moereg_test::cast<std::int64_t>(cu)));
+      run_ok(d, cat({"load_balancing", "--output-dir", d / "out", "--scope", "sequence", "--in",
+                     "cu_seqlens=" + (d / "cu.npy")},
+                    lb_inputs(d)));
+      const auto ref =
+          moereg_ref::load_balancing_seq(p.P, p.I, moereg_test::to_int_mask(p.mask), p.T, p.E, p.k, 1e-2, cu);
+      check_close(read_value(d / "out"), ref.value, 1e-9, "value");
+      check_close(read_values(d / "out/grad_probs.npy", npy::dtype::f8, {p.T, p.E}), ref.grad, 1e-9, "grad_probs");
+    }
+  }
   report_worst("load_balancing sequence");
 }
 
@@ -1074,6 +1091,26 @@ TEST_CASE("moereg-eval coupling matches the reference for every form", "[moereg-
     check_close(total, whole.first, 1e-9, "summed coupling part values");
   }
   report_worst("coupling");
+}
+
+TEST_CASE("moereg-eval entropy: the default clamp tiny = 1e-30 on both sides, against the reference", "[moereg-eval]") {
+  // No --coef either: the defaults of the library (eta = 1e-3, tiny = 1e-30) are what the
+  // reference implements.
+  const long long T = 37, E = 7;
+  moereg_test::rng r(131);
+  vec P = moereg_test::random_probs(r, T, E);
+  const double small[] = {0.0, 1e-300, 1e-35, 1e-31, 1e-29, 1e-25, 1e-21, 1e-12};
+  for (long long t = 0; t < T; ++t)
+    for (long long e = 0; e < 3; ++e) P[static_cast<std::size_t>(t * E + (t + e) % E)] = small[(t * 3 + e) % 8];
+  const auto mask = moereg_test::random_mask(r, T, 0.2);
+  temp_dir d;
+  write_matrix(d / "p.npy", P, T, E);
+  write_mask(d / "m.npy", mask, 0);
+  run_ok(d, {"entropy", "--output-dir", d / "h", "--in", "probs=" + (d / "p.npy"), "--in", "mask=" + (d / "m.npy")});
+  const auto ref = moereg_ref::entropy(P, moereg_test::to_int_mask(mask), T, E, 1e-3);
+  check_close(read_value(d / "h"), ref.value, 1e-9, "entropy value");
+  check_close(read_values(d / "h/grad_probs.npy", npy::dtype::f8, {T, E}), ref.grad, 1e-9, "entropy grad_probs");
+  report_worst("entropy clamp");
 }
 
 TEST_CASE("moereg-eval variance, entropy and importance match the reference", "[moereg-eval]") {
