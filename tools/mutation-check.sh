@@ -141,7 +141,7 @@ EOF
     status="killed"
     # The failing test cases: Catch2 prints each one's name after a line of dashes (the loss
     # tests print nothing else in such blocks; a second dashes line is followed by file:line).
-    detail=$(awk '/^-{20,}$/ { if ((getline n) > 0 && n !~ /^[ .-]/ && n !~ /\.(cpp|hpp):[0-9]+$/ && !(n in seen)) {
+    detail=$(awk '/^--------------------+$/ { if ((getline n) > 0 && n !~ /^[ .-]/ && n !~ /\.(cpp|hpp):[0-9]+$/ && !(n in seen)) {
                                  seen[n] = 1; names[++k] = n } }
                   END { if (k) { printf "failing test cases (%d): %s", k, names[1];
                                  for (i = 2; i <= k && i <= 4; ++i) printf "; %s", names[i];
