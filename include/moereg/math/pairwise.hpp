@@ -29,7 +29,9 @@
 #if defined(__CUDACC__) || !defined(__GNUC__)  // nvcc's front end rejects GCC loop pragmas
 #define MOEREG_DETAIL_LANES
 #elif defined(__clang__)
-#define MOEREG_DETAIL_LANES _Pragma("clang loop unroll(disable) vectorize(enable)")
+// Not vectorize(enable): clang then warns (-Wpass-failed, an error under -Werror) wherever it
+// cannot vectorise, as at -Os; a header must not break its users' -Werror builds.
+#define MOEREG_DETAIL_LANES _Pragma("clang loop unroll(disable)")
 #else
 #define MOEREG_DETAIL_LANES _Pragma("GCC unroll 1") _Pragma("GCC ivdep")
 #endif
