@@ -1,5 +1,5 @@
 # Builds and runs tests/packaging/consumer against moereg.
-#   -DMODE=find_package|add_subdirectory|copy|pkg_config  -DSOURCE_DIR= -DBUILD_DIR= -DWORK_DIR= [-DVERSION=] [-DCXX=] [-DEIGEN_INC=]
+#   -DMODE=find_package|install_unbuilt|add_subdirectory|copy|pkg_config  -DSOURCE_DIR= -DBUILD_DIR= -DWORK_DIR= [-DVERSION=] [-DCXX=] [-DEIGEN_INC=]
 cmake_minimum_required(VERSION 3.18)
 
 function(run)
@@ -19,6 +19,17 @@ endif()
 
 if(MODE STREQUAL "find_package")
   run(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_DIR}/prefix)
+  run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK_DIR}/build -DMOEREG_CONSUMER_MODE=find_package
+      -DMOEREG_REQUIRED_VERSION=${VERSION} -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
+elseif(MODE STREQUAL "install_unbuilt")
+  # A fresh configure of moereg, tools on, nothing built: the install must still work (headers
+  # and package; the unbuilt moereg-eval is skipped) and the package must be usable.
+  run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/moereg-build -DMOEREG_BUILD_TESTS=OFF
+      -DMOEREG_BUILD_EXAMPLES=OFF -DMOEREG_BUILD_BENCHMARKS=OFF -DMOEREG_BUILD_TOOLS=ON)
+  run(${CMAKE_COMMAND} --install ${WORK_DIR}/moereg-build --prefix ${WORK_DIR}/prefix)
+  if(NOT EXISTS ${WORK_DIR}/prefix/include/moereg/moereg.hpp)
+    message(FATAL_ERROR "install of an unbuilt tree did not install the headers")
+  endif()
   run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK_DIR}/build -DMOEREG_CONSUMER_MODE=find_package
       -DMOEREG_REQUIRED_VERSION=${VERSION} -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
 elseif(MODE STREQUAL "add_subdirectory")
@@ -55,3 +66,6 @@ else()
 endif()
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
 run(${WORK_DIR}/build/consumer)
+if(EXISTS ${WORK_DIR}/build/consumer_openmp)
+  run(${WORK_DIR}/build/consumer_openmp)
+endif()
