@@ -487,6 +487,23 @@ struct stats_view {
   constexpr bool empty() const { return data == nullptr; }
 };
 
+// The CPU backend's name (defined in backend/cpu.hpp, which every loss header brings).
+struct cpu;
+
+namespace detail {
+
+/// The forms that hand back host memory (the vector-returning local_stats, stats_bundle) are
+/// CPU-only: a CUDA backend would have its kernels write to a host buffer, which under graph
+/// capture is also freed before the graph runs. On CUDA, local_stats(in, double* out, be)
+/// with a device buffer is the form to use.
+template <class Backend>
+inline constexpr bool is_cpu_backend_v = std::is_same<Backend, cpu>::value;
+#define MOEREG_HOST_STATS_MESSAGE                                                                   \
+  "moereg: this form returns host memory and runs on the CPU backend only; with another backend " \
+  "pass a buffer on that backend's device to local_stats(in, double* out, be)"
+
+}  // namespace detail
+
 /// How a gradient is written: scaled by grad_scale (the upstream derivative of the total
 /// loss with respect to this loss), and either overwriting or added to the caller's buffer.
 struct grad_options {
@@ -867,9 +884,8 @@ MOEREG_NAMESPACE_END
 
 MOEREG_NAMESPACE_BEGIN
 
-// The CPU backend is the default; its definition comes with every loss header, so core/
-// needs only the name (a bundle is always used together with some loss).
-struct cpu;
+// The CPU backend (declared in views.hpp) is the default and the only backend a bundle takes:
+// its buffer is host memory. Its definition comes with every loss header.
 
 /// Where one loss's statistics lie in a flat statistics buffer.
 struct stats_slice {
@@ -909,6 +925,7 @@ class stats_bundle {
   /// Records `loss` on `in` (run by backend `be`); returns its slice of the buffer.
   template <class Loss, class Inputs, class Backend = cpu>
   stats_slice add(const Loss& loss, const Inputs& in, const Backend& be = {}) {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     static_assert(detail::has_stats_shape<Loss, Inputs, Backend>::value,
                   "moereg::stats_bundle::add: the loss needs stats_size(in) and local_stats(in, double*, backend)");
     const index_t n = static_cast<index_t>(loss.stats_size(in));
@@ -1289,6 +1306,11 @@ MOEREG_NAMESPACE_END
 
 MOEREG_NAMESPACE_BEGIN
 namespace detail {
+
+/// local_stats(in, out, be) needs a buffer of `size` doubles (stats_size(in)).
+inline void check_stats_out(const char* who, const double* out, index_t size) {
+  require(out != nullptr || size == 0, who, "::local_stats: out is null but stats_size(in) = ", size);
+}
 
 /// The one rule for the scalar arguments of every loss, checked before any input is read: a
 /// finite coefficient, a finite grad_scale and a thread count of at least 0 (0 = the OpenMP
@@ -1728,6 +1750,7 @@ struct load_balancing_loss {
   /// This call's sum-reducible statistics (see the header comment for their layout).
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const load_balancing_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
@@ -1735,6 +1758,7 @@ struct load_balancing_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const load_balancing_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("load_balancing_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss; with `reduced`, the finish step of LOSSES.md section 9.
@@ -2011,6 +2035,7 @@ struct z_loss {
   /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const z_loss_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(1);
     execute_stats(be, *this, in, s.data());
     return s;
@@ -2018,6 +2043,7 @@ struct z_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const z_loss_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("z_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
@@ -2556,6 +2582,7 @@ struct specialization_loss {
   /// [T_v] of this call.
   template <class T, class Layout, class Backend = cpu>
   std::vector<double> local_stats(const specialization_inputs<T, Layout>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(1);
     execute_stats(be, *this, in, s.data());
     return s;
@@ -2563,6 +2590,7 @@ struct specialization_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Layout, class Backend = cpu>
   void local_stats(const specialization_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("specialization_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss; with `reduced` (summed statistics), the 1/T_v is the global one.
@@ -3292,6 +3320,7 @@ struct orthogonality_loss {
   /// [T_v] of this call.
   template <class T, class Layout, class Backend = cpu>
   std::vector<double> local_stats(const orthogonality_inputs<T, Layout>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(1);
     execute_stats(be, *this, in, s.data());
     return s;
@@ -3299,6 +3328,7 @@ struct orthogonality_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Layout, class Backend = cpu>
   void local_stats(const orthogonality_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("orthogonality_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss; with `reduced` (summed statistics), the 1/T_v is the global one.
@@ -3474,6 +3504,7 @@ struct coupling_loss {
   /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const coupling_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
@@ -3481,6 +3512,7 @@ struct coupling_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const coupling_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("coupling_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
@@ -3935,6 +3967,7 @@ struct variance_loss {
   /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const variance_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
@@ -3942,6 +3975,7 @@ struct variance_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const variance_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("variance_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
@@ -4174,6 +4208,7 @@ struct entropy_loss {
   /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const entropy_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(1);
     execute_stats(be, *this, in, s.data());
     return s;
@@ -4181,6 +4216,7 @@ struct entropy_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const entropy_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("entropy_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
@@ -4364,6 +4400,7 @@ struct importance_loss {
   /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const importance_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
@@ -4371,6 +4408,7 @@ struct importance_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const importance_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("importance_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss; with `reduced`, the whole batch's value (not this part's share).

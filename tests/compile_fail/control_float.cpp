@@ -2,6 +2,7 @@
 // broken harness cannot pass them.
 #include <cstdint>
 #include <moereg/chain.hpp>
+#include <moereg/core/stats.hpp>
 #include <moereg/losses/load_balancing.hpp>
 #include <moereg/losses/z_loss.hpp>
 int main() {
@@ -11,5 +12,10 @@ int main() {
   const moereg::load_balancing_inputs<float> in{moereg::routing_view<float>(p, 2, 2), moereg::topk_view(ids, 2, 1)};
   moereg::softmax_backward(moereg::routing_view<float>(p, 2, 2), moereg::matrix_view<const float>(dp, 2, 2),
                            moereg::matrix_view<float>(dz, 2, 2));
-  return static_cast<int>(moereg::z_loss{}.value(zin) + moereg::load_balancing_loss{}.value(in) + dz[0]);
+  // The host-memory statistics forms with the CPU backend (their other-backend cases must fail).
+  moereg::stats_bundle b;
+  (void)b.add(moereg::z_loss{}, zin, moereg::cpu{});
+  const auto s = moereg::load_balancing_loss{}.local_stats(in, moereg::cpu{});
+  return static_cast<int>(moereg::z_loss{}.value(zin) + moereg::load_balancing_loss{}.value(in) + dz[0] +
+                          static_cast<float>(s.size()));
 }

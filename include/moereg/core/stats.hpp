@@ -45,9 +45,8 @@
 
 MOEREG_NAMESPACE_BEGIN
 
-// The CPU backend is the default; its definition comes with every loss header, so core/
-// needs only the name (a bundle is always used together with some loss).
-struct cpu;
+// The CPU backend (declared in views.hpp) is the default and the only backend a bundle takes:
+// its buffer is host memory. Its definition comes with every loss header.
 
 /// Where one loss's statistics lie in a flat statistics buffer.
 struct stats_slice {
@@ -87,6 +86,7 @@ class stats_bundle {
   /// Records `loss` on `in` (run by backend `be`); returns its slice of the buffer.
   template <class Loss, class Inputs, class Backend = cpu>
   stats_slice add(const Loss& loss, const Inputs& in, const Backend& be = {}) {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     static_assert(detail::has_stats_shape<Loss, Inputs, Backend>::value,
                   "moereg::stats_bundle::add: the loss needs stats_size(in) and local_stats(in, double*, backend)");
     const index_t n = static_cast<index_t>(loss.stats_size(in));

@@ -200,6 +200,23 @@ struct stats_view {
   constexpr bool empty() const { return data == nullptr; }
 };
 
+// The CPU backend's name (defined in backend/cpu.hpp, which every loss header brings).
+struct cpu;
+
+namespace detail {
+
+/// The forms that hand back host memory (the vector-returning local_stats, stats_bundle) are
+/// CPU-only: a CUDA backend would have its kernels write to a host buffer, which under graph
+/// capture is also freed before the graph runs. On CUDA, local_stats(in, double* out, be)
+/// with a device buffer is the form to use.
+template <class Backend>
+inline constexpr bool is_cpu_backend_v = std::is_same<Backend, cpu>::value;
+#define MOEREG_HOST_STATS_MESSAGE                                                                   \
+  "moereg: this form returns host memory and runs on the CPU backend only; with another backend " \
+  "pass a buffer on that backend's device to local_stats(in, double* out, be)"
+
+}  // namespace detail
+
 /// How a gradient is written: scaled by grad_scale (the upstream derivative of the total
 /// loss with respect to this loss), and either overwriting or added to the caller's buffer.
 struct grad_options {

@@ -106,6 +106,7 @@ struct coupling_loss {
   /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const coupling_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
@@ -113,6 +114,7 @@ struct coupling_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const coupling_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("coupling_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global

@@ -59,6 +59,7 @@ struct importance_loss {
   /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const importance_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
@@ -66,6 +67,7 @@ struct importance_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const importance_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("importance_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss; with `reduced`, the whole batch's value (not this part's share).

@@ -77,6 +77,7 @@ struct load_balancing_loss {
   /// This call's sum-reducible statistics (see the header comment for their layout).
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const load_balancing_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
     execute_stats(be, *this, in, s.data());
     return s;
@@ -84,6 +85,7 @@ struct load_balancing_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const load_balancing_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("load_balancing_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss; with `reduced`, the finish step of LOSSES.md section 9.

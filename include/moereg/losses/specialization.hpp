@@ -99,6 +99,7 @@ struct specialization_loss {
   /// [T_v] of this call.
   template <class T, class Layout, class Backend = cpu>
   std::vector<double> local_stats(const specialization_inputs<T, Layout>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(1);
     execute_stats(be, *this, in, s.data());
     return s;
@@ -106,6 +107,7 @@ struct specialization_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Layout, class Backend = cpu>
   void local_stats(const specialization_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("specialization_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss; with `reduced` (summed statistics), the 1/T_v is the global one.

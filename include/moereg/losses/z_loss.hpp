@@ -57,6 +57,7 @@ struct z_loss {
   /// Throws moereg::error on invalid inputs.
   template <class T, class Backend = cpu>
   std::vector<double> local_stats(const z_loss_inputs<T>& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
     std::vector<double> s(1);
     execute_stats(be, *this, in, s.data());
     return s;
@@ -64,6 +65,7 @@ struct z_loss {
   /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
   template <class T, class Backend = cpu>
   void local_stats(const z_loss_inputs<T>& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out("z_loss", out, stats_size(in));
     execute_stats(be, *this, in, out);
   }
   /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
