@@ -42,7 +42,7 @@ struct bad_case {
 template <class Loss, class Inputs>
 void add_matrix_cases(std::vector<bad_case>& out, const std::string& name, std::vector<float> world::*input,
                       bool stats_are_counts = true) {
-  auto run = [input](world& w, moereg::grad_options o, moereg::routing_view<float> x, moereg::mask_view m,
+  auto run = [](world& w, moereg::grad_options o, moereg::routing_view<float> x, moereg::mask_view m,
                      moereg::matrix_view<float> g, moereg::stats_view st) {
     (void)w;
     Loss{}.value_and_grad(Inputs{x, m}, g, o, st);

@@ -23,7 +23,10 @@ moereg::z_loss_inputs<double> zin(const std::vector<double>& Z, const std::vecto
 }  // namespace
 
 TEST_CASE("z-loss agrees with the naive reference and finite differences", "[z_loss]") {
-  for (auto [T, E] : {std::pair<long long, long long>{1, 1}, {9, 4}, {40, 17}, {513, 8}}) {
+  for (const auto& shape : {std::pair<long long, long long>{1, 1}, {9, 4}, {40, 17}, {513, 8}}) {
+    // Plain variables, not structured bindings: C++17 lambdas cannot capture bindings (clang
+    // refuses it; only C++20 allows it).
+    const long long T = shape.first, E = shape.second;
     rng r(static_cast<std::uint64_t>(T + 100 * E));
     const auto Z = random_normal(r, static_cast<std::size_t>(T * E), 3.0);
     const auto m = random_mask(r, T);

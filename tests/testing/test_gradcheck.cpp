@@ -18,8 +18,8 @@ TEST_CASE("gradcheck accepts a correct gradient and reports the worst entries", 
 }
 
 TEST_CASE("gradcheck rejects a wrong gradient, in full and directional mode", "[gradcheck]") {
-  const int n = 3000;
-  auto f = [n](const double* x) {
+  constexpr int n = 3000;
+  auto f = [](const double* x) {
     double s = 0;
     for (int i = 0; i < n; ++i) s += 0.5 * x[i] * x[i] * (1 + i % 3);
     return s;
