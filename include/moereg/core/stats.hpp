@@ -45,9 +45,6 @@
 
 MOEREG_NAMESPACE_BEGIN
 
-// The CPU backend (declared in views.hpp) is the default and the only backend a bundle takes:
-// its buffer is host memory. Its definition comes with every loss header.
-
 /// Where one loss's statistics lie in a flat statistics buffer.
 struct stats_slice {
   index_t offset = 0;  ///< first double of the slice in the buffer
@@ -77,8 +74,9 @@ struct has_stats_shape<
 /// add() records a loss and its inputs (by value: the loss is a small config, the inputs are
 /// views, so the tensors they point to must live until compute_local() has run) and returns
 /// the slice of the buffer that belongs to it. compute_local() runs every recorded loss's
-/// local_stats into its slice. A bundle can be reused every step when the views point to
-/// buffers refreshed in place; otherwise clear() it and add the new inputs.
+/// local_stats into its slice, on the CPU backend only (the buffer is host memory). A bundle can be
+/// reused every step when the views point to buffers refreshed in place; otherwise clear() it and
+/// add the new inputs.
 ///
 /// add() may reallocate the buffer: take data() and views after the last add().
 class stats_bundle {
