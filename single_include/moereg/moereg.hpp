@@ -2205,11 +2205,14 @@ MOEREG_NAMESPACE_END
 //
 // This header also holds the CPU executor shared by the Gram-based losses (specialization,
 // orthogonality): detail::gram_loss_run, a register-tiled Gram pass and gradient pass
-// specialised at compile time for 2, 4, 6 and 8 valid slots (AVX-512 when MOEREG_HAS_AVX512,
-// portable loops the compiler vectorises otherwise), with a run-time-n fallback.
+// specialised at compile time for 2 to 8 contiguous valid slots (AVX-512 when MOEREG_HAS_AVX512,
+// 16-byte vectors otherwise), with a run-time-n pass in fixed blocks for more slots or strided
+// vectors. The specialisations are unrolled only over compile-time counts, which keeps a
+// translation unit that uses both Gram losses compiling in a few seconds.
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -2688,10 +2691,60 @@ void check_gram_loss(const char* who, double coef, double eps, const activation_
 #define MOEREG_DETAIL_UNROLL
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define MOEREG_DETAIL_VECTOR_EXT 1
+#else
+#define MOEREG_DETAIL_VECTOR_EXT 0
+#endif
+
+/// The portable pack: 64 bytes of Acc as four 16-byte GNU vectors where the compiler has the
+/// vector extension (each operation is then four vector statements, which every target lowers
+/// directly to its registers; 16 bytes is the width every x86-64 and AArch64 CPU has, so no
+/// argument ever needs a wider ABI), or as a plain array the compiler vectorises otherwise.
+/// Lane l is element l % q of part l / q (q lanes per part); every lane is computed alone, so
+/// both forms give the same bits.
 template <class Acc>
 struct pack_portable {
   using acc_type = Acc;
   static constexpr int width = 64 / static_cast<int>(sizeof(Acc));
+#if MOEREG_DETAIL_VECTOR_EXT
+  static constexpr int parts = 4;
+  typedef Acc part __attribute__((vector_size(16)));
+  struct reg {
+    part v[parts];
+  };
+  static MOEREG_FORCEINLINE reg zero() {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = part{};
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg loadu(const Acc* p) {
+    reg r;
+    std::memcpy(&r, p, sizeof(reg));
+    return r;
+  }
+  static MOEREG_FORCEINLINE void storeu(Acc* p, const reg& a) { std::memcpy(p, &a, sizeof(reg)); }
+  static MOEREG_FORCEINLINE reg fmadd(const reg& a, const reg& b, const reg& c) {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = a.v[j] * b.v[j] + c.v[j];
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg mul_s(Acc s, const reg& a) {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = s * a.v[j];
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg fmadd_s(Acc s, const reg& a, const reg& c) {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = s * a.v[j] + c.v[j];
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg add(const reg& a, const reg& b) {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = a.v[j] + b.v[j];
+    return r;
+  }
+#else
   struct reg {
     Acc v[width];
   };
@@ -2728,10 +2781,11 @@ struct pack_portable {
     for (int l = 0; l < width; ++l) r.v[l] = a.v[l] + b.v[l];
     return r;
   }
+#endif
   /// Fixed tree: halves added until one lane is left.
   static MOEREG_FORCEINLINE Acc hsum(const reg& a) {
     Acc t[width];
-    for (int l = 0; l < width; ++l) t[l] = a.v[l];
+    storeu(t, a);
     for (int h = width / 2; h >= 1; h /= 2)
       for (int l = 0; l < h; ++l) t[l] += t[l + h];
     return t[0];
@@ -2934,29 +2988,32 @@ void zero_vector(T* p, index_t d, index_t stride) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The two per-token passes. N > 0: compile-time number of valid vectors (loops unrolled, the
-// N (N + 1) / 2 accumulators in registers); N = 0: run-time n <= math::max_slots.
-// Contig: every vector has element stride 1 (input and gradient); else `stride` apart.
+// The two per-token passes, in two forms that give bitwise the same results:
+// - specialised (gram_pass<N>, apply_pass<N>): a compile-time number N = 2..8 of contiguous
+//   vectors, the loops unrolled and the accumulators in registers;
+// - run-time (gram_pass_rt, apply_pass_rt): any n <= math::max_slots and any element stride,
+//   the work cut into fixed blocks (4 x 4 pairs, 4 outputs) whose loops are compile-time, so
+//   nothing is unrolled over a run-time count (cheap to compile, registers still suffice).
+// Both form every dot product and every output in the same order: one accumulator per pair or
+// output, the chunks in order, a zero-filled tail chunk, the same horizontal sum. So a token
+// gives the same bits whichever path, layout or stride it takes.
 
-/// One sweep of the Gram pass: G[a][b] = G[b][a] = <x_a, x_b> for a in [A0, a1), b <= a, with
-/// a1 = A1 (compile time) or n_rt (A1 = 0, then A0 = 0). ld: the leading dimension of G.
-template <int A0, int A1, class P, bool Contig, class T>
-MOEREG_FORCEINLINE void gram_sweep(int n_rt, const T* const* x, index_t d, index_t stride, typename P::acc_type* G,
-                                   int ld, const T* const* pf, int npf) {
+/// One sweep of the specialised Gram pass: G[a][b] = G[b][a] = <x_a, x_b> for a in [A0, A1),
+/// b <= a, over contiguous vectors. ld: the leading dimension of G.
+template <int A0, int A1, class P, class T>
+MOEREG_FORCEINLINE void gram_sweep(const T* const* x, index_t d, typename P::acc_type* G, int ld, const T* const* pf,
+                                   int npf) {
   using reg = typename P::reg;
   constexpr int W = P::width;
-  constexpr int cap = A1 > 0 ? A1 : math::max_slots;
-  constexpr int base = A0 * (A0 + 1) / 2;
-  const int a1 = A1 > 0 ? A1 : (n_rt < cap ? n_rt : cap);  // (the bound is for the compiler)
-  const int np = a1 * (a1 + 1) / 2 - base;
-  reg acc[cap * (cap + 1) / 2 - base];
+  constexpr int np = A1 * (A1 + 1) / 2 - A0 * (A0 + 1) / 2;
+  reg acc[np];
   MOEREG_DETAIL_UNROLL
   for (int p = 0; p < np; ++p) acc[p] = P::zero();
-  reg v[cap];
+  reg v[A1];
   auto accumulate = [&]() {
     int p = 0;
     MOEREG_DETAIL_UNROLL
-    for (int a = A0; a < a1; ++a) {
+    for (int a = A0; a < A1; ++a) {
       MOEREG_DETAIL_UNROLL
       for (int b = 0; b <= a; ++b, ++p) acc[p] = P::fmadd(v[a], v[b], acc[p]);
     }
@@ -2965,121 +3022,216 @@ MOEREG_FORCEINLINE void gram_sweep(int n_rt, const T* const* x, index_t d, index
   for (; i + W <= d; i += W) {
     for (int r = 0; r < npf; ++r) prefetch_l2(pf[r] + i);
     MOEREG_DETAIL_UNROLL
-    for (int r = 0; r < a1; ++r)
-      v[r] = Contig ? chunk_io<P, T>::load(x[r] + i) : load_gather<P>(x[r] + i * stride, stride, W);
+    for (int r = 0; r < A1; ++r) v[r] = chunk_io<P, T>::load(x[r] + i);
     accumulate();
   }
   if (i < d) {
     const int rest = static_cast<int>(d - i);
-    for (int r = 0; r < a1; ++r) v[r] = load_gather<P>(x[r] + i * stride, stride, rest);
+    for (int r = 0; r < A1; ++r) v[r] = load_gather<P>(x[r] + i, 1, rest);
     accumulate();
   }
   int p = 0;
-  for (int a = A0; a < a1; ++a)
+  MOEREG_DETAIL_UNROLL
+  for (int a = A0; a < A1; ++a) {
+    MOEREG_DETAIL_UNROLL
     for (int b = 0; b <= a; ++b, ++p) G[a * ld + b] = G[b * ld + a] = P::hsum(acc[p]);
+  }
   MOEREG_KEEP_STORES(G);  // GCC 12 at -O1 lost these stores (core/config.hpp)
 }
 
-/// G[a][b] = <x_a, x_b> for the n vectors, both triangles filled (leading dimension n).
+/// G[a][b] = <x_a, x_b> for N contiguous vectors, both triangles filled (leading dimension N).
 /// More than 6 vectors would need more accumulators than there are registers; the pairs are
 /// then formed in two sweeps (a < 6, then a >= 6), the second re-reading the first 6 vectors
-/// from cache. Every sum runs over the chunks in order either way.
-template <int N, class P, bool Contig, class T>
-void gram_pass(int n_rt, const T* const* x, index_t d, index_t stride, typename P::acc_type* G, const T* const* pf,
-               int npf) {
+/// from cache.
+template <int N, class P, class T>
+void gram_pass(const T* const* x, index_t d, typename P::acc_type* G, const T* const* pf, int npf) {
+  static_assert(N >= 1 && N <= 8, "the specialised Gram pass covers 1 to 8 vectors");
   if constexpr (N > 6) {
-    gram_sweep<0, 6, P, Contig>(N, x, d, stride, G, N, pf, npf);
-    gram_sweep<6, N, P, Contig>(N, x, d, stride, G, N, pf, 0);
+    gram_sweep<0, 6, P>(x, d, G, N, pf, npf);
+    gram_sweep<6, N, P>(x, d, G, N, pf, 0);
   } else {
-    gram_sweep<0, N, P, Contig>(n_rt, x, d, stride, G, N > 0 ? N : n_rt, pf, npf);
+    gram_sweep<0, N, P>(x, d, G, N, pf, npf);
   }
 }
 
-/// g_s (+)= sum_r Wm[s][r] x_r for the n vectors. Stream (with Contig, overwrite mode, every
-/// g_s aligned to a whole chunk): full chunks are written with non-temporal stores.
-template <int N, class P, bool Contig, bool Stream, class T>
-void apply_pass(int n_rt, const T* const* x, T* const* g, index_t d, index_t xstride, index_t gstride,
-                const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
+/// One chunk of `rest` elements (W for a full one) of a vector `stride` apart.
+template <class P, bool Contig, class T>
+MOEREG_FORCEINLINE typename P::reg load_chunk(const T* p, index_t stride, int rest) {
+  if constexpr (Contig)
+    if (rest == P::width) return chunk_io<P, T>::load(p);
+  return load_gather<P>(p, stride, rest);
+}
+
+/// The run-time Gram pass: G as gram_pass gives it, for 1 <= n <= math::max_slots vectors with
+/// element stride `stride` (1 when Contig). The lower triangle is covered by 4 x 4 blocks of
+/// pairs, each one sweep over the chunks with 16 accumulators; block rows past n repeat the
+/// last vector and are not stored.
+template <class P, bool Contig, class T>
+void gram_pass_rt(int n, const T* const* x, index_t d, index_t stride, typename P::acc_type* G, const T* const* pf,
+                  int npf) {
+  using reg = typename P::reg;
+  constexpr int W = P::width, B = 4;
+  for (int a0 = 0; a0 < n; a0 += B)
+    for (int b0 = 0; b0 <= a0; b0 += B) {
+      const T* xa[B];
+      const T* xb[B];
+      MOEREG_DETAIL_UNROLL
+      for (int j = 0; j < B; ++j) {
+        xa[j] = x[a0 + j < n ? a0 + j : n - 1];
+        xb[j] = x[b0 + j < n ? b0 + j : n - 1];
+      }
+      reg acc[B * B];
+      MOEREG_DETAIL_UNROLL
+      for (int p = 0; p < B * B; ++p) acc[p] = P::zero();
+      const int nf = a0 == 0 ? npf : 0;  // the next token's lines are asked for once
+      for (index_t i = 0; i < d; i += W) {
+        const int rest = d - i < W ? static_cast<int>(d - i) : W;
+        for (int r = 0; r < nf; ++r) prefetch_l2(pf[r] + i * stride);
+        reg va[B], vb[B];
+        MOEREG_DETAIL_UNROLL
+        for (int j = 0; j < B; ++j) {
+          va[j] = load_chunk<P, Contig>(xa[j] + i * stride, stride, rest);
+          vb[j] = load_chunk<P, Contig>(xb[j] + i * stride, stride, rest);
+        }
+        MOEREG_DETAIL_UNROLL
+        for (int ia = 0; ia < B; ++ia) {
+          MOEREG_DETAIL_UNROLL
+          for (int ib = 0; ib < B; ++ib) acc[ia * B + ib] = P::fmadd(va[ia], vb[ib], acc[ia * B + ib]);
+        }
+      }
+      for (int ia = 0; ia < B && a0 + ia < n; ++ia)
+        for (int ib = 0; ib < B && b0 + ib <= a0 + ia; ++ib) {
+          const int a = a0 + ia, b = b0 + ib;
+          G[a * n + b] = G[b * n + a] = P::hsum(acc[ia * B + ib]);
+        }
+    }
+  MOEREG_KEEP_STORES(G);
+}
+
+/// One output chunk of `rest` elements: a non-temporal store (Stream), a contiguous store or a
+/// scatter `stride` apart.
+template <class P, bool Contig, bool Stream, class T>
+MOEREG_FORCEINLINE void store_chunk(T* p, index_t stride, int rest, typename P::reg o, bool accumulate) {
+  if constexpr (Contig) {
+    if (rest == P::width) {
+      if constexpr (Stream)
+        chunk_io<P, T>::stream(p, o);
+      else
+        chunk_io<P, T>::store(p, o, accumulate);
+      return;
+    }
+  }
+  store_scatter<P>(p, stride, rest, o, accumulate);
+}
+
+/// g_s (+)= sum_r Wm[s][r] x_r for N contiguous vectors. Stream (overwrite mode, every g_s
+/// aligned to a whole chunk): full chunks are written with non-temporal stores.
+template <int N, class P, bool Stream, class T>
+void apply_pass(const T* const* x, T* const* g, index_t d, const typename P::acc_type* Wm, bool accumulate,
+                const T* const* pf, int npf) {
   using Acc = typename P::acc_type;
   using reg = typename P::reg;
   constexpr int W = P::width;
-  constexpr int cap = N > 0 ? N : math::max_slots;
-  const int n = N > 0 ? N : (n_rt < cap ? n_rt : cap);
-  Acc w[cap * cap];  // a private copy: the compiler need not reload it after every store
-  for (int i = 0; i < n * n; ++i) w[i] = Wm[i];
-  reg v[cap];
+  Acc w[N * N];  // a private copy: the compiler need not reload it after every store
+  for (int i = 0; i < N * N; ++i) w[i] = Wm[i];
+  reg v[N];
   index_t i = 0;
   for (; i + W <= d; i += W) {
     for (int r = 0; r < npf; ++r) prefetch_l2(pf[r] + i);
     MOEREG_DETAIL_UNROLL
-    for (int r = 0; r < n; ++r)
-      v[r] = Contig ? chunk_io<P, T>::load(x[r] + i) : load_gather<P>(x[r] + i * xstride, xstride, W);
+    for (int r = 0; r < N; ++r) v[r] = chunk_io<P, T>::load(x[r] + i);
     MOEREG_DETAIL_UNROLL
-    for (int s = 0; s < n; ++s) {
-      reg o = P::mul_s(w[s * n], v[0]);
+    for (int s = 0; s < N; ++s) {
+      reg o = P::mul_s(w[s * N], v[0]);
       MOEREG_DETAIL_UNROLL
-      for (int r = 1; r < n; ++r) o = P::fmadd_s(w[s * n + r], v[r], o);
-      if constexpr (Stream)
-        chunk_io<P, T>::stream(g[s] + i, o);
-      else if constexpr (Contig)
-        chunk_io<P, T>::store(g[s] + i, o, accumulate);
-      else
-        store_scatter<P>(g[s] + i * gstride, gstride, W, o, accumulate);
+      for (int r = 1; r < N; ++r) o = P::fmadd_s(w[s * N + r], v[r], o);
+      store_chunk<P, true, Stream>(g[s] + i, 1, W, o, accumulate);
     }
   }
-  if (i < d) {
+  if (i < d) {  // the tail: the same arithmetic, loops left rolled
     const int rest = static_cast<int>(d - i);
-    for (int r = 0; r < n; ++r) v[r] = load_gather<P>(x[r] + i * xstride, xstride, rest);
-    for (int s = 0; s < n; ++s) {
-      reg o = P::mul_s(w[s * n], v[0]);
-      for (int r = 1; r < n; ++r) o = P::fmadd_s(w[s * n + r], v[r], o);
-      store_scatter<P>(g[s] + i * gstride, gstride, rest, o, accumulate);
+    for (int r = 0; r < N; ++r) v[r] = load_gather<P>(x[r] + i, 1, rest);
+    for (int s = 0; s < N; ++s) {
+      reg o = P::mul_s(w[s * N], v[0]);
+      for (int r = 1; r < N; ++r) o = P::fmadd_s(w[s * N + r], v[r], o);
+      store_scatter<P>(g[s] + i, 1, rest, o, accumulate);
     }
   }
 }
 
+/// The run-time gradient pass: apply_pass for 1 <= n <= math::max_slots vectors, input and
+/// gradient elements xstride and gstride apart (1 when Contig). The outputs go in blocks of 4,
+/// each a sweep over the chunks with the inputs in order; block rows past n are not stored.
+template <class P, bool Contig, bool Stream, class T>
+void apply_pass_rt(int n, const T* const* x, T* const* g, index_t d, index_t xstride, index_t gstride,
+                   const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
+  using Acc = typename P::acc_type;
+  using reg = typename P::reg;
+  constexpr int W = P::width, B = 4;
+  for (int s0 = 0; s0 < n; s0 += B) {
+    Acc w[B][math::max_slots];
+    MOEREG_DETAIL_UNROLL
+    for (int j = 0; j < B; ++j) {
+      const int s = s0 + j < n ? s0 + j : n - 1;
+      for (int r = 0; r < n; ++r) w[j][r] = Wm[s * n + r];
+    }
+    const int nf = s0 == 0 ? npf : 0;
+    for (index_t i = 0; i < d; i += W) {
+      const int rest = d - i < W ? static_cast<int>(d - i) : W;
+      for (int r = 0; r < nf; ++r) prefetch_l2(pf[r] + i * xstride);
+      reg o[B];
+      reg v = load_chunk<P, Contig>(x[0] + i * xstride, xstride, rest);
+      MOEREG_DETAIL_UNROLL
+      for (int j = 0; j < B; ++j) o[j] = P::mul_s(w[j][0], v);
+      for (int r = 1; r < n; ++r) {
+        v = load_chunk<P, Contig>(x[r] + i * xstride, xstride, rest);
+        MOEREG_DETAIL_UNROLL
+        for (int j = 0; j < B; ++j) o[j] = P::fmadd_s(w[j][r], v, o[j]);
+      }
+      for (int j = 0; j < B && s0 + j < n; ++j)
+        store_chunk<P, Contig, Stream>(g[s0 + j] + i * gstride, gstride, rest, o[j], accumulate);
+    }
+  }
+}
+
+/// G for n vectors: the specialised pass for contiguous 2..8 vectors, the run-time one
+/// otherwise.
 template <class P, bool Contig, class T>
 void gram_dispatch(int n, const T* const* x, index_t d, index_t stride, typename P::acc_type* G, const T* const* pf,
                    int npf) {
-  switch (n) {
-    case 2:
-      gram_pass<2, P, Contig>(n, x, d, stride, G, pf, npf);
-      break;
-    case 4:
-      gram_pass<4, P, Contig>(n, x, d, stride, G, pf, npf);
-      break;
-    case 6:
-      gram_pass<6, P, Contig>(n, x, d, stride, G, pf, npf);
-      break;
-    case 8:
-      gram_pass<8, P, Contig>(n, x, d, stride, G, pf, npf);
-      break;
-    default:
-      gram_pass<0, P, Contig>(n, x, d, stride, G, pf, npf);
-      break;
+  if constexpr (Contig) {
+    switch (n) {
+      case 2: return gram_pass<2, P>(x, d, G, pf, npf);
+      case 3: return gram_pass<3, P>(x, d, G, pf, npf);
+      case 4: return gram_pass<4, P>(x, d, G, pf, npf);
+      case 5: return gram_pass<5, P>(x, d, G, pf, npf);
+      case 6: return gram_pass<6, P>(x, d, G, pf, npf);
+      case 7: return gram_pass<7, P>(x, d, G, pf, npf);
+      case 8: return gram_pass<8, P>(x, d, G, pf, npf);
+      default: break;
+    }
   }
+  gram_pass_rt<P, Contig>(n, x, d, stride, G, pf, npf);
 }
 
+/// The gradient pass for n vectors, dispatched like gram_dispatch.
 template <class P, bool Contig, bool Stream, class T>
 void apply_dispatch(int n, const T* const* x, T* const* g, index_t d, index_t xs, index_t gs,
                     const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
-  switch (n) {
-    case 2:
-      apply_pass<2, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
-      break;
-    case 4:
-      apply_pass<4, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
-      break;
-    case 6:
-      apply_pass<6, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
-      break;
-    case 8:
-      apply_pass<8, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
-      break;
-    default:
-      apply_pass<0, P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
-      break;
+  static_assert(Contig || !Stream, "non-temporal stores need contiguous vectors");
+  if constexpr (Contig) {
+    switch (n) {
+      case 2: return apply_pass<2, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 3: return apply_pass<3, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 4: return apply_pass<4, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 5: return apply_pass<5, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 6: return apply_pass<6, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 7: return apply_pass<7, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 8: return apply_pass<8, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      default: break;
+    }
   }
+  apply_pass_rt<P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
 }
 
 /// Tuning of the CPU executor of the Gram-based losses, a plain struct (like CUB's policies);
@@ -3112,8 +3264,11 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
   const index_t nb = num_blocks(ntok, cpu_block_rows);
   std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
   const bool contig = xs == 1 && gs == 1;
-  const bool stream =
-      grad && !opts.accumulate && contig && ntok * k * d * static_cast<index_t>(sizeof(T)) >= Policy::stream_min_bytes;
+  // Non-temporal stores exist in the AVX-512 packs only; elsewhere the streaming variant of
+  // the gradient pass would be the plain one, so it is not instantiated.
+  constexpr bool can_stream = MOEREG_HAS_AVX512 != 0;
+  const bool stream = can_stream && grad && !opts.accumulate && contig &&
+                      ntok * k * d * static_cast<index_t>(sizeof(T)) >= Policy::stream_min_bytes;
   constexpr std::uintptr_t chunk_bytes = static_cast<std::uintptr_t>(P::width) * sizeof(T);
 
   auto run = [&](auto contig_tag) {
@@ -3151,13 +3306,13 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
             for (int i = 0; i < n; ++i) gv[i] = grad->data + grad->layout.offset(t, slot[i]);
             bool aligned = stream;
             for (int i = 0; i < n; ++i) aligned = aligned && reinterpret_cast<std::uintptr_t>(gv[i]) % chunk_bytes == 0;
-            if constexpr (C) {
+            if constexpr (C && can_stream) {
               if (aligned)
                 apply_dispatch<P, true, true>(n, xv, gv, d, xs, gs, Wm, false, xbuf[1 - cur], npf);
               else
                 apply_dispatch<P, true, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
             } else {
-              apply_dispatch<P, false, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
+              apply_dispatch<P, C, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
             }
           }
         }
@@ -3224,6 +3379,7 @@ double execute(const cpu& be, const specialization_loss& loss, const specializat
 MOEREG_NAMESPACE_END
 
 #undef MOEREG_DETAIL_UNROLL
+#undef MOEREG_DETAIL_VECTOR_EXT
 // ---- end moereg/losses/specialization.hpp ----
 // ---- begin moereg/losses/orthogonality.hpp ----
 // Orthogonality loss (Guo, Lu, Nan et al., "Advancing Expert Specialization for Better MoE",

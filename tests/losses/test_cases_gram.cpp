@@ -27,7 +27,7 @@ moereg::stats_view sv(const std::vector<double>* r) {
 }
 
 /// [T, k * d] activations and a [T, k] topk with dropped slots; k up to 8 (the compile-time
-/// paths 2, 4, 6, 8 and the run-time one), d odd or crossing the 8-double pack width.
+/// paths 2..8 and the run-time one), d odd or crossing the 8-double pack width.
 batch gram_batch(rng& r) {
   batch b;
   b.k = r.integer(1, 8);

@@ -202,7 +202,7 @@ TEST_CASE("pairwise: lane-wise LDL^T solve and the pivot floor", "[pairwise]") {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The CPU passes: gram_dispatch and apply_dispatch (specialised N = 2, 4, 6, 8 and the
+// The CPU passes: gram_dispatch and apply_dispatch (specialised N = 2..8 and the
 // run-time fallback) against plain loops, for every storage type, contiguous and strided.
 
 namespace {
@@ -291,11 +291,12 @@ TEST_CASE("pairwise: CPU Gram and gradient passes against plain loops", "[pairwi
 }
 
 TEST_CASE("pairwise: contiguous and strided passes agree bitwise", "[pairwise]") {
-  // The strided path gathers into the same registers and runs the same arithmetic.
+  // Contiguous 2..8 vectors take the specialised passes, strided ones the run-time pass (blocks
+  // of 4 x 4 pairs): both form every pair's sum over the chunks in the same order.
   using T = float;
   using P = moereg::detail::gram_pack<T>::type;
   moereg_test::rng r(21);
-  for (int n : {2, 5, 8, 12})
+  for (int n : {2, 3, 5, 7, 8, 12})
     for (index_t d : {7, 48, 70}) {
       std::vector<T> a(static_cast<std::size_t>(n * d)), b(static_cast<std::size_t>(2 * n * d));
       for (std::size_t i = 0; i < a.size(); ++i) a[i] = b[2 * i] = static_cast<T>(r.normal());
@@ -305,6 +306,17 @@ TEST_CASE("pairwise: contiguous and strided passes agree bitwise", "[pairwise]")
       moereg::detail::gram_dispatch<P, true>(n, xa, d, 1, Ga, xa, 0);
       moereg::detail::gram_dispatch<P, false>(n, xb, d, 2, Gb, xb, 0);
       for (int i = 0; i < n * n; ++i) REQUIRE(Ga[i] == Gb[i]);
+      // The gradient pass: each output sums its inputs in order, in both forms.
+      float Wm[256];
+      for (int i = 0; i < n * n; ++i) Wm[i] = static_cast<float>(r.normal());
+      std::vector<T> ga(a.size(), 0.5f), gb(b.size(), 0.5f);
+      T *pa[16], *pb[16];
+      for (int s = 0; s < n; ++s) pa[s] = ga.data() + s * d, pb[s] = gb.data() + 2 * s * d;
+      for (bool accumulate : {false, true}) {
+        moereg::detail::apply_dispatch<P, true, false>(n, xa, pa, d, 1, 1, Wm, accumulate, xa, 0);
+        moereg::detail::apply_dispatch<P, false, false>(n, xb, pb, d, 2, 2, Wm, accumulate, xb, 0);
+        for (std::size_t i = 0; i < ga.size(); ++i) REQUIRE(ga[i] == gb[2 * i]);
+      }
     }
 }
 

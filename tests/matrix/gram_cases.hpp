@@ -1,7 +1,7 @@
 // Optimisation-level matrix, activation side (shared by test_matrix_gram_*.cpp, one storage
 // family per file so that they compile in parallel): specialization (pairs sum and mean) and
 // orthogonality (pairwise and subspace), for every slot count 1..9 (the compile-time Gram
-// kernels for 2, 4, 6, 8 and the run-time one), in double, float, bfloat16 and half, in the
+// kernels for 2..8 and the run-time one), in double, float, bfloat16 and half, in the
 // token-major layout (contiguous and element-strided) and the expert-grouped layout, against the
 // float64 reference. Gradient buffers start as NaN; expert-grouped rows that no slot maps to
 // must keep their NaN (the library never touches them).

@@ -28,7 +28,7 @@ Acc nan_v() {
   return std::numeric_limits<Acc>::quiet_NaN();
 }
 
-// Every vector count 2..16 through the dispatch the losses use (compile-time 2, 4, 6, 8 and the
+// Every vector count 2..16 through the dispatch the losses use (compile-time 2..8 and the
 // run-time fallback), contiguous and strided, against dot products in double.
 template <class T>
 void check_gram_pass(index_t d, index_t stride) {
