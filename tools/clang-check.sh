@@ -28,6 +28,9 @@ check_one() {  # $1 = header (include/...) or source file
   if [[ $f == include/* ]]; then
     local h=${f#include/}
     printf '#include <%s>\n#include <%s>\nint main() { return 0; }\n' "$h" "$h" | $CLANG $flags -x c++ - >"$log" 2>&1
+  elif [[ $f == tests/compiled/* || $f == src/compiled/* ]]; then  # as the moereg::compiled target builds them
+    $CLANG $flags -Isrc -DMOEREG_COMPILED=1 -DMOEREG_COMPILED_OPENMP=1 -DMOEREG_COMPILED_AVX512=0 -DMOEREG_NO_AVX512 \
+      "$f" >"$log" 2>&1
   elif [[ $f == tests/single_include/* ]]; then
     $CLANG ${flags/-Iinclude /} "$f" >"$log" 2>&1  # the amalgamation alone, never include/
   else
@@ -37,7 +40,7 @@ check_one() {  # $1 = header (include/...) or source file
 export -f check_one
 
 headers=$(find include/moereg -name '*.hpp' ! -path '*/backend/cuda*' ! -name nccl.hpp | sort)
-sources=$(find tests examples tools benchmarks -name '*.cpp' ! -path '*/fuzz/*' ! -path '*/compile_fail/*' \
+sources=$(find src tests examples tools benchmarks -name '*.cpp' ! -path '*/fuzz/*' ! -path '*/compile_fail/*' \
             ! -path '*/cuda/*' ! -name '*nccl*' | sort)
 skipped=""
 keep=""

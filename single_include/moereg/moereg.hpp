@@ -1514,6 +1514,64 @@ MOEREG_NAMESPACE_END
 // The per-expert arithmetic (f_e, the value term and the gradient coefficient) lives in
 // math/router.hpp and is shared with the CUDA backend (backend/cuda/load_balancing.cuh).
 
+// ---- begin moereg/core/compiled.hpp ----
+// The optional compiled library (CMake target moereg::compiled), the way fmt offers one beside
+// its header-only mode. It holds explicit instantiations of every loss's CPU execute() and
+// execute_stats() for the four storage types (float, double, moereg::half, moereg::bfloat16)
+// and, for the activation losses, the three layouts (token_major, expert_grouped,
+// capacity_padded). A translation unit that links moereg::compiled sees them declared
+// `extern template` at the end of each loss header, so it compiles only the thin front end and
+// calls the library's copy: the kernels are compiled once, in the library.
+//
+// The target defines MOEREG_COMPILED=1 and the configuration it was built with
+// (MOEREG_COMPILED_OPENMP, MOEREG_COMPILED_AVX512; the library's own sources refuse to build
+// when their configuration differs from the one they declare). A unit whose own configuration
+// differs (built with -march=native against a portable library, say) gets no extern
+// declarations and instantiates the headers as usual: it links and computes the same, only its
+// compile time is not saved. Other storage types, layouts and the CUDA backend are always
+// header-only.
+
+
+#if defined(MOEREG_COMPILED) && MOEREG_COMPILED && !defined(__CUDACC__) && \
+    MOEREG_HAS_OPENMP == MOEREG_COMPILED_OPENMP && MOEREG_HAS_AVX512 == MOEREG_COMPILED_AVX512
+#define MOEREG_DETAIL_USE_COMPILED 1
+#else
+#define MOEREG_DETAIL_USE_COMPILED 0
+#endif
+
+// X(T, args...) for every storage type the library instantiates.
+#define MOEREG_DETAIL_FOR_STORAGE(X, ...) \
+  X(float, __VA_ARGS__) X(double, __VA_ARGS__) X(half, __VA_ARGS__) X(bfloat16, __VA_ARGS__)
+
+// The CPU entry points of a router-side loss (inputs Inputs<T>, gradient matrix_view<T>):
+// declared with kw = `extern template`, defined with kw = `template`.
+#define MOEREG_DETAIL_ROUTER_ENTRY(T, kw, Loss, Inputs)                                                       \
+  kw double execute<T>(const cpu&, const Loss&, const Inputs<T>&, stats_view, const matrix_view<T>*, grad_options); \
+  kw void execute_stats<T>(const cpu&, const Loss&, const Inputs<T>&, double*);
+
+// The CPU entry points of an activation loss (inputs Inputs<T, Layout>) for one layout, then
+// for the three layouts.
+#define MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, Layout)                                        \
+  kw double execute<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view,                \
+                               const activation_view<T, Layout>*, grad_options);                             \
+  kw void execute_stats<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, double*);
+#define MOEREG_DETAIL_ACTIVATION_ENTRY(T, kw, Loss, Inputs)                  \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, token_major)        \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, expert_grouped)     \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, capacity_padded)
+
+// At the end of a loss header (inside the moereg namespace): the extern declarations, when
+// this unit uses the compiled library.
+#if MOEREG_DETAIL_USE_COMPILED
+#define MOEREG_DETAIL_EXTERN_ROUTER(Loss, Inputs) \
+  MOEREG_DETAIL_FOR_STORAGE(MOEREG_DETAIL_ROUTER_ENTRY, extern template, Loss, Inputs)
+#define MOEREG_DETAIL_EXTERN_ACTIVATION(Loss, Inputs) \
+  MOEREG_DETAIL_FOR_STORAGE(MOEREG_DETAIL_ACTIVATION_ENTRY, extern template, Loss, Inputs)
+#else
+#define MOEREG_DETAIL_EXTERN_ROUTER(Loss, Inputs)
+#define MOEREG_DETAIL_EXTERN_ACTIVATION(Loss, Inputs)
+#endif
+// ---- end moereg/core/compiled.hpp ----
 
 #include <vector>
 
@@ -1979,6 +2037,9 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
   return static_cast<double>(invB * detail::pairwise_sum(seq_values.data(), seq.count));
 }
 
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(load_balancing_loss, load_balancing_inputs)
+
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/load_balancing.hpp ----
 // ---- begin moereg/losses/z_loss.hpp ----
@@ -2161,6 +2222,9 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
   });
   return static_cast<double>(beta * inv_tv * detail::pairwise_sum(partial.data(), nb));
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(z_loss, z_loss_inputs)
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/z_loss.hpp ----
@@ -3376,6 +3440,9 @@ double execute(const cpu& be, const specialization_loss& loss, const specializat
       [eps, mean](int n, const Acc* G, Acc* W) { return math::specialization_token(n, G, eps, mean, W); });
 }
 
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ACTIVATION(specialization_loss, specialization_inputs)
+
 MOEREG_NAMESPACE_END
 
 #undef MOEREG_DETAIL_UNROLL
@@ -3553,6 +3620,9 @@ double execute(const cpu& be, const orthogonality_loss& loss, const orthogonalit
       be, in.acts, in.topk, in.mask, grad, opts, scale / static_cast<double>(kk),
       [eps](int n, const Acc* G, Acc* W) { return math::orthogonality_subspace_token(n, G, eps, W); });
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ACTIVATION(orthogonality_loss, orthogonality_inputs)
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/orthogonality.hpp ----
@@ -3976,6 +4046,10 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
                     pairwise_sum(terms.data(), static_cast<index_t>(terms.size()));
   if (!grads) return static_cast<double>(value);
 
+  // S_l^T stored: both gradient products are then X * (row-major E x E), one GEMM
+  // instantiation instead of two (compile time).
+  std::vector<cp_rowmat<Acc>> St(S.size());
+  for (std::size_t l = 0; l < S.size(); ++l) St[l] = S[l].transpose();
   const Acc gc = static_cast<Acc>(-opts.grad_scale * loss.cfg.coef / tv);
   const index_t nb = num_blocks(T_, cpu_block_rows);
   cp_eigen_serial_blocks(be, 0, nb, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
@@ -3987,7 +4061,7 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
       const auto& Gv = grads[l];
       if (nv > 0) {
         if (l + 1 < L)
-          G.noalias() = blk.X[static_cast<std::size_t>(l + 1)] * S[static_cast<std::size_t>(l)].transpose();
+          G.noalias() = blk.X[static_cast<std::size_t>(l + 1)] * St[static_cast<std::size_t>(l)];
         else
           G.setZero();
         if (l > 0) G.noalias() += blk.X[static_cast<std::size_t>(l - 1)] * S[static_cast<std::size_t>(l - 1)];
@@ -4042,6 +4116,9 @@ double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T
   }
   return detail::cp_execute_token(be, loss, in, tv, grads, opts);
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(coupling_loss, coupling_inputs)
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/coupling.hpp ----
@@ -4304,6 +4381,9 @@ double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T
   return static_cast<double>(vc * detail::pairwise_sum(partial.data(), nb));
 }
 
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(variance_loss, variance_inputs)
+
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/variance.hpp ----
 // ---- begin moereg/losses/entropy.hpp ----
@@ -4496,6 +4576,9 @@ double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>&
   });
   return static_cast<double>(eta * inv_tv * detail::pairwise_sum(partial.data(), nb));
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(entropy_loss, entropy_inputs)
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/entropy.hpp ----
@@ -4692,6 +4775,9 @@ double execute(const cpu& be, const importance_loss& loss, const importance_inpu
   }
   return static_cast<double>(value);
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(importance_loss, importance_inputs)
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/importance.hpp ----

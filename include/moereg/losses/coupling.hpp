@@ -49,6 +49,7 @@
 #pragma once
 
 #include "../core/config.hpp"
+#include "../core/compiled.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -424,6 +425,10 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
                     pairwise_sum(terms.data(), static_cast<index_t>(terms.size()));
   if (!grads) return static_cast<double>(value);
 
+  // S_l^T stored: both gradient products are then X * (row-major E x E), one GEMM
+  // instantiation instead of two (compile time).
+  std::vector<cp_rowmat<Acc>> St(S.size());
+  for (std::size_t l = 0; l < S.size(); ++l) St[l] = S[l].transpose();
   const Acc gc = static_cast<Acc>(-opts.grad_scale * loss.cfg.coef / tv);
   const index_t nb = num_blocks(T_, cpu_block_rows);
   cp_eigen_serial_blocks(be, 0, nb, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
@@ -435,7 +440,7 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
       const auto& Gv = grads[l];
       if (nv > 0) {
         if (l + 1 < L)
-          G.noalias() = blk.X[static_cast<std::size_t>(l + 1)] * S[static_cast<std::size_t>(l)].transpose();
+          G.noalias() = blk.X[static_cast<std::size_t>(l + 1)] * St[static_cast<std::size_t>(l)];
         else
           G.setZero();
         if (l > 0) G.noalias() += blk.X[static_cast<std::size_t>(l - 1)] * S[static_cast<std::size_t>(l - 1)];
@@ -490,5 +495,8 @@ double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T
   }
   return detail::cp_execute_token(be, loss, in, tv, grads, opts);
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(coupling_loss, coupling_inputs)
 
 MOEREG_NAMESPACE_END

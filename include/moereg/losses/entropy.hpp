@@ -17,6 +17,7 @@
 #pragma once
 
 #include "../core/config.hpp"
+#include "../core/compiled.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -194,5 +195,8 @@ double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>&
   });
   return static_cast<double>(eta * inv_tv * detail::pairwise_sum(partial.data(), nb));
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(entropy_loss, entropy_inputs)
 
 MOEREG_NAMESPACE_END

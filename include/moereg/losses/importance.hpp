@@ -20,6 +20,7 @@
 #pragma once
 
 #include "../core/config.hpp"
+#include "../core/compiled.hpp"
 
 #include <cmath>
 #include <vector>
@@ -197,5 +198,8 @@ double execute(const cpu& be, const importance_loss& loss, const importance_inpu
   }
   return static_cast<double>(value);
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(importance_loss, importance_inputs)
 
 MOEREG_NAMESPACE_END

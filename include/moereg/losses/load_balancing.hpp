@@ -31,6 +31,7 @@
 #pragma once
 
 #include "../core/config.hpp"
+#include "../core/compiled.hpp"
 
 #include <vector>
 
@@ -307,5 +308,8 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
   });
   return static_cast<double>(invB * detail::pairwise_sum(seq_values.data(), seq.count));
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(load_balancing_loss, load_balancing_inputs)
 
 MOEREG_NAMESPACE_END

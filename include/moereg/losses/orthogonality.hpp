@@ -42,6 +42,7 @@
 #pragma once
 
 #include "../core/config.hpp"
+#include "../core/compiled.hpp"
 
 #include <vector>
 
@@ -179,5 +180,8 @@ double execute(const cpu& be, const orthogonality_loss& loss, const orthogonalit
       be, in.acts, in.topk, in.mask, grad, opts, scale / static_cast<double>(kk),
       [eps](int n, const Acc* G, Acc* W) { return math::orthogonality_subspace_token(n, G, eps, W); });
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ACTIVATION(orthogonality_loss, orthogonality_inputs)
 
 MOEREG_NAMESPACE_END

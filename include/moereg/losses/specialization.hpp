@@ -56,6 +56,7 @@
 
 #include "../backend/cpu.hpp"
 #include "../core/config.hpp"
+#include "../core/compiled.hpp"
 #include "../core/error.hpp"
 #include "../core/layouts.hpp"
 #include "../core/types.hpp"
@@ -894,6 +895,9 @@ double execute(const cpu& be, const specialization_loss& loss, const specializat
       be, in.acts, in.topk, in.mask, grad, opts, scale,
       [eps, mean](int n, const Acc* G, Acc* W) { return math::specialization_token(n, G, eps, mean, W); });
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ACTIVATION(specialization_loss, specialization_inputs)
 
 MOEREG_NAMESPACE_END
 

@@ -34,6 +34,7 @@
 #pragma once
 
 #include "../core/config.hpp"
+#include "../core/compiled.hpp"
 
 #include <cmath>
 #include <vector>
@@ -262,5 +263,8 @@ double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T
   });
   return static_cast<double>(vc * detail::pairwise_sum(partial.data(), nb));
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(variance_loss, variance_inputs)
 
 MOEREG_NAMESPACE_END

@@ -15,6 +15,7 @@
 #pragma once
 
 #include "../core/config.hpp"
+#include "../core/compiled.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -185,5 +186,8 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
   });
   return static_cast<double>(beta * inv_tv * detail::pairwise_sum(partial.data(), nb));
 }
+
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(z_loss, z_loss_inputs)
 
 MOEREG_NAMESPACE_END
