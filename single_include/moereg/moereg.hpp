@@ -2764,9 +2764,9 @@ void check_gram_loss(const char* who, double coef, double eps, const activation_
 /// The portable pack: 64 bytes of Acc as four 16-byte GNU vectors where the compiler has the
 /// vector extension (each operation is then four vector statements, which every target lowers
 /// directly to its registers; 16 bytes is the width every x86-64 and AArch64 CPU has, so no
-/// argument ever needs a wider ABI), or as a plain array the compiler vectorises otherwise.
-/// Lane l is element l % q of part l / q (q lanes per part); every lane is computed alone, so
-/// both forms give the same bits.
+/// argument ever needs a wider ABI), or as width scalars the compiler vectorises otherwise.
+/// Either way the parts are operated on one by one and every lane is computed alone, so both
+/// forms give the same bits.
 template <class Acc>
 struct pack_portable {
   using acc_type = Acc;
@@ -2774,6 +2774,10 @@ struct pack_portable {
 #if MOEREG_DETAIL_VECTOR_EXT
   static constexpr int parts = 4;
   typedef Acc part __attribute__((vector_size(16)));
+#else
+  static constexpr int parts = width;
+  using part = Acc;
+#endif
   struct reg {
     part v[parts];
   };
@@ -2808,44 +2812,6 @@ struct pack_portable {
     for (int j = 0; j < parts; ++j) r.v[j] = a.v[j] + b.v[j];
     return r;
   }
-#else
-  struct reg {
-    Acc v[width];
-  };
-  static MOEREG_FORCEINLINE reg zero() {
-    reg r;
-    for (int l = 0; l < width; ++l) r.v[l] = Acc(0);
-    return r;
-  }
-  static MOEREG_FORCEINLINE reg loadu(const Acc* p) {
-    reg r;
-    for (int l = 0; l < width; ++l) r.v[l] = p[l];
-    return r;
-  }
-  static MOEREG_FORCEINLINE void storeu(Acc* p, const reg& a) {
-    for (int l = 0; l < width; ++l) p[l] = a.v[l];
-  }
-  static MOEREG_FORCEINLINE reg fmadd(const reg& a, const reg& b, const reg& c) {
-    reg r;
-    for (int l = 0; l < width; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
-    return r;
-  }
-  static MOEREG_FORCEINLINE reg mul_s(Acc s, const reg& a) {
-    reg r;
-    for (int l = 0; l < width; ++l) r.v[l] = s * a.v[l];
-    return r;
-  }
-  static MOEREG_FORCEINLINE reg fmadd_s(Acc s, const reg& a, const reg& c) {
-    reg r;
-    for (int l = 0; l < width; ++l) r.v[l] = s * a.v[l] + c.v[l];
-    return r;
-  }
-  static MOEREG_FORCEINLINE reg add(const reg& a, const reg& b) {
-    reg r;
-    for (int l = 0; l < width; ++l) r.v[l] = a.v[l] + b.v[l];
-    return r;
-  }
-#endif
   /// Fixed tree: halves added until one lane is left.
   static MOEREG_FORCEINLINE Acc hsum(const reg& a) {
     Acc t[width];
