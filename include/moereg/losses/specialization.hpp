@@ -792,14 +792,14 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
             for (int i = 0; i < n; ++i) gv[i] = grad->data + grad->layout.offset(t, slot[i]);
             bool aligned = stream;
             for (int i = 0; i < n; ++i) aligned = aligned && reinterpret_cast<std::uintptr_t>(gv[i]) % chunk_bytes == 0;
+            bool streamed = false;
             if constexpr (C && can_stream) {
-              if (aligned)
+              if (aligned) {
                 apply_dispatch<P, true, true>(n, xv, gv, d, xs, gs, Wm, false, xbuf[1 - cur], npf);
-              else
-                apply_dispatch<P, true, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
-            } else {
-              apply_dispatch<P, C, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
+                streamed = true;
+              }
             }
+            if (!streamed) apply_dispatch<P, C, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
           }
         }
         if (grad && !opts.accumulate) {
