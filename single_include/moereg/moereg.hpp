@@ -1305,11 +1305,6 @@ MOEREG_NAMESPACE_END
 MOEREG_NAMESPACE_BEGIN
 namespace detail {
 
-/// local_stats(in, out, be) needs a buffer of `size` doubles (stats_size(in)).
-inline void check_stats_out(const char* who, const double* out, index_t size) {
-  require(out != nullptr || size == 0, who, "::local_stats: out is null but stats_size(in) = ", size);
-}
-
 /// The one rule for the scalar arguments of every loss, checked before any input is read: a
 /// finite coefficient, a finite grad_scale and a thread count of at least 0 (0 = the OpenMP
 /// default, 1 = serial, n = n threads).
@@ -1769,6 +1764,126 @@ MOEREG_HOST_DEVICE inline void coupling_select_row(const Src* row, index_t E, in
 }  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/math/router.hpp ----
+// ---- begin moereg/losses/api.hpp ----
+// The front end every loss shares, written once (STYLE.md: views -> loss -> backend -> gradient
+// views). A loss is
+//
+//   struct entropy_loss : loss_api<entropy_loss, entropy_config> {
+//     static constexpr const char* name = "entropy_loss";
+//     template <class T> index_t stats_size(const entropy_inputs<T>&) const;
+//   };
+//
+// with inputs that name their loss and their gradient view:
+//
+//   template <class T> struct entropy_inputs {
+//     using loss_type = entropy_loss;       // these inputs belong to entropy_loss
+//     using grad_type = matrix_view<T>;     // what backward() writes (a pointer: one view per layer)
+//     ...
+//   };
+//
+// and a backend is a pair of functions found by argument-dependent lookup:
+//
+//   double execute(const Backend&, const Loss&, const Inputs&, stats_view reduced,
+//                  const GradView* grad /* null: value only */, grad_options);
+//   void execute_stats(const Backend&, const Loss&, const Inputs&, double* out);
+//
+// The configuration is the base's one member, so a loss is still an aggregate of its
+// configuration: `entropy_loss{cfg}`, `entropy_loss{{1e-3, 1e-30}}` and `entropy_loss loss;
+// loss.cfg.coef = ...` all work (the braces of the base are elided).
+
+
+#include <cstddef>
+#include <type_traits>
+#include <vector>
+
+
+MOEREG_NAMESPACE_BEGIN
+namespace detail {
+
+/// The argument backward() and value_and_grad() take for inputs `In`: In::grad_type.
+template <class In>
+using grad_arg_t = typename In::grad_type;
+
+/// The view type the backend's execute() receives a pointer to: the gradient view itself, or
+/// the element type when the argument is already a pointer (one view per layer).
+template <class In>
+using grad_view_t = std::remove_const_t<std::remove_pointer_t<grad_arg_t<In>>>;
+
+/// Pointer to the gradient view(s) for execute(): the address of a view, or the caller's
+/// array of views (which must not be null).
+template <class G>
+const G* grad_pointer(const char* who, const G& g) {
+  (void)who;
+  return &g;
+}
+template <class G>
+const G* grad_pointer(const char* who, const G* g) {
+  require(g != nullptr, who, ": grads is null; pass one gradient view per layer");
+  return g;
+}
+
+/// local_stats(in, out, be) needs a buffer of `size` doubles (stats_size(in)).
+inline void check_stats_out(const char* who, const double* out, index_t size) {
+  require(out != nullptr || size == 0, who, "::local_stats: out is null but stats_size(in) = ", size);
+}
+
+}  // namespace detail
+
+/// The front end of loss `Self` with configuration `Config`: local_stats, value, backward and
+/// value_and_grad on every backend (the CPU by default). Every call validates its arguments
+/// before it reads or writes anything and throws moereg::error on invalid input, leaving the
+/// caller's buffers untouched.
+template <class Self, class Config>
+struct loss_api {
+  Config cfg{};  ///< the configuration; defaults from LOSSES.md
+
+ private:
+  template <class In>
+  using enable_for = std::enable_if_t<std::is_same<typename In::loss_type, Self>::value, int>;
+  const Self& self() const { return static_cast<const Self&>(*this); }
+
+ public:
+  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles in the
+  /// layout of the loss's header comment. Host memory, so the CPU backend only.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  std::vector<double> local_stats(const In& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
+    std::vector<double> s(static_cast<std::size_t>(self().stats_size(in)));
+    execute_stats(be, self(), in, s.data());
+    return s;
+  }
+  /// local_stats() into a caller buffer of stats_size(in) doubles on the backend's device;
+  /// `out` is untouched when it throws.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  void local_stats(const In& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out(Self::name, out, self().stats_size(in));
+    execute_stats(be, self(), in, out);
+  }
+  /// The loss (coefficient included). With `reduced` (statistics summed over the parts of a
+  /// batch) the global counts of LOSSES.md section 9 are used.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  double value(const In& in, stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, self(), in, reduced, static_cast<const detail::grad_view_t<In>*>(nullptr), grad_options{});
+  }
+  /// Writes grad_scale * dL/d(input) into `grad` (the input's shape, its own strides or
+  /// layout; for the coupling loss an array of one view per layer), overwriting or adding
+  /// per `opts`.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  void backward(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
+                const Backend& be = {}) const {
+    (void)execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
+  }
+  /// value() and backward() in one pass (the inputs read once, the gradient written once);
+  /// returns the value.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  double value_and_grad(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
+                        const Backend& be = {}) const {
+    return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
+  }
+};
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/losses/api.hpp ----
 
 MOEREG_NAMESPACE_BEGIN
 
@@ -1783,10 +1898,14 @@ struct load_balancing_config {
   index_t k = 0;                    ///< configured top-k width in f_e; 0 = the number of topk columns
 };
 
+struct load_balancing_loss;
+
 /// Inputs of load_balancing_loss; T is the storage type of P.
 template <class T>
 struct load_balancing_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = load_balancing_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> probs;            ///< P [T, E]
   topk_view topk;                   ///< I [T, k]
   mask_view mask{};                 ///< m [T], empty = all valid
@@ -1795,44 +1914,12 @@ struct load_balancing_inputs {
 
 /// Load-balancing loss L = alpha * E * sum_e f_e * pbar_e (Switch / GShard; LOSSES.md section 1),
 /// gradient with respect to the routing probabilities P.
-struct load_balancing_loss {
-  load_balancing_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config> {
+  static constexpr const char* name = "load_balancing_loss";  ///< in error messages
   /// Number of doubles local_stats writes for these inputs.
   template <class T>
   index_t stats_size(const load_balancing_inputs<T>& in) const {
     return cfg.scope == lb_scope::sequence ? 1 : 1 + in.probs.cols;
-  }
-  /// This call's sum-reducible statistics (see the header comment for their layout).
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const load_balancing_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const load_balancing_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("load_balancing_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss; with `reduced`, the finish step of LOSSES.md section 9.
-  template <class T, class Backend = cpu>
-  double value(const load_balancing_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dP into `grad_probs` (same shape as probs, its own strides).
-  template <class T, class Backend = cpu>
-  void backward(const load_balancing_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_probs, opts);
-  }
-  /// Both in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const load_balancing_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_probs, opts);
   }
 };
 
@@ -2072,57 +2159,26 @@ struct z_loss_config {
   double coef = 1e-3;  ///< beta
 };
 
+struct z_loss;
+
 /// Inputs of z_loss; T is the storage type of Z.
 template <class T>
 struct z_loss_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = z_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> logits;  ///< Z [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
 
 /// Router z-loss L = beta * (1 / T_v) sum_t m_t lse_t^2 (ST-MoE; LOSSES.md section 2), gradient
 /// with respect to the router logits Z.
-struct z_loss {
-  z_loss_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct z_loss : loss_api<z_loss, z_loss_config> {
+  static constexpr const char* name = "z_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const z_loss_inputs<T>&) const {
     return 1;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const z_loss_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(1);
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const z_loss_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("z_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
-  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  double value(const z_loss_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dZ into `grad_logits` (same shape as the input, its own strides),
-  /// overwriting or accumulating per `opts`; nothing is written when it throws.
-  template <class T, class Backend = cpu>
-  void backward(const z_loss_inputs<T>& in, matrix_view<T> grad_logits, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_logits, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const z_loss_inputs<T>& in, matrix_view<T> grad_logits, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_logits, opts);
   }
 };
 
@@ -2624,10 +2680,14 @@ struct specialization_config {
   sp_pairs pairs = sp_pairs::sum;  ///< sum over ordered pairs (default) or mean
 };
 
+struct specialization_loss;
+
 /// Inputs of specialization_loss; T is the storage type, Layout the activation layout policy.
 template <class T, class Layout>
 struct specialization_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = specialization_loss;  ///< the loss these inputs are for
+  using grad_type = activation_view<T, Layout>;  ///< what backward() writes
   activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
   topk_view topk;                         ///< I [T, k]; negative = dropped slot
   mask_view mask{};                       ///< m [T], empty = all valid
@@ -2636,44 +2696,12 @@ struct specialization_inputs {
 
 /// Intra-layer specialization loss L = lambda * (1 / T_v) sum_t m_t sum_{s != r} c_{t,s,r}^2
 /// (Hu et al. 2026, R_sp; LOSSES.md section 3), gradient with respect to the activations h.
-struct specialization_loss {
-  specialization_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct specialization_loss : loss_api<specialization_loss, specialization_config> {
+  static constexpr const char* name = "specialization_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const specialization_inputs<T, Layout>&) const {
     return 1;
-  }
-  /// [T_v] of this call.
-  template <class T, class Layout, class Backend = cpu>
-  std::vector<double> local_stats(const specialization_inputs<T, Layout>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(1);
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Layout, class Backend = cpu>
-  void local_stats(const specialization_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("specialization_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss; with `reduced` (summed statistics), the 1/T_v is the global one.
-  template <class T, class Layout, class Backend = cpu>
-  double value(const specialization_inputs<T, Layout>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const activation_view<T, Layout>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dh into `grad` (the grad view's layout describes the grad buffer).
-  template <class T, class Layout, class Backend = cpu>
-  void backward(const specialization_inputs<T, Layout>& in, activation_view<T, Layout> grad, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad, opts);
-  }
-  /// Both at once (activations read once, gradient written once); returns the value.
-  template <class T, class Layout, class Backend = cpu>
-  double value_and_grad(const specialization_inputs<T, Layout>& in, activation_view<T, Layout> grad,
-                        grad_options opts = {}, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad, opts);
   }
 };
 
@@ -3484,10 +3512,14 @@ struct orthogonality_config {
   index_t k = 0;  ///< subspace: the k of the 1/k; 0 = the number of topk columns
 };
 
+struct orthogonality_loss;
+
 /// Inputs of orthogonality_loss; T is the storage type, Layout the activation layout policy.
 template <class T, class Layout>
 struct orthogonality_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = orthogonality_loss;  ///< the loss these inputs are for
+  using grad_type = activation_view<T, Layout>;  ///< what backward() writes
   activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
   topk_view topk;                         ///< I [T, k]; negative = dropped slot
   mask_view mask{};                       ///< m [T], empty = all valid
@@ -3496,44 +3528,12 @@ struct orthogonality_inputs {
 
 /// Orthogonality loss L_o = beta * (1 / T_v) sum_t m_t sum_{j != s} term_{t,j,s} (Guo et al. 2025;
 /// LOSSES.md section 5), gradient with respect to the expert outputs h.
-struct orthogonality_loss {
-  orthogonality_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct orthogonality_loss : loss_api<orthogonality_loss, orthogonality_config> {
+  static constexpr const char* name = "orthogonality_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const orthogonality_inputs<T, Layout>&) const {
     return 1;
-  }
-  /// [T_v] of this call.
-  template <class T, class Layout, class Backend = cpu>
-  std::vector<double> local_stats(const orthogonality_inputs<T, Layout>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(1);
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Layout, class Backend = cpu>
-  void local_stats(const orthogonality_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("orthogonality_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss; with `reduced` (summed statistics), the 1/T_v is the global one.
-  template <class T, class Layout, class Backend = cpu>
-  double value(const orthogonality_inputs<T, Layout>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const activation_view<T, Layout>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dh into `grad` (the grad view's layout describes the grad buffer).
-  template <class T, class Layout, class Backend = cpu>
-  void backward(const orthogonality_inputs<T, Layout>& in, activation_view<T, Layout> grad, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad, opts);
-  }
-  /// Both at once (activations read once, gradient written once); returns the value.
-  template <class T, class Layout, class Backend = cpu>
-  double value_and_grad(const orthogonality_inputs<T, Layout>& in, activation_view<T, Layout> grad,
-                        grad_options opts = {}, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad, opts);
   }
 };
 
@@ -3668,10 +3668,14 @@ struct coupling_config {
   double eps = 1e-12;                         ///< log form: log(M^l M^{l+1} + eps)
 };
 
+struct coupling_loss;
+
 /// The routing of `layers` consecutive layers. probs[l] is P^l [T, E], topk[l] is I^l [T, k_l].
 template <class T>
 struct coupling_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = coupling_loss;  ///< the loss these inputs are for
+  using grad_type = const matrix_view<T>*;  ///< what backward() writes
   const routing_view<T>* probs = nullptr;     ///< `layers` views
   const topk_view* topk = nullptr;            ///< `layers` views
   index_t layers = 0;                         ///< L >= 2
@@ -3680,50 +3684,14 @@ struct coupling_inputs {
 
 /// Cross-layer coupling loss (Hu et al. 2026, R_cp; LOSSES.md section 4), token form
 /// L = -lambda * (1 / T_v) sum_t m_t sum_l M^l_t M^{l+1}_t; gradient with respect to every P^l.
-struct coupling_loss {
-  coupling_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct coupling_loss : loss_api<coupling_loss, coupling_config> {
+  static constexpr const char* name = "coupling_loss";  ///< in error messages
   /// Number of doubles local_stats writes: 1 (token, log) or 1 + (L-1) E^2 (batch).
   template <class T>
   index_t stats_size(const coupling_inputs<T>& in) const {
     if (cfg.form != coupling_form::batch) return 1;
     const index_t E = (in.probs != nullptr && in.layers > 0) ? in.probs[0].cols : 0;
     return 1 + std::max<index_t>(in.layers - 1, 0) * E * E;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const coupling_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const coupling_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("coupling_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
-  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  double value(const coupling_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dP^l into grads[l] for every layer l (`layers` views).
-  template <class T, class Backend = cpu>
-  void backward(const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    detail::require(grads != nullptr, "coupling: grads is null; pass one gradient view per layer");
-    (void)execute(be, *this, in, reduced, grads, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    detail::require(grads != nullptr, "coupling: grads is null; pass one gradient view per layer");
-    return execute(be, *this, in, reduced, grads, opts);
   }
 };
 
@@ -4142,56 +4110,26 @@ struct variance_config {
   variance_reduction reduction = variance_reduction::mean;  ///< tokens axis: mean (default) or sum
 };
 
+struct variance_loss;
+
 /// Inputs of variance_loss; T is the storage type of S.
 template <class T>
 struct variance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = variance_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> scores;  ///< S [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
 
 /// Variance loss L_v = -gamma * (1 / E) (1 / T_v) sum_t m_t sum_e (S[t,e] - sbar_e)^2 (Guo et al. 2025;
 /// LOSSES.md section 6), gradient with respect to the routing scores S.
-struct variance_loss {
-  variance_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct variance_loss : loss_api<variance_loss, variance_config> {
+  static constexpr const char* name = "variance_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const variance_inputs<T>& in) const {
     return cfg.axis == variance_axis::tokens ? 1 + in.scores.cols : 1;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const variance_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const variance_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("variance_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
-  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  double value(const variance_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dS into `grad_scores` (same shape as scores, its own strides).
-  template <class T, class Backend = cpu>
-  void backward(const variance_inputs<T>& in, matrix_view<T> grad_scores, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_scores, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const variance_inputs<T>& in, matrix_view<T> grad_scores, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_scores, opts);
   }
 };
 
@@ -4386,56 +4324,26 @@ struct entropy_config {
   double tiny = 1e-30;  ///< floor inside the log
 };
 
+struct entropy_loss;
+
 /// Inputs of entropy_loss; T is the storage type of P.
 template <class T>
 struct entropy_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = entropy_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
 
 /// Router entropy L_H = eta * (1 / T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny))
 /// (LOSSES.md section 7), gradient with respect to P.
-struct entropy_loss {
-  entropy_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct entropy_loss : loss_api<entropy_loss, entropy_config> {
+  static constexpr const char* name = "entropy_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const entropy_inputs<T>&) const {
     return 1;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const entropy_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(1);
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const entropy_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("entropy_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
-  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  double value(const entropy_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dP into `grad_probs` (same shape as probs, its own strides).
-  template <class T, class Backend = cpu>
-  void backward(const entropy_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_probs, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const entropy_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_probs, opts);
   }
 };
 
@@ -4581,55 +4489,26 @@ struct importance_config {
   double coef = 1e-2;  ///< w (library default; LOSSES.md gives none)
 };
 
+struct importance_loss;
+
 /// Inputs of importance_loss; T is the storage type of P.
 template <class T>
 struct importance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = importance_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
 
 /// Importance loss L = w * CV(imp)^2, imp_e = sum_t m_t P[t,e] (Shazeer et al. 2017; LOSSES.md
 /// section 7), gradient with respect to P.
-struct importance_loss {
-  importance_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct importance_loss : loss_api<importance_loss, importance_config> {
+  static constexpr const char* name = "importance_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const importance_inputs<T>& in) const {
     return in.probs.cols;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const importance_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const importance_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("importance_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss; with `reduced`, the whole batch's value (not this part's share).
-  template <class T, class Backend = cpu>
-  double value(const importance_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dP into `grad_probs` (same shape as probs, its own strides).
-  template <class T, class Backend = cpu>
-  void backward(const importance_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_probs, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const importance_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_probs, opts);
   }
 };
 

@@ -15,11 +15,6 @@
 MOEREG_NAMESPACE_BEGIN
 namespace detail {
 
-/// local_stats(in, out, be) needs a buffer of `size` doubles (stats_size(in)).
-inline void check_stats_out(const char* who, const double* out, index_t size) {
-  require(out != nullptr || size == 0, who, "::local_stats: out is null but stats_size(in) = ", size);
-}
-
 /// The one rule for the scalar arguments of every loss, checked before any input is read: a
 /// finite coefficient, a finite grad_scale and a thread count of at least 0 (0 = the OpenMP
 /// default, 1 = serial, n = n threads).

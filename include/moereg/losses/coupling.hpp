@@ -63,6 +63,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
+#include "api.hpp"
 #include "common.hpp"
 
 #if MOEREG_HAS_OPENMP
@@ -81,10 +82,14 @@ struct coupling_config {
   double eps = 1e-12;                         ///< log form: log(M^l M^{l+1} + eps)
 };
 
+struct coupling_loss;
+
 /// The routing of `layers` consecutive layers. probs[l] is P^l [T, E], topk[l] is I^l [T, k_l].
 template <class T>
 struct coupling_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = coupling_loss;  ///< the loss these inputs are for
+  using grad_type = const matrix_view<T>*;  ///< what backward() writes
   const routing_view<T>* probs = nullptr;     ///< `layers` views
   const topk_view* topk = nullptr;            ///< `layers` views
   index_t layers = 0;                         ///< L >= 2
@@ -93,50 +98,14 @@ struct coupling_inputs {
 
 /// Cross-layer coupling loss (Hu et al. 2026, R_cp; LOSSES.md section 4), token form
 /// L = -lambda * (1 / T_v) sum_t m_t sum_l M^l_t M^{l+1}_t; gradient with respect to every P^l.
-struct coupling_loss {
-  coupling_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct coupling_loss : loss_api<coupling_loss, coupling_config> {
+  static constexpr const char* name = "coupling_loss";  ///< in error messages
   /// Number of doubles local_stats writes: 1 (token, log) or 1 + (L-1) E^2 (batch).
   template <class T>
   index_t stats_size(const coupling_inputs<T>& in) const {
     if (cfg.form != coupling_form::batch) return 1;
     const index_t E = (in.probs != nullptr && in.layers > 0) ? in.probs[0].cols : 0;
     return 1 + std::max<index_t>(in.layers - 1, 0) * E * E;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const coupling_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const coupling_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("coupling_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
-  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  double value(const coupling_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dP^l into grads[l] for every layer l (`layers` views).
-  template <class T, class Backend = cpu>
-  void backward(const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    detail::require(grads != nullptr, "coupling: grads is null; pass one gradient view per layer");
-    (void)execute(be, *this, in, reduced, grads, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    detail::require(grads != nullptr, "coupling: grads is null; pass one gradient view per layer");
-    return execute(be, *this, in, reduced, grads, opts);
   }
 };
 

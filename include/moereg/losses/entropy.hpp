@@ -29,6 +29,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
+#include "api.hpp"
 #include "common.hpp"
 
 MOEREG_NAMESPACE_BEGIN
@@ -39,56 +40,26 @@ struct entropy_config {
   double tiny = 1e-30;  ///< floor inside the log
 };
 
+struct entropy_loss;
+
 /// Inputs of entropy_loss; T is the storage type of P.
 template <class T>
 struct entropy_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = entropy_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
 
 /// Router entropy L_H = eta * (1 / T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny))
 /// (LOSSES.md section 7), gradient with respect to P.
-struct entropy_loss {
-  entropy_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct entropy_loss : loss_api<entropy_loss, entropy_config> {
+  static constexpr const char* name = "entropy_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const entropy_inputs<T>&) const {
     return 1;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const entropy_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(1);
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const entropy_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("entropy_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
-  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  double value(const entropy_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dP into `grad_probs` (same shape as probs, its own strides).
-  template <class T, class Backend = cpu>
-  void backward(const entropy_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_probs, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const entropy_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_probs, opts);
   }
 };
 

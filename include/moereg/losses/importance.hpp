@@ -29,6 +29,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
+#include "api.hpp"
 #include "common.hpp"
 
 MOEREG_NAMESPACE_BEGIN
@@ -38,55 +39,26 @@ struct importance_config {
   double coef = 1e-2;  ///< w (library default; LOSSES.md gives none)
 };
 
+struct importance_loss;
+
 /// Inputs of importance_loss; T is the storage type of P.
 template <class T>
 struct importance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = importance_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
 };
 
 /// Importance loss L = w * CV(imp)^2, imp_e = sum_t m_t P[t,e] (Shazeer et al. 2017; LOSSES.md
 /// section 7), gradient with respect to P.
-struct importance_loss {
-  importance_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct importance_loss : loss_api<importance_loss, importance_config> {
+  static constexpr const char* name = "importance_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const importance_inputs<T>& in) const {
     return in.probs.cols;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const importance_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const importance_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("importance_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss; with `reduced`, the whole batch's value (not this part's share).
-  template <class T, class Backend = cpu>
-  double value(const importance_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dP into `grad_probs` (same shape as probs, its own strides).
-  template <class T, class Backend = cpu>
-  void backward(const importance_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_probs, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const importance_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_probs, opts);
   }
 };
 

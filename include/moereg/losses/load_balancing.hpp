@@ -40,6 +40,7 @@
 #include "../core/types.hpp"
 #include "../core/views.hpp"
 #include "../math/router.hpp"
+#include "api.hpp"
 #include "common.hpp"
 
 MOEREG_NAMESPACE_BEGIN
@@ -55,10 +56,14 @@ struct load_balancing_config {
   index_t k = 0;                    ///< configured top-k width in f_e; 0 = the number of topk columns
 };
 
+struct load_balancing_loss;
+
 /// Inputs of load_balancing_loss; T is the storage type of P.
 template <class T>
 struct load_balancing_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = load_balancing_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> probs;            ///< P [T, E]
   topk_view topk;                   ///< I [T, k]
   mask_view mask{};                 ///< m [T], empty = all valid
@@ -67,44 +72,12 @@ struct load_balancing_inputs {
 
 /// Load-balancing loss L = alpha * E * sum_e f_e * pbar_e (Switch / GShard; LOSSES.md section 1),
 /// gradient with respect to the routing probabilities P.
-struct load_balancing_loss {
-  load_balancing_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config> {
+  static constexpr const char* name = "load_balancing_loss";  ///< in error messages
   /// Number of doubles local_stats writes for these inputs.
   template <class T>
   index_t stats_size(const load_balancing_inputs<T>& in) const {
     return cfg.scope == lb_scope::sequence ? 1 : 1 + in.probs.cols;
-  }
-  /// This call's sum-reducible statistics (see the header comment for their layout).
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const load_balancing_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const load_balancing_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("load_balancing_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss; with `reduced`, the finish step of LOSSES.md section 9.
-  template <class T, class Backend = cpu>
-  double value(const load_balancing_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dP into `grad_probs` (same shape as probs, its own strides).
-  template <class T, class Backend = cpu>
-  void backward(const load_balancing_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_probs, opts);
-  }
-  /// Both in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const load_balancing_inputs<T>& in, matrix_view<T> grad_probs, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_probs, opts);
   }
 };
 

@@ -52,6 +52,7 @@
 #include "../core/types.hpp"
 #include "../core/views.hpp"
 #include "../math/pairwise.hpp"
+#include "api.hpp"
 #include "common.hpp"
 #include "specialization.hpp"  // the shared CPU executor of the Gram-based losses
 
@@ -78,10 +79,14 @@ struct orthogonality_config {
   index_t k = 0;  ///< subspace: the k of the 1/k; 0 = the number of topk columns
 };
 
+struct orthogonality_loss;
+
 /// Inputs of orthogonality_loss; T is the storage type, Layout the activation layout policy.
 template <class T, class Layout>
 struct orthogonality_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = orthogonality_loss;  ///< the loss these inputs are for
+  using grad_type = activation_view<T, Layout>;  ///< what backward() writes
   activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
   topk_view topk;                         ///< I [T, k]; negative = dropped slot
   mask_view mask{};                       ///< m [T], empty = all valid
@@ -90,44 +95,12 @@ struct orthogonality_inputs {
 
 /// Orthogonality loss L_o = beta * (1 / T_v) sum_t m_t sum_{j != s} term_{t,j,s} (Guo et al. 2025;
 /// LOSSES.md section 5), gradient with respect to the expert outputs h.
-struct orthogonality_loss {
-  orthogonality_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct orthogonality_loss : loss_api<orthogonality_loss, orthogonality_config> {
+  static constexpr const char* name = "orthogonality_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const orthogonality_inputs<T, Layout>&) const {
     return 1;
-  }
-  /// [T_v] of this call.
-  template <class T, class Layout, class Backend = cpu>
-  std::vector<double> local_stats(const orthogonality_inputs<T, Layout>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(1);
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Layout, class Backend = cpu>
-  void local_stats(const orthogonality_inputs<T, Layout>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("orthogonality_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss; with `reduced` (summed statistics), the 1/T_v is the global one.
-  template <class T, class Layout, class Backend = cpu>
-  double value(const orthogonality_inputs<T, Layout>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const activation_view<T, Layout>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dh into `grad` (the grad view's layout describes the grad buffer).
-  template <class T, class Layout, class Backend = cpu>
-  void backward(const orthogonality_inputs<T, Layout>& in, activation_view<T, Layout> grad, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad, opts);
-  }
-  /// Both at once (activations read once, gradient written once); returns the value.
-  template <class T, class Layout, class Backend = cpu>
-  double value_and_grad(const orthogonality_inputs<T, Layout>& in, activation_view<T, Layout> grad,
-                        grad_options opts = {}, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad, opts);
   }
 };
 

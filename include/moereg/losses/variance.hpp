@@ -43,6 +43,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
+#include "api.hpp"
 #include "common.hpp"
 
 MOEREG_NAMESPACE_BEGIN
@@ -59,56 +60,26 @@ struct variance_config {
   variance_reduction reduction = variance_reduction::mean;  ///< tokens axis: mean (default) or sum
 };
 
+struct variance_loss;
+
 /// Inputs of variance_loss; T is the storage type of S.
 template <class T>
 struct variance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = variance_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> scores;  ///< S [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
 
 /// Variance loss L_v = -gamma * (1 / E) (1 / T_v) sum_t m_t sum_e (S[t,e] - sbar_e)^2 (Guo et al. 2025;
 /// LOSSES.md section 6), gradient with respect to the routing scores S.
-struct variance_loss {
-  variance_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct variance_loss : loss_api<variance_loss, variance_config> {
+  static constexpr const char* name = "variance_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const variance_inputs<T>& in) const {
     return cfg.axis == variance_axis::tokens ? 1 + in.scores.cols : 1;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const variance_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(static_cast<std::size_t>(stats_size(in)));
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const variance_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("variance_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
-  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  double value(const variance_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dS into `grad_scores` (same shape as scores, its own strides).
-  template <class T, class Backend = cpu>
-  void backward(const variance_inputs<T>& in, matrix_view<T> grad_scores, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_scores, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const variance_inputs<T>& in, matrix_view<T> grad_scores, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_scores, opts);
   }
 };
 

@@ -27,6 +27,7 @@
 #include "../core/types.hpp"
 #include "../core/views.hpp"
 #include "../math/router.hpp"
+#include "api.hpp"
 #include "common.hpp"
 
 MOEREG_NAMESPACE_BEGIN
@@ -36,57 +37,26 @@ struct z_loss_config {
   double coef = 1e-3;  ///< beta
 };
 
+struct z_loss;
+
 /// Inputs of z_loss; T is the storage type of Z.
 template <class T>
 struct z_loss_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = z_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
   routing_view<T> logits;  ///< Z [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
 };
 
 /// Router z-loss L = beta * (1 / T_v) sum_t m_t lse_t^2 (ST-MoE; LOSSES.md section 2), gradient
 /// with respect to the router logits Z.
-struct z_loss {
-  z_loss_config cfg{};  ///< the configuration; defaults from LOSSES.md
-
+struct z_loss : loss_api<z_loss, z_loss_config> {
+  static constexpr const char* name = "z_loss";  ///< in error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const z_loss_inputs<T>&) const {
     return 1;
-  }
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles.
-  /// Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  std::vector<double> local_stats(const z_loss_inputs<T>& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(1);
-    execute_stats(be, *this, in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles; `out` is untouched when it throws.
-  template <class T, class Backend = cpu>
-  void local_stats(const z_loss_inputs<T>& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out("z_loss", out, stats_size(in));
-    execute_stats(be, *this, in, out);
-  }
-  /// The loss (coefficient included). With `reduced` (statistics summed over parts) the global
-  /// counts of LOSSES.md section 9 are used. Throws moereg::error on invalid inputs.
-  template <class T, class Backend = cpu>
-  double value(const z_loss_inputs<T>& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, static_cast<const matrix_view<T>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/dZ into `grad_logits` (same shape as the input, its own strides),
-  /// overwriting or accumulating per `opts`; nothing is written when it throws.
-  template <class T, class Backend = cpu>
-  void backward(const z_loss_inputs<T>& in, matrix_view<T> grad_logits, grad_options opts = {},
-                stats_view reduced = {}, const Backend& be = {}) const {
-    (void)execute(be, *this, in, reduced, &grad_logits, opts);
-  }
-  /// value() and backward() in one pass; returns the value.
-  template <class T, class Backend = cpu>
-  double value_and_grad(const z_loss_inputs<T>& in, matrix_view<T> grad_logits, grad_options opts = {},
-                        stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, *this, in, reduced, &grad_logits, opts);
   }
 };
 
