@@ -203,6 +203,12 @@ MOEREG_NAMESPACE_END
 //                                            // negative when the layout holds no vector there
 //   void validate(const char* who) const;    // throws moereg::error on an inconsistent layout
 //
+// and optionally
+//
+//   void validate_shape(const char* who) const;  // the checks that read no map entry (sizes,
+//                                                // strides, map shapes): what a device backend
+//                                                // can check on the host before a launch
+//
 // Gradients are written through the same policy, so they land in the caller's layout.
 // Two valid slots must never share storage: validate() of the three built-in layouts checks
 // that the strides do not overlap against the extents (is_unique(), mdspan's question) and,
@@ -211,6 +217,7 @@ MOEREG_NAMESPACE_END
 // width), so it is refused rather than read as given. A layout of your own answers for itself.
 
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // ---- begin moereg/core/types.hpp ----
@@ -545,8 +552,9 @@ struct token_major {
   constexpr index_t stride() const { return elem_stride; }
   /// Offset (elements) of the first entry of h_{t,s}.
   MOEREG_HOST_DEVICE constexpr index_t offset(index_t t, index_t s) const { return t * token_stride + s * slot_stride; }
-  /// Throws moereg::error (message prefixed by `who`) on negative sizes or strides.
-  void validate(const char* who) const {
+  /// Throws moereg::error (message prefixed by `who`) on negative sizes or strides, or strides
+  /// that overlap. A token-major layout has no map, so this is all of validate().
+  void validate_shape(const char* who) const {
     detail::require(num_tokens >= 0 && num_slots >= 0 && length >= 0, who, ": token_major layout has a negative size [",
                     num_tokens, ", ", num_slots, ", ", length, "]");
     detail::require(token_stride >= 0 && slot_stride >= 0 && elem_stride >= 1, who,
@@ -555,6 +563,8 @@ struct token_major {
                     "] with strides (", token_stride, ", ", slot_stride, ", ", elem_stride,
                     ") overlaps: two (token, slot, element) share storage");
   }
+  /// validate_shape().
+  void validate(const char* who) const { validate_shape(who); }
   /// True when every (token, slot, element) has its own storage (the strides against the extents).
   bool is_unique() const {
     const index_t ext[3] = {num_tokens, num_slots, length}, str[3] = {token_stride, slot_stride, elem_stride};
@@ -623,14 +633,18 @@ struct expert_grouped {
     const index_t ext[2] = {num_rows, length}, str[2] = {row_stride, elem_stride};
     return detail::strides_unique(2, ext, str);
   }
-  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping rows, a null
-  /// map, or a row index that is out of range or used by two slots.
-  void validate(const char* who) const {
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping rows or a
+  /// null map; reads no map entry.
+  void validate_shape(const char* who) const {
     detail::require(num_rows >= 0 && length >= 0 && row_stride >= 0 && elem_stride >= 1, who,
                     ": expert_grouped layout has a negative size or stride");
     detail::require(is_unique(), who, ": expert_grouped rows [", num_rows, ", ", length, "] with row stride ",
                     row_stride, " and element stride ", elem_stride, " overlap: two rows share storage");
     detail::require_index_map(who, "expert_grouped row map", row_of);
+  }
+  /// validate_shape(), then the map: a row index out of range or used by two slots throws.
+  void validate(const char* who) const {
+    validate_shape(who);
     detail::require_distinct_keys(who, "expert_grouped row map", row_of.rows, row_of.k, num_rows,
                                   [&](index_t t, index_t s) { return row_of(t, s); });
   }
@@ -673,10 +687,9 @@ struct capacity_padded {
     const index_t ext[3] = {num_experts, capacity, length}, str[3] = {expert_stride, row_stride, elem_stride};
     return detail::strides_unique(3, ext, str);
   }
-  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping storage,
-  /// mismatched maps, an expert or position out of range, or an (expert, position) used by two
-  /// slots.
-  void validate(const char* who) const {
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping storage or
+  /// mismatched maps; reads no map entry.
+  void validate_shape(const char* who) const {
     detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
                         elem_stride >= 1,
                     who, ": capacity_padded layout has a negative size or stride");
@@ -688,6 +701,11 @@ struct capacity_padded {
     detail::require(position_of.rows == expert_of.rows && position_of.k == expert_of.k, who,
                     ": capacity_padded position map is [", position_of.rows, ", ", position_of.k,
                     "] but the expert map is [", expert_of.rows, ", ", expert_of.k, "]");
+  }
+  /// validate_shape(), then the maps: an expert or position out of range, or an (expert,
+  /// position) used by two slots, throws.
+  void validate(const char* who) const {
+    validate_shape(who);
     for (index_t t = 0; t < expert_of.rows; ++t)
       for (index_t s = 0; s < expert_of.k; ++s) {
         const index_t e = expert_of(t, s), p = position_of(t, s);
@@ -704,6 +722,22 @@ struct capacity_padded {
                                   });
   }
 };
+
+namespace detail {
+template <class Layout, class = void>
+struct has_validate_shape : std::false_type {};
+template <class Layout>
+struct has_validate_shape<Layout, std::void_t<decltype(std::declval<const Layout&>().validate_shape(""))>>
+    : std::true_type {};
+
+/// The shape checks of a layout: its validate_shape() where it has one; nothing for a layout of
+/// your own without it (its validate() runs wherever the map entries can be read).
+template <class Layout>
+void validate_layout_shape(const char* who, const Layout& l) {
+  if constexpr (has_validate_shape<Layout>::value) l.validate_shape(who);
+  else (void)who, (void)l;
+}
+}  // namespace detail
 
 /// Activations (or their gradient) in a layout: a pointer and a policy.
 template <class T, class Layout>
@@ -1294,16 +1328,33 @@ MOEREG_NAMESPACE_END
 #include <vector>
 
 // ---- begin moereg/losses/common.hpp ----
-// Validation shared by the losses. Every check runs before anything is written, so a call
-// that throws leaves the caller's buffers untouched.
+// Helpers shared by the CPU executors of the losses; the checks are in core/validate.hpp.
 
 
 #include <cmath>
 #include <vector>
 
+// ---- begin moereg/core/validate.hpp ----
+// The one validation layer. Every check runs before anything is written, so a call that throws
+// leaves the caller's buffers untouched. Two kinds:
+//
+// - shape checks: sizes, strides, null pointers, configurations. Host-side, O(1) (or O(k) for
+//   a layout), backend-neutral: each loss has one validate_shapes(who, loss, in, reduced, grad)
+//   in its header, which every backend calls before it dispatches.
+// - content checks: top-k ids, sequence offsets, reduced statistics, layout maps. They read the
+//   data, so the CPU backend runs them on the host and the CUDA backend in its kernels (reported
+//   through the status word).
+
+
+#include <cmath>
+
 
 MOEREG_NAMESPACE_BEGIN
 namespace detail {
+
+// ---------------------------------------------------------------------------------------
+// Shape checks
+// ---------------------------------------------------------------------------------------
 
 /// The one rule for the scalar arguments of every loss, checked before any input is read: a
 /// finite coefficient, a finite grad_scale and a thread count of at least 0 (0 = the OpenMP
@@ -1313,6 +1364,11 @@ inline void check_scalars(const char* who, double coef, const grad_options& opts
   require(std::isfinite(opts.grad_scale), who, ": grad_scale = ", opts.grad_scale, " is not finite");
   require(threads >= 0, who, ": cpu::threads = ", threads,
           " is negative (0 = the OpenMP default, 1 = serial, n > 1 = n threads)");
+}
+
+/// local_stats(in, out, be) needs a buffer of `size` doubles (stats_size(in)).
+inline void check_stats_out(const char* who, const double* out, index_t size) {
+  require(out != nullptr || size == 0, who, "::local_stats: out is null but stats_size(in) = ", size);
 }
 
 template <class T>
@@ -1325,6 +1381,13 @@ void check_matrix(const char* who, const char* name, const matrix_view<T>& m) {
           " and column stride ", m.col_stride, " has overlapping rows or columns; every element needs its own storage");
 }
 
+/// A routing matrix [T, E] of a router loss: sound, and E >= 1 unless it has no rows.
+template <class T>
+void check_routing(const char* who, const char* name, const matrix_view<T>& m) {
+  check_matrix(who, name, m);
+  require(m.cols >= 1 || m.rows == 0, who, ": ", name, " has E = 0 columns");
+}
+
 /// A gradient buffer must have the shape of its input; its strides are its own.
 template <class T, class U>
 void check_grad(const char* who, const char* name, const matrix_view<T>& g, const matrix_view<U>& in) {
@@ -1333,22 +1396,14 @@ void check_grad(const char* who, const char* name, const matrix_view<T>& g, cons
           "] but its input is [", in.rows, ", ", in.cols, "]");
 }
 
-/// topk [rows, k]: rows == T, 1 <= k <= E, every index < E, no repeated index in a row.
-inline void check_topk(const char* who, const char* name, const topk_view& I, index_t T, index_t E) {
+/// topk [rows, k]: rows == T, 1 <= k <= E, a row stride of at least k.
+inline void check_topk_shape(const char* who, const char* name, const topk_view& I, index_t T, index_t E) {
   require(I.rows >= 0 && I.k >= 0, who, ": ", name, " has a negative size [", I.rows, ", ", I.k, "]");
   require(I.rows == T, who, ": ", name, " has ", I.rows, " rows but the routing matrix has ", T, " rows");
   require(I.k >= 1, who, ": ", name, " has k = ", I.k, " columns; k must be at least 1");
   require(I.k <= E, who, ": ", name, " has k = ", I.k, " columns but there are only E = ", E, " experts (k > E)");
   require(I.data != nullptr || T == 0, who, ": ", name, " is null but has size [", I.rows, ", ", I.k, "]");
   require(I.row_stride >= I.k || T <= 1, who, ": ", name, " row stride ", I.row_stride, " is smaller than k = ", I.k);
-  for (index_t t = 0; t < T; ++t)
-    for (index_t s = 0; s < I.k; ++s) {
-      const index_t e = I(t, s);
-      if (e < 0) continue;
-      require(e < E, who, ": ", name, "[", t, ", ", s, "] = ", e, " is out of range [0, ", E, ")");
-      for (index_t r = 0; r < s; ++r)
-        require(I(t, r) != e, who, ": ", name, " row ", t, " selects expert ", e, " twice (slots ", r, " and ", s, ")");
-    }
 }
 
 inline void check_mask(const char* who, const mask_view& m, index_t T) {
@@ -1358,21 +1413,58 @@ inline void check_mask(const char* who, const mask_view& m, index_t T) {
 }
 
 /// Reduced statistics must have exactly the size this call's local_stats would have.
-inline void check_stats(const char* who, const stats_view& s, index_t expected) {
+inline void check_stats_shape(const char* who, const stats_view& s, index_t expected) {
   if (s.empty()) return;
   require(s.size == expected, who, ": reduced statistics have ", s.size, " entries but this call needs ", expected);
-  for (index_t i = 0; i < s.size; ++i)
-    require(std::isfinite(s.data[i]) && s.data[i] >= 0.0, who, ": reduced statistics entry ", i, " is ", s.data[i],
-            "; counts must be finite and non-negative");
 }
 
-/// Activations: shape agrees with topk, every valid slot has a vector, the layout is sound.
+// ---------------------------------------------------------------------------------------
+// Content checks (host memory)
+// ---------------------------------------------------------------------------------------
+
+/// Every id of topk is below E (negative = dropped slot) and no row selects an expert twice;
+/// E <= 0 checks only the repeats.
+inline void check_topk_ids(const char* who, const char* name, const topk_view& I, index_t E) {
+  for (index_t t = 0; t < I.rows; ++t)
+    for (index_t s = 0; s < I.k; ++s) {
+      const index_t e = I(t, s);
+      if (e < 0) continue;
+      require(E <= 0 || e < E, who, ": ", name, "[", t, ", ", s, "] = ", e, " is out of range [0, ", E, ")");
+      for (index_t r = 0; r < s; ++r)
+        require(I(t, r) != e, who, ": ", name, " row ", t, " selects expert ", e, " twice (slots ", r, " and ", s, ")");
+    }
+}
+
+/// check_topk_shape() and check_topk_ids(): the host checks of a top-k view.
+inline void check_topk(const char* who, const char* name, const topk_view& I, index_t T, index_t E) {
+  check_topk_shape(who, name, I, T, E);
+  check_topk_ids(who, name, I, E);
+}
+
+/// The values of reduced statistics: every entry finite, and the first `counts` entries
+/// (the counts of the loss's statistics layout) non-negative.
+inline void check_stats_values(const char* who, const stats_view& s, index_t counts) {
+  if (s.empty()) return;
+  for (index_t i = 0; i < s.size; ++i) {
+    require(std::isfinite(s.data[i]), who, ": reduced statistics entry ", i, " is ", s.data[i],
+            "; statistics must be finite");
+    require(i >= counts || s.data[i] >= 0.0, who, ": reduced statistics entry ", i, " is ", s.data[i],
+            "; it is a count and must be non-negative");
+  }
+}
+
+/// Reduced statistics on the host: the size this call needs, then their values.
+inline void check_stats(const char* who, const stats_view& s, index_t expected, index_t counts) {
+  check_stats_shape(who, s, expected);
+  check_stats_values(who, s, counts);
+}
+
+/// A view in a layout holds a vector for every valid slot of topk: the layout's validate()
+/// (its maps included), then offset(t, s) >= 0 wherever I(t, s) >= 0, and a pointer unless no
+/// slot is valid or d = 0.
 template <class T, class Layout>
-void check_activations(const char* who, const char* name, const activation_view<T, Layout>& h, const topk_view& I) {
+void check_layout_slots(const char* who, const char* name, const activation_view<T, Layout>& h, const topk_view& I) {
   h.layout.validate(who);
-  require(h.layout.tokens() == I.rows && h.layout.slots() == I.k, who, ": ", name, " layout is [",
-          h.layout.tokens(), ", ", h.layout.slots(), ", ", h.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
-  require(h.layout.dim() >= 0, who, ": ", name, " has a negative length d = ", h.layout.dim());
   bool any = false;
   for (index_t t = 0; t < I.rows; ++t)
     for (index_t s = 0; s < I.k; ++s) {
@@ -1383,6 +1475,31 @@ void check_activations(const char* who, const char* name, const activation_view<
     }
   require(h.data != nullptr || !any || h.layout.dim() == 0, who, ": ", name, " is null but has valid slots");
 }
+
+/// Activations on the host: [T, k] agrees with topk, d >= 0, and check_layout_slots().
+template <class T, class Layout>
+void check_activations(const char* who, const char* name, const activation_view<T, Layout>& h, const topk_view& I) {
+  require(h.layout.tokens() == I.rows && h.layout.slots() == I.k, who, ": ", name, " layout is [",
+          h.layout.tokens(), ", ", h.layout.slots(), ", ", h.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
+  require(h.layout.dim() >= 0, who, ": ", name, " has a negative length d = ", h.layout.dim());
+  check_layout_slots(who, name, h, I);
+}
+
+}  // namespace detail
+
+/// Every check of one call on the host (the CPU backend): the loss's validate_shapes(), then its
+/// validate_contents(), both found by argument-dependent lookup next to the loss.
+template <class Loss, class In, class G>
+void validate_on_host(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad) {
+  validate_shapes(who, loss, in, reduced, grad);
+  validate_contents(who, loss, in, reduced, grad);
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/core/validate.hpp ----
+
+MOEREG_NAMESPACE_BEGIN
+namespace detail {
 
 /// Number of valid tokens, T_v = sum_t m_t.
 inline index_t count_valid(const mask_view& m, index_t T) {
@@ -1822,15 +1939,25 @@ const G* grad_pointer(const char* who, const G* g) {
   return g;
 }
 
-/// local_stats(in, out, be) needs a buffer of `size` doubles (stats_size(in)).
-inline void check_stats_out(const char* who, const double* out, index_t size) {
-  require(out != nullptr || size == 0, who, "::local_stats: out is null but stats_size(in) = ", size);
-}
-
 }  // namespace detail
 
-/// The front end of loss `Self` with configuration `Config`: local_stats, value, backward and
-/// value_and_grad on every backend (the CPU by default). Every call validates its arguments
+/// The CPU backend needs no workspace: 0 bytes for every loss (the CUDA overload is in
+/// backend/cuda/api.cuh), so trainer code can ask every backend the same question.
+template <class Loss, class In, std::enable_if_t<std::is_same<typename In::loss_type, Loss>::value, int> = 0>
+constexpr std::size_t workspace_size(const Loss&, const In&, const cpu&) {
+  return 0;
+}
+
+namespace detail {
+/// workspace_size(loss, in, be) of whichever backend `be` is (found by argument-dependent lookup).
+template <class Loss, class In, class Backend>
+std::size_t workspace_of(const Loss& loss, const In& in, const Backend& be) {
+  return workspace_size(loss, in, be);
+}
+}  // namespace detail
+
+/// The front end of loss `Self` with configuration `Config`: local_stats, workspace_size, value,
+/// backward and value_and_grad on every backend (the CPU by default). Every call validates its arguments
 /// before it reads or writes anything and throws moereg::error on invalid input, leaving the
 /// caller's buffers untouched.
 template <class Self, class Config>
@@ -1858,6 +1985,12 @@ struct loss_api {
   void local_stats(const In& in, double* out, const Backend& be = {}) const {
     detail::check_stats_out(Self::name, out, self().stats_size(in));
     execute_stats(be, self(), in, out);
+  }
+  /// Bytes of workspace a call with these inputs needs on backend `be` (0 on the CPU; on CUDA
+  /// the caller allocates it once and passes it in be.workspace).
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  std::size_t workspace_size(const In& in, const Backend& be = {}) const {
+    return detail::workspace_of(self(), in, be);
   }
   /// The loss (coefficient included). With `reduced` (statistics summed over the parts of a
   /// batch) the global counts of LOSSES.md section 9 are used.
@@ -1923,6 +2056,59 @@ struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config
   }
 };
 
+/// Shape checks of a load_balancing_loss call (core/validate.hpp), for every backend.
+template <class T>
+void validate_shapes(const char* who, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+                     stats_view reduced, const matrix_view<T>* grad) {
+  const auto& P = in.probs;
+  const auto& c = loss.cfg;
+  detail::check_matrix(who, "probs", P);
+  detail::check_topk_shape(who, "topk", in.topk, P.rows, P.cols);
+  detail::check_mask(who, in.mask, P.rows);
+  detail::require(c.k >= 0, who, ": config k = ", c.k, " is negative");
+  detail::require(c.k <= P.cols, who, ": config k = ", c.k, " but there are only E = ", P.cols, " experts");
+  if (grad) detail::check_grad(who, "grad_probs", *grad, P);
+  if (c.scope == lb_scope::sequence) {
+    if (c.seq_len > 0) {
+      detail::require(in.cu_seqlens.empty(), who, ": give either seq_len or cu_seqlens, not both");
+      detail::require(P.rows % c.seq_len == 0, who, ": T = ", P.rows, " is not a multiple of seq_len = ", c.seq_len);
+    } else {
+      detail::require(c.seq_len == 0, who, ": seq_len = ", c.seq_len, " is negative");
+      detail::require(!in.cu_seqlens.empty(), who, ": sequence scope needs seq_len > 0 or cu_seqlens");
+      detail::require(in.cu_seqlens.size >= 1, who, ": cu_seqlens has ", in.cu_seqlens.size, " entries; it needs B + 1 >= 1");
+    }
+  } else {
+    detail::require(in.cu_seqlens.empty() && c.seq_len == 0, who, ": seq_len and cu_seqlens apply only to the sequence scope");
+  }
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
+}
+/// Content checks of a load_balancing_loss call on the host: the top-k ids, the sequence
+/// offsets (0, non-decreasing, ending at T) and the reduced statistics (all counts).
+template <class T>
+void validate_contents(const char* who, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+                       stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_topk_ids(who, "topk", in.topk, in.probs.cols);
+  if (loss.cfg.scope == lb_scope::sequence && loss.cfg.seq_len == 0) {
+    const auto& o = in.cu_seqlens;
+    detail::require(o[0] == 0, who, ": cu_seqlens[0] = ", o[0], " but must be 0");
+    for (index_t b = 1; b < o.size; ++b)
+      detail::require(o[b] >= o[b - 1], who, ": cu_seqlens is not increasing: cu_seqlens[", b, "] = ", o[b], " < cu_seqlens[",
+              b - 1, "] = ", o[b - 1]);
+    detail::require(o[o.size - 1] == in.probs.rows, who, ": cu_seqlens ends at ", o[o.size - 1], " but T = ", in.probs.rows);
+  }
+  detail::check_stats_values(who, reduced, loss.stats_size(in));
+}
+/// The memory of a load_balancing_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const load_balancing_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("probs", in.probs.data);
+  f("topk", in.topk.data);
+  f("mask", in.mask.data);
+  f("cu_seqlens", in.cu_seqlens.data);
+  if (grad) f("grad_probs", grad->data);
+}
+
 namespace detail {
 
 struct lb_sequences {
@@ -1933,43 +2119,20 @@ struct lb_sequences {
   index_t end(index_t b) const { return fixed > 0 ? (b + 1) * fixed : offsets[b + 1]; }
 };
 
+/// Every host check of the call, then its sequences (sequence scope; none otherwise).
 template <class T>
 lb_sequences lb_validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
                          const matrix_view<T>* grad) {
-  const char* who = "load_balancing";
-  const auto& P = in.probs;
-  check_matrix(who, "probs", P);
-  check_topk(who, "topk", in.topk, P.rows, P.cols);
-  check_mask(who, in.mask, P.rows);
-  require(loss.cfg.k >= 0, who, ": config k = ", loss.cfg.k, " is negative");
-  require(loss.cfg.k <= P.cols, who, ": config k = ", loss.cfg.k, " but there are only E = ", P.cols, " experts");
-  if (grad) check_grad(who, "grad_probs", *grad, P);
+  validate_on_host("load_balancing", loss, in, reduced, grad);
   lb_sequences seq;
-  if (loss.cfg.scope == lb_scope::sequence) {
-    if (loss.cfg.seq_len > 0) {
-      require(in.cu_seqlens.empty(), who, ": give either seq_len or cu_seqlens, not both");
-      require(P.rows % loss.cfg.seq_len == 0, who, ": T = ", P.rows, " is not a multiple of seq_len = ",
-              loss.cfg.seq_len);
-      seq.fixed = loss.cfg.seq_len;
-      seq.count = P.rows / loss.cfg.seq_len;
-    } else {
-      require(loss.cfg.seq_len == 0, who, ": seq_len = ", loss.cfg.seq_len, " is negative");
-      require(!in.cu_seqlens.empty(), who, ": sequence scope needs seq_len > 0 or cu_seqlens");
-      const auto& o = in.cu_seqlens;
-      require(o.size >= 1, who, ": cu_seqlens has ", o.size, " entries; it needs B + 1 >= 1");
-      require(o[0] == 0, who, ": cu_seqlens[0] = ", o[0], " but must be 0");
-      for (index_t b = 1; b < o.size; ++b)
-        require(o[b] >= o[b - 1], who, ": cu_seqlens is not increasing: cu_seqlens[", b, "] = ", o[b],
-                " < cu_seqlens[", b - 1, "] = ", o[b - 1]);
-      require(o[o.size - 1] == P.rows, who, ": cu_seqlens ends at ", o[o.size - 1], " but T = ", P.rows);
-      seq.offsets = o;
-      seq.count = o.size - 1;
-    }
+  if (loss.cfg.scope != lb_scope::sequence) return seq;
+  if (loss.cfg.seq_len > 0) {
+    seq.fixed = loss.cfg.seq_len;
+    seq.count = in.probs.rows / loss.cfg.seq_len;
   } else {
-    require(in.cu_seqlens.empty() && loss.cfg.seq_len == 0, who,
-            ": seq_len and cu_seqlens apply only to the sequence scope");
+    seq.offsets = in.cu_seqlens;
+    seq.count = in.cu_seqlens.size - 1;
   }
-  check_stats(who, reduced, loss.stats_size(in));
   return seq;
 }
 
@@ -2182,17 +2345,30 @@ struct z_loss : loss_api<z_loss, z_loss_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of a z_loss call (core/validate.hpp), for every backend.
 template <class T>
-void z_validate(const z_loss_inputs<T>& in, stats_view reduced, const matrix_view<T>* grad) {
-  const char* who = "z_loss";
-  check_matrix(who, "logits", in.logits);
-  require(in.logits.cols >= 1 || in.logits.rows == 0, who, ": logits has E = 0 columns");
-  check_mask(who, in.mask, in.logits.rows);
-  if (grad) check_grad(who, "grad_logits", *grad, in.logits);
-  check_stats(who, reduced, 1);
+void validate_shapes(const char* who, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grad) {
+  detail::check_routing(who, "logits", in.logits);
+  detail::check_mask(who, in.mask, in.logits.rows);
+  if (grad) detail::check_grad(who, "grad_logits", *grad, in.logits);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of a z_loss call on the host: the reduced T_v is a count.
+template <class T>
+void validate_contents(const char* who, const z_loss&, const z_loss_inputs<T>&, stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_stats_values(who, reduced, 1);
+}
+/// The memory of a z_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const z_loss_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("logits", in.logits.data);
+  f("mask", in.mask.data);
+  if (grad) f("grad_logits", grad->data);
+}
+
+namespace detail {
 
 /// Stable log-sum-exp of one row; `buf` receives exp(z - max) and `sum` their sum, so that
 /// softmax(z)_e = buf[e] / sum. The arithmetic is math/router.hpp's, shared with CUDA.
@@ -2238,7 +2414,7 @@ Acc row_logsumexp_vec(const matrix_view<const T>& Z, index_t t, Acc* buf, Acc* c
 template <class T>
 void execute_stats(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, double* out) {
   detail::check_scalars("z_loss", loss.cfg.coef, grad_options{}, be.threads);
-  detail::z_validate(in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("z_loss", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.logits.rows));
 }
 
@@ -2249,7 +2425,7 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
                const matrix_view<T>* grad, grad_options opts) {
   detail::check_scalars("z_loss", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::z_validate(in, reduced, grad);
+  validate_on_host("z_loss", loss, in, reduced, grad);
   const auto& Z = in.logits;
   const index_t T_ = Z.rows, E = Z.cols;
   const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];
@@ -2708,65 +2884,59 @@ struct specialization_loss : loss_api<specialization_loss, specialization_config
 namespace detail {
 
 // ---------------------------------------------------------------------------------------------
-// Validation shared by the Gram-based activation losses.
+// Validation shared by the Gram-based activation losses (core/validate.hpp).
 
-/// topk of an activation loss: [T, k] with 1 <= k <= math::max_slots. With E > 0 it is
-/// checked like a router's topk (k <= E, every id < E, no repeats: check_topk); E = 0 (the
-/// activation losses do not need E) skips the two checks against E but still rejects an
-/// expert selected twice in a row.
-inline void check_activation_topk(const char* who, const topk_view& I, index_t E) {
+/// Shape checks: finite coef and positive eps; topk [T, k] with 1 <= k <= math::max_slots (and
+/// k <= E when E > 0 is given; the activation losses do not need E); the mask; the layouts'
+/// own shape checks, their [T, k] against topk and the gradient's against the activations; the
+/// size of the reduced statistics.
+template <class T, class Layout>
+void check_gram_shapes(const char* who, double coef, double eps, const activation_view<const T, Layout>& x,
+                       const topk_view& I, const mask_view& mask, index_t E, const activation_view<T, Layout>* grad,
+                       stats_view reduced) {
+  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
+  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
+  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
   require(I.rows >= 0 && I.k >= 0, who, ": topk has a negative size [", I.rows, ", ", I.k, "]");
   require(I.k <= math::max_slots, who, ": topk has k = ", I.k, " columns but at most ", math::max_slots,
           " slots per token are supported (moereg::math::max_slots)");
   require(E >= 0, who, ": num_experts = ", E, " is negative");
-  if (E > 0) {
-    check_topk(who, "topk", I, I.rows, E);
-    return;
-  }
-  require(I.k >= 1, who, ": topk has k = ", I.k, " columns; k must be at least 1");
-  require(I.data != nullptr || I.rows == 0, who, ": topk is null but has size [", I.rows, ", ", I.k, "]");
-  require(I.row_stride >= I.k || I.rows <= 1, who, ": topk row stride ", I.row_stride, " is smaller than k = ", I.k);
-  for (index_t t = 0; t < I.rows; ++t)
-    for (index_t s = 1; s < I.k; ++s) {
-      const index_t e = I(t, s);
-      if (e < 0) continue;
-      for (index_t r = 0; r < s; ++r)
-        require(I(t, r) != e, who, ": topk row ", t, " selects expert ", e, " twice (slots ", r, " and ", s, ")");
-    }
-}
-
-/// The gradient view: a sound layout of the input's shape with a vector for every valid slot.
-template <class T, class Layout>
-void check_activation_grad(const char* who, const activation_view<T, Layout>& g,
-                           const activation_view<const T, Layout>& x, const topk_view& I) {
-  g.layout.validate(who);
-  require(g.layout.tokens() == x.layout.tokens() && g.layout.slots() == x.layout.slots() &&
-              g.layout.dim() == x.layout.dim(),
-          who, ": grad layout is [", g.layout.tokens(), ", ", g.layout.slots(), ", ", g.layout.dim(), "] but acts is [",
-          x.layout.tokens(), ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
-  bool any = false;
-  for (index_t t = 0; t < I.rows; ++t)
-    for (index_t s = 0; s < I.k; ++s) {
-      if (I(t, s) < 0) continue;
-      any = true;
-      require(g.layout.offset(t, s) >= 0, who, ": grad layout has no vector for the valid slot (", t, ", ", s, ")");
-    }
-  require(g.data != nullptr || !any || g.layout.dim() == 0, who, ": grad is null but has valid slots");
-}
-
-/// Everything a Gram-based loss checks before it touches memory.
-template <class T, class Layout>
-void check_gram_loss(const char* who, double coef, double eps, const activation_view<const T, Layout>& x,
-                     const topk_view& I, const mask_view& mask, index_t E, const activation_view<T, Layout>* grad,
-                     stats_view reduced) {
-  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
-  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
-  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
-  check_activation_topk(who, I, E);
+  check_topk_shape(who, "topk", I, I.rows, E > 0 ? E : I.k);
   check_mask(who, mask, I.rows);
-  check_activations(who, "acts", x, I);
-  if (grad) check_activation_grad(who, *grad, x, I);
-  check_stats(who, reduced, 1);
+  validate_layout_shape(who, x.layout);
+  require(x.layout.tokens() == I.rows && x.layout.slots() == I.k, who, ": acts layout is [", x.layout.tokens(), ", ",
+          x.layout.slots(), ", ", x.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
+  require(x.layout.dim() >= 0, who, ": acts has a negative length d = ", x.layout.dim());
+  if (grad) {
+    const auto& g = grad->layout;
+    validate_layout_shape(who, g);
+    require(g.tokens() == x.layout.tokens() && g.slots() == x.layout.slots() && g.dim() == x.layout.dim(), who,
+            ": grad layout is [", g.tokens(), ", ", g.slots(), ", ", g.dim(), "] but acts is [", x.layout.tokens(),
+            ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
+  }
+  check_stats_shape(who, reduced, 1);
+}
+
+/// Content checks on the host: the top-k ids (below E when E > 0, never one expert twice in a
+/// row), the layouts' maps (validate()), a vector for every valid slot in the activations and
+/// the gradient, and the reduced T_v (a count).
+template <class T, class Layout>
+void check_gram_contents(const char* who, const activation_view<const T, Layout>& x, const topk_view& I, index_t E,
+                         const activation_view<T, Layout>* grad, stats_view reduced) {
+  check_topk_ids(who, "topk", I, E);
+  check_layout_slots(who, "acts", x, I);
+  if (grad) check_layout_slots(who, "grad", *grad, I);
+  check_stats_values(who, reduced, 1);
+}
+
+/// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
+template <class T, class Layout, class F>
+void gram_buffers(const activation_view<const T, Layout>& x, const topk_view& I, const mask_view& mask,
+                  const activation_view<T, Layout>* grad, F&& f) {
+  f("acts", x.data);
+  f("topk", I.data);
+  f("mask", mask.data);
+  if (grad) f("grad", grad->data);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3398,14 +3568,26 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
   return scale * static_cast<double>(pairwise_sum(partial.data(), nb));
 }
 
-template <class T, class Layout>
-void sp_validate(const specialization_loss& loss, const specialization_inputs<T, Layout>& in, stats_view reduced,
-                 const activation_view<T, Layout>* grad) {
-  check_gram_loss("specialization", loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
-                  reduced);
-}
-
 }  // namespace detail
+
+/// Shape checks of a specialization_loss call (core/validate.hpp), for every backend.
+template <class T, class Layout>
+void validate_shapes(const char* who, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+                     stats_view reduced, const activation_view<T, Layout>* grad) {
+  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
+                            reduced);
+}
+/// Content checks of a specialization_loss call on the host.
+template <class T, class Layout>
+void validate_contents(const char* who, const specialization_loss&, const specialization_inputs<T, Layout>& in,
+                       stats_view reduced, const activation_view<T, Layout>* grad) {
+  detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
+}
+/// The memory of a specialization_loss call, by name, for a backend's pointer checks.
+template <class T, class Layout, class F>
+void for_each_buffer(const specialization_inputs<T, Layout>& in, const activation_view<T, Layout>* grad, F&& f) {
+  detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
+}
 
 /// CPU backend of specialization_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
@@ -3413,7 +3595,7 @@ template <class T, class Layout>
 void execute_stats(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
                    double* out) {
   detail::check_scalars("specialization", loss.cfg.coef, grad_options{}, be.threads);
-  detail::sp_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
+  validate_on_host("specialization", loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
 
@@ -3424,7 +3606,7 @@ double execute(const cpu& be, const specialization_loss& loss, const specializat
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
   detail::check_scalars("specialization", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::sp_validate(loss, in, reduced, grad);
+  validate_on_host("specialization", loss, in, reduced, grad);
   const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.topk.rows)) : reduced.data[0];
   const double scale = tv > 0 ? loss.cfg.coef / tv : 0.0;
   const Acc eps = static_cast<Acc>(loss.cfg.eps);
@@ -3538,27 +3720,40 @@ struct orthogonality_loss : loss_api<orthogonality_loss, orthogonality_config> {
 };
 
 namespace detail {
-
-template <class T, class Layout>
-void orth_validate(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, stats_view reduced,
-                   const activation_view<T, Layout>* grad) {
-  const char* who = "orthogonality";
-  require(loss.cfg.k >= 0, who, ": config k = ", loss.cfg.k, " is negative");
-  require(loss.cfg.variant == ortho_variant::pairwise || loss.cfg.variant == ortho_variant::subspace, who,
-          ": unknown variant");
-  require(loss.cfg.reduction == ortho_reduction::mean || loss.cfg.reduction == ortho_reduction::sum, who,
-          ": unknown reduction");
-  check_gram_loss(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad, reduced);
+/// The configuration checks of orthogonality_loss (also run by the fused CUDA Gram call).
+inline void check_ortho_config(const char* who, const orthogonality_config& c) {
+  require(c.k >= 0, who, ": config k = ", c.k, " is negative");
+  require(c.variant == ortho_variant::pairwise || c.variant == ortho_variant::subspace, who, ": unknown variant");
+  require(c.reduction == ortho_reduction::mean || c.reduction == ortho_reduction::sum, who, ": unknown reduction");
 }
-
 }  // namespace detail
+
+/// Shape checks of an orthogonality_loss call (core/validate.hpp), for every backend.
+template <class T, class Layout>
+void validate_shapes(const char* who, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
+                     stats_view reduced, const activation_view<T, Layout>* grad) {
+  detail::check_ortho_config(who, loss.cfg);
+  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
+                            reduced);
+}
+/// Content checks of an orthogonality_loss call on the host.
+template <class T, class Layout>
+void validate_contents(const char* who, const orthogonality_loss&, const orthogonality_inputs<T, Layout>& in,
+                       stats_view reduced, const activation_view<T, Layout>* grad) {
+  detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
+}
+/// The memory of an orthogonality_loss call, by name, for a backend's pointer checks.
+template <class T, class Layout, class F>
+void for_each_buffer(const orthogonality_inputs<T, Layout>& in, const activation_view<T, Layout>* grad, F&& f) {
+  detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
+}
 
 /// CPU backend of orthogonality_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T, class Layout>
 void execute_stats(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
   detail::check_scalars("orthogonality", loss.cfg.coef, grad_options{}, be.threads);
-  detail::orth_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
+  validate_on_host("orthogonality", loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
 
@@ -3569,7 +3764,7 @@ double execute(const cpu& be, const orthogonality_loss& loss, const orthogonalit
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
   detail::check_scalars("orthogonality", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::orth_validate(loss, in, reduced, grad);
+  validate_on_host("orthogonality", loss, in, reduced, grad);
   double scale = loss.cfg.coef;
   if (loss.cfg.reduction == ortho_reduction::mean) {
     const double tv =
@@ -3695,48 +3890,56 @@ struct coupling_loss : loss_api<coupling_loss, coupling_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of a coupling_loss call (core/validate.hpp), for every backend.
 template <class T>
-void cp_validate(const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-                 const matrix_view<T>* grads) {
-  const char* who = "coupling";
+void validate_shapes(const char* who, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grads) {
   const auto form = loss.cfg.form;
-  require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
+  detail::require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
           ": unknown form ", static_cast<int>(form));
-  require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
-  require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
-  require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
-  require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
+  detail::require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
+  detail::require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
+  detail::require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
+  detail::require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
           " must be finite and non-negative");
   const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
   for (index_t l = 0; l < in.layers; ++l) {
     const auto& P = in.probs[l];
-    const std::string pn = concat("probs[", l, "]"), tn = concat("topk[", l, "]");
-    check_matrix(who, pn.c_str(), P);
-    require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
+    const std::string pn = detail::concat("probs[", l, "]"), tn = detail::concat("topk[", l, "]");
+    detail::check_matrix(who, pn.c_str(), P);
+    detail::require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
             "; every layer routes the same tokens");
-    require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
+    detail::require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
             "; every layer needs the same number of experts");
-    check_topk(who, tn.c_str(), in.topk[l], T_, E);
+    detail::check_topk_shape(who, tn.c_str(), in.topk[l], T_, E);
   }
-  check_mask(who, in.mask, T_);
+  detail::check_mask(who, in.mask, T_);
   if (grads)
-    for (index_t l = 0; l < in.layers; ++l) {
-      const std::string gn = concat("grads[", l, "]");
-      check_grad(who, gn.c_str(), grads[l], in.probs[l]);
-    }
-  if (!reduced.empty()) {
-    const index_t want = loss.stats_size(in);
-    require(reduced.size == want, who, ": reduced statistics have ", reduced.size, " entries but this call needs ",
-            want);
-    for (index_t i = 0; i < reduced.size; ++i)
-      require(std::isfinite(reduced.data[i]), who, ": reduced statistics entry ", i, " is ", reduced.data[i],
-              "; statistics must be finite");
-    require(reduced.data[0] >= 0, who, ": reduced statistics entry 0 (T_v) is ", reduced.data[0],
-            "; it must be non-negative");
-  }
+    for (index_t l = 0; l < in.layers; ++l)
+      detail::check_grad(who, detail::concat("grads[", l, "]").c_str(), grads[l], in.probs[l]);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of a coupling_loss call on the host: every layer's top-k ids; T_v is a count
+/// (the batch form's co-occurrence sums are finite).
+template <class T>
+void validate_contents(const char* who, const coupling_loss&, const coupling_inputs<T>& in, stats_view reduced,
+                       const matrix_view<T>*) {
+  for (index_t l = 0; l < in.layers; ++l)
+    detail::check_topk_ids(who, detail::concat("topk[", l, "]").c_str(), in.topk[l], in.probs[0].cols);
+  detail::check_stats_values(who, reduced, 1);
+}
+/// The memory of a coupling_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const coupling_inputs<T>& in, const matrix_view<T>* grads, F&& f) {
+  for (index_t l = 0; l < in.layers; ++l) {
+    f(detail::concat("probs[", l, "]").c_str(), in.probs[l].data);
+    f(detail::concat("topk[", l, "]").c_str(), in.topk[l].data);
+    if (grads) f(detail::concat("grads[", l, "]").c_str(), grads[l].data);
+  }
+  f("mask", in.mask.data);
+}
+
+namespace detail {
 
 /// Writes zeros into every row of every layer's gradient (overwrite mode only).
 template <class T>
@@ -4022,7 +4225,7 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
 template <class T>
 void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double* out) {
   detail::check_scalars("coupling", loss.cfg.coef, grad_options{}, be.threads);
-  detail::cp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("coupling", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.form != coupling_form::batch) {
     out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows));
     return;
@@ -4040,7 +4243,7 @@ template <class T>
 double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grads, grad_options opts) {
   detail::check_scalars("coupling", loss.cfg.coef, opts, be.threads);
-  detail::cp_validate(loss, in, reduced, grads);
+  validate_on_host("coupling", loss, in, reduced, grads);
   if (loss.cfg.form == coupling_form::batch) return detail::cp_execute_batch(be, loss, in, reduced, grads, opts);
   const double tv =
       reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows)) : reduced.data[0];
@@ -4133,33 +4336,36 @@ struct variance_loss : loss_api<variance_loss, variance_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of a variance_loss call (core/validate.hpp), for every backend.
 template <class T>
-void var_validate(const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
-                  const matrix_view<T>* grad) {
-  const char* who = "variance";
+void validate_shapes(const char* who, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grad) {
   const auto& c = loss.cfg;
-  require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
+  detail::require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
           static_cast<int>(c.axis));
-  require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
+  detail::require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
           ": unknown reduction ", static_cast<int>(c.reduction));
-  check_matrix(who, "scores", in.scores);
-  require(in.scores.cols >= 1 || in.scores.rows == 0, who, ": scores has E = 0 columns");
-  check_mask(who, in.mask, in.scores.rows);
-  if (grad) check_grad(who, "grad_scores", *grad, in.scores);
-  if (!reduced.empty()) {
-    const index_t want = loss.stats_size(in);
-    require(reduced.size == want, who, ": reduced statistics have ", reduced.size, " entries but this call needs ",
-            want);
-    // Column sums of scores may be negative (scores are not required to be probabilities).
-    for (index_t i = 0; i < reduced.size; ++i)
-      require(std::isfinite(reduced.data[i]), who, ": reduced statistics entry ", i, " is ", reduced.data[i],
-              "; statistics must be finite");
-    require(reduced.data[0] >= 0, who, ": reduced statistics entry 0 (T_v) is ", reduced.data[0],
-            "; it must be non-negative");
-  }
+  detail::check_routing(who, "scores", in.scores);
+  detail::check_mask(who, in.mask, in.scores.rows);
+  if (grad) detail::check_grad(who, "grad_scores", *grad, in.scores);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of a variance_loss call on the host: T_v is a count; the column sums of the
+/// scores may be negative (scores are not required to be probabilities).
+template <class T>
+void validate_contents(const char* who, const variance_loss&, const variance_inputs<T>&, stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_stats_values(who, reduced, 1);
+}
+/// The memory of a variance_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const variance_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("scores", in.scores.data);
+  f("mask", in.mask.data);
+  if (grad) f("grad_scores", grad->data);
+}
+
+namespace detail {
 
 /// Masked column sums of S and T_v over all rows, per block and combined in block order.
 template <class T>
@@ -4203,7 +4409,7 @@ void var_zero_grad(const cpu& be, const matrix_view<T>* grad, grad_options opts)
 template <class T>
 void execute_stats(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, double* out) {
   detail::check_scalars("variance", loss.cfg.coef, grad_options{}, be.threads);
-  detail::var_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("variance", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.axis == variance_axis::experts) {
     out[0] = static_cast<double>(detail::count_valid(in.mask, in.scores.rows));
     return;
@@ -4222,7 +4428,7 @@ double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T
                const matrix_view<T>* grad, grad_options opts) {
   detail::check_scalars("variance", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::var_validate(loss, in, reduced, grad);
+  validate_on_host("variance", loss, in, reduced, grad);
   const auto& S = in.scores;
   const index_t T_ = S.rows, E = S.cols;
   const bool tokens = loss.cfg.axis == variance_axis::tokens;
@@ -4347,20 +4553,32 @@ struct entropy_loss : loss_api<entropy_loss, entropy_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of an entropy_loss call (core/validate.hpp), for every backend.
 template <class T>
-void ent_validate(const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
-                  const matrix_view<T>* grad) {
-  const char* who = "entropy";
-  require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
+void validate_shapes(const char* who, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grad) {
+  detail::require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
           who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
-  check_matrix(who, "probs", in.probs);
-  require(in.probs.cols >= 1 || in.probs.rows == 0, who, ": probs has E = 0 columns");
-  check_mask(who, in.mask, in.probs.rows);
-  if (grad) check_grad(who, "grad_probs", *grad, in.probs);
-  check_stats(who, reduced, 1);
+  detail::check_routing(who, "probs", in.probs);
+  detail::check_mask(who, in.mask, in.probs.rows);
+  if (grad) detail::check_grad(who, "grad_probs", *grad, in.probs);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of an entropy_loss call on the host: the reduced T_v is a count.
+template <class T>
+void validate_contents(const char* who, const entropy_loss&, const entropy_inputs<T>&, stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_stats_values(who, reduced, 1);
+}
+/// The memory of an entropy_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const entropy_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("probs", in.probs.data);
+  f("mask", in.mask.data);
+  if (grad) f("grad_probs", grad->data);
+}
+
+namespace detail {
 
 /// One valid row t, vectorised: returns the row's
 /// sum_e P log max(P, tiny) and leaves in `df` the factors d(-P log max(P, tiny))/dP, the
@@ -4397,7 +4615,7 @@ Acc ent_row_vec(const matrix_view<const T>& P, index_t t, Acc tiny, Acc log_tiny
 template <class T>
 void execute_stats(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
   detail::check_scalars("entropy", loss.cfg.coef, grad_options{}, be.threads);
-  detail::ent_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("entropy", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs.rows));
 }
 
@@ -4408,7 +4626,7 @@ double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>&
                const matrix_view<T>* grad, grad_options opts) {
   detail::check_scalars("entropy", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::ent_validate(loss, in, reduced, grad);
+  validate_on_host("entropy", loss, in, reduced, grad);
   const auto& P = in.probs;
   const index_t T_ = P.rows, E = P.cols;
   const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];
@@ -4512,25 +4730,31 @@ struct importance_loss : loss_api<importance_loss, importance_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of an importance_loss call (core/validate.hpp), for every backend.
 template <class T>
-void imp_validate(const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
-                  const matrix_view<T>* grad) {
-  const char* who = "importance";
-  check_matrix(who, "probs", in.probs);
-  require(in.probs.cols >= 1 || in.probs.rows == 0, who, ": probs has E = 0 columns");
-  check_mask(who, in.mask, in.probs.rows);
-  if (grad) check_grad(who, "grad_probs", *grad, in.probs);
-  if (!reduced.empty()) {
-    const index_t want = loss.stats_size(in);
-    require(reduced.size == want, who, ": reduced statistics have ", reduced.size, " entries but this call needs ",
-            want);
-    for (index_t i = 0; i < reduced.size; ++i)
-      require(std::isfinite(reduced.data[i]), who, ": reduced statistics entry ", i, " is ", reduced.data[i],
-              "; statistics must be finite");
-  }
+void validate_shapes(const char* who, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grad) {
+  detail::check_routing(who, "probs", in.probs);
+  detail::check_mask(who, in.mask, in.probs.rows);
+  if (grad) detail::check_grad(who, "grad_probs", *grad, in.probs);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of an importance_loss call on the host: the reduced sums are finite (they
+/// are sums of P, not counts).
+template <class T>
+void validate_contents(const char* who, const importance_loss&, const importance_inputs<T>&, stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_stats_values(who, reduced, 0);
+}
+/// The memory of an importance_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const importance_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("probs", in.probs.data);
+  f("mask", in.mask.data);
+  if (grad) f("grad_probs", grad->data);
+}
+
+namespace detail {
 
 /// imp_e = sum_t m_t P[t,e] and T_v, per block and combined in block order.
 template <class T>
@@ -4563,7 +4787,7 @@ void imp_sums(const cpu& be, const importance_inputs<T>& in, std::vector<accumul
 template <class T>
 void execute_stats(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, double* out) {
   detail::check_scalars("importance", loss.cfg.coef, grad_options{}, be.threads);
-  detail::imp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("importance", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   std::vector<accumulator_t<T>> imp;
   index_t tv = 0;
   detail::imp_sums(be, in, imp, tv);
@@ -4577,7 +4801,7 @@ double execute(const cpu& be, const importance_loss& loss, const importance_inpu
                const matrix_view<T>* grad, grad_options opts) {
   detail::check_scalars("importance", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::imp_validate(loss, in, reduced, grad);
+  validate_on_host("importance", loss, in, reduced, grad);
   const auto& P = in.probs;
   const index_t E = P.cols;
   std::vector<Acc> imp;

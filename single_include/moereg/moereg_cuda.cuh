@@ -271,20 +271,16 @@ inline void cuda_check_pointer(const char* who, const char* name, const void* p,
   require(device_ok, who, ": ", name, " points to host memory; the CUDA backend needs device (or managed or mapped) memory");
 }
 
-/// Size-only checks of a top-k view (the contents are checked on the device).
-inline void cuda_check_topk_shape(const char* who, const char* name, const topk_view& I, index_t T, index_t E) {
-  require(I.rows >= 0 && I.k >= 0, who, ": ", name, " has a negative size [", I.rows, ", ", I.k, "]");
-  require(I.rows == T, who, ": ", name, " has ", I.rows, " rows but the routing matrix has ", T, " rows");
-  require(I.k >= 1, who, ": ", name, " has k = ", I.k, " columns; k must be at least 1");
-  require(I.k <= E, who, ": ", name, " has k = ", I.k, " columns but there are only E = ", E, " experts (k > E)");
-  require(I.data != nullptr || T == 0, who, ": ", name, " is null but has size [", I.rows, ", ", I.k, "]");
-  require(I.row_stride >= I.k || T <= 1, who, ": ", name, " row stride ", I.row_stride, " is smaller than k = ", I.k);
-}
-
-/// Size-only check of reduced statistics (the contents are checked on the device).
-inline void cuda_check_stats_shape(const char* who, const stats_view& s, index_t expected) {
-  if (s.empty()) return;
-  require(s.size == expected, who, ": reduced statistics have ", s.size, " entries but this call needs ", expected);
+/// The host checks of one CUDA call, which read no device memory: the loss's validate_shapes()
+/// (core/validate.hpp, the checks every backend runs), then a device-pointer check of every
+/// buffer its for_each_buffer() names and of the reduced statistics. The contents (top-k ids,
+/// offsets, statistics, layout maps) are checked by the kernels.
+template <class Loss, class In, class G>
+void cuda_validate(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad,
+                   const cuda& be) {
+  validate_shapes(who, loss, in, reduced, grad);
+  for_each_buffer(in, grad, [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
+  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
 }
 
 /// Size-only check of a statistics output buffer.
@@ -1171,37 +1167,8 @@ template <class T>
 void validate(const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced, const matrix_view<T>* grads,
               const cuda& be) {
   const char* who = "coupling (cuda)";
-  const auto form = loss.cfg.form;
-  require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
-          ": unknown form ", static_cast<int>(form));
-  require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
-  require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
-  require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
-  require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
-          " must be finite and non-negative");
-  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
-  for (index_t l = 0; l < in.layers; ++l) {
-    const auto& P = in.probs[l];
-    const std::string pn = concat("probs[", l, "]"), tn = concat("topk[", l, "]");
-    check_matrix(who, pn.c_str(), P);
-    require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
-            "; every layer routes the same tokens");
-    require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
-            "; every layer needs the same number of experts");
-    cuda_check_topk_shape(who, tn.c_str(), in.topk[l], T_, E);
-    cuda_check_pointer(who, pn.c_str(), P.data, be);
-    cuda_check_pointer(who, tn.c_str(), in.topk[l].data, be);
-  }
-  check_mask(who, in.mask, T_);
-  if (grads)
-    for (index_t l = 0; l < in.layers; ++l) {
-      const std::string gn = concat("grads[", l, "]");
-      check_grad(who, gn.c_str(), grads[l], in.probs[l]);
-      cuda_check_pointer(who, gn.c_str(), grads[l].data, be);
-    }
-  cuda_check_stats_shape(who, reduced, loss.stats_size(in));
-  cuda_check_pointer(who, "mask", in.mask.data, be);
-  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
+  cuda_validate(who, loss, in, reduced, grads, be);
+  const index_t T_ = in.probs[0].rows;
   require(cuda_blocks(T_, cuda_row_block) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
           ": too many rows for one grid");
 }
@@ -1558,31 +1525,21 @@ void run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in
 }
 
 }  // namespace cuda_cp
-}  // namespace detail
 
-/// Bytes of workspace every CUDA entry point of the coupling loss needs for these inputs.
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
 template <class T>
-std::size_t workspace_size(const coupling_loss& loss, const coupling_inputs<T>& in, const cuda& = {}) {
-  detail::workspace_carver c(nullptr);
-  (void)detail::cuda_cp::carve<accumulator_t<T>>(c, loss, detail::cuda_cp::shape_of(in));
+void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in,
+              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  cuda_cp::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T>
+std::size_t cuda_workspace_bytes(const coupling_loss& loss, const coupling_inputs<T>& in) {
+  workspace_carver c(nullptr);
+  (void)cuda_cp::carve<accumulator_t<T>>(c, loss, cuda_cp::shape_of(in));
   return c.required();
 }
 
-/// Local statistics into device memory `out` (stats_size(in) doubles), enqueued on be.stream.
-template <class T>
-void execute_stats(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in, double* out) {
-  detail::cuda_cp::run(be, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr), grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grads` (one view per layer), the gradients, enqueued on
-/// be.stream. Returns NaN.
-template <class T>
-double execute(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grads, grad_options opts) {
-  detail::cuda_cp::run(be, loss, in, reduced, grads, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
+}  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/coupling.cuh ----
 // ---- begin moereg/backend/cuda/entropy.cuh ----
@@ -1605,23 +1562,6 @@ namespace detail {
 namespace cuda_ent {
 
 template <class T>
-void validate(const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced, const matrix_view<T>* grad,
-              const cuda& be) {
-  const char* who = "entropy (cuda)";
-  require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
-          who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
-  check_matrix(who, "probs", in.probs);
-  require(in.probs.cols >= 1 || in.probs.rows == 0, who, ": probs has E = 0 columns");
-  check_mask(who, in.mask, in.probs.rows);
-  if (grad) check_grad(who, "grad_probs", *grad, in.probs);
-  cuda_check_stats_shape(who, reduced, 1);
-  cuda_check_pointer(who, "probs", in.probs.data, be);
-  cuda_check_pointer(who, "mask", in.mask.data, be);
-  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
-  if (grad) cuda_check_pointer(who, "grad_probs", grad->data, be);
-}
-
-template <class T>
 cuda_router::request<T> engine_request(const entropy_loss& loss, const entropy_inputs<T>& in) {
   cuda_router::request<T> rq;
   rq.probs = in.probs;
@@ -1634,7 +1574,7 @@ template <class T>
 void run(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
          const matrix_view<T>* grad, grad_options opts, double* stats_out) {
   const char* who = "entropy (cuda)";
-  validate(loss, in, reduced, grad, be);
+  cuda_validate(who, loss, in, reduced, grad, be);
   if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
   auto rq = engine_request(loss, in);
   rq.stats_mode = stats_out != nullptr;
@@ -1647,28 +1587,19 @@ void run(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>& in, 
 }
 
 }  // namespace cuda_ent
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
+template <class T>
+void cuda_run(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>& in,
+              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  cuda_ent::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T>
+std::size_t cuda_workspace_bytes(const entropy_loss& loss, const entropy_inputs<T>& in) {
+  return cuda_router::required_bytes(cuda_ent::engine_request(loss, in));
+}
+
 }  // namespace detail
-
-/// Bytes of workspace every CUDA entry point of the entropy loss needs for these inputs.
-template <class T>
-std::size_t workspace_size(const entropy_loss& loss, const entropy_inputs<T>& in, const cuda& = {}) {
-  return detail::cuda_router::required_bytes(detail::cuda_ent::engine_request(loss, in));
-}
-
-/// Local statistics [T_v] into device memory `out`, enqueued on be.stream.
-template <class T>
-void execute_stats(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
-  detail::cuda_ent::run(be, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr), grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient, enqueued on be.stream. Returns NaN.
-template <class T>
-double execute(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::cuda_ent::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/entropy.cuh ----
 // ---- begin moereg/backend/cuda/importance.cuh ----
@@ -1691,21 +1622,6 @@ namespace detail {
 namespace cuda_imp {
 
 template <class T>
-void validate(const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
-              const matrix_view<T>* grad, const cuda& be) {
-  const char* who = "importance (cuda)";
-  check_matrix(who, "probs", in.probs);
-  require(in.probs.cols >= 1 || in.probs.rows == 0, who, ": probs has E = 0 columns");
-  check_mask(who, in.mask, in.probs.rows);
-  if (grad) check_grad(who, "grad_probs", *grad, in.probs);
-  cuda_check_stats_shape(who, reduced, loss.stats_size(in));
-  cuda_check_pointer(who, "probs", in.probs.data, be);
-  cuda_check_pointer(who, "mask", in.mask.data, be);
-  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
-  if (grad) cuda_check_pointer(who, "grad_probs", grad->data, be);
-}
-
-template <class T>
 cuda_router::request<T> engine_request(const importance_loss& loss, const importance_inputs<T>& in) {
   cuda_router::request<T> rq;
   rq.probs = in.probs;
@@ -1718,7 +1634,7 @@ template <class T>
 void run(const cuda& be, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
          const matrix_view<T>* grad, grad_options opts, double* stats_out) {
   const char* who = "importance (cuda)";
-  validate(loss, in, reduced, grad, be);
+  cuda_validate(who, loss, in, reduced, grad, be);
   if (stats_out != nullptr) {
     cuda_check_stats_out(who, stats_out, loss.stats_size(in));
     cuda_check_pointer(who, "statistics output", stats_out, be);
@@ -1734,28 +1650,19 @@ void run(const cuda& be, const importance_loss& loss, const importance_inputs<T>
 }
 
 }  // namespace cuda_imp
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
+template <class T>
+void cuda_run(const cuda& be, const importance_loss& loss, const importance_inputs<T>& in,
+              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  cuda_imp::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T>
+std::size_t cuda_workspace_bytes(const importance_loss& loss, const importance_inputs<T>& in) {
+  return cuda_router::required_bytes(cuda_imp::engine_request(loss, in));
+}
+
 }  // namespace detail
-
-/// Bytes of workspace every CUDA entry point of the importance loss needs for these inputs.
-template <class T>
-std::size_t workspace_size(const importance_loss& loss, const importance_inputs<T>& in, const cuda& = {}) {
-  return detail::cuda_router::required_bytes(detail::cuda_imp::engine_request(loss, in));
-}
-
-/// Local statistics [imp_0, ..., imp_{E-1}] into device memory `out`, enqueued on be.stream.
-template <class T>
-void execute_stats(const cuda& be, const importance_loss& loss, const importance_inputs<T>& in, double* out) {
-  detail::cuda_imp::run(be, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr), grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient, enqueued on be.stream. Returns NaN.
-template <class T>
-double execute(const cuda& be, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::cuda_imp::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/importance.cuh ----
 // ---- begin moereg/backend/cuda/load_balancing.cuh ----
@@ -1826,39 +1733,12 @@ cuda_router::request<T> engine_request(const load_balancing_loss& loss, const lo
   return rq;
 }
 
-/// Host-side checks: the CPU backend's, without reading device memory.
+/// Host-side checks: every backend's shape checks and the device pointers (no device memory read).
 template <class T>
 void validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
               const matrix_view<T>* grad, const cuda& be) {
   const char* who = "load_balancing (cuda)";
-  const auto& P = in.probs;
-  check_matrix(who, "probs", P);
-  cuda_check_topk_shape(who, "topk", in.topk, P.rows, P.cols);
-  check_mask(who, in.mask, P.rows);
-  require(loss.cfg.k >= 0, who, ": config k = ", loss.cfg.k, " is negative");
-  require(loss.cfg.k <= P.cols, who, ": config k = ", loss.cfg.k, " but there are only E = ", P.cols, " experts");
-  if (grad) check_grad(who, "grad_probs", *grad, P);
-  if (loss.cfg.scope == lb_scope::sequence) {
-    if (loss.cfg.seq_len > 0) {
-      require(in.cu_seqlens.empty(), who, ": give either seq_len or cu_seqlens, not both");
-      require(P.rows % loss.cfg.seq_len == 0, who, ": T = ", P.rows, " is not a multiple of seq_len = ",
-              loss.cfg.seq_len);
-    } else {
-      require(loss.cfg.seq_len == 0, who, ": seq_len = ", loss.cfg.seq_len, " is negative");
-      require(!in.cu_seqlens.empty(), who, ": sequence scope needs seq_len > 0 or cu_seqlens");
-      require(in.cu_seqlens.size >= 1, who, ": cu_seqlens has ", in.cu_seqlens.size, " entries; it needs B + 1 >= 1");
-    }
-  } else {
-    require(in.cu_seqlens.empty() && loss.cfg.seq_len == 0, who,
-            ": seq_len and cu_seqlens apply only to the sequence scope");
-  }
-  cuda_check_stats_shape(who, reduced, loss.stats_size(in));
-  cuda_check_pointer(who, "probs", P.data, be);
-  cuda_check_pointer(who, "topk", in.topk.data, be);
-  cuda_check_pointer(who, "mask", in.mask.data, be);
-  cuda_check_pointer(who, "cu_seqlens", in.cu_seqlens.data, be);
-  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
-  if (grad) cuda_check_pointer(who, "grad_probs", grad->data, be);
+  cuda_validate(who, loss, in, reduced, grad, be);
   require(sequences(loss, in) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
           ": too many sequences for one grid");
 }
@@ -2000,34 +1880,24 @@ void run(const cuda& be, const load_balancing_loss& loss, const load_balancing_i
 }
 
 }  // namespace cuda_lb
-}  // namespace detail
 
-/// Bytes of workspace every CUDA entry point of this loss needs for these inputs (0: none).
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
 template <class T>
-std::size_t workspace_size(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, const cuda& = {}) {
+void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  cuda_lb::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T>
+std::size_t cuda_workspace_bytes(const load_balancing_loss& loss, const load_balancing_inputs<T>& in) {
   if (loss.cfg.scope != lb_scope::sequence)
-    return detail::cuda_router::required_bytes(detail::cuda_lb::engine_request(loss, in));
-  detail::workspace_carver c(nullptr);
-  const index_t B = detail::cuda_lb::sequences(loss, in);
-  (void)detail::cuda_lb::carve_seq<accumulator_t<T>>(c, B > 0 ? B : 0, in.probs.cols > 0 ? in.probs.cols : 0);
+    return cuda_router::required_bytes(cuda_lb::engine_request(loss, in));
+  workspace_carver c(nullptr);
+  const index_t B = cuda_lb::sequences(loss, in);
+  (void)cuda_lb::carve_seq<accumulator_t<T>>(c, B > 0 ? B : 0, in.probs.cols > 0 ? in.probs.cols : 0);
   return c.required();
 }
 
-/// Local statistics into device memory `out` (stats_size(in) doubles), enqueued on be.stream.
-template <class T>
-void execute_stats(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, double* out) {
-  detail::cuda_lb::run(be, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr), grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient, enqueued on be.stream. Returns NaN:
-/// the value is on the device.
-template <class T>
-double execute(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::cuda_lb::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
+}  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/load_balancing.cuh ----
 // ---- begin moereg/backend/cuda/variance.cuh ----
@@ -2051,26 +1921,6 @@ namespace detail {
 namespace cuda_var {
 
 template <class T>
-void validate(const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced, const matrix_view<T>* grad,
-              const cuda& be) {
-  const char* who = "variance (cuda)";
-  const auto& c = loss.cfg;
-  require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
-          static_cast<int>(c.axis));
-  require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
-          ": unknown reduction ", static_cast<int>(c.reduction));
-  check_matrix(who, "scores", in.scores);
-  require(in.scores.cols >= 1 || in.scores.rows == 0, who, ": scores has E = 0 columns");
-  check_mask(who, in.mask, in.scores.rows);
-  if (grad) check_grad(who, "grad_scores", *grad, in.scores);
-  cuda_check_stats_shape(who, reduced, loss.stats_size(in));
-  cuda_check_pointer(who, "scores", in.scores.data, be);
-  cuda_check_pointer(who, "mask", in.mask.data, be);
-  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
-  if (grad) cuda_check_pointer(who, "grad_scores", grad->data, be);
-}
-
-template <class T>
 cuda_router::request<T> engine_request(const variance_loss& loss, const variance_inputs<T>& in) {
   cuda_router::request<T> rq;
   rq.probs = in.scores;
@@ -2083,7 +1933,7 @@ template <class T>
 void run(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
          const matrix_view<T>* grad, grad_options opts, double* stats_out) {
   const char* who = "variance (cuda)";
-  validate(loss, in, reduced, grad, be);
+  cuda_validate(who, loss, in, reduced, grad, be);
   if (stats_out != nullptr) {
     cuda_check_stats_out(who, stats_out, loss.stats_size(in));
     cuda_check_pointer(who, "statistics output", stats_out, be);
@@ -2099,28 +1949,19 @@ void run(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in
 }
 
 }  // namespace cuda_var
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
+template <class T>
+void cuda_run(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in,
+              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  cuda_var::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T>
+std::size_t cuda_workspace_bytes(const variance_loss& loss, const variance_inputs<T>& in) {
+  return cuda_router::required_bytes(cuda_var::engine_request(loss, in));
+}
+
 }  // namespace detail
-
-/// Bytes of workspace every CUDA entry point of the variance loss needs for these inputs.
-template <class T>
-std::size_t workspace_size(const variance_loss& loss, const variance_inputs<T>& in, const cuda& = {}) {
-  return detail::cuda_router::required_bytes(detail::cuda_var::engine_request(loss, in));
-}
-
-/// Local statistics into device memory `out` (stats_size(in) doubles), enqueued on be.stream.
-template <class T>
-void execute_stats(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in, double* out) {
-  detail::cuda_var::run(be, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr), grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient, enqueued on be.stream. Returns NaN.
-template <class T>
-double execute(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::cuda_var::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/variance.cuh ----
 // ---- begin moereg/backend/cuda/z_loss.cuh ----
@@ -2145,20 +1986,6 @@ namespace detail {
 namespace cuda_z {
 
 template <class T>
-void validate(const z_loss_inputs<T>& in, stats_view reduced, const matrix_view<T>* grad, const cuda& be) {
-  const char* who = "z_loss (cuda)";
-  check_matrix(who, "logits", in.logits);
-  require(in.logits.cols >= 1 || in.logits.rows == 0, who, ": logits has E = 0 columns");
-  check_mask(who, in.mask, in.logits.rows);
-  if (grad) check_grad(who, "grad_logits", *grad, in.logits);
-  cuda_check_stats_shape(who, reduced, 1);
-  cuda_check_pointer(who, "logits", in.logits.data, be);
-  cuda_check_pointer(who, "mask", in.mask.data, be);
-  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
-  if (grad) cuda_check_pointer(who, "grad_logits", grad->data, be);
-}
-
-template <class T>
 cuda_router::request<T> engine_request(const z_loss& loss, const z_loss_inputs<T>& in) {
   cuda_router::request<T> rq;
   rq.logits = in.logits;
@@ -2171,7 +1998,7 @@ template <class T>
 void run(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced, const matrix_view<T>* grad,
          grad_options opts, double* stats_out) {
   const char* who = "z_loss (cuda)";
-  validate(in, reduced, grad, be);
+  cuda_validate(who, loss, in, reduced, grad, be);
   if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
   auto rq = engine_request(loss, in);
   rq.stats_mode = stats_out != nullptr;
@@ -2184,28 +2011,19 @@ void run(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in, stats_v
 }
 
 }  // namespace cuda_z
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
+template <class T>
+void cuda_run(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in,
+              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  cuda_z::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T>
+std::size_t cuda_workspace_bytes(const z_loss& loss, const z_loss_inputs<T>& in) {
+  return cuda_router::required_bytes(cuda_z::engine_request(loss, in));
+}
+
 }  // namespace detail
-
-/// Bytes of workspace every CUDA entry point of the z-loss needs for these inputs.
-template <class T>
-std::size_t workspace_size(const z_loss& loss, const z_loss_inputs<T>& in, const cuda& = {}) {
-  return detail::cuda_router::required_bytes(detail::cuda_z::engine_request(loss, in));
-}
-
-/// Local statistics [T_v] into device memory `out`, enqueued on be.stream.
-template <class T>
-void execute_stats(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in, double* out) {
-  detail::cuda_z::run(be, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr), grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient, enqueued on be.stream. Returns NaN.
-template <class T>
-double execute(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::cuda_z::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/z_loss.cuh ----
 
@@ -2374,13 +2192,16 @@ private:
       detail::cuda_lb::validate(*load_balancing, load_balancing_inputs<T>{in.probs, in.topk, in.mask},
                                 reduced.load_balancing, gp, be);
     }
-    if (z != nullptr) detail::cuda_z::validate(z_loss_inputs<T>{in.logits, in.mask}, reduced.z, gz, be);
+    if (z != nullptr)
+      detail::cuda_validate("z_loss (cuda)", *z, z_loss_inputs<T>{in.logits, in.mask}, reduced.z, gz, be);
     if (entropy != nullptr)
-      detail::cuda_ent::validate(*entropy, entropy_inputs<T>{in.probs, in.mask}, reduced.entropy, gp, be);
+      detail::cuda_validate("entropy (cuda)", *entropy, entropy_inputs<T>{in.probs, in.mask}, reduced.entropy, gp, be);
     if (variance != nullptr)
-      detail::cuda_var::validate(*variance, variance_inputs<T>{in.probs, in.mask}, reduced.variance, gp, be);
+      detail::cuda_validate("variance (cuda)", *variance, variance_inputs<T>{in.probs, in.mask}, reduced.variance, gp,
+                            be);
     if (importance != nullptr)
-      detail::cuda_imp::validate(*importance, importance_inputs<T>{in.probs, in.mask}, reduced.importance, gp, be);
+      detail::cuda_validate("importance (cuda)", *importance, importance_inputs<T>{in.probs, in.mask},
+                            reduced.importance, gp, be);
     const bool p_losses = load_balancing != nullptr || entropy != nullptr || variance != nullptr || importance != nullptr;
     if (p_losses && gp != nullptr) detail::check_grad(who, "grad_probs", *gp, in.probs);
     if (p_losses && z != nullptr)
@@ -2462,7 +2283,6 @@ struct layout_keys {
     (void)flags;
     return -1;
   }
-  static void host_check(const char* who, const char* name, const Layout& l) { (void)who, (void)name, (void)l; }
 };
 
 template <>
@@ -2470,7 +2290,6 @@ struct layout_keys<token_major> {
   static constexpr bool has_map = false;
   static index_t num_keys(const token_major&) { return 0; }
   __device__ static index_t key(const token_major&, index_t, index_t, int&) { return -1; }
-  static void host_check(const char* who, const char*, const token_major& l) { l.validate(who); }
 };
 
 template <>
@@ -2485,11 +2304,6 @@ struct layout_keys<expert_grouped> {
       return -1;
     }
     return r;
-  }
-  static void host_check(const char* who, const char* name, const expert_grouped& l) {
-    require(l.num_rows >= 0 && l.length >= 0 && l.row_stride >= 0 && l.elem_stride >= 1, who, ": ", name,
-            " expert_grouped layout has a negative size or stride");
-    require_index_map(who, "expert_grouped row map", l.row_of);  // shape only: entries live on the device
   }
 };
 
@@ -2507,16 +2321,6 @@ struct layout_keys<capacity_padded> {
       return -1;
     }
     return e * l.capacity + p;
-  }
-  static void host_check(const char* who, const char* name, const capacity_padded& l) {
-    require(l.num_experts >= 0 && l.capacity >= 0 && l.length >= 0 && l.expert_stride >= 0 && l.row_stride >= 0 &&
-                l.elem_stride >= 1,
-            who, ": ", name, " capacity_padded layout has a negative size or stride");
-    require(l.position_of.rows == l.expert_of.rows && l.position_of.k == l.expert_of.k, who, ": ", name,
-            " capacity_padded position map is [", l.position_of.rows, ", ", l.position_of.k,
-            "] but the expert map is [", l.expert_of.rows, ", ", l.expert_of.k, "]");
-    require_index_map(who, "capacity_padded expert map", l.expert_of);  // shapes only: entries live on the device
-    require_index_map(who, "capacity_padded position map", l.position_of);
   }
 };
 
@@ -2843,44 +2647,17 @@ std::size_t required_bytes(const request<T, Layout>& rq) {
   return c.required();
 }
 
-/// Shape checks of a Gram-based loss on the host (no device memory read).
+/// Host checks of a Gram-based loss, which read no device memory: every backend's shape checks
+/// (check_gram_shapes), non-null data for a call with vectors, and the device pointers.
 template <class T, class Layout>
 void validate(const char* who, double coef, double eps, const request<T, Layout>& rq, stats_view reduced,
               const cuda& be) {
-  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
-  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
-  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
   const auto& I = rq.topk;
-  const index_t E = rq.num_experts;
-  require(I.rows >= 0 && I.k >= 0, who, ": topk has a negative size [", I.rows, ", ", I.k, "]");
-  require(I.k >= 1, who, ": topk has k = ", I.k, " columns; k must be at least 1");
-  require(I.k <= math::max_slots, who, ": topk has k = ", I.k, " columns but at most ", math::max_slots,
-          " slots per token are supported (moereg::math::max_slots)");
-  require(E >= 0, who, ": num_experts = ", E, " is negative");
-  require(E == 0 || I.k <= E, who, ": topk has k = ", I.k, " columns but there are only E = ", E, " experts (k > E)");
-  require(I.data != nullptr || I.rows == 0, who, ": topk is null but has size [", I.rows, ", ", I.k, "]");
-  require(I.row_stride >= I.k || I.rows <= 1, who, ": topk row stride ", I.row_stride, " is smaller than k = ", I.k);
-  check_mask(who, rq.mask, I.rows);
-  const auto& x = rq.acts;
-  layout_keys<Layout>::host_check(who, "acts", x.layout);
-  require(x.layout.tokens() == I.rows && x.layout.slots() == I.k, who, ": acts layout is [", x.layout.tokens(), ", ",
-          x.layout.slots(), ", ", x.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
-  require(x.layout.dim() >= 0, who, ": acts has a negative length d = ", x.layout.dim());
-  require(x.data != nullptr || I.rows == 0 || x.layout.dim() == 0, who, ": acts is null");
-  if (rq.grad != nullptr) {
-    const auto& g = *rq.grad;
-    layout_keys<Layout>::host_check(who, "grad", g.layout);
-    require(g.layout.tokens() == x.layout.tokens() && g.layout.slots() == x.layout.slots() &&
-                g.layout.dim() == x.layout.dim(),
-            who, ": grad layout is [", g.layout.tokens(), ", ", g.layout.slots(), ", ", g.layout.dim(),
-            "] but acts is [", x.layout.tokens(), ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
-    require(g.data != nullptr || I.rows == 0 || g.layout.dim() == 0, who, ": grad is null");
-    cuda_check_pointer(who, "grad", g.data, be);
-  }
-  cuda_check_stats_shape(who, reduced, 1);
-  cuda_check_pointer(who, "acts", x.data, be);
-  cuda_check_pointer(who, "topk", I.data, be);
-  cuda_check_pointer(who, "mask", rq.mask.data, be);
+  check_gram_shapes(who, coef, eps, rq.acts, I, rq.mask, rq.num_experts, rq.grad, reduced);
+  const bool any = I.rows > 0 && rq.acts.layout.dim() > 0;  // the map entries are not read on the host
+  require(rq.acts.data != nullptr || !any, who, ": acts is null");
+  require(rq.grad == nullptr || rq.grad->data != nullptr || !any, who, ": grad is null");
+  gram_buffers(rq.acts, I, rq.mask, rq.grad, [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
   cuda_check_pointer(who, "reduced statistics", reduced.data, be);
   require(cuda_blocks(I.rows, cuda_row_block) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
           ": too many tokens for one grid");
@@ -3005,19 +2782,12 @@ cuda_gram::request<T, Layout> engine_request(const orthogonality_loss& loss, con
   return rq;
 }
 
-inline void check_config(const char* who, const orthogonality_loss& loss) {
-  require(loss.cfg.k >= 0, who, ": config k = ", loss.cfg.k, " is negative");
-  require(loss.cfg.variant == ortho_variant::pairwise || loss.cfg.variant == ortho_variant::subspace, who,
-          ": unknown variant");
-  require(loss.cfg.reduction == ortho_reduction::mean || loss.cfg.reduction == ortho_reduction::sum, who,
-          ": unknown reduction");
-}
 
 template <class T, class Layout>
 void run(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
          stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
   const char* who = "orthogonality (cuda)";
-  check_config(who, loss);
+  check_ortho_config(who, loss.cfg);
   auto rq = engine_request(loss, in, grad);
   cuda_gram::validate(who, loss.cfg.coef, loss.cfg.eps, rq, reduced, be);
   if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
@@ -3030,33 +2800,20 @@ void run(const cuda& be, const orthogonality_loss& loss, const orthogonality_inp
 }
 
 }  // namespace cuda_orth
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
+template <class T, class Layout>
+void cuda_run(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
+              stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
+  cuda_orth::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T, class Layout>
+std::size_t cuda_workspace_bytes(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in) {
+  return cuda_gram::required_bytes(
+      cuda_orth::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
+}
+
 }  // namespace detail
-
-/// Bytes of workspace every CUDA entry point of the orthogonality loss needs for these inputs.
-template <class T, class Layout>
-std::size_t workspace_size(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-                           const cuda& = {}) {
-  return detail::cuda_gram::required_bytes(
-      detail::cuda_orth::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
-}
-
-/// Local statistics [T_v] into device memory `out`, enqueued on be.stream.
-template <class T, class Layout>
-void execute_stats(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-                   double* out) {
-  detail::cuda_orth::run(be, loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr),
-                         grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient (through the grad view's layout),
-/// enqueued on be.stream. Returns NaN.
-template <class T, class Layout>
-double execute(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
-  detail::cuda_orth::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/orthogonality.cuh ----
 // ---- begin moereg/backend/cuda/specialization.cuh ----
@@ -3103,33 +2860,20 @@ void run(const cuda& be, const specialization_loss& loss, const specialization_i
 }
 
 }  // namespace cuda_sp
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
+template <class T, class Layout>
+void cuda_run(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+              stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
+  cuda_sp::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T, class Layout>
+std::size_t cuda_workspace_bytes(const specialization_loss& loss, const specialization_inputs<T, Layout>& in) {
+  return cuda_gram::required_bytes(
+      cuda_sp::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
+}
+
 }  // namespace detail
-
-/// Bytes of workspace every CUDA entry point of the specialization loss needs for these inputs.
-template <class T, class Layout>
-std::size_t workspace_size(const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-                           const cuda& = {}) {
-  return detail::cuda_gram::required_bytes(
-      detail::cuda_sp::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
-}
-
-/// Local statistics [T_v] into device memory `out`, enqueued on be.stream.
-template <class T, class Layout>
-void execute_stats(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-                   double* out) {
-  detail::cuda_sp::run(be, loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr),
-                       grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient (through the grad view's layout),
-/// enqueued on be.stream. Returns NaN.
-template <class T, class Layout>
-double execute(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
-  detail::cuda_sp::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/specialization.cuh ----
 
@@ -3241,7 +2985,7 @@ private:
     if (specialization != nullptr)
       detail::cuda_gram::validate(who, specialization->cfg.coef, specialization->cfg.eps, rq, reduced.specialization, be);
     if (orthogonality != nullptr) {
-      detail::cuda_orth::check_config(who, *orthogonality);
+      detail::check_ortho_config(who, orthogonality->cfg);
       detail::cuda_gram::validate(who, orthogonality->cfg.coef, orthogonality->cfg.eps, rq, reduced.orthogonality, be);
     }
     rq.opts = opts;
@@ -3262,6 +3006,54 @@ private:
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/gram_fused.cuh ----
+
+// ---- begin moereg/backend/cuda/api.cuh ----
+// The CUDA side of the one front end (losses/api.hpp): workspace_size, execute_stats and
+// execute for every loss, written once over the entries each loss's .cuh provides:
+//
+//   void detail::cuda_run(const cuda&, const Loss&, const Inputs&, stats_view reduced,
+//                         const GradView* grad, grad_options, double* stats_out);
+//   std::size_t detail::cuda_workspace_bytes(const Loss&, const Inputs&);
+//
+// Include <moereg/backend/cuda.hpp>, not this file; it comes after every loss's .cuh.
+
+
+#include <cstddef>
+#include <limits>
+#include <type_traits>
+
+
+MOEREG_NAMESPACE_BEGIN
+namespace detail {
+template <class Loss, class In>
+using enable_cuda_entry = std::enable_if_t<std::is_same<typename In::loss_type, Loss>::value, int>;
+}  // namespace detail
+
+/// Bytes of workspace every CUDA entry point of `loss` needs for these inputs (be.workspace,
+/// be.workspace_bytes; the CUB convention: ask first, allocate once).
+template <class Loss, class In, detail::enable_cuda_entry<Loss, In> = 0>
+std::size_t workspace_size(const Loss& loss, const In& in, const cuda& = {}) {
+  return detail::cuda_workspace_bytes(loss, in);
+}
+
+/// Local statistics (stats_size(in) doubles) into device memory `out`, enqueued on be.stream.
+template <class Loss, class In, detail::enable_cuda_entry<Loss, In> = 0>
+void execute_stats(const cuda& be, const Loss& loss, const In& in, double* out) {
+  detail::cuda_run(be, loss, in, stats_view{}, static_cast<const detail::grad_view_t<In>*>(nullptr), grad_options{},
+                   out);
+}
+
+/// The value into *be.value and, with `grad`, the gradient, enqueued on be.stream. Returns NaN:
+/// the value is on the device.
+template <class Loss, class In, detail::enable_cuda_entry<Loss, In> = 0>
+double execute(const cuda& be, const Loss& loss, const In& in, stats_view reduced,
+               const detail::grad_view_t<In>* grad, grad_options opts) {
+  detail::cuda_run(be, loss, in, reduced, grad, opts, nullptr);
+  return std::numeric_limits<double>::quiet_NaN();
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/backend/cuda/api.cuh ----
 
 // ---- begin moereg/backend/cuda/bias_update.cuh ----
 // CUDA backend of the auxiliary-loss-free bias update (losses/bias_update.hpp, LOSSES.md

@@ -68,4 +68,6 @@
 
 #include "cuda/gram_fused.cuh"
 
+#include "cuda/api.cuh"
+
 #include "cuda/bias_update.cuh"

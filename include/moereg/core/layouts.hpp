@@ -12,6 +12,12 @@
 //                                            // negative when the layout holds no vector there
 //   void validate(const char* who) const;    // throws moereg::error on an inconsistent layout
 //
+// and optionally
+//
+//   void validate_shape(const char* who) const;  // the checks that read no map entry (sizes,
+//                                                // strides, map shapes): what a device backend
+//                                                // can check on the host before a launch
+//
 // Gradients are written through the same policy, so they land in the caller's layout.
 // Two valid slots must never share storage: validate() of the three built-in layouts checks
 // that the strides do not overlap against the extents (is_unique(), mdspan's question) and,
@@ -21,6 +27,7 @@
 #pragma once
 
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "config.hpp"
@@ -59,8 +66,9 @@ struct token_major {
   constexpr index_t stride() const { return elem_stride; }
   /// Offset (elements) of the first entry of h_{t,s}.
   MOEREG_HOST_DEVICE constexpr index_t offset(index_t t, index_t s) const { return t * token_stride + s * slot_stride; }
-  /// Throws moereg::error (message prefixed by `who`) on negative sizes or strides.
-  void validate(const char* who) const {
+  /// Throws moereg::error (message prefixed by `who`) on negative sizes or strides, or strides
+  /// that overlap. A token-major layout has no map, so this is all of validate().
+  void validate_shape(const char* who) const {
     detail::require(num_tokens >= 0 && num_slots >= 0 && length >= 0, who, ": token_major layout has a negative size [",
                     num_tokens, ", ", num_slots, ", ", length, "]");
     detail::require(token_stride >= 0 && slot_stride >= 0 && elem_stride >= 1, who,
@@ -69,6 +77,8 @@ struct token_major {
                     "] with strides (", token_stride, ", ", slot_stride, ", ", elem_stride,
                     ") overlaps: two (token, slot, element) share storage");
   }
+  /// validate_shape().
+  void validate(const char* who) const { validate_shape(who); }
   /// True when every (token, slot, element) has its own storage (the strides against the extents).
   bool is_unique() const {
     const index_t ext[3] = {num_tokens, num_slots, length}, str[3] = {token_stride, slot_stride, elem_stride};
@@ -137,14 +147,18 @@ struct expert_grouped {
     const index_t ext[2] = {num_rows, length}, str[2] = {row_stride, elem_stride};
     return detail::strides_unique(2, ext, str);
   }
-  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping rows, a null
-  /// map, or a row index that is out of range or used by two slots.
-  void validate(const char* who) const {
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping rows or a
+  /// null map; reads no map entry.
+  void validate_shape(const char* who) const {
     detail::require(num_rows >= 0 && length >= 0 && row_stride >= 0 && elem_stride >= 1, who,
                     ": expert_grouped layout has a negative size or stride");
     detail::require(is_unique(), who, ": expert_grouped rows [", num_rows, ", ", length, "] with row stride ",
                     row_stride, " and element stride ", elem_stride, " overlap: two rows share storage");
     detail::require_index_map(who, "expert_grouped row map", row_of);
+  }
+  /// validate_shape(), then the map: a row index out of range or used by two slots throws.
+  void validate(const char* who) const {
+    validate_shape(who);
     detail::require_distinct_keys(who, "expert_grouped row map", row_of.rows, row_of.k, num_rows,
                                   [&](index_t t, index_t s) { return row_of(t, s); });
   }
@@ -187,10 +201,9 @@ struct capacity_padded {
     const index_t ext[3] = {num_experts, capacity, length}, str[3] = {expert_stride, row_stride, elem_stride};
     return detail::strides_unique(3, ext, str);
   }
-  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping storage,
-  /// mismatched maps, an expert or position out of range, or an (expert, position) used by two
-  /// slots.
-  void validate(const char* who) const {
+  /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping storage or
+  /// mismatched maps; reads no map entry.
+  void validate_shape(const char* who) const {
     detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
                         elem_stride >= 1,
                     who, ": capacity_padded layout has a negative size or stride");
@@ -202,6 +215,11 @@ struct capacity_padded {
     detail::require(position_of.rows == expert_of.rows && position_of.k == expert_of.k, who,
                     ": capacity_padded position map is [", position_of.rows, ", ", position_of.k,
                     "] but the expert map is [", expert_of.rows, ", ", expert_of.k, "]");
+  }
+  /// validate_shape(), then the maps: an expert or position out of range, or an (expert,
+  /// position) used by two slots, throws.
+  void validate(const char* who) const {
+    validate_shape(who);
     for (index_t t = 0; t < expert_of.rows; ++t)
       for (index_t s = 0; s < expert_of.k; ++s) {
         const index_t e = expert_of(t, s), p = position_of(t, s);
@@ -218,6 +236,22 @@ struct capacity_padded {
                                   });
   }
 };
+
+namespace detail {
+template <class Layout, class = void>
+struct has_validate_shape : std::false_type {};
+template <class Layout>
+struct has_validate_shape<Layout, std::void_t<decltype(std::declval<const Layout&>().validate_shape(""))>>
+    : std::true_type {};
+
+/// The shape checks of a layout: its validate_shape() where it has one; nothing for a layout of
+/// your own without it (its validate() runs wherever the map entries can be read).
+template <class Layout>
+void validate_layout_shape(const char* who, const Layout& l) {
+  if constexpr (has_validate_shape<Layout>::value) l.validate_shape(who);
+  else (void)who, (void)l;
+}
+}  // namespace detail
 
 /// Activations (or their gradient) in a layout: a pointer and a policy.
 template <class T, class Layout>

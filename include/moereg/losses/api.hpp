@@ -33,6 +33,7 @@
 
 #include "../core/error.hpp"
 #include "../core/types.hpp"
+#include "../core/validate.hpp"
 #include "../core/views.hpp"
 
 MOEREG_NAMESPACE_BEGIN
@@ -60,15 +61,25 @@ const G* grad_pointer(const char* who, const G* g) {
   return g;
 }
 
-/// local_stats(in, out, be) needs a buffer of `size` doubles (stats_size(in)).
-inline void check_stats_out(const char* who, const double* out, index_t size) {
-  require(out != nullptr || size == 0, who, "::local_stats: out is null but stats_size(in) = ", size);
-}
-
 }  // namespace detail
 
-/// The front end of loss `Self` with configuration `Config`: local_stats, value, backward and
-/// value_and_grad on every backend (the CPU by default). Every call validates its arguments
+/// The CPU backend needs no workspace: 0 bytes for every loss (the CUDA overload is in
+/// backend/cuda/api.cuh), so trainer code can ask every backend the same question.
+template <class Loss, class In, std::enable_if_t<std::is_same<typename In::loss_type, Loss>::value, int> = 0>
+constexpr std::size_t workspace_size(const Loss&, const In&, const cpu&) {
+  return 0;
+}
+
+namespace detail {
+/// workspace_size(loss, in, be) of whichever backend `be` is (found by argument-dependent lookup).
+template <class Loss, class In, class Backend>
+std::size_t workspace_of(const Loss& loss, const In& in, const Backend& be) {
+  return workspace_size(loss, in, be);
+}
+}  // namespace detail
+
+/// The front end of loss `Self` with configuration `Config`: local_stats, workspace_size, value,
+/// backward and value_and_grad on every backend (the CPU by default). Every call validates its arguments
 /// before it reads or writes anything and throws moereg::error on invalid input, leaving the
 /// caller's buffers untouched.
 template <class Self, class Config>
@@ -96,6 +107,12 @@ struct loss_api {
   void local_stats(const In& in, double* out, const Backend& be = {}) const {
     detail::check_stats_out(Self::name, out, self().stats_size(in));
     execute_stats(be, self(), in, out);
+  }
+  /// Bytes of workspace a call with these inputs needs on backend `be` (0 on the CPU; on CUDA
+  /// the caller allocates it once and passes it in be.workspace).
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  std::size_t workspace_size(const In& in, const Backend& be = {}) const {
+    return detail::workspace_of(self(), in, be);
   }
   /// The loss (coefficient included). With `reduced` (statistics summed over the parts of a
   /// batch) the global counts of LOSSES.md section 9 are used.

@@ -109,48 +109,56 @@ struct coupling_loss : loss_api<coupling_loss, coupling_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of a coupling_loss call (core/validate.hpp), for every backend.
 template <class T>
-void cp_validate(const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-                 const matrix_view<T>* grads) {
-  const char* who = "coupling";
+void validate_shapes(const char* who, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grads) {
   const auto form = loss.cfg.form;
-  require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
+  detail::require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
           ": unknown form ", static_cast<int>(form));
-  require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
-  require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
-  require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
-  require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
+  detail::require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
+  detail::require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
+  detail::require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
+  detail::require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
           " must be finite and non-negative");
   const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
   for (index_t l = 0; l < in.layers; ++l) {
     const auto& P = in.probs[l];
-    const std::string pn = concat("probs[", l, "]"), tn = concat("topk[", l, "]");
-    check_matrix(who, pn.c_str(), P);
-    require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
+    const std::string pn = detail::concat("probs[", l, "]"), tn = detail::concat("topk[", l, "]");
+    detail::check_matrix(who, pn.c_str(), P);
+    detail::require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
             "; every layer routes the same tokens");
-    require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
+    detail::require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
             "; every layer needs the same number of experts");
-    check_topk(who, tn.c_str(), in.topk[l], T_, E);
+    detail::check_topk_shape(who, tn.c_str(), in.topk[l], T_, E);
   }
-  check_mask(who, in.mask, T_);
+  detail::check_mask(who, in.mask, T_);
   if (grads)
-    for (index_t l = 0; l < in.layers; ++l) {
-      const std::string gn = concat("grads[", l, "]");
-      check_grad(who, gn.c_str(), grads[l], in.probs[l]);
-    }
-  if (!reduced.empty()) {
-    const index_t want = loss.stats_size(in);
-    require(reduced.size == want, who, ": reduced statistics have ", reduced.size, " entries but this call needs ",
-            want);
-    for (index_t i = 0; i < reduced.size; ++i)
-      require(std::isfinite(reduced.data[i]), who, ": reduced statistics entry ", i, " is ", reduced.data[i],
-              "; statistics must be finite");
-    require(reduced.data[0] >= 0, who, ": reduced statistics entry 0 (T_v) is ", reduced.data[0],
-            "; it must be non-negative");
-  }
+    for (index_t l = 0; l < in.layers; ++l)
+      detail::check_grad(who, detail::concat("grads[", l, "]").c_str(), grads[l], in.probs[l]);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of a coupling_loss call on the host: every layer's top-k ids; T_v is a count
+/// (the batch form's co-occurrence sums are finite).
+template <class T>
+void validate_contents(const char* who, const coupling_loss&, const coupling_inputs<T>& in, stats_view reduced,
+                       const matrix_view<T>*) {
+  for (index_t l = 0; l < in.layers; ++l)
+    detail::check_topk_ids(who, detail::concat("topk[", l, "]").c_str(), in.topk[l], in.probs[0].cols);
+  detail::check_stats_values(who, reduced, 1);
+}
+/// The memory of a coupling_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const coupling_inputs<T>& in, const matrix_view<T>* grads, F&& f) {
+  for (index_t l = 0; l < in.layers; ++l) {
+    f(detail::concat("probs[", l, "]").c_str(), in.probs[l].data);
+    f(detail::concat("topk[", l, "]").c_str(), in.topk[l].data);
+    if (grads) f(detail::concat("grads[", l, "]").c_str(), grads[l].data);
+  }
+  f("mask", in.mask.data);
+}
+
+namespace detail {
 
 /// Writes zeros into every row of every layer's gradient (overwrite mode only).
 template <class T>
@@ -436,7 +444,7 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
 template <class T>
 void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double* out) {
   detail::check_scalars("coupling", loss.cfg.coef, grad_options{}, be.threads);
-  detail::cp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("coupling", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.form != coupling_form::batch) {
     out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows));
     return;
@@ -454,7 +462,7 @@ template <class T>
 double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
                const matrix_view<T>* grads, grad_options opts) {
   detail::check_scalars("coupling", loss.cfg.coef, opts, be.threads);
-  detail::cp_validate(loss, in, reduced, grads);
+  validate_on_host("coupling", loss, in, reduced, grads);
   if (loss.cfg.form == coupling_form::batch) return detail::cp_execute_batch(be, loss, in, reduced, grads, opts);
   const double tv =
       reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows)) : reduced.data[0];

@@ -63,20 +63,32 @@ struct entropy_loss : loss_api<entropy_loss, entropy_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of an entropy_loss call (core/validate.hpp), for every backend.
 template <class T>
-void ent_validate(const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
-                  const matrix_view<T>* grad) {
-  const char* who = "entropy";
-  require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
+void validate_shapes(const char* who, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grad) {
+  detail::require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
           who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
-  check_matrix(who, "probs", in.probs);
-  require(in.probs.cols >= 1 || in.probs.rows == 0, who, ": probs has E = 0 columns");
-  check_mask(who, in.mask, in.probs.rows);
-  if (grad) check_grad(who, "grad_probs", *grad, in.probs);
-  check_stats(who, reduced, 1);
+  detail::check_routing(who, "probs", in.probs);
+  detail::check_mask(who, in.mask, in.probs.rows);
+  if (grad) detail::check_grad(who, "grad_probs", *grad, in.probs);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of an entropy_loss call on the host: the reduced T_v is a count.
+template <class T>
+void validate_contents(const char* who, const entropy_loss&, const entropy_inputs<T>&, stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_stats_values(who, reduced, 1);
+}
+/// The memory of an entropy_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const entropy_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("probs", in.probs.data);
+  f("mask", in.mask.data);
+  if (grad) f("grad_probs", grad->data);
+}
+
+namespace detail {
 
 /// One valid row t, vectorised: returns the row's
 /// sum_e P log max(P, tiny) and leaves in `df` the factors d(-P log max(P, tiny))/dP, the
@@ -113,7 +125,7 @@ Acc ent_row_vec(const matrix_view<const T>& P, index_t t, Acc tiny, Acc log_tiny
 template <class T>
 void execute_stats(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
   detail::check_scalars("entropy", loss.cfg.coef, grad_options{}, be.threads);
-  detail::ent_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("entropy", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs.rows));
 }
 
@@ -124,7 +136,7 @@ double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>&
                const matrix_view<T>* grad, grad_options opts) {
   detail::check_scalars("entropy", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::ent_validate(loss, in, reduced, grad);
+  validate_on_host("entropy", loss, in, reduced, grad);
   const auto& P = in.probs;
   const index_t T_ = P.rows, E = P.cols;
   const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];

@@ -62,25 +62,31 @@ struct importance_loss : loss_api<importance_loss, importance_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of an importance_loss call (core/validate.hpp), for every backend.
 template <class T>
-void imp_validate(const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
-                  const matrix_view<T>* grad) {
-  const char* who = "importance";
-  check_matrix(who, "probs", in.probs);
-  require(in.probs.cols >= 1 || in.probs.rows == 0, who, ": probs has E = 0 columns");
-  check_mask(who, in.mask, in.probs.rows);
-  if (grad) check_grad(who, "grad_probs", *grad, in.probs);
-  if (!reduced.empty()) {
-    const index_t want = loss.stats_size(in);
-    require(reduced.size == want, who, ": reduced statistics have ", reduced.size, " entries but this call needs ",
-            want);
-    for (index_t i = 0; i < reduced.size; ++i)
-      require(std::isfinite(reduced.data[i]), who, ": reduced statistics entry ", i, " is ", reduced.data[i],
-              "; statistics must be finite");
-  }
+void validate_shapes(const char* who, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grad) {
+  detail::check_routing(who, "probs", in.probs);
+  detail::check_mask(who, in.mask, in.probs.rows);
+  if (grad) detail::check_grad(who, "grad_probs", *grad, in.probs);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of an importance_loss call on the host: the reduced sums are finite (they
+/// are sums of P, not counts).
+template <class T>
+void validate_contents(const char* who, const importance_loss&, const importance_inputs<T>&, stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_stats_values(who, reduced, 0);
+}
+/// The memory of an importance_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const importance_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("probs", in.probs.data);
+  f("mask", in.mask.data);
+  if (grad) f("grad_probs", grad->data);
+}
+
+namespace detail {
 
 /// imp_e = sum_t m_t P[t,e] and T_v, per block and combined in block order.
 template <class T>
@@ -113,7 +119,7 @@ void imp_sums(const cpu& be, const importance_inputs<T>& in, std::vector<accumul
 template <class T>
 void execute_stats(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, double* out) {
   detail::check_scalars("importance", loss.cfg.coef, grad_options{}, be.threads);
-  detail::imp_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("importance", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   std::vector<accumulator_t<T>> imp;
   index_t tv = 0;
   detail::imp_sums(be, in, imp, tv);
@@ -127,7 +133,7 @@ double execute(const cpu& be, const importance_loss& loss, const importance_inpu
                const matrix_view<T>* grad, grad_options opts) {
   detail::check_scalars("importance", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::imp_validate(loss, in, reduced, grad);
+  validate_on_host("importance", loss, in, reduced, grad);
   const auto& P = in.probs;
   const index_t E = P.cols;
   std::vector<Acc> imp;

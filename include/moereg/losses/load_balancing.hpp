@@ -81,6 +81,59 @@ struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config
   }
 };
 
+/// Shape checks of a load_balancing_loss call (core/validate.hpp), for every backend.
+template <class T>
+void validate_shapes(const char* who, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+                     stats_view reduced, const matrix_view<T>* grad) {
+  const auto& P = in.probs;
+  const auto& c = loss.cfg;
+  detail::check_matrix(who, "probs", P);
+  detail::check_topk_shape(who, "topk", in.topk, P.rows, P.cols);
+  detail::check_mask(who, in.mask, P.rows);
+  detail::require(c.k >= 0, who, ": config k = ", c.k, " is negative");
+  detail::require(c.k <= P.cols, who, ": config k = ", c.k, " but there are only E = ", P.cols, " experts");
+  if (grad) detail::check_grad(who, "grad_probs", *grad, P);
+  if (c.scope == lb_scope::sequence) {
+    if (c.seq_len > 0) {
+      detail::require(in.cu_seqlens.empty(), who, ": give either seq_len or cu_seqlens, not both");
+      detail::require(P.rows % c.seq_len == 0, who, ": T = ", P.rows, " is not a multiple of seq_len = ", c.seq_len);
+    } else {
+      detail::require(c.seq_len == 0, who, ": seq_len = ", c.seq_len, " is negative");
+      detail::require(!in.cu_seqlens.empty(), who, ": sequence scope needs seq_len > 0 or cu_seqlens");
+      detail::require(in.cu_seqlens.size >= 1, who, ": cu_seqlens has ", in.cu_seqlens.size, " entries; it needs B + 1 >= 1");
+    }
+  } else {
+    detail::require(in.cu_seqlens.empty() && c.seq_len == 0, who, ": seq_len and cu_seqlens apply only to the sequence scope");
+  }
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
+}
+/// Content checks of a load_balancing_loss call on the host: the top-k ids, the sequence
+/// offsets (0, non-decreasing, ending at T) and the reduced statistics (all counts).
+template <class T>
+void validate_contents(const char* who, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+                       stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_topk_ids(who, "topk", in.topk, in.probs.cols);
+  if (loss.cfg.scope == lb_scope::sequence && loss.cfg.seq_len == 0) {
+    const auto& o = in.cu_seqlens;
+    detail::require(o[0] == 0, who, ": cu_seqlens[0] = ", o[0], " but must be 0");
+    for (index_t b = 1; b < o.size; ++b)
+      detail::require(o[b] >= o[b - 1], who, ": cu_seqlens is not increasing: cu_seqlens[", b, "] = ", o[b], " < cu_seqlens[",
+              b - 1, "] = ", o[b - 1]);
+    detail::require(o[o.size - 1] == in.probs.rows, who, ": cu_seqlens ends at ", o[o.size - 1], " but T = ", in.probs.rows);
+  }
+  detail::check_stats_values(who, reduced, loss.stats_size(in));
+}
+/// The memory of a load_balancing_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const load_balancing_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("probs", in.probs.data);
+  f("topk", in.topk.data);
+  f("mask", in.mask.data);
+  f("cu_seqlens", in.cu_seqlens.data);
+  if (grad) f("grad_probs", grad->data);
+}
+
 namespace detail {
 
 struct lb_sequences {
@@ -91,43 +144,20 @@ struct lb_sequences {
   index_t end(index_t b) const { return fixed > 0 ? (b + 1) * fixed : offsets[b + 1]; }
 };
 
+/// Every host check of the call, then its sequences (sequence scope; none otherwise).
 template <class T>
 lb_sequences lb_validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
                          const matrix_view<T>* grad) {
-  const char* who = "load_balancing";
-  const auto& P = in.probs;
-  check_matrix(who, "probs", P);
-  check_topk(who, "topk", in.topk, P.rows, P.cols);
-  check_mask(who, in.mask, P.rows);
-  require(loss.cfg.k >= 0, who, ": config k = ", loss.cfg.k, " is negative");
-  require(loss.cfg.k <= P.cols, who, ": config k = ", loss.cfg.k, " but there are only E = ", P.cols, " experts");
-  if (grad) check_grad(who, "grad_probs", *grad, P);
+  validate_on_host("load_balancing", loss, in, reduced, grad);
   lb_sequences seq;
-  if (loss.cfg.scope == lb_scope::sequence) {
-    if (loss.cfg.seq_len > 0) {
-      require(in.cu_seqlens.empty(), who, ": give either seq_len or cu_seqlens, not both");
-      require(P.rows % loss.cfg.seq_len == 0, who, ": T = ", P.rows, " is not a multiple of seq_len = ",
-              loss.cfg.seq_len);
-      seq.fixed = loss.cfg.seq_len;
-      seq.count = P.rows / loss.cfg.seq_len;
-    } else {
-      require(loss.cfg.seq_len == 0, who, ": seq_len = ", loss.cfg.seq_len, " is negative");
-      require(!in.cu_seqlens.empty(), who, ": sequence scope needs seq_len > 0 or cu_seqlens");
-      const auto& o = in.cu_seqlens;
-      require(o.size >= 1, who, ": cu_seqlens has ", o.size, " entries; it needs B + 1 >= 1");
-      require(o[0] == 0, who, ": cu_seqlens[0] = ", o[0], " but must be 0");
-      for (index_t b = 1; b < o.size; ++b)
-        require(o[b] >= o[b - 1], who, ": cu_seqlens is not increasing: cu_seqlens[", b, "] = ", o[b],
-                " < cu_seqlens[", b - 1, "] = ", o[b - 1]);
-      require(o[o.size - 1] == P.rows, who, ": cu_seqlens ends at ", o[o.size - 1], " but T = ", P.rows);
-      seq.offsets = o;
-      seq.count = o.size - 1;
-    }
+  if (loss.cfg.scope != lb_scope::sequence) return seq;
+  if (loss.cfg.seq_len > 0) {
+    seq.fixed = loss.cfg.seq_len;
+    seq.count = in.probs.rows / loss.cfg.seq_len;
   } else {
-    require(in.cu_seqlens.empty() && loss.cfg.seq_len == 0, who,
-            ": seq_len and cu_seqlens apply only to the sequence scope");
+    seq.offsets = in.cu_seqlens;
+    seq.count = in.cu_seqlens.size - 1;
   }
-  check_stats(who, reduced, loss.stats_size(in));
   return seq;
 }
 

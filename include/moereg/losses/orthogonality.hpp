@@ -105,27 +105,40 @@ struct orthogonality_loss : loss_api<orthogonality_loss, orthogonality_config> {
 };
 
 namespace detail {
-
-template <class T, class Layout>
-void orth_validate(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, stats_view reduced,
-                   const activation_view<T, Layout>* grad) {
-  const char* who = "orthogonality";
-  require(loss.cfg.k >= 0, who, ": config k = ", loss.cfg.k, " is negative");
-  require(loss.cfg.variant == ortho_variant::pairwise || loss.cfg.variant == ortho_variant::subspace, who,
-          ": unknown variant");
-  require(loss.cfg.reduction == ortho_reduction::mean || loss.cfg.reduction == ortho_reduction::sum, who,
-          ": unknown reduction");
-  check_gram_loss(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad, reduced);
+/// The configuration checks of orthogonality_loss (also run by the fused CUDA Gram call).
+inline void check_ortho_config(const char* who, const orthogonality_config& c) {
+  require(c.k >= 0, who, ": config k = ", c.k, " is negative");
+  require(c.variant == ortho_variant::pairwise || c.variant == ortho_variant::subspace, who, ": unknown variant");
+  require(c.reduction == ortho_reduction::mean || c.reduction == ortho_reduction::sum, who, ": unknown reduction");
 }
-
 }  // namespace detail
+
+/// Shape checks of an orthogonality_loss call (core/validate.hpp), for every backend.
+template <class T, class Layout>
+void validate_shapes(const char* who, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
+                     stats_view reduced, const activation_view<T, Layout>* grad) {
+  detail::check_ortho_config(who, loss.cfg);
+  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
+                            reduced);
+}
+/// Content checks of an orthogonality_loss call on the host.
+template <class T, class Layout>
+void validate_contents(const char* who, const orthogonality_loss&, const orthogonality_inputs<T, Layout>& in,
+                       stats_view reduced, const activation_view<T, Layout>* grad) {
+  detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
+}
+/// The memory of an orthogonality_loss call, by name, for a backend's pointer checks.
+template <class T, class Layout, class F>
+void for_each_buffer(const orthogonality_inputs<T, Layout>& in, const activation_view<T, Layout>* grad, F&& f) {
+  detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
+}
 
 /// CPU backend of orthogonality_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
 template <class T, class Layout>
 void execute_stats(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
   detail::check_scalars("orthogonality", loss.cfg.coef, grad_options{}, be.threads);
-  detail::orth_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
+  validate_on_host("orthogonality", loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
 
@@ -136,7 +149,7 @@ double execute(const cpu& be, const orthogonality_loss& loss, const orthogonalit
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
   detail::check_scalars("orthogonality", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::orth_validate(loss, in, reduced, grad);
+  validate_on_host("orthogonality", loss, in, reduced, grad);
   double scale = loss.cfg.coef;
   if (loss.cfg.reduction == ortho_reduction::mean) {
     const double tv =

@@ -109,65 +109,59 @@ struct specialization_loss : loss_api<specialization_loss, specialization_config
 namespace detail {
 
 // ---------------------------------------------------------------------------------------------
-// Validation shared by the Gram-based activation losses.
+// Validation shared by the Gram-based activation losses (core/validate.hpp).
 
-/// topk of an activation loss: [T, k] with 1 <= k <= math::max_slots. With E > 0 it is
-/// checked like a router's topk (k <= E, every id < E, no repeats: check_topk); E = 0 (the
-/// activation losses do not need E) skips the two checks against E but still rejects an
-/// expert selected twice in a row.
-inline void check_activation_topk(const char* who, const topk_view& I, index_t E) {
+/// Shape checks: finite coef and positive eps; topk [T, k] with 1 <= k <= math::max_slots (and
+/// k <= E when E > 0 is given; the activation losses do not need E); the mask; the layouts'
+/// own shape checks, their [T, k] against topk and the gradient's against the activations; the
+/// size of the reduced statistics.
+template <class T, class Layout>
+void check_gram_shapes(const char* who, double coef, double eps, const activation_view<const T, Layout>& x,
+                       const topk_view& I, const mask_view& mask, index_t E, const activation_view<T, Layout>* grad,
+                       stats_view reduced) {
+  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
+  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
+  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
   require(I.rows >= 0 && I.k >= 0, who, ": topk has a negative size [", I.rows, ", ", I.k, "]");
   require(I.k <= math::max_slots, who, ": topk has k = ", I.k, " columns but at most ", math::max_slots,
           " slots per token are supported (moereg::math::max_slots)");
   require(E >= 0, who, ": num_experts = ", E, " is negative");
-  if (E > 0) {
-    check_topk(who, "topk", I, I.rows, E);
-    return;
-  }
-  require(I.k >= 1, who, ": topk has k = ", I.k, " columns; k must be at least 1");
-  require(I.data != nullptr || I.rows == 0, who, ": topk is null but has size [", I.rows, ", ", I.k, "]");
-  require(I.row_stride >= I.k || I.rows <= 1, who, ": topk row stride ", I.row_stride, " is smaller than k = ", I.k);
-  for (index_t t = 0; t < I.rows; ++t)
-    for (index_t s = 1; s < I.k; ++s) {
-      const index_t e = I(t, s);
-      if (e < 0) continue;
-      for (index_t r = 0; r < s; ++r)
-        require(I(t, r) != e, who, ": topk row ", t, " selects expert ", e, " twice (slots ", r, " and ", s, ")");
-    }
-}
-
-/// The gradient view: a sound layout of the input's shape with a vector for every valid slot.
-template <class T, class Layout>
-void check_activation_grad(const char* who, const activation_view<T, Layout>& g,
-                           const activation_view<const T, Layout>& x, const topk_view& I) {
-  g.layout.validate(who);
-  require(g.layout.tokens() == x.layout.tokens() && g.layout.slots() == x.layout.slots() &&
-              g.layout.dim() == x.layout.dim(),
-          who, ": grad layout is [", g.layout.tokens(), ", ", g.layout.slots(), ", ", g.layout.dim(), "] but acts is [",
-          x.layout.tokens(), ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
-  bool any = false;
-  for (index_t t = 0; t < I.rows; ++t)
-    for (index_t s = 0; s < I.k; ++s) {
-      if (I(t, s) < 0) continue;
-      any = true;
-      require(g.layout.offset(t, s) >= 0, who, ": grad layout has no vector for the valid slot (", t, ", ", s, ")");
-    }
-  require(g.data != nullptr || !any || g.layout.dim() == 0, who, ": grad is null but has valid slots");
-}
-
-/// Everything a Gram-based loss checks before it touches memory.
-template <class T, class Layout>
-void check_gram_loss(const char* who, double coef, double eps, const activation_view<const T, Layout>& x,
-                     const topk_view& I, const mask_view& mask, index_t E, const activation_view<T, Layout>* grad,
-                     stats_view reduced) {
-  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
-  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
-  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
-  check_activation_topk(who, I, E);
+  check_topk_shape(who, "topk", I, I.rows, E > 0 ? E : I.k);
   check_mask(who, mask, I.rows);
-  check_activations(who, "acts", x, I);
-  if (grad) check_activation_grad(who, *grad, x, I);
-  check_stats(who, reduced, 1);
+  validate_layout_shape(who, x.layout);
+  require(x.layout.tokens() == I.rows && x.layout.slots() == I.k, who, ": acts layout is [", x.layout.tokens(), ", ",
+          x.layout.slots(), ", ", x.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
+  require(x.layout.dim() >= 0, who, ": acts has a negative length d = ", x.layout.dim());
+  if (grad) {
+    const auto& g = grad->layout;
+    validate_layout_shape(who, g);
+    require(g.tokens() == x.layout.tokens() && g.slots() == x.layout.slots() && g.dim() == x.layout.dim(), who,
+            ": grad layout is [", g.tokens(), ", ", g.slots(), ", ", g.dim(), "] but acts is [", x.layout.tokens(),
+            ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
+  }
+  check_stats_shape(who, reduced, 1);
+}
+
+/// Content checks on the host: the top-k ids (below E when E > 0, never one expert twice in a
+/// row), the layouts' maps (validate()), a vector for every valid slot in the activations and
+/// the gradient, and the reduced T_v (a count).
+template <class T, class Layout>
+void check_gram_contents(const char* who, const activation_view<const T, Layout>& x, const topk_view& I, index_t E,
+                         const activation_view<T, Layout>* grad, stats_view reduced) {
+  check_topk_ids(who, "topk", I, E);
+  check_layout_slots(who, "acts", x, I);
+  if (grad) check_layout_slots(who, "grad", *grad, I);
+  check_stats_values(who, reduced, 1);
+}
+
+/// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
+template <class T, class Layout, class F>
+void gram_buffers(const activation_view<const T, Layout>& x, const topk_view& I, const mask_view& mask,
+                  const activation_view<T, Layout>* grad, F&& f) {
+  f("acts", x.data);
+  f("topk", I.data);
+  f("mask", mask.data);
+  if (grad) f("grad", grad->data);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -799,14 +793,26 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
   return scale * static_cast<double>(pairwise_sum(partial.data(), nb));
 }
 
-template <class T, class Layout>
-void sp_validate(const specialization_loss& loss, const specialization_inputs<T, Layout>& in, stats_view reduced,
-                 const activation_view<T, Layout>* grad) {
-  check_gram_loss("specialization", loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
-                  reduced);
-}
-
 }  // namespace detail
+
+/// Shape checks of a specialization_loss call (core/validate.hpp), for every backend.
+template <class T, class Layout>
+void validate_shapes(const char* who, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+                     stats_view reduced, const activation_view<T, Layout>* grad) {
+  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
+                            reduced);
+}
+/// Content checks of a specialization_loss call on the host.
+template <class T, class Layout>
+void validate_contents(const char* who, const specialization_loss&, const specialization_inputs<T, Layout>& in,
+                       stats_view reduced, const activation_view<T, Layout>* grad) {
+  detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
+}
+/// The memory of a specialization_loss call, by name, for a backend's pointer checks.
+template <class T, class Layout, class F>
+void for_each_buffer(const specialization_inputs<T, Layout>& in, const activation_view<T, Layout>* grad, F&& f) {
+  detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
+}
 
 /// CPU backend of specialization_loss::local_stats() (found by ADL): validates, then writes the statistics
 /// to `out`.
@@ -814,7 +820,7 @@ template <class T, class Layout>
 void execute_stats(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
                    double* out) {
   detail::check_scalars("specialization", loss.cfg.coef, grad_options{}, be.threads);
-  detail::sp_validate(loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
+  validate_on_host("specialization", loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
 }
 
@@ -825,7 +831,7 @@ double execute(const cpu& be, const specialization_loss& loss, const specializat
                stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
   detail::check_scalars("specialization", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::sp_validate(loss, in, reduced, grad);
+  validate_on_host("specialization", loss, in, reduced, grad);
   const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.topk.rows)) : reduced.data[0];
   const double scale = tv > 0 ? loss.cfg.coef / tv : 0.0;
   const Acc eps = static_cast<Acc>(loss.cfg.eps);

@@ -83,33 +83,36 @@ struct variance_loss : loss_api<variance_loss, variance_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of a variance_loss call (core/validate.hpp), for every backend.
 template <class T>
-void var_validate(const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
-                  const matrix_view<T>* grad) {
-  const char* who = "variance";
+void validate_shapes(const char* who, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grad) {
   const auto& c = loss.cfg;
-  require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
+  detail::require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
           static_cast<int>(c.axis));
-  require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
+  detail::require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
           ": unknown reduction ", static_cast<int>(c.reduction));
-  check_matrix(who, "scores", in.scores);
-  require(in.scores.cols >= 1 || in.scores.rows == 0, who, ": scores has E = 0 columns");
-  check_mask(who, in.mask, in.scores.rows);
-  if (grad) check_grad(who, "grad_scores", *grad, in.scores);
-  if (!reduced.empty()) {
-    const index_t want = loss.stats_size(in);
-    require(reduced.size == want, who, ": reduced statistics have ", reduced.size, " entries but this call needs ",
-            want);
-    // Column sums of scores may be negative (scores are not required to be probabilities).
-    for (index_t i = 0; i < reduced.size; ++i)
-      require(std::isfinite(reduced.data[i]), who, ": reduced statistics entry ", i, " is ", reduced.data[i],
-              "; statistics must be finite");
-    require(reduced.data[0] >= 0, who, ": reduced statistics entry 0 (T_v) is ", reduced.data[0],
-            "; it must be non-negative");
-  }
+  detail::check_routing(who, "scores", in.scores);
+  detail::check_mask(who, in.mask, in.scores.rows);
+  if (grad) detail::check_grad(who, "grad_scores", *grad, in.scores);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of a variance_loss call on the host: T_v is a count; the column sums of the
+/// scores may be negative (scores are not required to be probabilities).
+template <class T>
+void validate_contents(const char* who, const variance_loss&, const variance_inputs<T>&, stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_stats_values(who, reduced, 1);
+}
+/// The memory of a variance_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const variance_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("scores", in.scores.data);
+  f("mask", in.mask.data);
+  if (grad) f("grad_scores", grad->data);
+}
+
+namespace detail {
 
 /// Masked column sums of S and T_v over all rows, per block and combined in block order.
 template <class T>
@@ -153,7 +156,7 @@ void var_zero_grad(const cpu& be, const matrix_view<T>* grad, grad_options opts)
 template <class T>
 void execute_stats(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, double* out) {
   detail::check_scalars("variance", loss.cfg.coef, grad_options{}, be.threads);
-  detail::var_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("variance", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   if (loss.cfg.axis == variance_axis::experts) {
     out[0] = static_cast<double>(detail::count_valid(in.mask, in.scores.rows));
     return;
@@ -172,7 +175,7 @@ double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T
                const matrix_view<T>* grad, grad_options opts) {
   detail::check_scalars("variance", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::var_validate(loss, in, reduced, grad);
+  validate_on_host("variance", loss, in, reduced, grad);
   const auto& S = in.scores;
   const index_t T_ = S.rows, E = S.cols;
   const bool tokens = loss.cfg.axis == variance_axis::tokens;

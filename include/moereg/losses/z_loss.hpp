@@ -60,17 +60,30 @@ struct z_loss : loss_api<z_loss, z_loss_config> {
   }
 };
 
-namespace detail {
-
+/// Shape checks of a z_loss call (core/validate.hpp), for every backend.
 template <class T>
-void z_validate(const z_loss_inputs<T>& in, stats_view reduced, const matrix_view<T>* grad) {
-  const char* who = "z_loss";
-  check_matrix(who, "logits", in.logits);
-  require(in.logits.cols >= 1 || in.logits.rows == 0, who, ": logits has E = 0 columns");
-  check_mask(who, in.mask, in.logits.rows);
-  if (grad) check_grad(who, "grad_logits", *grad, in.logits);
-  check_stats(who, reduced, 1);
+void validate_shapes(const char* who, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grad) {
+  detail::check_routing(who, "logits", in.logits);
+  detail::check_mask(who, in.mask, in.logits.rows);
+  if (grad) detail::check_grad(who, "grad_logits", *grad, in.logits);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
+/// Content checks of a z_loss call on the host: the reduced T_v is a count.
+template <class T>
+void validate_contents(const char* who, const z_loss&, const z_loss_inputs<T>&, stats_view reduced,
+                       const matrix_view<T>*) {
+  detail::check_stats_values(who, reduced, 1);
+}
+/// The memory of a z_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const z_loss_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+  f("logits", in.logits.data);
+  f("mask", in.mask.data);
+  if (grad) f("grad_logits", grad->data);
+}
+
+namespace detail {
 
 /// Stable log-sum-exp of one row; `buf` receives exp(z - max) and `sum` their sum, so that
 /// softmax(z)_e = buf[e] / sum. The arithmetic is math/router.hpp's, shared with CUDA.
@@ -116,7 +129,7 @@ Acc row_logsumexp_vec(const matrix_view<const T>& Z, index_t t, Acc* buf, Acc* c
 template <class T>
 void execute_stats(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, double* out) {
   detail::check_scalars("z_loss", loss.cfg.coef, grad_options{}, be.threads);
-  detail::z_validate(in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  validate_on_host("z_loss", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
   out[0] = static_cast<double>(detail::count_valid(in.mask, in.logits.rows));
 }
 
@@ -127,7 +140,7 @@ double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, st
                const matrix_view<T>* grad, grad_options opts) {
   detail::check_scalars("z_loss", loss.cfg.coef, opts, be.threads);
   using Acc = accumulator_t<T>;
-  detail::z_validate(in, reduced, grad);
+  validate_on_host("z_loss", loss, in, reduced, grad);
   const auto& Z = in.logits;
   const index_t T_ = Z.rows, E = Z.cols;
   const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];

@@ -50,6 +50,7 @@
 #include "../../core/error.hpp"
 #include "../../core/layouts.hpp"
 #include "../../core/types.hpp"
+#include "../../core/validate.hpp"
 #include "../../core/views.hpp"
 #include "../../math/reduce.hpp"
 #include "../../math/router.hpp"
@@ -222,20 +223,16 @@ inline void cuda_check_pointer(const char* who, const char* name, const void* p,
   require(device_ok, who, ": ", name, " points to host memory; the CUDA backend needs device (or managed or mapped) memory");
 }
 
-/// Size-only checks of a top-k view (the contents are checked on the device).
-inline void cuda_check_topk_shape(const char* who, const char* name, const topk_view& I, index_t T, index_t E) {
-  require(I.rows >= 0 && I.k >= 0, who, ": ", name, " has a negative size [", I.rows, ", ", I.k, "]");
-  require(I.rows == T, who, ": ", name, " has ", I.rows, " rows but the routing matrix has ", T, " rows");
-  require(I.k >= 1, who, ": ", name, " has k = ", I.k, " columns; k must be at least 1");
-  require(I.k <= E, who, ": ", name, " has k = ", I.k, " columns but there are only E = ", E, " experts (k > E)");
-  require(I.data != nullptr || T == 0, who, ": ", name, " is null but has size [", I.rows, ", ", I.k, "]");
-  require(I.row_stride >= I.k || T <= 1, who, ": ", name, " row stride ", I.row_stride, " is smaller than k = ", I.k);
-}
-
-/// Size-only check of reduced statistics (the contents are checked on the device).
-inline void cuda_check_stats_shape(const char* who, const stats_view& s, index_t expected) {
-  if (s.empty()) return;
-  require(s.size == expected, who, ": reduced statistics have ", s.size, " entries but this call needs ", expected);
+/// The host checks of one CUDA call, which read no device memory: the loss's validate_shapes()
+/// (core/validate.hpp, the checks every backend runs), then a device-pointer check of every
+/// buffer its for_each_buffer() names and of the reduced statistics. The contents (top-k ids,
+/// offsets, statistics, layout maps) are checked by the kernels.
+template <class Loss, class In, class G>
+void cuda_validate(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad,
+                   const cuda& be) {
+  validate_shapes(who, loss, in, reduced, grad);
+  for_each_buffer(in, grad, [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
+  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
 }
 
 /// Size-only check of a statistics output buffer.

@@ -138,37 +138,8 @@ template <class T>
 void validate(const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced, const matrix_view<T>* grads,
               const cuda& be) {
   const char* who = "coupling (cuda)";
-  const auto form = loss.cfg.form;
-  require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
-          ": unknown form ", static_cast<int>(form));
-  require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
-  require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
-  require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
-  require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
-          " must be finite and non-negative");
-  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
-  for (index_t l = 0; l < in.layers; ++l) {
-    const auto& P = in.probs[l];
-    const std::string pn = concat("probs[", l, "]"), tn = concat("topk[", l, "]");
-    check_matrix(who, pn.c_str(), P);
-    require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
-            "; every layer routes the same tokens");
-    require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
-            "; every layer needs the same number of experts");
-    cuda_check_topk_shape(who, tn.c_str(), in.topk[l], T_, E);
-    cuda_check_pointer(who, pn.c_str(), P.data, be);
-    cuda_check_pointer(who, tn.c_str(), in.topk[l].data, be);
-  }
-  check_mask(who, in.mask, T_);
-  if (grads)
-    for (index_t l = 0; l < in.layers; ++l) {
-      const std::string gn = concat("grads[", l, "]");
-      check_grad(who, gn.c_str(), grads[l], in.probs[l]);
-      cuda_check_pointer(who, gn.c_str(), grads[l].data, be);
-    }
-  cuda_check_stats_shape(who, reduced, loss.stats_size(in));
-  cuda_check_pointer(who, "mask", in.mask.data, be);
-  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
+  cuda_validate(who, loss, in, reduced, grads, be);
+  const index_t T_ = in.probs[0].rows;
   require(cuda_blocks(T_, cuda_row_block) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
           ": too many rows for one grid");
 }
@@ -525,29 +496,19 @@ void run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in
 }
 
 }  // namespace cuda_cp
-}  // namespace detail
 
-/// Bytes of workspace every CUDA entry point of the coupling loss needs for these inputs.
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
 template <class T>
-std::size_t workspace_size(const coupling_loss& loss, const coupling_inputs<T>& in, const cuda& = {}) {
-  detail::workspace_carver c(nullptr);
-  (void)detail::cuda_cp::carve<accumulator_t<T>>(c, loss, detail::cuda_cp::shape_of(in));
+void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in,
+              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  cuda_cp::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T>
+std::size_t cuda_workspace_bytes(const coupling_loss& loss, const coupling_inputs<T>& in) {
+  workspace_carver c(nullptr);
+  (void)cuda_cp::carve<accumulator_t<T>>(c, loss, cuda_cp::shape_of(in));
   return c.required();
 }
 
-/// Local statistics into device memory `out` (stats_size(in) doubles), enqueued on be.stream.
-template <class T>
-void execute_stats(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in, double* out) {
-  detail::cuda_cp::run(be, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr), grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grads` (one view per layer), the gradients, enqueued on
-/// be.stream. Returns NaN.
-template <class T>
-double execute(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grads, grad_options opts) {
-  detail::cuda_cp::run(be, loss, in, reduced, grads, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
+}  // namespace detail
 MOEREG_NAMESPACE_END

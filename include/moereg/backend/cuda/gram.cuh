@@ -74,7 +74,6 @@ struct layout_keys {
     (void)flags;
     return -1;
   }
-  static void host_check(const char* who, const char* name, const Layout& l) { (void)who, (void)name, (void)l; }
 };
 
 template <>
@@ -82,7 +81,6 @@ struct layout_keys<token_major> {
   static constexpr bool has_map = false;
   static index_t num_keys(const token_major&) { return 0; }
   __device__ static index_t key(const token_major&, index_t, index_t, int&) { return -1; }
-  static void host_check(const char* who, const char*, const token_major& l) { l.validate(who); }
 };
 
 template <>
@@ -97,11 +95,6 @@ struct layout_keys<expert_grouped> {
       return -1;
     }
     return r;
-  }
-  static void host_check(const char* who, const char* name, const expert_grouped& l) {
-    require(l.num_rows >= 0 && l.length >= 0 && l.row_stride >= 0 && l.elem_stride >= 1, who, ": ", name,
-            " expert_grouped layout has a negative size or stride");
-    require_index_map(who, "expert_grouped row map", l.row_of);  // shape only: entries live on the device
   }
 };
 
@@ -119,16 +112,6 @@ struct layout_keys<capacity_padded> {
       return -1;
     }
     return e * l.capacity + p;
-  }
-  static void host_check(const char* who, const char* name, const capacity_padded& l) {
-    require(l.num_experts >= 0 && l.capacity >= 0 && l.length >= 0 && l.expert_stride >= 0 && l.row_stride >= 0 &&
-                l.elem_stride >= 1,
-            who, ": ", name, " capacity_padded layout has a negative size or stride");
-    require(l.position_of.rows == l.expert_of.rows && l.position_of.k == l.expert_of.k, who, ": ", name,
-            " capacity_padded position map is [", l.position_of.rows, ", ", l.position_of.k,
-            "] but the expert map is [", l.expert_of.rows, ", ", l.expert_of.k, "]");
-    require_index_map(who, "capacity_padded expert map", l.expert_of);  // shapes only: entries live on the device
-    require_index_map(who, "capacity_padded position map", l.position_of);
   }
 };
 
@@ -455,44 +438,17 @@ std::size_t required_bytes(const request<T, Layout>& rq) {
   return c.required();
 }
 
-/// Shape checks of a Gram-based loss on the host (no device memory read).
+/// Host checks of a Gram-based loss, which read no device memory: every backend's shape checks
+/// (check_gram_shapes), non-null data for a call with vectors, and the device pointers.
 template <class T, class Layout>
 void validate(const char* who, double coef, double eps, const request<T, Layout>& rq, stats_view reduced,
               const cuda& be) {
-  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
-  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
-  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
   const auto& I = rq.topk;
-  const index_t E = rq.num_experts;
-  require(I.rows >= 0 && I.k >= 0, who, ": topk has a negative size [", I.rows, ", ", I.k, "]");
-  require(I.k >= 1, who, ": topk has k = ", I.k, " columns; k must be at least 1");
-  require(I.k <= math::max_slots, who, ": topk has k = ", I.k, " columns but at most ", math::max_slots,
-          " slots per token are supported (moereg::math::max_slots)");
-  require(E >= 0, who, ": num_experts = ", E, " is negative");
-  require(E == 0 || I.k <= E, who, ": topk has k = ", I.k, " columns but there are only E = ", E, " experts (k > E)");
-  require(I.data != nullptr || I.rows == 0, who, ": topk is null but has size [", I.rows, ", ", I.k, "]");
-  require(I.row_stride >= I.k || I.rows <= 1, who, ": topk row stride ", I.row_stride, " is smaller than k = ", I.k);
-  check_mask(who, rq.mask, I.rows);
-  const auto& x = rq.acts;
-  layout_keys<Layout>::host_check(who, "acts", x.layout);
-  require(x.layout.tokens() == I.rows && x.layout.slots() == I.k, who, ": acts layout is [", x.layout.tokens(), ", ",
-          x.layout.slots(), ", ", x.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
-  require(x.layout.dim() >= 0, who, ": acts has a negative length d = ", x.layout.dim());
-  require(x.data != nullptr || I.rows == 0 || x.layout.dim() == 0, who, ": acts is null");
-  if (rq.grad != nullptr) {
-    const auto& g = *rq.grad;
-    layout_keys<Layout>::host_check(who, "grad", g.layout);
-    require(g.layout.tokens() == x.layout.tokens() && g.layout.slots() == x.layout.slots() &&
-                g.layout.dim() == x.layout.dim(),
-            who, ": grad layout is [", g.layout.tokens(), ", ", g.layout.slots(), ", ", g.layout.dim(),
-            "] but acts is [", x.layout.tokens(), ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
-    require(g.data != nullptr || I.rows == 0 || g.layout.dim() == 0, who, ": grad is null");
-    cuda_check_pointer(who, "grad", g.data, be);
-  }
-  cuda_check_stats_shape(who, reduced, 1);
-  cuda_check_pointer(who, "acts", x.data, be);
-  cuda_check_pointer(who, "topk", I.data, be);
-  cuda_check_pointer(who, "mask", rq.mask.data, be);
+  check_gram_shapes(who, coef, eps, rq.acts, I, rq.mask, rq.num_experts, rq.grad, reduced);
+  const bool any = I.rows > 0 && rq.acts.layout.dim() > 0;  // the map entries are not read on the host
+  require(rq.acts.data != nullptr || !any, who, ": acts is null");
+  require(rq.grad == nullptr || rq.grad->data != nullptr || !any, who, ": grad is null");
+  gram_buffers(rq.acts, I, rq.mask, rq.grad, [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
   cuda_check_pointer(who, "reduced statistics", reduced.data, be);
   require(cuda_blocks(I.rows, cuda_row_block) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
           ": too many tokens for one grid");

@@ -111,7 +111,7 @@ private:
     if (specialization != nullptr)
       detail::cuda_gram::validate(who, specialization->cfg.coef, specialization->cfg.eps, rq, reduced.specialization, be);
     if (orthogonality != nullptr) {
-      detail::cuda_orth::check_config(who, *orthogonality);
+      detail::check_ortho_config(who, orthogonality->cfg);
       detail::cuda_gram::validate(who, orthogonality->cfg.coef, orthogonality->cfg.eps, rq, reduced.orthogonality, be);
     }
     rq.opts = opts;

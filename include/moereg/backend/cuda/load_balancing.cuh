@@ -70,39 +70,12 @@ cuda_router::request<T> engine_request(const load_balancing_loss& loss, const lo
   return rq;
 }
 
-/// Host-side checks: the CPU backend's, without reading device memory.
+/// Host-side checks: every backend's shape checks and the device pointers (no device memory read).
 template <class T>
 void validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
               const matrix_view<T>* grad, const cuda& be) {
   const char* who = "load_balancing (cuda)";
-  const auto& P = in.probs;
-  check_matrix(who, "probs", P);
-  cuda_check_topk_shape(who, "topk", in.topk, P.rows, P.cols);
-  check_mask(who, in.mask, P.rows);
-  require(loss.cfg.k >= 0, who, ": config k = ", loss.cfg.k, " is negative");
-  require(loss.cfg.k <= P.cols, who, ": config k = ", loss.cfg.k, " but there are only E = ", P.cols, " experts");
-  if (grad) check_grad(who, "grad_probs", *grad, P);
-  if (loss.cfg.scope == lb_scope::sequence) {
-    if (loss.cfg.seq_len > 0) {
-      require(in.cu_seqlens.empty(), who, ": give either seq_len or cu_seqlens, not both");
-      require(P.rows % loss.cfg.seq_len == 0, who, ": T = ", P.rows, " is not a multiple of seq_len = ",
-              loss.cfg.seq_len);
-    } else {
-      require(loss.cfg.seq_len == 0, who, ": seq_len = ", loss.cfg.seq_len, " is negative");
-      require(!in.cu_seqlens.empty(), who, ": sequence scope needs seq_len > 0 or cu_seqlens");
-      require(in.cu_seqlens.size >= 1, who, ": cu_seqlens has ", in.cu_seqlens.size, " entries; it needs B + 1 >= 1");
-    }
-  } else {
-    require(in.cu_seqlens.empty() && loss.cfg.seq_len == 0, who,
-            ": seq_len and cu_seqlens apply only to the sequence scope");
-  }
-  cuda_check_stats_shape(who, reduced, loss.stats_size(in));
-  cuda_check_pointer(who, "probs", P.data, be);
-  cuda_check_pointer(who, "topk", in.topk.data, be);
-  cuda_check_pointer(who, "mask", in.mask.data, be);
-  cuda_check_pointer(who, "cu_seqlens", in.cu_seqlens.data, be);
-  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
-  if (grad) cuda_check_pointer(who, "grad_probs", grad->data, be);
+  cuda_validate(who, loss, in, reduced, grad, be);
   require(sequences(loss, in) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
           ": too many sequences for one grid");
 }
@@ -244,32 +217,22 @@ void run(const cuda& be, const load_balancing_loss& loss, const load_balancing_i
 }
 
 }  // namespace cuda_lb
-}  // namespace detail
 
-/// Bytes of workspace every CUDA entry point of this loss needs for these inputs (0: none).
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
 template <class T>
-std::size_t workspace_size(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, const cuda& = {}) {
+void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  cuda_lb::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T>
+std::size_t cuda_workspace_bytes(const load_balancing_loss& loss, const load_balancing_inputs<T>& in) {
   if (loss.cfg.scope != lb_scope::sequence)
-    return detail::cuda_router::required_bytes(detail::cuda_lb::engine_request(loss, in));
-  detail::workspace_carver c(nullptr);
-  const index_t B = detail::cuda_lb::sequences(loss, in);
-  (void)detail::cuda_lb::carve_seq<accumulator_t<T>>(c, B > 0 ? B : 0, in.probs.cols > 0 ? in.probs.cols : 0);
+    return cuda_router::required_bytes(cuda_lb::engine_request(loss, in));
+  workspace_carver c(nullptr);
+  const index_t B = cuda_lb::sequences(loss, in);
+  (void)cuda_lb::carve_seq<accumulator_t<T>>(c, B > 0 ? B : 0, in.probs.cols > 0 ? in.probs.cols : 0);
   return c.required();
 }
 
-/// Local statistics into device memory `out` (stats_size(in) doubles), enqueued on be.stream.
-template <class T>
-void execute_stats(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, double* out) {
-  detail::cuda_lb::run(be, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr), grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient, enqueued on be.stream. Returns NaN:
-/// the value is on the device.
-template <class T>
-double execute(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::cuda_lb::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
+}  // namespace detail
 MOEREG_NAMESPACE_END

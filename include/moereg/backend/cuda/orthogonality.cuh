@@ -30,19 +30,12 @@ cuda_gram::request<T, Layout> engine_request(const orthogonality_loss& loss, con
   return rq;
 }
 
-inline void check_config(const char* who, const orthogonality_loss& loss) {
-  require(loss.cfg.k >= 0, who, ": config k = ", loss.cfg.k, " is negative");
-  require(loss.cfg.variant == ortho_variant::pairwise || loss.cfg.variant == ortho_variant::subspace, who,
-          ": unknown variant");
-  require(loss.cfg.reduction == ortho_reduction::mean || loss.cfg.reduction == ortho_reduction::sum, who,
-          ": unknown reduction");
-}
 
 template <class T, class Layout>
 void run(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
          stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
   const char* who = "orthogonality (cuda)";
-  check_config(who, loss);
+  check_ortho_config(who, loss.cfg);
   auto rq = engine_request(loss, in, grad);
   cuda_gram::validate(who, loss.cfg.coef, loss.cfg.eps, rq, reduced, be);
   if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
@@ -55,31 +48,18 @@ void run(const cuda& be, const orthogonality_loss& loss, const orthogonality_inp
 }
 
 }  // namespace cuda_orth
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
+template <class T, class Layout>
+void cuda_run(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
+              stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
+  cuda_orth::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T, class Layout>
+std::size_t cuda_workspace_bytes(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in) {
+  return cuda_gram::required_bytes(
+      cuda_orth::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
+}
+
 }  // namespace detail
-
-/// Bytes of workspace every CUDA entry point of the orthogonality loss needs for these inputs.
-template <class T, class Layout>
-std::size_t workspace_size(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-                           const cuda& = {}) {
-  return detail::cuda_gram::required_bytes(
-      detail::cuda_orth::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
-}
-
-/// Local statistics [T_v] into device memory `out`, enqueued on be.stream.
-template <class T, class Layout>
-void execute_stats(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-                   double* out) {
-  detail::cuda_orth::run(be, loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr),
-                         grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient (through the grad view's layout),
-/// enqueued on be.stream. Returns NaN.
-template <class T, class Layout>
-double execute(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
-  detail::cuda_orth::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
 MOEREG_NAMESPACE_END

@@ -171,13 +171,16 @@ private:
       detail::cuda_lb::validate(*load_balancing, load_balancing_inputs<T>{in.probs, in.topk, in.mask},
                                 reduced.load_balancing, gp, be);
     }
-    if (z != nullptr) detail::cuda_z::validate(z_loss_inputs<T>{in.logits, in.mask}, reduced.z, gz, be);
+    if (z != nullptr)
+      detail::cuda_validate("z_loss (cuda)", *z, z_loss_inputs<T>{in.logits, in.mask}, reduced.z, gz, be);
     if (entropy != nullptr)
-      detail::cuda_ent::validate(*entropy, entropy_inputs<T>{in.probs, in.mask}, reduced.entropy, gp, be);
+      detail::cuda_validate("entropy (cuda)", *entropy, entropy_inputs<T>{in.probs, in.mask}, reduced.entropy, gp, be);
     if (variance != nullptr)
-      detail::cuda_var::validate(*variance, variance_inputs<T>{in.probs, in.mask}, reduced.variance, gp, be);
+      detail::cuda_validate("variance (cuda)", *variance, variance_inputs<T>{in.probs, in.mask}, reduced.variance, gp,
+                            be);
     if (importance != nullptr)
-      detail::cuda_imp::validate(*importance, importance_inputs<T>{in.probs, in.mask}, reduced.importance, gp, be);
+      detail::cuda_validate("importance (cuda)", *importance, importance_inputs<T>{in.probs, in.mask},
+                            reduced.importance, gp, be);
     const bool p_losses = load_balancing != nullptr || entropy != nullptr || variance != nullptr || importance != nullptr;
     if (p_losses && gp != nullptr) detail::check_grad(who, "grad_probs", *gp, in.probs);
     if (p_losses && z != nullptr)

@@ -46,31 +46,18 @@ void run(const cuda& be, const specialization_loss& loss, const specialization_i
 }
 
 }  // namespace cuda_sp
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
+template <class T, class Layout>
+void cuda_run(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
+              stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
+  cuda_sp::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T, class Layout>
+std::size_t cuda_workspace_bytes(const specialization_loss& loss, const specialization_inputs<T, Layout>& in) {
+  return cuda_gram::required_bytes(
+      cuda_sp::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
+}
+
 }  // namespace detail
-
-/// Bytes of workspace every CUDA entry point of the specialization loss needs for these inputs.
-template <class T, class Layout>
-std::size_t workspace_size(const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-                           const cuda& = {}) {
-  return detail::cuda_gram::required_bytes(
-      detail::cuda_sp::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
-}
-
-/// Local statistics [T_v] into device memory `out`, enqueued on be.stream.
-template <class T, class Layout>
-void execute_stats(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-                   double* out) {
-  detail::cuda_sp::run(be, loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr),
-                       grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient (through the grad view's layout),
-/// enqueued on be.stream. Returns NaN.
-template <class T, class Layout>
-double execute(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
-  detail::cuda_sp::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
 MOEREG_NAMESPACE_END

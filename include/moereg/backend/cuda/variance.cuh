@@ -23,26 +23,6 @@ namespace detail {
 namespace cuda_var {
 
 template <class T>
-void validate(const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced, const matrix_view<T>* grad,
-              const cuda& be) {
-  const char* who = "variance (cuda)";
-  const auto& c = loss.cfg;
-  require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
-          static_cast<int>(c.axis));
-  require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
-          ": unknown reduction ", static_cast<int>(c.reduction));
-  check_matrix(who, "scores", in.scores);
-  require(in.scores.cols >= 1 || in.scores.rows == 0, who, ": scores has E = 0 columns");
-  check_mask(who, in.mask, in.scores.rows);
-  if (grad) check_grad(who, "grad_scores", *grad, in.scores);
-  cuda_check_stats_shape(who, reduced, loss.stats_size(in));
-  cuda_check_pointer(who, "scores", in.scores.data, be);
-  cuda_check_pointer(who, "mask", in.mask.data, be);
-  cuda_check_pointer(who, "reduced statistics", reduced.data, be);
-  if (grad) cuda_check_pointer(who, "grad_scores", grad->data, be);
-}
-
-template <class T>
 cuda_router::request<T> engine_request(const variance_loss& loss, const variance_inputs<T>& in) {
   cuda_router::request<T> rq;
   rq.probs = in.scores;
@@ -55,7 +35,7 @@ template <class T>
 void run(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
          const matrix_view<T>* grad, grad_options opts, double* stats_out) {
   const char* who = "variance (cuda)";
-  validate(loss, in, reduced, grad, be);
+  cuda_validate(who, loss, in, reduced, grad, be);
   if (stats_out != nullptr) {
     cuda_check_stats_out(who, stats_out, loss.stats_size(in));
     cuda_check_pointer(who, "statistics output", stats_out, be);
@@ -71,26 +51,17 @@ void run(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in
 }
 
 }  // namespace cuda_var
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
+template <class T>
+void cuda_run(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in,
+              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  cuda_var::run(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class T>
+std::size_t cuda_workspace_bytes(const variance_loss& loss, const variance_inputs<T>& in) {
+  return cuda_router::required_bytes(cuda_var::engine_request(loss, in));
+}
+
 }  // namespace detail
-
-/// Bytes of workspace every CUDA entry point of the variance loss needs for these inputs.
-template <class T>
-std::size_t workspace_size(const variance_loss& loss, const variance_inputs<T>& in, const cuda& = {}) {
-  return detail::cuda_router::required_bytes(detail::cuda_var::engine_request(loss, in));
-}
-
-/// Local statistics into device memory `out` (stats_size(in) doubles), enqueued on be.stream.
-template <class T>
-void execute_stats(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in, double* out) {
-  detail::cuda_var::run(be, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr), grad_options{}, out);
-}
-
-/// Value into *be.value and, with `grad`, the gradient, enqueued on be.stream. Returns NaN.
-template <class T>
-double execute(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::cuda_var::run(be, loss, in, reduced, grad, opts, nullptr);
-  return std::numeric_limits<double>::quiet_NaN();
-}
-
 MOEREG_NAMESPACE_END
