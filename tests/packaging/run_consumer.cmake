@@ -17,10 +17,14 @@ if(NOT DEFINED VERSION)
   set(VERSION 0.1)
 endif()
 
+if(NOT DEFINED COMPILED)
+  set(COMPILED OFF)
+endif()
+
 if(MODE STREQUAL "find_package")
   run(${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_DIR}/prefix)
   run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK_DIR}/build -DMOEREG_CONSUMER_MODE=find_package
-      -DMOEREG_REQUIRED_VERSION=${VERSION} -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
+      -DMOEREG_REQUIRED_VERSION=${VERSION} -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix -DMOEREG_CONSUMER_COMPILED=${COMPILED})
 elseif(MODE STREQUAL "install_unbuilt")
   # A fresh configure of moereg, tools on, nothing built: the install must still work (headers
   # and package; the unbuilt moereg-eval is skipped) and the package must be usable.
@@ -29,6 +33,17 @@ elseif(MODE STREQUAL "install_unbuilt")
   run(${CMAKE_COMMAND} --install ${WORK_DIR}/moereg-build --prefix ${WORK_DIR}/prefix)
   if(NOT EXISTS ${WORK_DIR}/prefix/include/moereg/moereg.hpp)
     message(FATAL_ERROR "install of an unbuilt tree did not install the headers")
+  endif()
+  # By default the package is header-only: no compiled component, and asking for it fails.
+  file(GLOB_RECURSE _compiled ${WORK_DIR}/prefix/*moeregCompiledTargets*.cmake ${WORK_DIR}/prefix/*moereg_compiled*)
+  if(_compiled)
+    message(FATAL_ERROR "the default install contains the compiled component: ${_compiled}")
+  endif()
+  execute_process(COMMAND ${CMAKE_COMMAND} -S ${consumer} -B ${WORK_DIR}/build-compiled
+                  -DMOEREG_CONSUMER_MODE=find_package -DMOEREG_CONSUMER_COMPILED=ON
+                  -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix RESULT_VARIABLE rc OUTPUT_QUIET ERROR_QUIET)
+  if(rc EQUAL 0)
+    message(FATAL_ERROR "find_package(moereg COMPONENTS compiled) succeeded without the component installed")
   endif()
   run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK_DIR}/build -DMOEREG_CONSUMER_MODE=find_package
       -DMOEREG_REQUIRED_VERSION=${VERSION} -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix)
@@ -68,4 +83,7 @@ run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
 run(${WORK_DIR}/build/consumer)
 if(EXISTS ${WORK_DIR}/build/consumer_openmp)
   run(${WORK_DIR}/build/consumer_openmp)
+endif()
+if(COMPILED)
+  run(${WORK_DIR}/build/consumer_compiled)
 endif()

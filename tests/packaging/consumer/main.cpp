@@ -3,6 +3,10 @@
 #include <cstdio>
 #include <moereg/moereg.hpp>
 
+#if defined(MOEREG_CONSUMER_EXPECTS_COMPILED) && !(defined(MOEREG_COMPILED) && MOEREG_COMPILED)
+#error "moereg::compiled did not bring its interface definitions (MOEREG_COMPILED)"
+#endif
+
 int main() {
   const float P[4] = {0.7f, 0.3f, 0.2f, 0.8f};
   const std::int32_t I[2] = {0, 1};
