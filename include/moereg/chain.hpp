@@ -27,8 +27,8 @@ MOEREG_NAMESPACE_BEGIN
 
 /// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
 template <class T>
-void softmax_backward(routing_view<T> probs, matrix_view<const T> grad_probs, matrix_view<T> grad_logits,
-                      grad_options opts = {}, const cpu& be = {}) {
+void softmax_backward(detail::nondeduced_t<routing_view<T>> probs, detail::nondeduced_t<matrix_view<const T>> grad_probs,
+                      matrix_view<T> grad_logits, grad_options opts = {}, const cpu& be = {}) {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
   const char* who = "softmax_backward";
@@ -57,7 +57,8 @@ void softmax_backward(routing_view<T> probs, matrix_view<const T> grad_probs, ma
 /// every sigmoid of a row underflows. grad_scores and grad_logits may be the same buffer only
 /// when accumulate is false.
 template <class T>
-void sigmoid_norm_backward(routing_view<T> logits, matrix_view<const T> grad_scores, matrix_view<T> grad_logits,
+void sigmoid_norm_backward(detail::nondeduced_t<routing_view<T>> logits,
+                           detail::nondeduced_t<matrix_view<const T>> grad_scores, matrix_view<T> grad_logits,
                            grad_options opts = {}, const cpu& be = {}) {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;

@@ -317,6 +317,16 @@ MOEREG_NAMESPACE_END
 MOEREG_NAMESPACE_BEGIN
 
 namespace detail {
+/// T in a parameter that takes no part in template argument deduction (std::type_identity_t
+/// of C++20): the other parameters fix T, this one converts (a matrix_view<float> argument
+/// to a matrix_view<const float> parameter).
+template <class T>
+struct nondeduced {
+  using type = T;
+};
+template <class T>
+using nondeduced_t = typename nondeduced<T>::type;
+
 /// Whether an n-dimensional strided view addresses a distinct element for every index
 /// (mdspan's is_unique question), by the usual sufficient test: the dimensions of extent > 1,
 /// in increasing stride order, each have a stride larger than the span the smaller ones cover.
@@ -744,6 +754,16 @@ template <class T, class Layout>
 struct activation_view {
   T* data = nullptr;  ///< base pointer the layout offsets are added to
   Layout layout{};  ///< the layout policy (token_major, expert_grouped or capacity_padded)
+
+  /// An empty view.
+  constexpr activation_view() = default;
+  /// The vectors at `d`, placed by `l`.
+  MOEREG_HOST_DEVICE constexpr activation_view(T* d, Layout l) : data(d), layout(l) {}
+  /// A read-only view of a mutable one (like matrix_view's conversion), so that a gradient
+  /// buffer's view also serves as an input.
+  template <class U, std::enable_if_t<std::is_convertible<U*, T*>::value && !std::is_same<U, T>::value, int> = 0>
+  MOEREG_HOST_DEVICE constexpr activation_view(const activation_view<U, Layout>& o)  // NOLINT(google-explicit-constructor)
+      : data(o.data), layout(o.layout) {}
 
   /// Pointer to h_{t,s} (entries `layout.stride()` apart), or null when the slot has none.
   MOEREG_HOST_DEVICE T* vector(index_t t, index_t s) const {
@@ -1332,6 +1352,7 @@ MOEREG_NAMESPACE_END
 
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 // ---- begin moereg/core/validate.hpp ----
@@ -1497,6 +1518,142 @@ void validate_on_host(const char* who, const Loss& loss, const In& in, stats_vie
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/core/validate.hpp ----
+// ---- begin moereg/losses/api.hpp ----
+// The front end every loss shares, written once (STYLE.md: views -> loss -> backend -> gradient
+// views). A loss is
+//
+//   struct entropy_loss : loss_api<entropy_loss, entropy_config> {
+//     static constexpr const char* name = "entropy_loss";
+//     template <class T> index_t stats_size(const entropy_inputs<T>&) const;
+//   };
+//
+// with inputs that name their loss and their gradient view:
+//
+//   template <class T> struct entropy_inputs {
+//     using loss_type = entropy_loss;       // these inputs belong to entropy_loss
+//     using grad_type = matrix_view<T>;     // what backward() writes (a pointer: one view per layer)
+//     ...
+//   };
+//
+// and a backend is a pair of functions found by argument-dependent lookup:
+//
+//   double execute(const Backend&, const Loss&, const Inputs&, stats_view reduced,
+//                  const GradView* grad /* null: value only */, grad_options);
+//   void execute_stats(const Backend&, const Loss&, const Inputs&, double* out);
+//
+// The configuration is the base's one member, so a loss is still an aggregate of its
+// configuration: `entropy_loss{cfg}`, `entropy_loss{{1e-3, 1e-30}}` and `entropy_loss loss;
+// loss.cfg.coef = ...` all work (the braces of the base are elided).
+
+
+#include <cstddef>
+#include <type_traits>
+#include <vector>
+
+
+MOEREG_NAMESPACE_BEGIN
+namespace detail {
+
+/// The argument backward() and value_and_grad() take for inputs `In`: In::grad_type.
+template <class In>
+using grad_arg_t = typename In::grad_type;
+
+/// The view type the backend's execute() receives a pointer to: the gradient view itself, or
+/// the element type when the argument is already a pointer (one view per layer).
+template <class In>
+using grad_view_t = std::remove_const_t<std::remove_pointer_t<grad_arg_t<In>>>;
+
+/// Pointer to the gradient view(s) for execute(): the address of a view, or the caller's
+/// array of views (which must not be null).
+template <class G>
+const G* grad_pointer(const char* who, const G& g) {
+  (void)who;
+  return &g;
+}
+template <class G>
+const G* grad_pointer(const char* who, const G* g) {
+  require(g != nullptr, who, ": grads is null; pass one gradient view per layer");
+  return g;
+}
+
+}  // namespace detail
+
+/// The CPU backend needs no workspace: 0 bytes for every loss (the CUDA overload is in
+/// backend/cuda/api.cuh), so trainer code can ask every backend the same question.
+template <class Loss, class In, std::enable_if_t<std::is_same<typename In::loss_type, Loss>::value, int> = 0>
+constexpr std::size_t workspace_size(const Loss&, const In&, const cpu&) {
+  return 0;
+}
+
+namespace detail {
+/// workspace_size(loss, in, be) of whichever backend `be` is (found by argument-dependent lookup).
+template <class Loss, class In, class Backend>
+std::size_t workspace_of(const Loss& loss, const In& in, const Backend& be) {
+  return workspace_size(loss, in, be);
+}
+}  // namespace detail
+
+/// The front end of loss `Self` with configuration `Config`: local_stats, workspace_size, value,
+/// backward and value_and_grad on every backend (the CPU by default). Every call validates its arguments
+/// before it reads or writes anything and throws moereg::error on invalid input, leaving the
+/// caller's buffers untouched.
+template <class Self, class Config>
+struct loss_api {
+  Config cfg{};  ///< the configuration; defaults from LOSSES.md
+
+ private:
+  template <class In>
+  using enable_for = std::enable_if_t<std::is_same<typename In::loss_type, Self>::value, int>;
+  const Self& self() const { return static_cast<const Self&>(*this); }
+
+ public:
+  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles in the
+  /// layout of the loss's header comment. Host memory, so the CPU backend only.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  std::vector<double> local_stats(const In& in, const Backend& be = {}) const {
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
+    std::vector<double> s(static_cast<std::size_t>(self().stats_size(in)));
+    execute_stats(be, self(), in, s.data());
+    return s;
+  }
+  /// local_stats() into a caller buffer of stats_size(in) doubles on the backend's device;
+  /// `out` is untouched when it throws.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  void local_stats(const In& in, double* out, const Backend& be = {}) const {
+    detail::check_stats_out(Self::name, out, self().stats_size(in));
+    execute_stats(be, self(), in, out);
+  }
+  /// Bytes of workspace a call with these inputs needs on backend `be` (0 on the CPU; on CUDA
+  /// the caller allocates it once and passes it in be.workspace).
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  std::size_t workspace_size(const In& in, const Backend& be = {}) const {
+    return detail::workspace_of(self(), in, be);
+  }
+  /// The loss (coefficient included). With `reduced` (statistics summed over the parts of a
+  /// batch) the global counts of LOSSES.md section 9 are used.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  double value(const In& in, stats_view reduced = {}, const Backend& be = {}) const {
+    return execute(be, self(), in, reduced, static_cast<const detail::grad_view_t<In>*>(nullptr), grad_options{});
+  }
+  /// Writes grad_scale * dL/d(input) into `grad` (the input's shape, its own strides or
+  /// layout; for the coupling loss an array of one view per layer), overwriting or adding
+  /// per `opts`.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  void backward(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
+                const Backend& be = {}) const {
+    (void)execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
+  }
+  /// value() and backward() in one pass (the inputs read once, the gradient written once);
+  /// returns the value.
+  template <class In, class Backend = cpu, enable_for<In> = 0>
+  double value_and_grad(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
+                        const Backend& be = {}) const {
+    return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
+  }
+};
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/losses/api.hpp ----
 
 MOEREG_NAMESPACE_BEGIN
 namespace detail {
@@ -1509,7 +1666,49 @@ inline index_t count_valid(const mask_view& m, index_t T) {
   return n;
 }
 
+/// Inputs of a loss on one routing matrix [T, E] and a mask (the z-loss, entropy, variance and
+/// importance): they name the matrix (matrix_name, grad_name) and return it (matrix()).
+template <class In, class = void>
+struct is_matrix_inputs : std::false_type {};
+template <class In>
+struct is_matrix_inputs<In, std::void_t<decltype(In::matrix_name)>> : std::true_type {};
+template <class In>
+using enable_matrix_inputs = std::enable_if_t<is_matrix_inputs<In>::value, int>;
+
 }  // namespace detail
+
+/// A loss's own configuration checks; none unless the loss defines an overload (entropy,
+/// variance), which argument-dependent lookup prefers.
+template <class Loss, class In>
+void validate_config(const char*, const Loss&, const In&) {}
+
+/// Shape checks of a loss on one routing matrix and a mask (core/validate.hpp), every backend:
+/// its configuration, the matrix (E >= 1 unless T = 0), the mask, the gradient's shape and the
+/// size of the reduced statistics.
+template <class Loss, class In, detail::enable_matrix_inputs<In> = 0>
+void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced,
+                     const detail::grad_view_t<In>* grad) {
+  validate_config(who, loss, in);
+  const auto& m = in.matrix();
+  detail::check_routing(who, In::matrix_name, m);
+  detail::check_mask(who, in.mask, m.rows);
+  if (grad) detail::check_grad(who, In::grad_name, *grad, m);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
+}
+/// Content checks on the host: the reduced statistics are finite, their first
+/// Loss::stats_counts entries (counts) non-negative.
+template <class Loss, class In, detail::enable_matrix_inputs<In> = 0>
+void validate_contents(const char* who, const Loss&, const In&, stats_view reduced, const detail::grad_view_t<In>*) {
+  detail::check_stats_values(who, reduced, Loss::stats_counts);
+}
+/// The memory of the call, by name, for a backend's pointer checks.
+template <class In, class F, detail::enable_matrix_inputs<In> = 0>
+void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
+  f(In::matrix_name, in.matrix().data);
+  f("mask", in.mask.data);
+  if (grad) f(In::grad_name, grad->data);
+}
+
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/common.hpp ----
 
@@ -1517,8 +1716,8 @@ MOEREG_NAMESPACE_BEGIN
 
 /// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
 template <class T>
-void softmax_backward(routing_view<T> probs, matrix_view<const T> grad_probs, matrix_view<T> grad_logits,
-                      grad_options opts = {}, const cpu& be = {}) {
+void softmax_backward(detail::nondeduced_t<routing_view<T>> probs, detail::nondeduced_t<matrix_view<const T>> grad_probs,
+                      matrix_view<T> grad_logits, grad_options opts = {}, const cpu& be = {}) {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
   const char* who = "softmax_backward";
@@ -1547,7 +1746,8 @@ void softmax_backward(routing_view<T> probs, matrix_view<const T> grad_probs, ma
 /// every sigmoid of a row underflows. grad_scores and grad_logits may be the same buffer only
 /// when accumulate is false.
 template <class T>
-void sigmoid_norm_backward(routing_view<T> logits, matrix_view<const T> grad_scores, matrix_view<T> grad_logits,
+void sigmoid_norm_backward(detail::nondeduced_t<routing_view<T>> logits,
+                           detail::nondeduced_t<matrix_view<const T>> grad_scores, matrix_view<T> grad_logits,
                            grad_options opts = {}, const cpu& be = {}) {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
@@ -1685,6 +1885,7 @@ MOEREG_NAMESPACE_END
 #endif
 // ---- end moereg/core/compiled.hpp ----
 
+#include <type_traits>
 #include <vector>
 
 // ---- begin moereg/math/router.hpp ----
@@ -1881,142 +2082,6 @@ MOEREG_HOST_DEVICE inline void coupling_select_row(const Src* row, index_t E, in
 }  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/math/router.hpp ----
-// ---- begin moereg/losses/api.hpp ----
-// The front end every loss shares, written once (STYLE.md: views -> loss -> backend -> gradient
-// views). A loss is
-//
-//   struct entropy_loss : loss_api<entropy_loss, entropy_config> {
-//     static constexpr const char* name = "entropy_loss";
-//     template <class T> index_t stats_size(const entropy_inputs<T>&) const;
-//   };
-//
-// with inputs that name their loss and their gradient view:
-//
-//   template <class T> struct entropy_inputs {
-//     using loss_type = entropy_loss;       // these inputs belong to entropy_loss
-//     using grad_type = matrix_view<T>;     // what backward() writes (a pointer: one view per layer)
-//     ...
-//   };
-//
-// and a backend is a pair of functions found by argument-dependent lookup:
-//
-//   double execute(const Backend&, const Loss&, const Inputs&, stats_view reduced,
-//                  const GradView* grad /* null: value only */, grad_options);
-//   void execute_stats(const Backend&, const Loss&, const Inputs&, double* out);
-//
-// The configuration is the base's one member, so a loss is still an aggregate of its
-// configuration: `entropy_loss{cfg}`, `entropy_loss{{1e-3, 1e-30}}` and `entropy_loss loss;
-// loss.cfg.coef = ...` all work (the braces of the base are elided).
-
-
-#include <cstddef>
-#include <type_traits>
-#include <vector>
-
-
-MOEREG_NAMESPACE_BEGIN
-namespace detail {
-
-/// The argument backward() and value_and_grad() take for inputs `In`: In::grad_type.
-template <class In>
-using grad_arg_t = typename In::grad_type;
-
-/// The view type the backend's execute() receives a pointer to: the gradient view itself, or
-/// the element type when the argument is already a pointer (one view per layer).
-template <class In>
-using grad_view_t = std::remove_const_t<std::remove_pointer_t<grad_arg_t<In>>>;
-
-/// Pointer to the gradient view(s) for execute(): the address of a view, or the caller's
-/// array of views (which must not be null).
-template <class G>
-const G* grad_pointer(const char* who, const G& g) {
-  (void)who;
-  return &g;
-}
-template <class G>
-const G* grad_pointer(const char* who, const G* g) {
-  require(g != nullptr, who, ": grads is null; pass one gradient view per layer");
-  return g;
-}
-
-}  // namespace detail
-
-/// The CPU backend needs no workspace: 0 bytes for every loss (the CUDA overload is in
-/// backend/cuda/api.cuh), so trainer code can ask every backend the same question.
-template <class Loss, class In, std::enable_if_t<std::is_same<typename In::loss_type, Loss>::value, int> = 0>
-constexpr std::size_t workspace_size(const Loss&, const In&, const cpu&) {
-  return 0;
-}
-
-namespace detail {
-/// workspace_size(loss, in, be) of whichever backend `be` is (found by argument-dependent lookup).
-template <class Loss, class In, class Backend>
-std::size_t workspace_of(const Loss& loss, const In& in, const Backend& be) {
-  return workspace_size(loss, in, be);
-}
-}  // namespace detail
-
-/// The front end of loss `Self` with configuration `Config`: local_stats, workspace_size, value,
-/// backward and value_and_grad on every backend (the CPU by default). Every call validates its arguments
-/// before it reads or writes anything and throws moereg::error on invalid input, leaving the
-/// caller's buffers untouched.
-template <class Self, class Config>
-struct loss_api {
-  Config cfg{};  ///< the configuration; defaults from LOSSES.md
-
- private:
-  template <class In>
-  using enable_for = std::enable_if_t<std::is_same<typename In::loss_type, Self>::value, int>;
-  const Self& self() const { return static_cast<const Self&>(*this); }
-
- public:
-  /// This call's sum-reducible statistics (LOSSES.md section 9), stats_size(in) doubles in the
-  /// layout of the loss's header comment. Host memory, so the CPU backend only.
-  template <class In, class Backend = cpu, enable_for<In> = 0>
-  std::vector<double> local_stats(const In& in, const Backend& be = {}) const {
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::vector<double> s(static_cast<std::size_t>(self().stats_size(in)));
-    execute_stats(be, self(), in, s.data());
-    return s;
-  }
-  /// local_stats() into a caller buffer of stats_size(in) doubles on the backend's device;
-  /// `out` is untouched when it throws.
-  template <class In, class Backend = cpu, enable_for<In> = 0>
-  void local_stats(const In& in, double* out, const Backend& be = {}) const {
-    detail::check_stats_out(Self::name, out, self().stats_size(in));
-    execute_stats(be, self(), in, out);
-  }
-  /// Bytes of workspace a call with these inputs needs on backend `be` (0 on the CPU; on CUDA
-  /// the caller allocates it once and passes it in be.workspace).
-  template <class In, class Backend = cpu, enable_for<In> = 0>
-  std::size_t workspace_size(const In& in, const Backend& be = {}) const {
-    return detail::workspace_of(self(), in, be);
-  }
-  /// The loss (coefficient included). With `reduced` (statistics summed over the parts of a
-  /// batch) the global counts of LOSSES.md section 9 are used.
-  template <class In, class Backend = cpu, enable_for<In> = 0>
-  double value(const In& in, stats_view reduced = {}, const Backend& be = {}) const {
-    return execute(be, self(), in, reduced, static_cast<const detail::grad_view_t<In>*>(nullptr), grad_options{});
-  }
-  /// Writes grad_scale * dL/d(input) into `grad` (the input's shape, its own strides or
-  /// layout; for the coupling loss an array of one view per layer), overwriting or adding
-  /// per `opts`.
-  template <class In, class Backend = cpu, enable_for<In> = 0>
-  void backward(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
-                const Backend& be = {}) const {
-    (void)execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
-  }
-  /// value() and backward() in one pass (the inputs read once, the gradient written once);
-  /// returns the value.
-  template <class In, class Backend = cpu, enable_for<In> = 0>
-  double value_and_grad(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
-                        const Backend& be = {}) const {
-    return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
-  }
-};
-
-MOEREG_NAMESPACE_END
-// ---- end moereg/losses/api.hpp ----
 
 MOEREG_NAMESPACE_BEGIN
 
@@ -2044,6 +2109,9 @@ struct load_balancing_inputs {
   mask_view mask{};                 ///< m [T], empty = all valid
   offsets_view cu_seqlens{};        ///< sequence scope without seq_len: offsets [B + 1]
 };
+/// Deduces the storage type from the views: `load_balancing_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+load_balancing_inputs(matrix_view<U>, Rest...) -> load_balancing_inputs<std::remove_const_t<U>>;
 
 /// Load-balancing loss L = alpha * E * sum_e f_e * pbar_e (Switch / GShard; LOSSES.md section 1),
 /// gradient with respect to the routing probabilities P.
@@ -2311,6 +2379,7 @@ MOEREG_NAMESPACE_END
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -2330,43 +2399,28 @@ struct z_loss_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = z_loss;  ///< the loss these inputs are for
   using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "logits";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_logits";  ///< its gradient, as errors name it
   routing_view<T> logits;  ///< Z [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return logits; }
 };
+/// Deduces the storage type from the views: `z_loss_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+z_loss_inputs(matrix_view<U>, Rest...) -> z_loss_inputs<std::remove_const_t<U>>;
 
 /// Router z-loss L = beta * (1 / T_v) sum_t m_t lse_t^2 (ST-MoE; LOSSES.md section 2), gradient
 /// with respect to the router logits Z.
 struct z_loss : loss_api<z_loss, z_loss_config> {
   static constexpr const char* name = "z_loss";  ///< in error messages
+  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const z_loss_inputs<T>&) const {
     return 1;
   }
 };
-
-/// Shape checks of a z_loss call (core/validate.hpp), for every backend.
-template <class T>
-void validate_shapes(const char* who, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grad) {
-  detail::check_routing(who, "logits", in.logits);
-  detail::check_mask(who, in.mask, in.logits.rows);
-  if (grad) detail::check_grad(who, "grad_logits", *grad, in.logits);
-  detail::check_stats_shape(who, reduced, loss.stats_size(in));
-}
-/// Content checks of a z_loss call on the host: the reduced T_v is a count.
-template <class T>
-void validate_contents(const char* who, const z_loss&, const z_loss_inputs<T>&, stats_view reduced,
-                       const matrix_view<T>*) {
-  detail::check_stats_values(who, reduced, 1);
-}
-/// The memory of a z_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const z_loss_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
-  f("logits", in.logits.data);
-  f("mask", in.mask.data);
-  if (grad) f("grad_logits", grad->data);
-}
 
 namespace detail {
 
@@ -2869,6 +2923,10 @@ struct specialization_inputs {
   mask_view mask{};                       ///< m [T], empty = all valid
   index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
+/// Deduces the storage type from the views: `specialization_inputs{view(x), ...}` needs no template argument.
+template <class U, class Layout, class... Rest>
+specialization_inputs(activation_view<U, Layout>, Rest...)
+    -> specialization_inputs<std::remove_const_t<U>, Layout>;
 
 /// Intra-layer specialization loss L = lambda * (1 / T_v) sum_t m_t sum_{s != r} c_{t,s,r}^2
 /// (Hu et al. 2026, R_sp; LOSSES.md section 3), gradient with respect to the activations h.
@@ -3668,6 +3726,7 @@ MOEREG_NAMESPACE_END
 // including its non-temporal stores for gradients of 32 MiB or more).
 
 
+#include <type_traits>
 #include <vector>
 
 
@@ -3707,6 +3766,10 @@ struct orthogonality_inputs {
   mask_view mask{};                       ///< m [T], empty = all valid
   index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
+/// Deduces the storage type from the views: `orthogonality_inputs{view(x), ...}` needs no template argument.
+template <class U, class Layout, class... Rest>
+orthogonality_inputs(activation_view<U, Layout>, Rest...)
+    -> orthogonality_inputs<std::remove_const_t<U>, Layout>;
 
 /// Orthogonality loss L_o = beta * (1 / T_v) sum_t m_t sum_{j != s} term_{t,j,s} (Guo et al. 2025;
 /// LOSSES.md section 5), gradient with respect to the expert outputs h.
@@ -3876,6 +3939,9 @@ struct coupling_inputs {
   index_t layers = 0;                         ///< L >= 2
   mask_view mask{};                           ///< m [T], shared by every layer; empty = all valid
 };
+/// Deduces the storage type from the views: `coupling_inputs{view(x), ...}` needs no template argument.
+template <class T, class... Rest>
+coupling_inputs(const routing_view<T>*, Rest...) -> coupling_inputs<T>;
 
 /// Cross-layer coupling loss (Hu et al. 2026, R_cp; LOSSES.md section 4), token form
 /// L = -lambda * (1 / T_v) sum_t m_t sum_l M^l_t M^{l+1}_t; gradient with respect to every P^l.
@@ -4296,6 +4362,7 @@ MOEREG_NAMESPACE_END
 
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 
@@ -4321,14 +4388,22 @@ struct variance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = variance_loss;  ///< the loss these inputs are for
   using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "scores";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_scores";  ///< its gradient, as errors name it
   routing_view<T> scores;  ///< S [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return scores; }
 };
+/// Deduces the storage type from the views: `variance_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+variance_inputs(matrix_view<U>, Rest...) -> variance_inputs<std::remove_const_t<U>>;
 
 /// Variance loss L_v = -gamma * (1 / E) (1 / T_v) sum_t m_t sum_e (S[t,e] - sbar_e)^2 (Guo et al. 2025;
 /// LOSSES.md section 6), gradient with respect to the routing scores S.
 struct variance_loss : loss_api<variance_loss, variance_config> {
   static constexpr const char* name = "variance_loss";  ///< in error messages
+  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const variance_inputs<T>& in) const {
@@ -4336,33 +4411,15 @@ struct variance_loss : loss_api<variance_loss, variance_config> {
   }
 };
 
-/// Shape checks of a variance_loss call (core/validate.hpp), for every backend.
+/// The configuration checks of variance_loss (the generic shape checks of losses/common.hpp
+/// call them): a known axis and reduction.
 template <class T>
-void validate_shapes(const char* who, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grad) {
+void validate_config(const char* who, const variance_loss& loss, const variance_inputs<T>&) {
   const auto& c = loss.cfg;
   detail::require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
-          static_cast<int>(c.axis));
+                  static_cast<int>(c.axis));
   detail::require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
-          ": unknown reduction ", static_cast<int>(c.reduction));
-  detail::check_routing(who, "scores", in.scores);
-  detail::check_mask(who, in.mask, in.scores.rows);
-  if (grad) detail::check_grad(who, "grad_scores", *grad, in.scores);
-  detail::check_stats_shape(who, reduced, loss.stats_size(in));
-}
-/// Content checks of a variance_loss call on the host: T_v is a count; the column sums of the
-/// scores may be negative (scores are not required to be probabilities).
-template <class T>
-void validate_contents(const char* who, const variance_loss&, const variance_inputs<T>&, stats_view reduced,
-                       const matrix_view<T>*) {
-  detail::check_stats_values(who, reduced, 1);
-}
-/// The memory of a variance_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const variance_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
-  f("scores", in.scores.data);
-  f("mask", in.mask.data);
-  if (grad) f("grad_scores", grad->data);
+                  ": unknown reduction ", static_cast<int>(c.reduction));
 }
 
 namespace detail {
@@ -4538,14 +4595,22 @@ struct entropy_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = entropy_loss;  ///< the loss these inputs are for
   using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return probs; }
 };
+/// Deduces the storage type from the views: `entropy_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+entropy_inputs(matrix_view<U>, Rest...) -> entropy_inputs<std::remove_const_t<U>>;
 
 /// Router entropy L_H = eta * (1 / T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny))
 /// (LOSSES.md section 7), gradient with respect to P.
 struct entropy_loss : loss_api<entropy_loss, entropy_config> {
   static constexpr const char* name = "entropy_loss";  ///< in error messages
+  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const entropy_inputs<T>&) const {
@@ -4553,29 +4618,12 @@ struct entropy_loss : loss_api<entropy_loss, entropy_config> {
   }
 };
 
-/// Shape checks of an entropy_loss call (core/validate.hpp), for every backend.
+/// The configuration checks of entropy_loss (the generic shape checks of losses/common.hpp
+/// call them): tiny must be positive and finite in the accumulator type.
 template <class T>
-void validate_shapes(const char* who, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grad) {
+void validate_config(const char* who, const entropy_loss& loss, const entropy_inputs<T>&) {
   detail::require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
-          who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
-  detail::check_routing(who, "probs", in.probs);
-  detail::check_mask(who, in.mask, in.probs.rows);
-  if (grad) detail::check_grad(who, "grad_probs", *grad, in.probs);
-  detail::check_stats_shape(who, reduced, loss.stats_size(in));
-}
-/// Content checks of an entropy_loss call on the host: the reduced T_v is a count.
-template <class T>
-void validate_contents(const char* who, const entropy_loss&, const entropy_inputs<T>&, stats_view reduced,
-                       const matrix_view<T>*) {
-  detail::check_stats_values(who, reduced, 1);
-}
-/// The memory of an entropy_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const entropy_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
-  f("probs", in.probs.data);
-  f("mask", in.mask.data);
-  if (grad) f("grad_probs", grad->data);
+                  who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
 }
 
 namespace detail {
@@ -4697,6 +4745,7 @@ MOEREG_NAMESPACE_END
 
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 
@@ -4715,44 +4764,28 @@ struct importance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = importance_loss;  ///< the loss these inputs are for
   using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return probs; }
 };
+/// Deduces the storage type from the views: `importance_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+importance_inputs(matrix_view<U>, Rest...) -> importance_inputs<std::remove_const_t<U>>;
 
 /// Importance loss L = w * CV(imp)^2, imp_e = sum_t m_t P[t,e] (Shazeer et al. 2017; LOSSES.md
 /// section 7), gradient with respect to P.
 struct importance_loss : loss_api<importance_loss, importance_config> {
   static constexpr const char* name = "importance_loss";  ///< in error messages
+  static constexpr index_t stats_counts = 0;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const importance_inputs<T>& in) const {
     return in.probs.cols;
   }
 };
-
-/// Shape checks of an importance_loss call (core/validate.hpp), for every backend.
-template <class T>
-void validate_shapes(const char* who, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grad) {
-  detail::check_routing(who, "probs", in.probs);
-  detail::check_mask(who, in.mask, in.probs.rows);
-  if (grad) detail::check_grad(who, "grad_probs", *grad, in.probs);
-  detail::check_stats_shape(who, reduced, loss.stats_size(in));
-}
-/// Content checks of an importance_loss call on the host: the reduced sums are finite (they
-/// are sums of P, not counts).
-template <class T>
-void validate_contents(const char* who, const importance_loss&, const importance_inputs<T>&, stats_view reduced,
-                       const matrix_view<T>*) {
-  detail::check_stats_values(who, reduced, 0);
-}
-/// The memory of an importance_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const importance_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
-  f("probs", in.probs.data);
-  f("mask", in.mask.data);
-  if (grad) f("grad_probs", grad->data);
-}
 
 namespace detail {
 

@@ -33,8 +33,11 @@
 // importance on one [T, E] matrix) and moereg::gram_fused (specialization and orthogonality on
 // one set of activations).
 //
-// Per loss: backend/cuda/<loss>.cuh. The per-row and per-token arithmetic the kernels run is
-// the MOEREG_HOST_DEVICE code of math/router.hpp and math/pairwise.hpp.
+// The engines: backend/cuda/router.cuh (the [T, E] losses: load balancing, z-loss, entropy,
+// variance, importance), gram.cuh (specialization, orthogonality) and coupling.cuh; a loss
+// with an engine of its own has its own file (load_balancing.cuh: the sequence scope). The
+// entry points are written once (backend/cuda/api.cuh). The per-row and per-token arithmetic the kernels run is the
+// MOEREG_HOST_DEVICE code of math/router.hpp and math/pairwise.hpp.
 //
 // Build notes: Eigen 3.4, which the storage types come from, wants --expt-relaxed-constexpr
 // when its headers are compiled by nvcc; its "annotation is ignored on a defaulted function"
@@ -474,12 +477,25 @@ MOEREG_NAMESPACE_END
 
 
 #include <cmath>
+#include <cstddef>
 #include <limits>
+#include <type_traits>
 
 
 MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_router {
+
+/// The engine's slot of each loss; also the value slots of router_fused.
+enum router_slot : int { slot_lb = 0, slot_z = 1, slot_ent = 2, slot_var = 3, slot_imp = 4, router_slots = 5 };
+
+/// What one loss of a run reads and writes (device memory): its reduced statistics (empty =
+/// its local ones), its value and its statistics output (null = not wanted).
+struct router_io {
+  stats_view reduced{};
+  double* value = nullptr;
+  double* stats = nullptr;
+};
 
 /// What one engine run computes. Views point to device memory; null value/stats pointers
 /// mean "not wanted".
@@ -500,10 +516,7 @@ struct request {
   const entropy_loss* ent = nullptr;
   const variance_loss* var = nullptr;
   const importance_loss* imp = nullptr;
-  // Per loss: reduced statistics (device), value slot (device), statistics output (device).
-  stats_view lb_reduced{}, z_reduced{}, ent_reduced{}, var_reduced{}, imp_reduced{};
-  double *lb_value = nullptr, *z_value = nullptr, *ent_value = nullptr, *var_value = nullptr, *imp_value = nullptr;
-  double *lb_stats = nullptr, *z_stats = nullptr, *ent_stats = nullptr, *var_stats = nullptr, *imp_stats = nullptr;
+  router_io io[router_slots]{};  // per loss, by slot
 
   bool p_losses() const { return lb != nullptr || ent != nullptr || var != nullptr || imp != nullptr; }
   index_t rows() const { return p_losses() ? probs.rows : logits.rows; }
@@ -539,9 +552,9 @@ struct plan {
   double var_coef, var_gs;
   bool var_tokens, var_mean;
   double imp_coef, imp_gs;
-  const double *lb_red, *z_red, *ent_red, *var_red, *imp_red;
-  double *lb_value, *z_value, *ent_value, *var_value, *imp_value;
-  double *lb_stats, *z_stats, *ent_stats, *var_stats, *imp_stats;
+  const double* red[router_slots];  // per loss, by slot: reduced statistics, value, statistics output
+  double* value[router_slots];
+  double* stats[router_slots];
   int* status;
 };
 
@@ -696,38 +709,38 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
 
   if (p.lb) {
     int f = topk_flags;
-    if (p.lb_red != nullptr) f |= block_check_stats(p.lb_red, 1 + E, 1 + E, &word);
+    if (p.red[slot_lb] != nullptr) f |= block_check_stats(p.red[slot_lb], 1 + E, 1 + E, &word);
     if (p.stats_mode) {
-      if (p.lb_stats != nullptr) {
-        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.lb_stats[e + 1] = static_cast<double>(w.count_total[e]);
-        if (tid == 0) p.lb_stats[0] = f != 0 ? nan : static_cast<double>(tv_local);
+      if (p.stats[slot_lb] != nullptr) {
+        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_lb][e + 1] = static_cast<double>(w.count_total[e]);
+        if (tid == 0) p.stats[slot_lb][0] = f != 0 ? nan : static_cast<double>(tv_local);
       }
     } else {
-      const double tv_f = p.lb_red != nullptr ? p.lb_red[0] : static_cast<double>(tv_local);
+      const double tv_f = p.red[slot_lb] != nullptr ? p.red[slot_lb][0] : static_cast<double>(tv_local);
       const double tv_p = p.lb_global ? static_cast<double>(tv_local) : tv_f;
       for (index_t e = tid; e < E; e += cuda_tuning::threads) {
-        const double cnt = p.lb_red != nullptr ? p.lb_red[e + 1] : static_cast<double>(w.count_total[e]);
+        const double cnt = p.red[slot_lb] != nullptr ? p.red[slot_lb][e + 1] : static_cast<double>(w.count_total[e]);
         const auto r = lb_expert(cnt, tv_f, tv_p, w.colsum_total[e], p.lb_k, p.lb_alpha_e, p.lb_gs);
         w.lb_terms[e] = r.term;
         w.coeff[e] = f != 0 ? acc_nan<Acc>() : r.coeff;
       }
       __syncthreads();
-      if (tid == 0) publish(p.lb_value, nullptr, static_cast<double>(p.lb_alpha_e * pairwise_sum(w.lb_terms, E)), f);
+      if (tid == 0) publish(p.value[slot_lb], nullptr, static_cast<double>(p.lb_alpha_e * pairwise_sum(w.lb_terms, E)), f);
     }
     sc.flags_lb = f;
   }
 
   if (p.imp) {
     int f = 0;
-    if (p.imp_red != nullptr) f |= block_check_stats(p.imp_red, E, 0, &word);
+    if (p.red[slot_imp] != nullptr) f |= block_check_stats(p.red[slot_imp], E, 0, &word);
     if (p.stats_mode) {
-      if (p.imp_stats != nullptr)
-        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.imp_stats[e] = static_cast<double>(w.colsum_total[e]);
+      if (p.stats[slot_imp] != nullptr)
+        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_imp][e] = static_cast<double>(w.colsum_total[e]);
     } else {
       for (index_t e = tid; e < E; e += cuda_tuning::threads)
-        w.imp[e] = p.imp_red != nullptr ? static_cast<Acc>(p.imp_red[e]) : w.colsum_total[e];
+        w.imp[e] = p.red[slot_imp] != nullptr ? static_cast<Acc>(p.red[slot_imp][e]) : w.colsum_total[e];
       __syncthreads();
-      const bool any = p.imp_red != nullptr || tv_local > 0;
+      const bool any = p.red[slot_imp] != nullptr || tv_local > 0;
       const Acc Ea = static_cast<Acc>(E);
       if (tid == 0) shared_acc[0] = E > 0 ? pairwise_sum(w.imp, E) / Ea : Acc(0);
       __syncthreads();
@@ -750,34 +763,34 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
         if (f != 0) c = acc_nan<Acc>();
         w.coeff[e] = p.lb ? w.coeff[e] + c : c;
       }
-      if (tid == 0) publish(p.imp_value, nullptr, active ? static_cast<double>(wc * var / mu2) : 0.0, f);
+      if (tid == 0) publish(p.value[slot_imp], nullptr, active ? static_cast<double>(wc * var / mu2) : 0.0, f);
     }
     sc.flags_imp = f;
   }
 
   if (p.var) {
     int f = 0;
-    if (p.var_red != nullptr) f |= block_check_stats(p.var_red, p.var_tokens ? 1 + E : 1, 1, &word);
+    if (p.red[slot_var] != nullptr) f |= block_check_stats(p.red[slot_var], p.var_tokens ? 1 + E : 1, 1, &word);
     if (p.stats_mode) {
-      if (p.var_stats != nullptr) {
+      if (p.stats[slot_var] != nullptr) {
         if (p.var_tokens)
-          for (index_t e = tid; e < E; e += cuda_tuning::threads) p.var_stats[e + 1] = static_cast<double>(w.colsum_total[e]);
-        if (tid == 0) p.var_stats[0] = static_cast<double>(tv_local);
+          for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_var][e + 1] = static_cast<double>(w.colsum_total[e]);
+        if (tid == 0) p.stats[slot_var][0] = static_cast<double>(tv_local);
       }
     } else {
       double tv = 0;
       if (p.var_tokens) {
-        if (p.var_red != nullptr) {
-          tv = p.var_red[0];
+        if (p.red[slot_var] != nullptr) {
+          tv = p.red[slot_var][0];
           for (index_t e = tid; e < E; e += cuda_tuning::threads)
-            w.sbar[e] = tv > 0 ? static_cast<Acc>(p.var_red[e + 1] / tv) : Acc(0);
+            w.sbar[e] = tv > 0 ? static_cast<Acc>(p.red[slot_var][e + 1] / tv) : Acc(0);
         } else {
           tv = static_cast<double>(tv_local);
           const Acc inv = tv_local > 0 ? Acc(1) / static_cast<Acc>(tv_local) : Acc(0);
           for (index_t e = tid; e < E; e += cuda_tuning::threads) w.sbar[e] = w.colsum_total[e] * inv;
         }
       } else {
-        tv = p.var_red != nullptr ? p.var_red[0] : static_cast<double>(tv_local);
+        tv = p.red[slot_var] != nullptr ? p.red[slot_var][0] : static_cast<double>(tv_local);
       }
       const bool active = tv > 0 && (p.var_tokens || E != 1);
       if (active) {
@@ -795,11 +808,11 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
 
   if (p.z) {
     int f = 0;
-    if (p.z_red != nullptr) f |= block_check_stats(p.z_red, 1, 1, &word);
+    if (p.red[slot_z] != nullptr) f |= block_check_stats(p.red[slot_z], 1, 1, &word);
     if (p.stats_mode) {
-      if (p.z_stats != nullptr && tid == 0) p.z_stats[0] = static_cast<double>(tv_local);
+      if (p.stats[slot_z] != nullptr && tid == 0) p.stats[slot_z][0] = static_cast<double>(tv_local);
     } else {
-      const double tv = p.z_red != nullptr ? p.z_red[0] : static_cast<double>(tv_local);
+      const double tv = p.red[slot_z] != nullptr ? p.red[slot_z][0] : static_cast<double>(tv_local);
       sc.z_inv_tv = tv > 0 ? static_cast<Acc>(1.0 / tv) : Acc(0);
       sc.z_gcoef = f != 0 ? acc_nan<Acc>() : p.z_gs * p.z_beta * Acc(2) * sc.z_inv_tv;
     }
@@ -808,11 +821,11 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
 
   if (p.ent) {
     int f = 0;
-    if (p.ent_red != nullptr) f |= block_check_stats(p.ent_red, 1, 1, &word);
+    if (p.red[slot_ent] != nullptr) f |= block_check_stats(p.red[slot_ent], 1, 1, &word);
     if (p.stats_mode) {
-      if (p.ent_stats != nullptr && tid == 0) p.ent_stats[0] = static_cast<double>(tv_local);
+      if (p.stats[slot_ent] != nullptr && tid == 0) p.stats[slot_ent][0] = static_cast<double>(tv_local);
     } else {
-      const double tv = p.ent_red != nullptr ? p.ent_red[0] : static_cast<double>(tv_local);
+      const double tv = p.red[slot_ent] != nullptr ? p.red[slot_ent][0] : static_cast<double>(tv_local);
       const bool any = tv > 0;
       sc.ent_any = any ? 1 : 0;
       sc.ent_inv_tv = any ? static_cast<Acc>(1.0 / tv) : Acc(0);
@@ -918,10 +931,10 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish2_kernel(plan<T, A
   block_column_sums(w.row_partials, nb3, 3, sums, scratch);
   if (threadIdx.x != 0) return;
   const scalars<Acc> sc = *w.sc;
-  if (p.z) publish(p.z_value, nullptr, static_cast<double>(p.z_beta * sc.z_inv_tv * sums[0]), sc.flags_z);
-  if (p.ent) publish(p.ent_value, nullptr, static_cast<double>(p.ent_eta * sc.ent_inv_tv * sums[1]), sc.flags_ent);
+  if (p.z) publish(p.value[slot_z], nullptr, static_cast<double>(p.z_beta * sc.z_inv_tv * sums[0]), sc.flags_z);
+  if (p.ent) publish(p.value[slot_ent], nullptr, static_cast<double>(p.ent_eta * sc.ent_inv_tv * sums[1]), sc.flags_ent);
   if (p.var)
-    publish(p.var_value, nullptr, sc.var_active != 0 ? static_cast<double>(sc.var_vc * sums[2]) : 0.0, sc.flags_var);
+    publish(p.value[slot_var], nullptr, sc.var_active != 0 ? static_cast<double>(sc.var_vc * sums[2]) : 0.0, sc.flags_var);
 }
 
 /// Enqueues the run. Shapes were validated by the caller (each loss's own checks).
@@ -951,8 +964,8 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
   p.var = rq.var != nullptr;
   p.imp = rq.imp != nullptr;
   p.need_counts = p.lb;
-  p.need_colsum = (p.lb && !rq.stats_mode) || (p.imp && (rq.stats_mode || rq.imp_reduced.empty())) ||
-                  (p.var && rq.var->cfg.axis == variance_axis::tokens && (rq.stats_mode || rq.var_reduced.empty()));
+  p.need_colsum = (p.lb && !rq.stats_mode) || (p.imp && (rq.stats_mode || rq.io[slot_imp].reduced.empty())) ||
+                  (p.var && rq.var->cfg.axis == variance_axis::tokens && (rq.stats_mode || rq.io[slot_var].reduced.empty()));
   p.coeff_any = p.lb || p.imp;
   const double gs = rq.opts.grad_scale;
   if (p.lb) {
@@ -983,21 +996,11 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
     p.imp_coef = rq.imp->cfg.coef;
     p.imp_gs = gs;
   }
-  p.lb_red = rq.lb_reduced.data;
-  p.z_red = rq.z_reduced.data;
-  p.ent_red = rq.ent_reduced.data;
-  p.var_red = rq.var_reduced.data;
-  p.imp_red = rq.imp_reduced.data;
-  p.lb_value = rq.lb_value;
-  p.z_value = rq.z_value;
-  p.ent_value = rq.ent_value;
-  p.var_value = rq.var_value;
-  p.imp_value = rq.imp_value;
-  p.lb_stats = rq.lb_stats;
-  p.z_stats = rq.z_stats;
-  p.ent_stats = rq.ent_stats;
-  p.var_stats = rq.var_stats;
-  p.imp_stats = rq.imp_stats;
+  for (int i = 0; i < router_slots; ++i) {
+    p.red[i] = rq.io[i].reduced.data;
+    p.value[i] = rq.io[i].value;
+    p.stats[i] = rq.io[i].stats;
+  }
   p.status = be.status;
 
   const index_t T_ = p.rows;
@@ -1025,7 +1028,92 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// One router loss alone: what the z-loss, entropy, variance, importance and (outside the
+// sequence scope) load balancing need from the engine.
+// ---------------------------------------------------------------------------------------
+
+/// The engine's slot of each router loss.
+template <class Loss>
+constexpr int slot_of() {
+  if constexpr (std::is_same<Loss, load_balancing_loss>::value) return slot_lb;
+  else if constexpr (std::is_same<Loss, z_loss>::value) return slot_z;
+  else if constexpr (std::is_same<Loss, entropy_loss>::value) return slot_ent;
+  else if constexpr (std::is_same<Loss, variance_loss>::value) return slot_var;
+  else {
+    static_assert(std::is_same<Loss, importance_loss>::value, "not a router loss");
+    return slot_imp;
+  }
+}
+
+/// The name the CUDA errors of each router loss carry, by slot.
+inline constexpr const char* slot_names[router_slots] = {"load_balancing (cuda)", "z_loss (cuda)", "entropy (cuda)",
+                                                         "variance (cuda)", "importance (cuda)"};
+
+/// Puts a loss and its inputs into a request: the loss's pointer and the matrices it reads.
+template <class T, class Loss, class In>
+void bind(request<T>& rq, const Loss& l, const In& in) {
+  rq.mask = in.mask;
+  if constexpr (std::is_same<Loss, load_balancing_loss>::value) rq.lb = &l, rq.probs = in.probs, rq.topk = in.topk;
+  else if constexpr (std::is_same<Loss, z_loss>::value) rq.z = &l, rq.logits = in.logits;
+  else if constexpr (std::is_same<Loss, entropy_loss>::value) rq.ent = &l, rq.probs = in.probs;
+  else if constexpr (std::is_same<Loss, variance_loss>::value) rq.var = &l, rq.probs = in.scores;
+  else rq.imp = &l, rq.probs = in.probs;
+}
+
+template <class M>
+struct storage_of;
+template <class T>
+struct storage_of<matrix_view<T>> {
+  using type = T;
+};
+
+/// The request of `loss` alone on `in`, without outputs (all the workspace query needs).
+template <class Loss, class In>
+request<typename storage_of<grad_view_t<In>>::type> single_request(const Loss& loss, const In& in) {
+  request<typename storage_of<grad_view_t<In>>::type> rq;
+  bind(rq, loss, in);
+  return rq;
+}
+
+/// Runs `loss` alone (its arguments already validated): the value into *be.value and the
+/// gradient, or with `stats_out` its local statistics.
+template <class Loss, class In, class G>
+void run_single(const cuda& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts,
+                double* stats_out) {
+  auto rq = single_request(loss, in);
+  rq.io[slot_of<Loss>()] = router_io{reduced, be.value, stats_out};
+  rq.stats_mode = stats_out != nullptr;
+  if (grad != nullptr) {
+    if constexpr (std::is_same<Loss, z_loss>::value) rq.grad_logits = *grad, rq.want_grad_logits = true;
+    else rq.grad_probs = *grad, rq.want_grad_probs = true;
+  }
+  rq.opts = opts;
+  run(rq, be, slot_names[slot_of<Loss>()]);
+}
+
 }  // namespace cuda_router
+
+/// The CUDA entries (backend/cuda/api.cuh) of the router losses that are one engine run: the
+/// z-loss, entropy, variance and importance. (Load balancing has its own: the sequence scope.)
+template <class Loss>
+inline constexpr bool is_single_router_loss_v =
+    std::is_same<Loss, z_loss>::value || std::is_same<Loss, entropy_loss>::value ||
+    std::is_same<Loss, variance_loss>::value || std::is_same<Loss, importance_loss>::value;
+
+template <class Loss, class In, class G, std::enable_if_t<is_single_router_loss_v<Loss>, int> = 0>
+void cuda_run(const cuda& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts,
+              double* stats_out) {
+  const char* who = cuda_router::slot_names[cuda_router::slot_of<Loss>()];
+  cuda_validate(who, loss, in, reduced, grad, be);
+  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
+  cuda_router::run_single(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class Loss, class In, std::enable_if_t<is_single_router_loss_v<Loss>, int> = 0>
+std::size_t cuda_workspace_bytes(const Loss& loss, const In& in) {
+  return cuda_router::required_bytes(cuda_router::single_request(loss, in));
+}
+
 }  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/router.cuh ----
@@ -1445,9 +1533,13 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
   }
 }
 
+}  // namespace cuda_cp
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
 template <class T>
-void run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-         const matrix_view<T>* grads, grad_options opts, double* stats_out) {
+void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
+              const matrix_view<T>* grads, grad_options opts, double* stats_out) {
+  using namespace cuda_cp;  // this loss's kernels and helpers
   using Acc = accumulator_t<T>;
   const char* who = "coupling (cuda)";
   validate(loss, in, reduced, grads, be);
@@ -1524,14 +1616,6 @@ void run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in
   }
 }
 
-}  // namespace cuda_cp
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T>
-void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in,
-              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  cuda_cp::run(be, loss, in, reduced, grad, opts, stats_out);
-}
 template <class T>
 std::size_t cuda_workspace_bytes(const coupling_loss& loss, const coupling_inputs<T>& in) {
   workspace_carver c(nullptr);
@@ -1542,129 +1626,6 @@ std::size_t cuda_workspace_bytes(const coupling_loss& loss, const coupling_input
 }  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/coupling.cuh ----
-// ---- begin moereg/backend/cuda/entropy.cuh ----
-// CUDA backend of the router entropy (losses/entropy.hpp, LOSSES.md section 7).
-//
-// Include <moereg/backend/cuda.hpp>, not this file.
-//
-// Runs the router engine (router.cuh) with this loss alone: a one-block count of T_v (or the
-// reduced T_v, checked), a warp per row that reads P once and writes the gradient once
-// (detail::entropy_elem of math/router.hpp per entry: the CPU's expressions), and a one-block
-// fixed-order sum of the per-block partials of -sum p log max(p, tiny).
-
-
-#include <cmath>
-#include <limits>
-
-
-MOEREG_NAMESPACE_BEGIN
-namespace detail {
-namespace cuda_ent {
-
-template <class T>
-cuda_router::request<T> engine_request(const entropy_loss& loss, const entropy_inputs<T>& in) {
-  cuda_router::request<T> rq;
-  rq.probs = in.probs;
-  rq.mask = in.mask;
-  rq.ent = &loss;
-  return rq;
-}
-
-template <class T>
-void run(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
-         const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  const char* who = "entropy (cuda)";
-  cuda_validate(who, loss, in, reduced, grad, be);
-  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
-  auto rq = engine_request(loss, in);
-  rq.stats_mode = stats_out != nullptr;
-  rq.ent_reduced = reduced;
-  rq.ent_value = be.value;
-  rq.ent_stats = stats_out;
-  if (grad != nullptr) rq.grad_probs = *grad, rq.want_grad_probs = true;
-  rq.opts = opts;
-  cuda_router::run(rq, be, who);
-}
-
-}  // namespace cuda_ent
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T>
-void cuda_run(const cuda& be, const entropy_loss& loss, const entropy_inputs<T>& in,
-              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  cuda_ent::run(be, loss, in, reduced, grad, opts, stats_out);
-}
-template <class T>
-std::size_t cuda_workspace_bytes(const entropy_loss& loss, const entropy_inputs<T>& in) {
-  return cuda_router::required_bytes(cuda_ent::engine_request(loss, in));
-}
-
-}  // namespace detail
-MOEREG_NAMESPACE_END
-// ---- end moereg/backend/cuda/entropy.cuh ----
-// ---- begin moereg/backend/cuda/importance.cuh ----
-// CUDA backend of the importance loss (losses/importance.hpp, LOSSES.md section 7).
-//
-// Include <moereg/backend/cuda.hpp>, not this file.
-//
-// Runs the router engine (router.cuh) with this loss alone: masked column sums of P per block
-// of 256 rows (skipped with reduced statistics, which are checked: finite), a one-block finish
-// (imp, mu, the population variance and every expert's coefficient through
-// detail::importance_coeff of math/router.hpp, the CPU's expressions; fixed-order sums), and a
-// gradient kernel that writes m_t * coeff[e] (P is not read again).
-
-
-#include <limits>
-
-
-MOEREG_NAMESPACE_BEGIN
-namespace detail {
-namespace cuda_imp {
-
-template <class T>
-cuda_router::request<T> engine_request(const importance_loss& loss, const importance_inputs<T>& in) {
-  cuda_router::request<T> rq;
-  rq.probs = in.probs;
-  rq.mask = in.mask;
-  rq.imp = &loss;
-  return rq;
-}
-
-template <class T>
-void run(const cuda& be, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
-         const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  const char* who = "importance (cuda)";
-  cuda_validate(who, loss, in, reduced, grad, be);
-  if (stats_out != nullptr) {
-    cuda_check_stats_out(who, stats_out, loss.stats_size(in));
-    cuda_check_pointer(who, "statistics output", stats_out, be);
-  }
-  auto rq = engine_request(loss, in);
-  rq.stats_mode = stats_out != nullptr;
-  rq.imp_reduced = reduced;
-  rq.imp_value = be.value;
-  rq.imp_stats = stats_out;
-  if (grad != nullptr) rq.grad_probs = *grad, rq.want_grad_probs = true;
-  rq.opts = opts;
-  cuda_router::run(rq, be, who);
-}
-
-}  // namespace cuda_imp
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T>
-void cuda_run(const cuda& be, const importance_loss& loss, const importance_inputs<T>& in,
-              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  cuda_imp::run(be, loss, in, reduced, grad, opts, stats_out);
-}
-template <class T>
-std::size_t cuda_workspace_bytes(const importance_loss& loss, const importance_inputs<T>& in) {
-  return cuda_router::required_bytes(cuda_imp::engine_request(loss, in));
-}
-
-}  // namespace detail
-MOEREG_NAMESPACE_END
-// ---- end moereg/backend/cuda/importance.cuh ----
 // ---- begin moereg/backend/cuda/load_balancing.cuh ----
 // CUDA backend of the load-balancing loss (losses/load_balancing.hpp, LOSSES.md section 1).
 //
@@ -1723,20 +1684,11 @@ index_t sequences(const load_balancing_loss& loss, const load_balancing_inputs<T
   return in.cu_seqlens.size > 0 ? in.cu_seqlens.size - 1 : 0;
 }
 
-template <class T>
-cuda_router::request<T> engine_request(const load_balancing_loss& loss, const load_balancing_inputs<T>& in) {
-  cuda_router::request<T> rq;
-  rq.probs = in.probs;
-  rq.topk = in.topk;
-  rq.mask = in.mask;
-  rq.lb = &loss;
-  return rq;
-}
 
 /// Host-side checks: every backend's shape checks and the device pointers (no device memory read).
 template <class T>
 void validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-              const matrix_view<T>* grad, const cuda& be) {
+               const matrix_view<T>* grad, const cuda& be) {
   const char* who = "load_balancing (cuda)";
   cuda_validate(who, loss, in, reduced, grad, be);
   require(sequences(loss, in) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
@@ -1837,10 +1789,14 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
   publish(value, status, static_cast<double>(inv_b * pairwise_sum(ws.seq_values, B)), flags);
 }
 
-/// The whole call; `stats_out` non-null: local statistics instead of value and gradient.
+}  // namespace cuda_lb
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh). The whole call;
+// `stats_out` non-null: local statistics instead of value and gradient.
 template <class T>
-void run(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-         const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
+              const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  using namespace cuda_lb;  // this loss's kernels and helpers
   using Acc = accumulator_t<T>;
   const char* who = "load_balancing (cuda)";
   validate(loss, in, reduced, grad, be);
@@ -1849,14 +1805,7 @@ void run(const cuda& be, const load_balancing_loss& loss, const load_balancing_i
     cuda_check_pointer(who, "statistics output", stats_out, be);
   }
   if (loss.cfg.scope != lb_scope::sequence) {
-    auto rq = engine_request(loss, in);
-    rq.stats_mode = stats_out != nullptr;
-    rq.lb_reduced = reduced;
-    rq.lb_value = be.value;
-    rq.lb_stats = stats_out;
-    if (grad != nullptr) rq.grad_probs = *grad, rq.want_grad_probs = true;
-    rq.opts = opts;
-    cuda_router::run(rq, be, who);
+    cuda_router::run_single(be, loss, in, reduced, grad, opts, stats_out);
     return;
   }
   const index_t E = in.probs.cols, B = sequences(loss, in);
@@ -1879,18 +1828,10 @@ void run(const cuda& be, const load_balancing_loss& loss, const load_balancing_i
   cuda_check_launch(who, "sequence finish kernel");
 }
 
-}  // namespace cuda_lb
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T>
-void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
-              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  cuda_lb::run(be, loss, in, reduced, grad, opts, stats_out);
-}
 template <class T>
 std::size_t cuda_workspace_bytes(const load_balancing_loss& loss, const load_balancing_inputs<T>& in) {
   if (loss.cfg.scope != lb_scope::sequence)
-    return cuda_router::required_bytes(cuda_lb::engine_request(loss, in));
+    return cuda_router::required_bytes(cuda_router::single_request(loss, in));
   workspace_carver c(nullptr);
   const index_t B = cuda_lb::sequences(loss, in);
   (void)cuda_lb::carve_seq<accumulator_t<T>>(c, B > 0 ? B : 0, in.probs.cols > 0 ? in.probs.cols : 0);
@@ -1900,132 +1841,6 @@ std::size_t cuda_workspace_bytes(const load_balancing_loss& loss, const load_bal
 }  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/load_balancing.cuh ----
-// ---- begin moereg/backend/cuda/variance.cuh ----
-// CUDA backend of the variance loss (losses/variance.hpp, LOSSES.md section 6).
-//
-// Include <moereg/backend/cuda.hpp>, not this file.
-//
-// Runs the router engine (router.cuh) with this loss alone. Tokens axis: masked column sums
-// of S per block of 256 rows, a one-block finish for T_v and sbar (or both from the reduced
-// statistics, checked: finite, T_v >= 0), then a warp per row that reads S once more and
-// writes the gradient gc * (S - sbar) once while summing (S - sbar)^2. Experts axis: the row
-// mean by a warp sum, then the same row pass. The constants come from
-// detail::variance_scale of math/router.hpp (the CPU's expressions).
-
-
-#include <limits>
-
-
-MOEREG_NAMESPACE_BEGIN
-namespace detail {
-namespace cuda_var {
-
-template <class T>
-cuda_router::request<T> engine_request(const variance_loss& loss, const variance_inputs<T>& in) {
-  cuda_router::request<T> rq;
-  rq.probs = in.scores;
-  rq.mask = in.mask;
-  rq.var = &loss;
-  return rq;
-}
-
-template <class T>
-void run(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
-         const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  const char* who = "variance (cuda)";
-  cuda_validate(who, loss, in, reduced, grad, be);
-  if (stats_out != nullptr) {
-    cuda_check_stats_out(who, stats_out, loss.stats_size(in));
-    cuda_check_pointer(who, "statistics output", stats_out, be);
-  }
-  auto rq = engine_request(loss, in);
-  rq.stats_mode = stats_out != nullptr;
-  rq.var_reduced = reduced;
-  rq.var_value = be.value;
-  rq.var_stats = stats_out;
-  if (grad != nullptr) rq.grad_probs = *grad, rq.want_grad_probs = true;
-  rq.opts = opts;
-  cuda_router::run(rq, be, who);
-}
-
-}  // namespace cuda_var
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T>
-void cuda_run(const cuda& be, const variance_loss& loss, const variance_inputs<T>& in,
-              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  cuda_var::run(be, loss, in, reduced, grad, opts, stats_out);
-}
-template <class T>
-std::size_t cuda_workspace_bytes(const variance_loss& loss, const variance_inputs<T>& in) {
-  return cuda_router::required_bytes(cuda_var::engine_request(loss, in));
-}
-
-}  // namespace detail
-MOEREG_NAMESPACE_END
-// ---- end moereg/backend/cuda/variance.cuh ----
-// ---- begin moereg/backend/cuda/z_loss.cuh ----
-// CUDA backend of the router z-loss (losses/z_loss.hpp, LOSSES.md section 2).
-//
-// Include <moereg/backend/cuda.hpp>, not this file.
-//
-// Runs the router engine (router.cuh) with this loss alone: a one-block count of T_v (or the
-// reduced T_v, checked), a warp per row for lse and the gradient (row maximum by a warp max,
-// sum of exp(z - shift) per lane in order and then by a butterfly; lse_shift / lse_term /
-// lse_finish / z_row_grad_coeff of math/router.hpp, the CPU's arithmetic), and a one-block
-// sum of the per-block partials of lse^2 in a fixed order. Z is read per valid row for the
-// maximum, the sum and the gradient (the second and third reads are served by L1/L2); the
-// gradient is written once.
-
-
-#include <limits>
-
-
-MOEREG_NAMESPACE_BEGIN
-namespace detail {
-namespace cuda_z {
-
-template <class T>
-cuda_router::request<T> engine_request(const z_loss& loss, const z_loss_inputs<T>& in) {
-  cuda_router::request<T> rq;
-  rq.logits = in.logits;
-  rq.mask = in.mask;
-  rq.z = &loss;
-  return rq;
-}
-
-template <class T>
-void run(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced, const matrix_view<T>* grad,
-         grad_options opts, double* stats_out) {
-  const char* who = "z_loss (cuda)";
-  cuda_validate(who, loss, in, reduced, grad, be);
-  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
-  auto rq = engine_request(loss, in);
-  rq.stats_mode = stats_out != nullptr;
-  rq.z_reduced = reduced;
-  rq.z_value = be.value;
-  rq.z_stats = stats_out;
-  if (grad != nullptr) rq.grad_logits = *grad, rq.want_grad_logits = true;
-  rq.opts = opts;
-  cuda_router::run(rq, be, who);
-}
-
-}  // namespace cuda_z
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T>
-void cuda_run(const cuda& be, const z_loss& loss, const z_loss_inputs<T>& in,
-              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  cuda_z::run(be, loss, in, reduced, grad, opts, stats_out);
-}
-template <class T>
-std::size_t cuda_workspace_bytes(const z_loss& loss, const z_loss_inputs<T>& in) {
-  return cuda_router::required_bytes(cuda_z::engine_request(loss, in));
-}
-
-}  // namespace detail
-MOEREG_NAMESPACE_END
-// ---- end moereg/backend/cuda/z_loss.cuh ----
 
 // ---- begin moereg/backend/cuda/router_fused.cuh ----
 // Fused CUDA entry point of the router losses that read one [T, E] routing matrix: load
@@ -2098,8 +1913,9 @@ struct router_fused {
 
   /// Index of each loss's value in be.value[], and their number.
   ///@{
-  static constexpr int slot_load_balancing = 0, slot_z = 1, slot_entropy = 2, slot_variance = 3,
-                       slot_importance = 4, slots = 5;
+  static constexpr int slot_load_balancing = detail::cuda_router::slot_lb, slot_z = detail::cuda_router::slot_z,
+                       slot_entropy = detail::cuda_router::slot_ent, slot_variance = detail::cuda_router::slot_var,
+                       slot_importance = detail::cuda_router::slot_imp, slots = detail::cuda_router::router_slots;
   ///@}
 
   /// Bytes of workspace value_and_grad and local_stats need for these inputs.
@@ -2118,17 +1934,11 @@ struct router_fused {
     const bool gp = grad_probs.data != nullptr && rq.p_losses();
     const bool gz = grad_logits.data != nullptr && z != nullptr;
     validate(in, reduced, gp ? &grad_probs : nullptr, gz ? &grad_logits : nullptr, be);
-    rq.lb_reduced = reduced.load_balancing;
-    rq.z_reduced = reduced.z;
-    rq.ent_reduced = reduced.entropy;
-    rq.var_reduced = reduced.variance;
-    rq.imp_reduced = reduced.importance;
-    if (be.value != nullptr) {
-      rq.lb_value = be.value + slot_load_balancing;
-      rq.z_value = be.value + slot_z;
-      rq.ent_value = be.value + slot_entropy;
-      rq.var_value = be.value + slot_variance;
-      rq.imp_value = be.value + slot_importance;
+    const stats_view red[slots] = {reduced.load_balancing, reduced.z, reduced.entropy, reduced.variance,
+                                   reduced.importance};
+    for (int i = 0; i < slots; ++i) {
+      rq.io[i].reduced = red[i];
+      if (be.value != nullptr) rq.io[i].value = be.value + i;
     }
     rq.grad_probs = grad_probs;
     rq.want_grad_probs = gp;
@@ -2152,13 +1962,11 @@ struct router_fused {
     const char* who = "router_fused (cuda)";
     auto rq = request(in);
     rq.stats_mode = true;
-    rq.lb_stats = out.load_balancing;
-    rq.z_stats = out.z;
-    rq.ent_stats = out.entropy;
-    rq.var_stats = out.variance;
-    rq.imp_stats = out.importance;
-    for (const double* p : {out.load_balancing, out.z, out.entropy, out.variance, out.importance})
-      detail::cuda_check_pointer(who, "statistics output", p, be);
+    double* const outs[slots] = {out.load_balancing, out.z, out.entropy, out.variance, out.importance};
+    for (int i = 0; i < slots; ++i) {
+      rq.io[i].stats = outs[i];
+      detail::cuda_check_pointer(who, "statistics output", outs[i], be);
+    }
     detail::cuda_router::run(rq, be, who);
   }
 
@@ -2260,7 +2068,9 @@ MOEREG_NAMESPACE_END
 
 
 #include <cmath>
+#include <cstddef>
 #include <limits>
+#include <type_traits>
 
 
 MOEREG_NAMESPACE_BEGIN
@@ -2625,6 +2435,14 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
 }
 
 /// What one run computes (views on the device).
+/// What one loss of a run reads and writes (device memory): its reduced statistics (empty =
+/// its local ones), its value and its statistics output (null = not wanted).
+struct gram_io {
+  stats_view reduced{};
+  double* value = nullptr;
+  double* stats = nullptr;
+};
+
 template <class T, class Layout>
 struct request {
   activation_view<const T, Layout> acts{};
@@ -2636,8 +2454,7 @@ struct request {
   bool stats_mode = false;
   const specialization_loss* sp = nullptr;
   const orthogonality_loss* orth = nullptr;
-  stats_view sp_reduced{}, orth_reduced{};
-  double *sp_value = nullptr, *orth_value = nullptr, *sp_stats = nullptr, *orth_stats = nullptr;
+  gram_io io[2]{};  // per loss: 0 specialization, 1 orthogonality
 };
 
 template <class T, class Layout>
@@ -2707,12 +2524,11 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
     p.or_mean = rq.orth->cfg.reduction == ortho_reduction::mean;
     p.or_kk = rq.orth->cfg.k > 0 ? rq.orth->cfg.k : rq.topk.k;
   }
-  p.reduced[0] = rq.sp_reduced.data;
-  p.reduced[1] = rq.orth_reduced.data;
-  p.value[0] = rq.sp_value;
-  p.value[1] = rq.orth_value;
-  p.stats[0] = rq.sp_stats;
-  p.stats[1] = rq.orth_stats;
+  for (int j = 0; j < 2; ++j) {
+    p.reduced[j] = rq.io[j].reduced.data;
+    p.value[j] = rq.io[j].value;
+    p.stats[j] = rq.io[j].stats;
+  }
   p.status = be.status;
 
   const dim3 block(cuda_tuning::threads);
@@ -2750,132 +2566,70 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
   cuda_check_launch(who, "finish kernel");
 }
 
+/// The slot of each Gram loss in a run (0 specialization, 1 orthogonality; also gram_fused's
+/// value slots) and the name its CUDA errors carry.
+template <class Loss>
+constexpr int slot_of() {
+  if constexpr (std::is_same<Loss, specialization_loss>::value) return 0;
+  else {
+    static_assert(std::is_same<Loss, orthogonality_loss>::value, "not a Gram loss");
+    return 1;
+  }
+}
+inline constexpr const char* slot_names[2] = {"specialization (cuda)", "orthogonality (cuda)"};
+
+template <class G>
+struct view_types;
+template <class T, class Layout>
+struct view_types<activation_view<T, Layout>> {
+  using storage = T;
+  using layout = Layout;
+};
+
+/// The request of `loss` alone on `in`, without outputs (all the workspace query needs).
+template <class Loss, class In, class G = grad_view_t<In>>
+request<typename view_types<G>::storage, typename view_types<G>::layout> single_request(const Loss& loss, const In& in,
+                                                                                       const G* grad) {
+  request<typename view_types<G>::storage, typename view_types<G>::layout> rq;
+  rq.acts = in.acts;
+  rq.topk = in.topk;
+  rq.mask = in.mask;
+  rq.num_experts = in.num_experts;
+  rq.grad = grad;
+  if constexpr (slot_of<Loss>() == 0) rq.sp = &loss;
+  else rq.orth = &loss;
+  return rq;
+}
+
 }  // namespace cuda_gram
+
+/// The CUDA entries (backend/cuda/api.cuh) of the Gram losses: one engine run each.
+template <class Loss>
+inline constexpr bool is_gram_loss_v =
+    std::is_same<Loss, specialization_loss>::value || std::is_same<Loss, orthogonality_loss>::value;
+
+template <class Loss, class In, class G, std::enable_if_t<is_gram_loss_v<Loss>, int> = 0>
+void cuda_run(const cuda& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts,
+              double* stats_out) {
+  constexpr int slot = cuda_gram::slot_of<Loss>();
+  const char* who = cuda_gram::slot_names[slot];
+  if constexpr (slot == 1) check_ortho_config(who, loss.cfg);
+  auto rq = cuda_gram::single_request(loss, in, grad);
+  cuda_gram::validate(who, loss.cfg.coef, loss.cfg.eps, rq, reduced, be);
+  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
+  rq.opts = opts;
+  rq.stats_mode = stats_out != nullptr;
+  rq.io[slot] = cuda_gram::gram_io{reduced, be.value, stats_out};
+  cuda_gram::run(rq, be, who);
+}
+template <class Loss, class In, std::enable_if_t<is_gram_loss_v<Loss>, int> = 0>
+std::size_t cuda_workspace_bytes(const Loss& loss, const In& in) {
+  return cuda_gram::required_bytes(cuda_gram::single_request(loss, in, static_cast<const grad_view_t<In>*>(nullptr)));
+}
+
 }  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cuda/gram.cuh ----
-// ---- begin moereg/backend/cuda/orthogonality.cuh ----
-// CUDA backend of the orthogonality loss (losses/orthogonality.hpp, LOSSES.md section 5): the
-// Gram engine of gram.cuh with math::orthogonality_pairwise_token or
-// math::orthogonality_subspace_token, the functions the CPU executor calls.
-//
-// Include <moereg/backend/cuda.hpp>, not this file.
-
-
-#include <limits>
-
-
-MOEREG_NAMESPACE_BEGIN
-namespace detail {
-namespace cuda_orth {
-
-template <class T, class Layout>
-cuda_gram::request<T, Layout> engine_request(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-                                             const activation_view<T, Layout>* grad) {
-  cuda_gram::request<T, Layout> rq;
-  rq.acts = in.acts;
-  rq.topk = in.topk;
-  rq.mask = in.mask;
-  rq.num_experts = in.num_experts;
-  rq.grad = grad;
-  rq.orth = &loss;
-  return rq;
-}
-
-
-template <class T, class Layout>
-void run(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-         stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
-  const char* who = "orthogonality (cuda)";
-  check_ortho_config(who, loss.cfg);
-  auto rq = engine_request(loss, in, grad);
-  cuda_gram::validate(who, loss.cfg.coef, loss.cfg.eps, rq, reduced, be);
-  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
-  rq.opts = opts;
-  rq.stats_mode = stats_out != nullptr;
-  rq.orth_reduced = reduced;
-  rq.orth_value = be.value;
-  rq.orth_stats = stats_out;
-  cuda_gram::run(rq, be, who);
-}
-
-}  // namespace cuda_orth
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T, class Layout>
-void cuda_run(const cuda& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-              stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
-  cuda_orth::run(be, loss, in, reduced, grad, opts, stats_out);
-}
-template <class T, class Layout>
-std::size_t cuda_workspace_bytes(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in) {
-  return cuda_gram::required_bytes(
-      cuda_orth::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
-}
-
-}  // namespace detail
-MOEREG_NAMESPACE_END
-// ---- end moereg/backend/cuda/orthogonality.cuh ----
-// ---- begin moereg/backend/cuda/specialization.cuh ----
-// CUDA backend of the intra-layer specialization loss (losses/specialization.hpp, LOSSES.md
-// section 3): the Gram engine of gram.cuh with math::specialization_token, the function the
-// CPU executor calls.
-//
-// Include <moereg/backend/cuda.hpp>, not this file.
-
-
-#include <limits>
-
-
-MOEREG_NAMESPACE_BEGIN
-namespace detail {
-namespace cuda_sp {
-
-template <class T, class Layout>
-cuda_gram::request<T, Layout> engine_request(const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-                                             const activation_view<T, Layout>* grad) {
-  cuda_gram::request<T, Layout> rq;
-  rq.acts = in.acts;
-  rq.topk = in.topk;
-  rq.mask = in.mask;
-  rq.num_experts = in.num_experts;
-  rq.grad = grad;
-  rq.sp = &loss;
-  return rq;
-}
-
-template <class T, class Layout>
-void run(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-         stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
-  const char* who = "specialization (cuda)";
-  auto rq = engine_request(loss, in, grad);
-  cuda_gram::validate(who, loss.cfg.coef, loss.cfg.eps, rq, reduced, be);
-  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
-  rq.opts = opts;
-  rq.stats_mode = stats_out != nullptr;
-  rq.sp_reduced = reduced;
-  rq.sp_value = be.value;
-  rq.sp_stats = stats_out;
-  cuda_gram::run(rq, be, who);
-}
-
-}  // namespace cuda_sp
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T, class Layout>
-void cuda_run(const cuda& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-              stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts, double* stats_out) {
-  cuda_sp::run(be, loss, in, reduced, grad, opts, stats_out);
-}
-template <class T, class Layout>
-std::size_t cuda_workspace_bytes(const specialization_loss& loss, const specialization_inputs<T, Layout>& in) {
-  return cuda_gram::required_bytes(
-      cuda_sp::engine_request(loss, in, static_cast<const activation_view<T, Layout>*>(nullptr)));
-}
-
-}  // namespace detail
-MOEREG_NAMESPACE_END
-// ---- end moereg/backend/cuda/specialization.cuh ----
 
 // ---- begin moereg/backend/cuda/gram_fused.cuh ----
 // Fused CUDA entry point of the Gram-based losses on the same activations: intra-layer
@@ -2990,14 +2744,14 @@ private:
     }
     rq.opts = opts;
     rq.stats_mode = stats_mode;
-    rq.sp_reduced = reduced.specialization;
-    rq.orth_reduced = reduced.orthogonality;
+    rq.io[slot_specialization].reduced = reduced.specialization;
+    rq.io[slot_orthogonality].reduced = reduced.orthogonality;
     if (be.value != nullptr) {
-      rq.sp_value = be.value + slot_specialization;
-      rq.orth_value = be.value + slot_orthogonality;
+      rq.io[slot_specialization].value = be.value + slot_specialization;
+      rq.io[slot_orthogonality].value = be.value + slot_orthogonality;
     }
-    rq.sp_stats = out.specialization;
-    rq.orth_stats = out.orthogonality;
+    rq.io[slot_specialization].stats = out.specialization;
+    rq.io[slot_orthogonality].stats = out.orthogonality;
     detail::cuda_check_pointer(who, "statistics output", out.specialization, be);
     detail::cuda_check_pointer(who, "statistics output", out.orthogonality, be);
     detail::cuda_gram::run(rq, be, who);

@@ -4,13 +4,17 @@
 // - validate_shapes() reads no content (what a device backend runs on the host before a
 //   launch), validate_on_host() adds the content checks: a bad top-k id, bad cu_seqlens,
 //   negative reduced counts and a bad layout map pass the first and are refused by the second;
-// - for_each_buffer() names every pointer of a call (the CUDA pointer checks rely on it).
+// - for_each_buffer() names every pointer of a call (the CUDA pointer checks rely on it);
+// - template arguments are deduced: inputs{view(x), ...} and softmax_backward(view(P), ...).
 #include <catch2/catch.hpp>
 
 #include <cstdint>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include <Eigen/Core>
 
 #include <moereg/moereg.hpp>
 
@@ -165,4 +169,37 @@ TEST_CASE("for_each_buffer names every pointer of a call", "[front_end][validate
   CHECK(cp.size() == 7);  // probs[l], topk[l], grads[l] for 2 layers, and the mask
   CHECK(cp.at("grads[1]") == G.data());
   CHECK(cp.at("topk[0]") == I.data());
+}
+
+TEST_CASE("template arguments are deduced from the views", "[front_end]") {
+  Eigen::MatrixXd P = Eigen::MatrixXd::Constant(3, 4, 0.25), dP = Eigen::MatrixXd::Random(3, 4);
+  Eigen::MatrixXd dZ(3, 4), dZ_explicit(3, 4);
+  std::vector<std::int32_t> I = {0, 1, 2, 3, 1, 0};
+  const moereg::topk_view tv(I.data(), 3, 2);
+  // Inputs: no <T>, from a mutable or a read-only view alike.
+  const moereg::z_loss_inputs z_in{moereg::view(P)};
+  static_assert(std::is_same<std::remove_const_t<decltype(z_in)>, moereg::z_loss_inputs<double>>::value, "");
+  const moereg::entropy_inputs ent_in{moereg::view(static_cast<const Eigen::MatrixXd&>(P))};
+  static_assert(std::is_same<std::remove_const_t<decltype(ent_in)>, moereg::entropy_inputs<double>>::value, "");
+  const moereg::load_balancing_inputs lb_in{moereg::view(P), tv};
+  static_assert(std::is_same<std::remove_const_t<decltype(lb_in)>, moereg::load_balancing_inputs<double>>::value,
+                "");
+  std::vector<float> h(3 * 2 * 5, 0.5f);
+  const moereg::specialization_inputs sp_in{moereg::token_major_view(h.data(), 3, 2, 5), tv};
+  static_assert(std::is_same<std::remove_const_t<decltype(sp_in)>,
+                             moereg::specialization_inputs<float, moereg::token_major>>::value,
+                "");
+  const moereg::routing_view<double> layers_p[2] = {moereg::view(P), moereg::view(P)};
+  const moereg::topk_view layers_t[2] = {tv, tv};
+  const moereg::coupling_inputs cp_in{layers_p, layers_t, 2};
+  static_assert(std::is_same<std::remove_const_t<decltype(cp_in)>, moereg::coupling_inputs<double>>::value, "");
+  CHECK(moereg::z_loss{}.value(z_in) == moereg::z_loss{}.value(moereg::z_loss_inputs<double>{moereg::view(P)}));
+  CHECK(moereg::load_balancing_loss{}.value(lb_in) > 0);
+  // softmax_backward / sigmoid_norm_backward: T from the output view, the inputs convert.
+  moereg::softmax_backward(moereg::view(P), moereg::view(dP), moereg::view(dZ));
+  moereg::softmax_backward<double>(moereg::view(P), moereg::view(dP), moereg::view(dZ_explicit));
+  CHECK(dZ == dZ_explicit);
+  moereg::sigmoid_norm_backward(moereg::view(P), moereg::view(dP), moereg::view(dZ));
+  moereg::sigmoid_norm_backward<double>(moereg::view(P), moereg::view(dP), moereg::view(dZ_explicit));
+  CHECK(dZ == dZ_explicit);
 }

@@ -27,8 +27,11 @@
 // importance on one [T, E] matrix) and moereg::gram_fused (specialization and orthogonality on
 // one set of activations).
 //
-// Per loss: backend/cuda/<loss>.cuh. The per-row and per-token arithmetic the kernels run is
-// the MOEREG_HOST_DEVICE code of math/router.hpp and math/pairwise.hpp.
+// The engines: backend/cuda/router.cuh (the [T, E] losses: load balancing, z-loss, entropy,
+// variance, importance), gram.cuh (specialization, orthogonality) and coupling.cuh; a loss
+// with an engine of its own has its own file (load_balancing.cuh: the sequence scope). The
+// entry points are written once (backend/cuda/api.cuh). The per-row and per-token arithmetic the kernels run is the
+// MOEREG_HOST_DEVICE code of math/router.hpp and math/pairwise.hpp.
 //
 // Build notes: Eigen 3.4, which the storage types come from, wants --expt-relaxed-constexpr
 // when its headers are compiled by nvcc; its "annotation is ignored on a defaulted function"
@@ -54,17 +57,11 @@
 #include "cuda/router.cuh"
 
 #include "cuda/coupling.cuh"
-#include "cuda/entropy.cuh"
-#include "cuda/importance.cuh"
 #include "cuda/load_balancing.cuh"
-#include "cuda/variance.cuh"
-#include "cuda/z_loss.cuh"
 
 #include "cuda/router_fused.cuh"
 
 #include "cuda/gram.cuh"
-#include "cuda/orthogonality.cuh"
-#include "cuda/specialization.cuh"
 
 #include "cuda/gram_fused.cuh"
 

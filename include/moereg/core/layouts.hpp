@@ -259,6 +259,16 @@ struct activation_view {
   T* data = nullptr;  ///< base pointer the layout offsets are added to
   Layout layout{};  ///< the layout policy (token_major, expert_grouped or capacity_padded)
 
+  /// An empty view.
+  constexpr activation_view() = default;
+  /// The vectors at `d`, placed by `l`.
+  MOEREG_HOST_DEVICE constexpr activation_view(T* d, Layout l) : data(d), layout(l) {}
+  /// A read-only view of a mutable one (like matrix_view's conversion), so that a gradient
+  /// buffer's view also serves as an input.
+  template <class U, std::enable_if_t<std::is_convertible<U*, T*>::value && !std::is_same<U, T>::value, int> = 0>
+  MOEREG_HOST_DEVICE constexpr activation_view(const activation_view<U, Layout>& o)  // NOLINT(google-explicit-constructor)
+      : data(o.data), layout(o.layout) {}
+
   /// Pointer to h_{t,s} (entries `layout.stride()` apart), or null when the slot has none.
   MOEREG_HOST_DEVICE T* vector(index_t t, index_t s) const {
     const index_t o = layout.offset(t, s);

@@ -23,6 +23,16 @@
 MOEREG_NAMESPACE_BEGIN
 
 namespace detail {
+/// T in a parameter that takes no part in template argument deduction (std::type_identity_t
+/// of C++20): the other parameters fix T, this one converts (a matrix_view<float> argument
+/// to a matrix_view<const float> parameter).
+template <class T>
+struct nondeduced {
+  using type = T;
+};
+template <class T>
+using nondeduced_t = typename nondeduced<T>::type;
+
 /// Whether an n-dimensional strided view addresses a distinct element for every index
 /// (mdspan's is_unique question), by the usual sufficient test: the dimensions of extent > 1,
 /// in increasing stride order, each have a stride larger than the span the smaller ones cover.

@@ -4,6 +4,7 @@
 #include "../core/config.hpp"
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -11,6 +12,7 @@
 #include "../core/types.hpp"
 #include "../core/validate.hpp"
 #include "../core/views.hpp"
+#include "api.hpp"
 
 MOEREG_NAMESPACE_BEGIN
 namespace detail {
@@ -23,5 +25,47 @@ inline index_t count_valid(const mask_view& m, index_t T) {
   return n;
 }
 
+/// Inputs of a loss on one routing matrix [T, E] and a mask (the z-loss, entropy, variance and
+/// importance): they name the matrix (matrix_name, grad_name) and return it (matrix()).
+template <class In, class = void>
+struct is_matrix_inputs : std::false_type {};
+template <class In>
+struct is_matrix_inputs<In, std::void_t<decltype(In::matrix_name)>> : std::true_type {};
+template <class In>
+using enable_matrix_inputs = std::enable_if_t<is_matrix_inputs<In>::value, int>;
+
 }  // namespace detail
+
+/// A loss's own configuration checks; none unless the loss defines an overload (entropy,
+/// variance), which argument-dependent lookup prefers.
+template <class Loss, class In>
+void validate_config(const char*, const Loss&, const In&) {}
+
+/// Shape checks of a loss on one routing matrix and a mask (core/validate.hpp), every backend:
+/// its configuration, the matrix (E >= 1 unless T = 0), the mask, the gradient's shape and the
+/// size of the reduced statistics.
+template <class Loss, class In, detail::enable_matrix_inputs<In> = 0>
+void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced,
+                     const detail::grad_view_t<In>* grad) {
+  validate_config(who, loss, in);
+  const auto& m = in.matrix();
+  detail::check_routing(who, In::matrix_name, m);
+  detail::check_mask(who, in.mask, m.rows);
+  if (grad) detail::check_grad(who, In::grad_name, *grad, m);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
+}
+/// Content checks on the host: the reduced statistics are finite, their first
+/// Loss::stats_counts entries (counts) non-negative.
+template <class Loss, class In, detail::enable_matrix_inputs<In> = 0>
+void validate_contents(const char* who, const Loss&, const In&, stats_view reduced, const detail::grad_view_t<In>*) {
+  detail::check_stats_values(who, reduced, Loss::stats_counts);
+}
+/// The memory of the call, by name, for a backend's pointer checks.
+template <class In, class F, detail::enable_matrix_inputs<In> = 0>
+void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
+  f(In::matrix_name, in.matrix().data);
+  f("mask", in.mask.data);
+  if (grad) f(In::grad_name, grad->data);
+}
+
 MOEREG_NAMESPACE_END

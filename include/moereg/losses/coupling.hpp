@@ -95,6 +95,9 @@ struct coupling_inputs {
   index_t layers = 0;                         ///< L >= 2
   mask_view mask{};                           ///< m [T], shared by every layer; empty = all valid
 };
+/// Deduces the storage type from the views: `coupling_inputs{view(x), ...}` needs no template argument.
+template <class T, class... Rest>
+coupling_inputs(const routing_view<T>*, Rest...) -> coupling_inputs<T>;
 
 /// Cross-layer coupling loss (Hu et al. 2026, R_cp; LOSSES.md section 4), token form
 /// L = -lambda * (1 / T_v) sum_t m_t sum_l M^l_t M^{l+1}_t; gradient with respect to every P^l.

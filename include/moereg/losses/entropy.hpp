@@ -48,14 +48,22 @@ struct entropy_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = entropy_loss;  ///< the loss these inputs are for
   using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return probs; }
 };
+/// Deduces the storage type from the views: `entropy_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+entropy_inputs(matrix_view<U>, Rest...) -> entropy_inputs<std::remove_const_t<U>>;
 
 /// Router entropy L_H = eta * (1 / T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny))
 /// (LOSSES.md section 7), gradient with respect to P.
 struct entropy_loss : loss_api<entropy_loss, entropy_config> {
   static constexpr const char* name = "entropy_loss";  ///< in error messages
+  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const entropy_inputs<T>&) const {
@@ -63,29 +71,12 @@ struct entropy_loss : loss_api<entropy_loss, entropy_config> {
   }
 };
 
-/// Shape checks of an entropy_loss call (core/validate.hpp), for every backend.
+/// The configuration checks of entropy_loss (the generic shape checks of losses/common.hpp
+/// call them): tiny must be positive and finite in the accumulator type.
 template <class T>
-void validate_shapes(const char* who, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grad) {
+void validate_config(const char* who, const entropy_loss& loss, const entropy_inputs<T>&) {
   detail::require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
-          who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
-  detail::check_routing(who, "probs", in.probs);
-  detail::check_mask(who, in.mask, in.probs.rows);
-  if (grad) detail::check_grad(who, "grad_probs", *grad, in.probs);
-  detail::check_stats_shape(who, reduced, loss.stats_size(in));
-}
-/// Content checks of an entropy_loss call on the host: the reduced T_v is a count.
-template <class T>
-void validate_contents(const char* who, const entropy_loss&, const entropy_inputs<T>&, stats_view reduced,
-                       const matrix_view<T>*) {
-  detail::check_stats_values(who, reduced, 1);
-}
-/// The memory of an entropy_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const entropy_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
-  f("probs", in.probs.data);
-  f("mask", in.mask.data);
-  if (grad) f("grad_probs", grad->data);
+                  who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
 }
 
 namespace detail {

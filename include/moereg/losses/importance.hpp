@@ -23,6 +23,7 @@
 #include "../core/compiled.hpp"
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../backend/cpu.hpp"
@@ -47,44 +48,28 @@ struct importance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = importance_loss;  ///< the loss these inputs are for
   using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
   routing_view<T> probs;  ///< P [T, E]
   mask_view mask{};       ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return probs; }
 };
+/// Deduces the storage type from the views: `importance_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+importance_inputs(matrix_view<U>, Rest...) -> importance_inputs<std::remove_const_t<U>>;
 
 /// Importance loss L = w * CV(imp)^2, imp_e = sum_t m_t P[t,e] (Shazeer et al. 2017; LOSSES.md
 /// section 7), gradient with respect to P.
 struct importance_loss : loss_api<importance_loss, importance_config> {
   static constexpr const char* name = "importance_loss";  ///< in error messages
+  static constexpr index_t stats_counts = 0;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const importance_inputs<T>& in) const {
     return in.probs.cols;
   }
 };
-
-/// Shape checks of an importance_loss call (core/validate.hpp), for every backend.
-template <class T>
-void validate_shapes(const char* who, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grad) {
-  detail::check_routing(who, "probs", in.probs);
-  detail::check_mask(who, in.mask, in.probs.rows);
-  if (grad) detail::check_grad(who, "grad_probs", *grad, in.probs);
-  detail::check_stats_shape(who, reduced, loss.stats_size(in));
-}
-/// Content checks of an importance_loss call on the host: the reduced sums are finite (they
-/// are sums of P, not counts).
-template <class T>
-void validate_contents(const char* who, const importance_loss&, const importance_inputs<T>&, stats_view reduced,
-                       const matrix_view<T>*) {
-  detail::check_stats_values(who, reduced, 0);
-}
-/// The memory of an importance_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const importance_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
-  f("probs", in.probs.data);
-  f("mask", in.mask.data);
-  if (grad) f("grad_probs", grad->data);
-}
 
 namespace detail {
 

@@ -33,6 +33,7 @@
 #include "../core/config.hpp"
 #include "../core/compiled.hpp"
 
+#include <type_traits>
 #include <vector>
 
 #include "../backend/cpu.hpp"
@@ -69,6 +70,9 @@ struct load_balancing_inputs {
   mask_view mask{};                 ///< m [T], empty = all valid
   offsets_view cu_seqlens{};        ///< sequence scope without seq_len: offsets [B + 1]
 };
+/// Deduces the storage type from the views: `load_balancing_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+load_balancing_inputs(matrix_view<U>, Rest...) -> load_balancing_inputs<std::remove_const_t<U>>;
 
 /// Load-balancing loss L = alpha * E * sum_e f_e * pbar_e (Switch / GShard; LOSSES.md section 1),
 /// gradient with respect to the routing probabilities P.

@@ -44,6 +44,7 @@
 #include "../core/config.hpp"
 #include "../core/compiled.hpp"
 
+#include <type_traits>
 #include <vector>
 
 #include "../backend/cpu.hpp"
@@ -92,6 +93,10 @@ struct orthogonality_inputs {
   mask_view mask{};                       ///< m [T], empty = all valid
   index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
+/// Deduces the storage type from the views: `orthogonality_inputs{view(x), ...}` needs no template argument.
+template <class U, class Layout, class... Rest>
+orthogonality_inputs(activation_view<U, Layout>, Rest...)
+    -> orthogonality_inputs<std::remove_const_t<U>, Layout>;
 
 /// Orthogonality loss L_o = beta * (1 / T_v) sum_t m_t sum_{j != s} term_{t,j,s} (Guo et al. 2025;
 /// LOSSES.md section 5), gradient with respect to the expert outputs h.

@@ -94,6 +94,10 @@ struct specialization_inputs {
   mask_view mask{};                       ///< m [T], empty = all valid
   index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
+/// Deduces the storage type from the views: `specialization_inputs{view(x), ...}` needs no template argument.
+template <class U, class Layout, class... Rest>
+specialization_inputs(activation_view<U, Layout>, Rest...)
+    -> specialization_inputs<std::remove_const_t<U>, Layout>;
 
 /// Intra-layer specialization loss L = lambda * (1 / T_v) sum_t m_t sum_{s != r} c_{t,s,r}^2
 /// (Hu et al. 2026, R_sp; LOSSES.md section 3), gradient with respect to the activations h.

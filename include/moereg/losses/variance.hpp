@@ -37,6 +37,7 @@
 #include "../core/compiled.hpp"
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../backend/cpu.hpp"
@@ -68,14 +69,22 @@ struct variance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = variance_loss;  ///< the loss these inputs are for
   using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "scores";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_scores";  ///< its gradient, as errors name it
   routing_view<T> scores;  ///< S [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return scores; }
 };
+/// Deduces the storage type from the views: `variance_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+variance_inputs(matrix_view<U>, Rest...) -> variance_inputs<std::remove_const_t<U>>;
 
 /// Variance loss L_v = -gamma * (1 / E) (1 / T_v) sum_t m_t sum_e (S[t,e] - sbar_e)^2 (Guo et al. 2025;
 /// LOSSES.md section 6), gradient with respect to the routing scores S.
 struct variance_loss : loss_api<variance_loss, variance_config> {
   static constexpr const char* name = "variance_loss";  ///< in error messages
+  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const variance_inputs<T>& in) const {
@@ -83,33 +92,15 @@ struct variance_loss : loss_api<variance_loss, variance_config> {
   }
 };
 
-/// Shape checks of a variance_loss call (core/validate.hpp), for every backend.
+/// The configuration checks of variance_loss (the generic shape checks of losses/common.hpp
+/// call them): a known axis and reduction.
 template <class T>
-void validate_shapes(const char* who, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grad) {
+void validate_config(const char* who, const variance_loss& loss, const variance_inputs<T>&) {
   const auto& c = loss.cfg;
   detail::require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
-          static_cast<int>(c.axis));
+                  static_cast<int>(c.axis));
   detail::require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
-          ": unknown reduction ", static_cast<int>(c.reduction));
-  detail::check_routing(who, "scores", in.scores);
-  detail::check_mask(who, in.mask, in.scores.rows);
-  if (grad) detail::check_grad(who, "grad_scores", *grad, in.scores);
-  detail::check_stats_shape(who, reduced, loss.stats_size(in));
-}
-/// Content checks of a variance_loss call on the host: T_v is a count; the column sums of the
-/// scores may be negative (scores are not required to be probabilities).
-template <class T>
-void validate_contents(const char* who, const variance_loss&, const variance_inputs<T>&, stats_view reduced,
-                       const matrix_view<T>*) {
-  detail::check_stats_values(who, reduced, 1);
-}
-/// The memory of a variance_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const variance_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
-  f("scores", in.scores.data);
-  f("mask", in.mask.data);
-  if (grad) f("grad_scores", grad->data);
+                  ": unknown reduction ", static_cast<int>(c.reduction));
 }
 
 namespace detail {

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -45,43 +46,28 @@ struct z_loss_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = z_loss;  ///< the loss these inputs are for
   using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "logits";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_logits";  ///< its gradient, as errors name it
   routing_view<T> logits;  ///< Z [T, E]
   mask_view mask{};        ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return logits; }
 };
+/// Deduces the storage type from the views: `z_loss_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+z_loss_inputs(matrix_view<U>, Rest...) -> z_loss_inputs<std::remove_const_t<U>>;
 
 /// Router z-loss L = beta * (1 / T_v) sum_t m_t lse_t^2 (ST-MoE; LOSSES.md section 2), gradient
 /// with respect to the router logits Z.
 struct z_loss : loss_api<z_loss, z_loss_config> {
   static constexpr const char* name = "z_loss";  ///< in error messages
+  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const z_loss_inputs<T>&) const {
     return 1;
   }
 };
-
-/// Shape checks of a z_loss call (core/validate.hpp), for every backend.
-template <class T>
-void validate_shapes(const char* who, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grad) {
-  detail::check_routing(who, "logits", in.logits);
-  detail::check_mask(who, in.mask, in.logits.rows);
-  if (grad) detail::check_grad(who, "grad_logits", *grad, in.logits);
-  detail::check_stats_shape(who, reduced, loss.stats_size(in));
-}
-/// Content checks of a z_loss call on the host: the reduced T_v is a count.
-template <class T>
-void validate_contents(const char* who, const z_loss&, const z_loss_inputs<T>&, stats_view reduced,
-                       const matrix_view<T>*) {
-  detail::check_stats_values(who, reduced, 1);
-}
-/// The memory of a z_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const z_loss_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
-  f("logits", in.logits.data);
-  f("mask", in.mask.data);
-  if (grad) f("grad_logits", grad->data);
-}
 
 namespace detail {
 

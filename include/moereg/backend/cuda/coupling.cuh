@@ -416,9 +416,13 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
   }
 }
 
+}  // namespace cuda_cp
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
 template <class T>
-void run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-         const matrix_view<T>* grads, grad_options opts, double* stats_out) {
+void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
+              const matrix_view<T>* grads, grad_options opts, double* stats_out) {
+  using namespace cuda_cp;  // this loss's kernels and helpers
   using Acc = accumulator_t<T>;
   const char* who = "coupling (cuda)";
   validate(loss, in, reduced, grads, be);
@@ -495,14 +499,6 @@ void run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in
   }
 }
 
-}  // namespace cuda_cp
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T>
-void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T>& in,
-              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  cuda_cp::run(be, loss, in, reduced, grad, opts, stats_out);
-}
 template <class T>
 std::size_t cuda_workspace_bytes(const coupling_loss& loss, const coupling_inputs<T>& in) {
   workspace_carver c(nullptr);

@@ -46,7 +46,9 @@
 #include "../../core/config.hpp"
 
 #include <cmath>
+#include <cstddef>
 #include <limits>
+#include <type_traits>
 
 #include "../../core/layouts.hpp"
 #include "../../losses/orthogonality.hpp"
@@ -416,6 +418,14 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
 }
 
 /// What one run computes (views on the device).
+/// What one loss of a run reads and writes (device memory): its reduced statistics (empty =
+/// its local ones), its value and its statistics output (null = not wanted).
+struct gram_io {
+  stats_view reduced{};
+  double* value = nullptr;
+  double* stats = nullptr;
+};
+
 template <class T, class Layout>
 struct request {
   activation_view<const T, Layout> acts{};
@@ -427,8 +437,7 @@ struct request {
   bool stats_mode = false;
   const specialization_loss* sp = nullptr;
   const orthogonality_loss* orth = nullptr;
-  stats_view sp_reduced{}, orth_reduced{};
-  double *sp_value = nullptr, *orth_value = nullptr, *sp_stats = nullptr, *orth_stats = nullptr;
+  gram_io io[2]{};  // per loss: 0 specialization, 1 orthogonality
 };
 
 template <class T, class Layout>
@@ -498,12 +507,11 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
     p.or_mean = rq.orth->cfg.reduction == ortho_reduction::mean;
     p.or_kk = rq.orth->cfg.k > 0 ? rq.orth->cfg.k : rq.topk.k;
   }
-  p.reduced[0] = rq.sp_reduced.data;
-  p.reduced[1] = rq.orth_reduced.data;
-  p.value[0] = rq.sp_value;
-  p.value[1] = rq.orth_value;
-  p.stats[0] = rq.sp_stats;
-  p.stats[1] = rq.orth_stats;
+  for (int j = 0; j < 2; ++j) {
+    p.reduced[j] = rq.io[j].reduced.data;
+    p.value[j] = rq.io[j].value;
+    p.stats[j] = rq.io[j].stats;
+  }
   p.status = be.status;
 
   const dim3 block(cuda_tuning::threads);
@@ -541,6 +549,66 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
   cuda_check_launch(who, "finish kernel");
 }
 
+/// The slot of each Gram loss in a run (0 specialization, 1 orthogonality; also gram_fused's
+/// value slots) and the name its CUDA errors carry.
+template <class Loss>
+constexpr int slot_of() {
+  if constexpr (std::is_same<Loss, specialization_loss>::value) return 0;
+  else {
+    static_assert(std::is_same<Loss, orthogonality_loss>::value, "not a Gram loss");
+    return 1;
+  }
+}
+inline constexpr const char* slot_names[2] = {"specialization (cuda)", "orthogonality (cuda)"};
+
+template <class G>
+struct view_types;
+template <class T, class Layout>
+struct view_types<activation_view<T, Layout>> {
+  using storage = T;
+  using layout = Layout;
+};
+
+/// The request of `loss` alone on `in`, without outputs (all the workspace query needs).
+template <class Loss, class In, class G = grad_view_t<In>>
+request<typename view_types<G>::storage, typename view_types<G>::layout> single_request(const Loss& loss, const In& in,
+                                                                                       const G* grad) {
+  request<typename view_types<G>::storage, typename view_types<G>::layout> rq;
+  rq.acts = in.acts;
+  rq.topk = in.topk;
+  rq.mask = in.mask;
+  rq.num_experts = in.num_experts;
+  rq.grad = grad;
+  if constexpr (slot_of<Loss>() == 0) rq.sp = &loss;
+  else rq.orth = &loss;
+  return rq;
+}
+
 }  // namespace cuda_gram
+
+/// The CUDA entries (backend/cuda/api.cuh) of the Gram losses: one engine run each.
+template <class Loss>
+inline constexpr bool is_gram_loss_v =
+    std::is_same<Loss, specialization_loss>::value || std::is_same<Loss, orthogonality_loss>::value;
+
+template <class Loss, class In, class G, std::enable_if_t<is_gram_loss_v<Loss>, int> = 0>
+void cuda_run(const cuda& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts,
+              double* stats_out) {
+  constexpr int slot = cuda_gram::slot_of<Loss>();
+  const char* who = cuda_gram::slot_names[slot];
+  if constexpr (slot == 1) check_ortho_config(who, loss.cfg);
+  auto rq = cuda_gram::single_request(loss, in, grad);
+  cuda_gram::validate(who, loss.cfg.coef, loss.cfg.eps, rq, reduced, be);
+  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
+  rq.opts = opts;
+  rq.stats_mode = stats_out != nullptr;
+  rq.io[slot] = cuda_gram::gram_io{reduced, be.value, stats_out};
+  cuda_gram::run(rq, be, who);
+}
+template <class Loss, class In, std::enable_if_t<is_gram_loss_v<Loss>, int> = 0>
+std::size_t cuda_workspace_bytes(const Loss& loss, const In& in) {
+  return cuda_gram::required_bytes(cuda_gram::single_request(loss, in, static_cast<const grad_view_t<In>*>(nullptr)));
+}
+
 }  // namespace detail
 MOEREG_NAMESPACE_END

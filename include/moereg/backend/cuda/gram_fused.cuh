@@ -24,8 +24,6 @@
 
 #include "core.cuh"
 #include "gram.cuh"
-#include "orthogonality.cuh"
-#include "specialization.cuh"
 
 MOEREG_NAMESPACE_BEGIN
 
@@ -116,14 +114,14 @@ private:
     }
     rq.opts = opts;
     rq.stats_mode = stats_mode;
-    rq.sp_reduced = reduced.specialization;
-    rq.orth_reduced = reduced.orthogonality;
+    rq.io[slot_specialization].reduced = reduced.specialization;
+    rq.io[slot_orthogonality].reduced = reduced.orthogonality;
     if (be.value != nullptr) {
-      rq.sp_value = be.value + slot_specialization;
-      rq.orth_value = be.value + slot_orthogonality;
+      rq.io[slot_specialization].value = be.value + slot_specialization;
+      rq.io[slot_orthogonality].value = be.value + slot_orthogonality;
     }
-    rq.sp_stats = out.specialization;
-    rq.orth_stats = out.orthogonality;
+    rq.io[slot_specialization].stats = out.specialization;
+    rq.io[slot_orthogonality].stats = out.orthogonality;
     detail::cuda_check_pointer(who, "statistics output", out.specialization, be);
     detail::cuda_check_pointer(who, "statistics output", out.orthogonality, be);
     detail::cuda_gram::run(rq, be, who);

@@ -60,20 +60,11 @@ index_t sequences(const load_balancing_loss& loss, const load_balancing_inputs<T
   return in.cu_seqlens.size > 0 ? in.cu_seqlens.size - 1 : 0;
 }
 
-template <class T>
-cuda_router::request<T> engine_request(const load_balancing_loss& loss, const load_balancing_inputs<T>& in) {
-  cuda_router::request<T> rq;
-  rq.probs = in.probs;
-  rq.topk = in.topk;
-  rq.mask = in.mask;
-  rq.lb = &loss;
-  return rq;
-}
 
 /// Host-side checks: every backend's shape checks and the device pointers (no device memory read).
 template <class T>
 void validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-              const matrix_view<T>* grad, const cuda& be) {
+               const matrix_view<T>* grad, const cuda& be) {
   const char* who = "load_balancing (cuda)";
   cuda_validate(who, loss, in, reduced, grad, be);
   require(sequences(loss, in) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
@@ -174,10 +165,14 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
   publish(value, status, static_cast<double>(inv_b * pairwise_sum(ws.seq_values, B)), flags);
 }
 
-/// The whole call; `stats_out` non-null: local statistics instead of value and gradient.
+}  // namespace cuda_lb
+
+// This loss's entries for the CUDA front end (backend/cuda/api.cuh). The whole call;
+// `stats_out` non-null: local statistics instead of value and gradient.
 template <class T>
-void run(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-         const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
+              const matrix_view<T>* grad, grad_options opts, double* stats_out) {
+  using namespace cuda_lb;  // this loss's kernels and helpers
   using Acc = accumulator_t<T>;
   const char* who = "load_balancing (cuda)";
   validate(loss, in, reduced, grad, be);
@@ -186,14 +181,7 @@ void run(const cuda& be, const load_balancing_loss& loss, const load_balancing_i
     cuda_check_pointer(who, "statistics output", stats_out, be);
   }
   if (loss.cfg.scope != lb_scope::sequence) {
-    auto rq = engine_request(loss, in);
-    rq.stats_mode = stats_out != nullptr;
-    rq.lb_reduced = reduced;
-    rq.lb_value = be.value;
-    rq.lb_stats = stats_out;
-    if (grad != nullptr) rq.grad_probs = *grad, rq.want_grad_probs = true;
-    rq.opts = opts;
-    cuda_router::run(rq, be, who);
+    cuda_router::run_single(be, loss, in, reduced, grad, opts, stats_out);
     return;
   }
   const index_t E = in.probs.cols, B = sequences(loss, in);
@@ -216,18 +204,10 @@ void run(const cuda& be, const load_balancing_loss& loss, const load_balancing_i
   cuda_check_launch(who, "sequence finish kernel");
 }
 
-}  // namespace cuda_lb
-
-// This loss's entries for the CUDA front end (backend/cuda/api.cuh).
-template <class T>
-void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
-              stats_view reduced, const matrix_view<T>* grad, grad_options opts, double* stats_out) {
-  cuda_lb::run(be, loss, in, reduced, grad, opts, stats_out);
-}
 template <class T>
 std::size_t cuda_workspace_bytes(const load_balancing_loss& loss, const load_balancing_inputs<T>& in) {
   if (loss.cfg.scope != lb_scope::sequence)
-    return cuda_router::required_bytes(cuda_lb::engine_request(loss, in));
+    return cuda_router::required_bytes(cuda_router::single_request(loss, in));
   workspace_carver c(nullptr);
   const index_t B = cuda_lb::sequences(loss, in);
   (void)cuda_lb::carve_seq<accumulator_t<T>>(c, B > 0 ? B : 0, in.probs.cols > 0 ? in.probs.cols : 0);

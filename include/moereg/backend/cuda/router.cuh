@@ -26,7 +26,9 @@
 #include "../../core/config.hpp"
 
 #include <cmath>
+#include <cstddef>
 #include <limits>
+#include <type_traits>
 
 #include "../../losses/entropy.hpp"
 #include "../../losses/importance.hpp"
@@ -38,6 +40,17 @@
 MOEREG_NAMESPACE_BEGIN
 namespace detail {
 namespace cuda_router {
+
+/// The engine's slot of each loss; also the value slots of router_fused.
+enum router_slot : int { slot_lb = 0, slot_z = 1, slot_ent = 2, slot_var = 3, slot_imp = 4, router_slots = 5 };
+
+/// What one loss of a run reads and writes (device memory): its reduced statistics (empty =
+/// its local ones), its value and its statistics output (null = not wanted).
+struct router_io {
+  stats_view reduced{};
+  double* value = nullptr;
+  double* stats = nullptr;
+};
 
 /// What one engine run computes. Views point to device memory; null value/stats pointers
 /// mean "not wanted".
@@ -58,10 +71,7 @@ struct request {
   const entropy_loss* ent = nullptr;
   const variance_loss* var = nullptr;
   const importance_loss* imp = nullptr;
-  // Per loss: reduced statistics (device), value slot (device), statistics output (device).
-  stats_view lb_reduced{}, z_reduced{}, ent_reduced{}, var_reduced{}, imp_reduced{};
-  double *lb_value = nullptr, *z_value = nullptr, *ent_value = nullptr, *var_value = nullptr, *imp_value = nullptr;
-  double *lb_stats = nullptr, *z_stats = nullptr, *ent_stats = nullptr, *var_stats = nullptr, *imp_stats = nullptr;
+  router_io io[router_slots]{};  // per loss, by slot
 
   bool p_losses() const { return lb != nullptr || ent != nullptr || var != nullptr || imp != nullptr; }
   index_t rows() const { return p_losses() ? probs.rows : logits.rows; }
@@ -97,9 +107,9 @@ struct plan {
   double var_coef, var_gs;
   bool var_tokens, var_mean;
   double imp_coef, imp_gs;
-  const double *lb_red, *z_red, *ent_red, *var_red, *imp_red;
-  double *lb_value, *z_value, *ent_value, *var_value, *imp_value;
-  double *lb_stats, *z_stats, *ent_stats, *var_stats, *imp_stats;
+  const double* red[router_slots];  // per loss, by slot: reduced statistics, value, statistics output
+  double* value[router_slots];
+  double* stats[router_slots];
   int* status;
 };
 
@@ -254,38 +264,38 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
 
   if (p.lb) {
     int f = topk_flags;
-    if (p.lb_red != nullptr) f |= block_check_stats(p.lb_red, 1 + E, 1 + E, &word);
+    if (p.red[slot_lb] != nullptr) f |= block_check_stats(p.red[slot_lb], 1 + E, 1 + E, &word);
     if (p.stats_mode) {
-      if (p.lb_stats != nullptr) {
-        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.lb_stats[e + 1] = static_cast<double>(w.count_total[e]);
-        if (tid == 0) p.lb_stats[0] = f != 0 ? nan : static_cast<double>(tv_local);
+      if (p.stats[slot_lb] != nullptr) {
+        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_lb][e + 1] = static_cast<double>(w.count_total[e]);
+        if (tid == 0) p.stats[slot_lb][0] = f != 0 ? nan : static_cast<double>(tv_local);
       }
     } else {
-      const double tv_f = p.lb_red != nullptr ? p.lb_red[0] : static_cast<double>(tv_local);
+      const double tv_f = p.red[slot_lb] != nullptr ? p.red[slot_lb][0] : static_cast<double>(tv_local);
       const double tv_p = p.lb_global ? static_cast<double>(tv_local) : tv_f;
       for (index_t e = tid; e < E; e += cuda_tuning::threads) {
-        const double cnt = p.lb_red != nullptr ? p.lb_red[e + 1] : static_cast<double>(w.count_total[e]);
+        const double cnt = p.red[slot_lb] != nullptr ? p.red[slot_lb][e + 1] : static_cast<double>(w.count_total[e]);
         const auto r = lb_expert(cnt, tv_f, tv_p, w.colsum_total[e], p.lb_k, p.lb_alpha_e, p.lb_gs);
         w.lb_terms[e] = r.term;
         w.coeff[e] = f != 0 ? acc_nan<Acc>() : r.coeff;
       }
       __syncthreads();
-      if (tid == 0) publish(p.lb_value, nullptr, static_cast<double>(p.lb_alpha_e * pairwise_sum(w.lb_terms, E)), f);
+      if (tid == 0) publish(p.value[slot_lb], nullptr, static_cast<double>(p.lb_alpha_e * pairwise_sum(w.lb_terms, E)), f);
     }
     sc.flags_lb = f;
   }
 
   if (p.imp) {
     int f = 0;
-    if (p.imp_red != nullptr) f |= block_check_stats(p.imp_red, E, 0, &word);
+    if (p.red[slot_imp] != nullptr) f |= block_check_stats(p.red[slot_imp], E, 0, &word);
     if (p.stats_mode) {
-      if (p.imp_stats != nullptr)
-        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.imp_stats[e] = static_cast<double>(w.colsum_total[e]);
+      if (p.stats[slot_imp] != nullptr)
+        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_imp][e] = static_cast<double>(w.colsum_total[e]);
     } else {
       for (index_t e = tid; e < E; e += cuda_tuning::threads)
-        w.imp[e] = p.imp_red != nullptr ? static_cast<Acc>(p.imp_red[e]) : w.colsum_total[e];
+        w.imp[e] = p.red[slot_imp] != nullptr ? static_cast<Acc>(p.red[slot_imp][e]) : w.colsum_total[e];
       __syncthreads();
-      const bool any = p.imp_red != nullptr || tv_local > 0;
+      const bool any = p.red[slot_imp] != nullptr || tv_local > 0;
       const Acc Ea = static_cast<Acc>(E);
       if (tid == 0) shared_acc[0] = E > 0 ? pairwise_sum(w.imp, E) / Ea : Acc(0);
       __syncthreads();
@@ -308,34 +318,34 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
         if (f != 0) c = acc_nan<Acc>();
         w.coeff[e] = p.lb ? w.coeff[e] + c : c;
       }
-      if (tid == 0) publish(p.imp_value, nullptr, active ? static_cast<double>(wc * var / mu2) : 0.0, f);
+      if (tid == 0) publish(p.value[slot_imp], nullptr, active ? static_cast<double>(wc * var / mu2) : 0.0, f);
     }
     sc.flags_imp = f;
   }
 
   if (p.var) {
     int f = 0;
-    if (p.var_red != nullptr) f |= block_check_stats(p.var_red, p.var_tokens ? 1 + E : 1, 1, &word);
+    if (p.red[slot_var] != nullptr) f |= block_check_stats(p.red[slot_var], p.var_tokens ? 1 + E : 1, 1, &word);
     if (p.stats_mode) {
-      if (p.var_stats != nullptr) {
+      if (p.stats[slot_var] != nullptr) {
         if (p.var_tokens)
-          for (index_t e = tid; e < E; e += cuda_tuning::threads) p.var_stats[e + 1] = static_cast<double>(w.colsum_total[e]);
-        if (tid == 0) p.var_stats[0] = static_cast<double>(tv_local);
+          for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_var][e + 1] = static_cast<double>(w.colsum_total[e]);
+        if (tid == 0) p.stats[slot_var][0] = static_cast<double>(tv_local);
       }
     } else {
       double tv = 0;
       if (p.var_tokens) {
-        if (p.var_red != nullptr) {
-          tv = p.var_red[0];
+        if (p.red[slot_var] != nullptr) {
+          tv = p.red[slot_var][0];
           for (index_t e = tid; e < E; e += cuda_tuning::threads)
-            w.sbar[e] = tv > 0 ? static_cast<Acc>(p.var_red[e + 1] / tv) : Acc(0);
+            w.sbar[e] = tv > 0 ? static_cast<Acc>(p.red[slot_var][e + 1] / tv) : Acc(0);
         } else {
           tv = static_cast<double>(tv_local);
           const Acc inv = tv_local > 0 ? Acc(1) / static_cast<Acc>(tv_local) : Acc(0);
           for (index_t e = tid; e < E; e += cuda_tuning::threads) w.sbar[e] = w.colsum_total[e] * inv;
         }
       } else {
-        tv = p.var_red != nullptr ? p.var_red[0] : static_cast<double>(tv_local);
+        tv = p.red[slot_var] != nullptr ? p.red[slot_var][0] : static_cast<double>(tv_local);
       }
       const bool active = tv > 0 && (p.var_tokens || E != 1);
       if (active) {
@@ -353,11 +363,11 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
 
   if (p.z) {
     int f = 0;
-    if (p.z_red != nullptr) f |= block_check_stats(p.z_red, 1, 1, &word);
+    if (p.red[slot_z] != nullptr) f |= block_check_stats(p.red[slot_z], 1, 1, &word);
     if (p.stats_mode) {
-      if (p.z_stats != nullptr && tid == 0) p.z_stats[0] = static_cast<double>(tv_local);
+      if (p.stats[slot_z] != nullptr && tid == 0) p.stats[slot_z][0] = static_cast<double>(tv_local);
     } else {
-      const double tv = p.z_red != nullptr ? p.z_red[0] : static_cast<double>(tv_local);
+      const double tv = p.red[slot_z] != nullptr ? p.red[slot_z][0] : static_cast<double>(tv_local);
       sc.z_inv_tv = tv > 0 ? static_cast<Acc>(1.0 / tv) : Acc(0);
       sc.z_gcoef = f != 0 ? acc_nan<Acc>() : p.z_gs * p.z_beta * Acc(2) * sc.z_inv_tv;
     }
@@ -366,11 +376,11 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
 
   if (p.ent) {
     int f = 0;
-    if (p.ent_red != nullptr) f |= block_check_stats(p.ent_red, 1, 1, &word);
+    if (p.red[slot_ent] != nullptr) f |= block_check_stats(p.red[slot_ent], 1, 1, &word);
     if (p.stats_mode) {
-      if (p.ent_stats != nullptr && tid == 0) p.ent_stats[0] = static_cast<double>(tv_local);
+      if (p.stats[slot_ent] != nullptr && tid == 0) p.stats[slot_ent][0] = static_cast<double>(tv_local);
     } else {
-      const double tv = p.ent_red != nullptr ? p.ent_red[0] : static_cast<double>(tv_local);
+      const double tv = p.red[slot_ent] != nullptr ? p.red[slot_ent][0] : static_cast<double>(tv_local);
       const bool any = tv > 0;
       sc.ent_any = any ? 1 : 0;
       sc.ent_inv_tv = any ? static_cast<Acc>(1.0 / tv) : Acc(0);
@@ -476,10 +486,10 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish2_kernel(plan<T, A
   block_column_sums(w.row_partials, nb3, 3, sums, scratch);
   if (threadIdx.x != 0) return;
   const scalars<Acc> sc = *w.sc;
-  if (p.z) publish(p.z_value, nullptr, static_cast<double>(p.z_beta * sc.z_inv_tv * sums[0]), sc.flags_z);
-  if (p.ent) publish(p.ent_value, nullptr, static_cast<double>(p.ent_eta * sc.ent_inv_tv * sums[1]), sc.flags_ent);
+  if (p.z) publish(p.value[slot_z], nullptr, static_cast<double>(p.z_beta * sc.z_inv_tv * sums[0]), sc.flags_z);
+  if (p.ent) publish(p.value[slot_ent], nullptr, static_cast<double>(p.ent_eta * sc.ent_inv_tv * sums[1]), sc.flags_ent);
   if (p.var)
-    publish(p.var_value, nullptr, sc.var_active != 0 ? static_cast<double>(sc.var_vc * sums[2]) : 0.0, sc.flags_var);
+    publish(p.value[slot_var], nullptr, sc.var_active != 0 ? static_cast<double>(sc.var_vc * sums[2]) : 0.0, sc.flags_var);
 }
 
 /// Enqueues the run. Shapes were validated by the caller (each loss's own checks).
@@ -509,8 +519,8 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
   p.var = rq.var != nullptr;
   p.imp = rq.imp != nullptr;
   p.need_counts = p.lb;
-  p.need_colsum = (p.lb && !rq.stats_mode) || (p.imp && (rq.stats_mode || rq.imp_reduced.empty())) ||
-                  (p.var && rq.var->cfg.axis == variance_axis::tokens && (rq.stats_mode || rq.var_reduced.empty()));
+  p.need_colsum = (p.lb && !rq.stats_mode) || (p.imp && (rq.stats_mode || rq.io[slot_imp].reduced.empty())) ||
+                  (p.var && rq.var->cfg.axis == variance_axis::tokens && (rq.stats_mode || rq.io[slot_var].reduced.empty()));
   p.coeff_any = p.lb || p.imp;
   const double gs = rq.opts.grad_scale;
   if (p.lb) {
@@ -541,21 +551,11 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
     p.imp_coef = rq.imp->cfg.coef;
     p.imp_gs = gs;
   }
-  p.lb_red = rq.lb_reduced.data;
-  p.z_red = rq.z_reduced.data;
-  p.ent_red = rq.ent_reduced.data;
-  p.var_red = rq.var_reduced.data;
-  p.imp_red = rq.imp_reduced.data;
-  p.lb_value = rq.lb_value;
-  p.z_value = rq.z_value;
-  p.ent_value = rq.ent_value;
-  p.var_value = rq.var_value;
-  p.imp_value = rq.imp_value;
-  p.lb_stats = rq.lb_stats;
-  p.z_stats = rq.z_stats;
-  p.ent_stats = rq.ent_stats;
-  p.var_stats = rq.var_stats;
-  p.imp_stats = rq.imp_stats;
+  for (int i = 0; i < router_slots; ++i) {
+    p.red[i] = rq.io[i].reduced.data;
+    p.value[i] = rq.io[i].value;
+    p.stats[i] = rq.io[i].stats;
+  }
   p.status = be.status;
 
   const index_t T_ = p.rows;
@@ -583,6 +583,91 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// One router loss alone: what the z-loss, entropy, variance, importance and (outside the
+// sequence scope) load balancing need from the engine.
+// ---------------------------------------------------------------------------------------
+
+/// The engine's slot of each router loss.
+template <class Loss>
+constexpr int slot_of() {
+  if constexpr (std::is_same<Loss, load_balancing_loss>::value) return slot_lb;
+  else if constexpr (std::is_same<Loss, z_loss>::value) return slot_z;
+  else if constexpr (std::is_same<Loss, entropy_loss>::value) return slot_ent;
+  else if constexpr (std::is_same<Loss, variance_loss>::value) return slot_var;
+  else {
+    static_assert(std::is_same<Loss, importance_loss>::value, "not a router loss");
+    return slot_imp;
+  }
+}
+
+/// The name the CUDA errors of each router loss carry, by slot.
+inline constexpr const char* slot_names[router_slots] = {"load_balancing (cuda)", "z_loss (cuda)", "entropy (cuda)",
+                                                         "variance (cuda)", "importance (cuda)"};
+
+/// Puts a loss and its inputs into a request: the loss's pointer and the matrices it reads.
+template <class T, class Loss, class In>
+void bind(request<T>& rq, const Loss& l, const In& in) {
+  rq.mask = in.mask;
+  if constexpr (std::is_same<Loss, load_balancing_loss>::value) rq.lb = &l, rq.probs = in.probs, rq.topk = in.topk;
+  else if constexpr (std::is_same<Loss, z_loss>::value) rq.z = &l, rq.logits = in.logits;
+  else if constexpr (std::is_same<Loss, entropy_loss>::value) rq.ent = &l, rq.probs = in.probs;
+  else if constexpr (std::is_same<Loss, variance_loss>::value) rq.var = &l, rq.probs = in.scores;
+  else rq.imp = &l, rq.probs = in.probs;
+}
+
+template <class M>
+struct storage_of;
+template <class T>
+struct storage_of<matrix_view<T>> {
+  using type = T;
+};
+
+/// The request of `loss` alone on `in`, without outputs (all the workspace query needs).
+template <class Loss, class In>
+request<typename storage_of<grad_view_t<In>>::type> single_request(const Loss& loss, const In& in) {
+  request<typename storage_of<grad_view_t<In>>::type> rq;
+  bind(rq, loss, in);
+  return rq;
+}
+
+/// Runs `loss` alone (its arguments already validated): the value into *be.value and the
+/// gradient, or with `stats_out` its local statistics.
+template <class Loss, class In, class G>
+void run_single(const cuda& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts,
+                double* stats_out) {
+  auto rq = single_request(loss, in);
+  rq.io[slot_of<Loss>()] = router_io{reduced, be.value, stats_out};
+  rq.stats_mode = stats_out != nullptr;
+  if (grad != nullptr) {
+    if constexpr (std::is_same<Loss, z_loss>::value) rq.grad_logits = *grad, rq.want_grad_logits = true;
+    else rq.grad_probs = *grad, rq.want_grad_probs = true;
+  }
+  rq.opts = opts;
+  run(rq, be, slot_names[slot_of<Loss>()]);
+}
+
 }  // namespace cuda_router
+
+/// The CUDA entries (backend/cuda/api.cuh) of the router losses that are one engine run: the
+/// z-loss, entropy, variance and importance. (Load balancing has its own: the sequence scope.)
+template <class Loss>
+inline constexpr bool is_single_router_loss_v =
+    std::is_same<Loss, z_loss>::value || std::is_same<Loss, entropy_loss>::value ||
+    std::is_same<Loss, variance_loss>::value || std::is_same<Loss, importance_loss>::value;
+
+template <class Loss, class In, class G, std::enable_if_t<is_single_router_loss_v<Loss>, int> = 0>
+void cuda_run(const cuda& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts,
+              double* stats_out) {
+  const char* who = cuda_router::slot_names[cuda_router::slot_of<Loss>()];
+  cuda_validate(who, loss, in, reduced, grad, be);
+  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
+  cuda_router::run_single(be, loss, in, reduced, grad, opts, stats_out);
+}
+template <class Loss, class In, std::enable_if_t<is_single_router_loss_v<Loss>, int> = 0>
+std::size_t cuda_workspace_bytes(const Loss& loss, const In& in) {
+  return cuda_router::required_bytes(cuda_router::single_request(loss, in));
+}
+
 }  // namespace detail
 MOEREG_NAMESPACE_END

@@ -32,12 +32,8 @@
 #include <cstddef>
 
 #include "core.cuh"
-#include "entropy.cuh"
-#include "importance.cuh"
 #include "load_balancing.cuh"
 #include "router.cuh"
-#include "variance.cuh"
-#include "z_loss.cuh"
 
 MOEREG_NAMESPACE_BEGIN
 
@@ -77,8 +73,9 @@ struct router_fused {
 
   /// Index of each loss's value in be.value[], and their number.
   ///@{
-  static constexpr int slot_load_balancing = 0, slot_z = 1, slot_entropy = 2, slot_variance = 3,
-                       slot_importance = 4, slots = 5;
+  static constexpr int slot_load_balancing = detail::cuda_router::slot_lb, slot_z = detail::cuda_router::slot_z,
+                       slot_entropy = detail::cuda_router::slot_ent, slot_variance = detail::cuda_router::slot_var,
+                       slot_importance = detail::cuda_router::slot_imp, slots = detail::cuda_router::router_slots;
   ///@}
 
   /// Bytes of workspace value_and_grad and local_stats need for these inputs.
@@ -97,17 +94,11 @@ struct router_fused {
     const bool gp = grad_probs.data != nullptr && rq.p_losses();
     const bool gz = grad_logits.data != nullptr && z != nullptr;
     validate(in, reduced, gp ? &grad_probs : nullptr, gz ? &grad_logits : nullptr, be);
-    rq.lb_reduced = reduced.load_balancing;
-    rq.z_reduced = reduced.z;
-    rq.ent_reduced = reduced.entropy;
-    rq.var_reduced = reduced.variance;
-    rq.imp_reduced = reduced.importance;
-    if (be.value != nullptr) {
-      rq.lb_value = be.value + slot_load_balancing;
-      rq.z_value = be.value + slot_z;
-      rq.ent_value = be.value + slot_entropy;
-      rq.var_value = be.value + slot_variance;
-      rq.imp_value = be.value + slot_importance;
+    const stats_view red[slots] = {reduced.load_balancing, reduced.z, reduced.entropy, reduced.variance,
+                                   reduced.importance};
+    for (int i = 0; i < slots; ++i) {
+      rq.io[i].reduced = red[i];
+      if (be.value != nullptr) rq.io[i].value = be.value + i;
     }
     rq.grad_probs = grad_probs;
     rq.want_grad_probs = gp;
@@ -131,13 +122,11 @@ struct router_fused {
     const char* who = "router_fused (cuda)";
     auto rq = request(in);
     rq.stats_mode = true;
-    rq.lb_stats = out.load_balancing;
-    rq.z_stats = out.z;
-    rq.ent_stats = out.entropy;
-    rq.var_stats = out.variance;
-    rq.imp_stats = out.importance;
-    for (const double* p : {out.load_balancing, out.z, out.entropy, out.variance, out.importance})
-      detail::cuda_check_pointer(who, "statistics output", p, be);
+    double* const outs[slots] = {out.load_balancing, out.z, out.entropy, out.variance, out.importance};
+    for (int i = 0; i < slots; ++i) {
+      rq.io[i].stats = outs[i];
+      detail::cuda_check_pointer(who, "statistics output", outs[i], be);
+    }
     detail::cuda_router::run(rq, be, who);
   }
 
