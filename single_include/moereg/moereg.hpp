@@ -2564,6 +2564,7 @@ MOEREG_NAMESPACE_END
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if MOEREG_HAS_AVX512
@@ -3628,22 +3629,36 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
 
 }  // namespace detail
 
-/// Shape checks of a specialization_loss call (core/validate.hpp), for every backend.
-template <class T, class Layout>
-void validate_shapes(const char* who, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-                     stats_view reduced, const activation_view<T, Layout>* grad) {
+namespace detail {
+/// Inputs of a Gram-based loss (specialization, orthogonality): activations in a layout, topk,
+/// mask and num_experts.
+template <class In, class = void>
+struct is_gram_inputs : std::false_type {};
+template <class In>
+struct is_gram_inputs<In, std::void_t<decltype(std::declval<const In&>().acts.layout),
+                                      decltype(std::declval<const In&>().num_experts)>> : std::true_type {};
+template <class In>
+using enable_gram_inputs = std::enable_if_t<is_gram_inputs<In>::value, int>;
+}  // namespace detail
+
+/// Shape checks of a Gram-based loss call (core/validate.hpp), for every backend: the loss's
+/// own configuration checks (validate_config), then check_gram_shapes.
+template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
+void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced,
+                     const detail::grad_view_t<In>* grad) {
+  validate_config(who, loss, in);
   detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
                             reduced);
 }
-/// Content checks of a specialization_loss call on the host.
-template <class T, class Layout>
-void validate_contents(const char* who, const specialization_loss&, const specialization_inputs<T, Layout>& in,
-                       stats_view reduced, const activation_view<T, Layout>* grad) {
+/// Content checks of a Gram-based loss call on the host.
+template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
+void validate_contents(const char* who, const Loss&, const In& in, stats_view reduced,
+                       const detail::grad_view_t<In>* grad) {
   detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
 }
-/// The memory of a specialization_loss call, by name, for a backend's pointer checks.
-template <class T, class Layout, class F>
-void for_each_buffer(const specialization_inputs<T, Layout>& in, const activation_view<T, Layout>* grad, F&& f) {
+/// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
+template <class In, class F, detail::enable_gram_inputs<In> = 0>
+void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
   detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
 }
 
@@ -3791,24 +3806,11 @@ inline void check_ortho_config(const char* who, const orthogonality_config& c) {
 }
 }  // namespace detail
 
-/// Shape checks of an orthogonality_loss call (core/validate.hpp), for every backend.
+/// The configuration checks of orthogonality_loss, run by the Gram losses' shape checks
+/// (specialization.hpp) on every backend.
 template <class T, class Layout>
-void validate_shapes(const char* who, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-                     stats_view reduced, const activation_view<T, Layout>* grad) {
+void validate_config(const char* who, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>&) {
   detail::check_ortho_config(who, loss.cfg);
-  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
-                            reduced);
-}
-/// Content checks of an orthogonality_loss call on the host.
-template <class T, class Layout>
-void validate_contents(const char* who, const orthogonality_loss&, const orthogonality_inputs<T, Layout>& in,
-                       stats_view reduced, const activation_view<T, Layout>* grad) {
-  detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
-}
-/// The memory of an orthogonality_loss call, by name, for a backend's pointer checks.
-template <class T, class Layout, class F>
-void for_each_buffer(const orthogonality_inputs<T, Layout>& in, const activation_view<T, Layout>* grad, F&& f) {
-  detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
 }
 
 /// CPU backend of orthogonality_loss::local_stats() (found by ADL): validates, then writes the statistics

@@ -118,24 +118,11 @@ inline void check_ortho_config(const char* who, const orthogonality_config& c) {
 }
 }  // namespace detail
 
-/// Shape checks of an orthogonality_loss call (core/validate.hpp), for every backend.
+/// The configuration checks of orthogonality_loss, run by the Gram losses' shape checks
+/// (specialization.hpp) on every backend.
 template <class T, class Layout>
-void validate_shapes(const char* who, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-                     stats_view reduced, const activation_view<T, Layout>* grad) {
+void validate_config(const char* who, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>&) {
   detail::check_ortho_config(who, loss.cfg);
-  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
-                            reduced);
-}
-/// Content checks of an orthogonality_loss call on the host.
-template <class T, class Layout>
-void validate_contents(const char* who, const orthogonality_loss&, const orthogonality_inputs<T, Layout>& in,
-                       stats_view reduced, const activation_view<T, Layout>* grad) {
-  detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
-}
-/// The memory of an orthogonality_loss call, by name, for a backend's pointer checks.
-template <class T, class Layout, class F>
-void for_each_buffer(const orthogonality_inputs<T, Layout>& in, const activation_view<T, Layout>* grad, F&& f) {
-  detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
 }
 
 /// CPU backend of orthogonality_loss::local_stats() (found by ADL): validates, then writes the statistics
