@@ -27,6 +27,7 @@
 
 #include <torch/torch.h>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/load_balancing.hpp>
 #include <moereg/losses/specialization.hpp>
 

@@ -24,5 +24,6 @@
 #include "losses/variance.hpp"
 #include "losses/entropy.hpp"
 #include "losses/importance.hpp"
+#include "losses/fuse.hpp"
 #include "losses/bias_update.hpp"
 #include "metrics.hpp"

@@ -504,7 +504,7 @@ struct stats_view {
   constexpr bool empty() const { return data == nullptr; }
 };
 
-// The CPU backend's name (defined in backend/cpu.hpp, which every loss header brings).
+// The CPU backend's name (defined in backend/cpu/executor.hpp; include <moereg/backend/cpu.hpp>).
 struct cpu;
 
 namespace detail {
@@ -1179,13 +1179,86 @@ MOEREG_NAMESPACE_END
 // ---- end moereg/core/stats.hpp ----
 
 // ---- begin moereg/backend/cpu.hpp ----
-// The CPU executor: parallel loops over fixed-size blocks of tokens, and reductions of
-// per-block partial results in a fixed order.
+// The CPU backend: the executor (threads, blocks, element access), the row engine that runs
+// every loss on one routing matrix (load balancing, z-loss, entropy, importance, variance, and
+// any loss described the same way, alone or fused), and the segmented engine of the
+// load-balancing sequence scope. The Gram losses (specialization, orthogonality) and the
+// coupling loss bring their own executors with their headers.
+//
+// With moereg::compiled (core/compiled.hpp) the router losses' CPU entry points are declared
+// extern here, so that a unit including this header does not instantiate them again.
+
+// ---- begin moereg/core/compiled.hpp ----
+// The optional compiled library (CMake target moereg::compiled), the way fmt offers one beside
+// its header-only mode. It holds explicit instantiations of every loss's CPU execute() and
+// execute_stats() for the four storage types (float, double, moereg::half, moereg::bfloat16)
+// and, for the activation losses, the three layouts (token_major, expert_grouped,
+// capacity_padded). A translation unit that links moereg::compiled sees them declared
+// `extern template` at the end of each loss header, so it compiles only the thin front end and
+// calls the library's copy: the kernels are compiled once, in the library.
+//
+// The target defines MOEREG_COMPILED=1 and the configuration it was built with
+// (MOEREG_COMPILED_OPENMP, MOEREG_COMPILED_AVX512; the library's own sources refuse to build
+// when their configuration differs from the one they declare). A unit whose own configuration
+// differs (built with -march=native against a portable library, say) gets no extern
+// declarations and instantiates the headers as usual: it links and computes the same, only its
+// compile time is not saved. Other storage types, layouts and the CUDA backend are always
+// header-only.
+
+
+#if defined(MOEREG_COMPILED) && MOEREG_COMPILED && !defined(__CUDACC__) && \
+    MOEREG_HAS_OPENMP == MOEREG_COMPILED_OPENMP && MOEREG_HAS_AVX512 == MOEREG_COMPILED_AVX512
+#define MOEREG_DETAIL_USE_COMPILED 1
+#else
+#define MOEREG_DETAIL_USE_COMPILED 0
+#endif
+
+// X(T, args...) for every storage type the library instantiates.
+#define MOEREG_DETAIL_FOR_STORAGE(X, ...) \
+  X(float, __VA_ARGS__) X(double, __VA_ARGS__) X(half, __VA_ARGS__) X(bfloat16, __VA_ARGS__)
+
+// The CPU entry points of a router-side loss (inputs Inputs<T>, gradient matrix_view<T>):
+// declared with kw = `extern template`, defined with kw = `template`. The template arguments
+// are deduced, so the entry may be the row engine's generic one (backend/cpu/row_engine.hpp)
+// or a loss's own.
+#define MOEREG_DETAIL_ROUTER_ENTRY(T, kw, Loss, Inputs)                                                    \
+  kw double execute(const cpu&, const Loss&, const Inputs<T>&, stats_view, const matrix_view<T>*, grad_options); \
+  kw void execute_stats(const cpu&, const Loss&, const Inputs<T>&, double*);
+
+// The CPU entry points of an activation loss (inputs Inputs<T, Layout>) for one layout, then
+// for the three layouts.
+#define MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, Layout)                                        \
+  kw double execute<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view,                \
+                               const activation_view<T, Layout>*, grad_options);                             \
+  kw void execute_stats<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, double*);
+#define MOEREG_DETAIL_ACTIVATION_ENTRY(T, kw, Loss, Inputs)                  \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, token_major)        \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, expert_grouped)     \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, capacity_padded)
+
+// At the end of a loss header (inside the moereg namespace): the extern declarations, when
+// this unit uses the compiled library.
+#if MOEREG_DETAIL_USE_COMPILED
+#define MOEREG_DETAIL_EXTERN_ROUTER(Loss, Inputs) \
+  MOEREG_DETAIL_FOR_STORAGE(MOEREG_DETAIL_ROUTER_ENTRY, extern template, Loss, Inputs)
+#define MOEREG_DETAIL_EXTERN_ACTIVATION(Loss, Inputs) \
+  MOEREG_DETAIL_FOR_STORAGE(MOEREG_DETAIL_ACTIVATION_ENTRY, extern template, Loss, Inputs)
+#else
+#define MOEREG_DETAIL_EXTERN_ROUTER(Loss, Inputs)
+#define MOEREG_DETAIL_EXTERN_ACTIVATION(Loss, Inputs)
+#endif
+// ---- end moereg/core/compiled.hpp ----
+
+// ---- begin moereg/backend/cpu/executor.hpp ----
+// The CPU executor (include <moereg/backend/cpu.hpp>): the backend value `cpu`, parallel loops
+// over fixed-size blocks of tokens, reductions of per-block partial results in a fixed order,
+// and the row helpers every CPU engine uses.
 //
 // Determinism: blocks have a fixed size that does not depend on the thread count, each block
 // is processed sequentially by one thread, and block partials are combined by a pairwise sum
 // in block order. The same inputs therefore give bitwise the same value and gradient for any
 // number of threads and on every run.
+
 
 #include <algorithm>
 #include <type_traits>
@@ -1328,31 +1401,57 @@ MOEREG_FORCEINLINE void put_grad_row(const matrix_view<T>& g, index_t t, Acc c, 
 
 }  // namespace detail
 MOEREG_NAMESPACE_END
-// ---- end moereg/backend/cpu.hpp ----
-// ---- begin moereg/chain.hpp ----
-// Chain helpers (LOSSES.md section 7): carry a gradient with respect to router
-// probabilities back to the router logits, so a loss on P can be added to the router's
-// gradient.
+// ---- end moereg/backend/cpu/executor.hpp ----
+// ---- begin moereg/backend/cpu/row_engine.hpp ----
+// The CPU engine of the row losses: every loss that reads one [T, E] matrix row by row (load
+// balancing in the micro and global scopes, z-loss, entropy, importance, variance, and any
+// loss a user describes the same way). It knows no loss: a loss describes itself by a row
+// kernel (below), and the engine runs any tuple of kernels in one go, so that fusing losses
+// (losses/fuse.hpp) is running several kernels in one pass. Include <moereg/backend/cpu.hpp>,
+// not this file.
 //
-//   softmax:   P = softmax(Z) row-wise,          dZ = P * (dP - rowsum(P * dP))
-//   sigmoid:   S = sigmoid(Z) / rowsum(sigmoid(Z)) (normalised over all E experts of the row),
-//              dZ = S * (1 - sigmoid(Z)) * (dS - rowsum(S * dS))
+// A row kernel is what make_row_kernel(loss, inputs, opts) returns (found by argument-dependent
+// lookup; each loss header defines one). Acc is its accumulator type, x a valid row of its
+// matrix converted to Acc and contiguous, g the row of the gradient it adds into:
 //
-// Both write grad_scale * dZ into the caller's buffer (overwrite or accumulate). dP and dZ
-// may be the same buffer only when accumulate is false.
+//   using storage_type = T; using acc_type = Acc;
+//   matrix_view<const T> x;                  the matrix it reads ([T, E], any strides)
+//   index_t stats_size;                      its statistics' length (LOSSES.md section 9)
+//   mask_view mask;                          its valid rows
+//   index_t sum_width, count_width;          pass 1: column statistics of the valid rows,
+//                                            Acc sums and integer counts (0, 0: none)
+//   bool needs_pass1(bool reduced) const;    whether value or gradient need pass 1
+//   void stats_row(index_t t, const Acc* x, Acc* sums, index_t* counts) const;   pass 1
+//   bool reads_row;                          whether row() reads x (else x is null)
+//   void write_stats(const row_local<Acc>&, double* out) const;   LOSSES.md section 9
+//   void prepare(const double* stats, const row_local<Acc>& local);
+//                                            constants from the statistics: the reduced ones
+//                                            when given, else this call's (write_stats)
+//   bool active;                             false: rows add nothing (set by prepare)
+//   bool wants_rows(bool grad) const;        whether the row pass is needed
+//   template <class Ops> Acc row(index_t t, const Acc* x, Acc* g, Ops& ops) const;
+//                                            one valid row: adds its gradient into g (null:
+//                                            none wanted), returns its term of the row sum
+//   double finish(Acc row_sum) const;        the value
+//
+// Ops is the engine's row toolkit (cpu_row_ops): aligned scratch rows and the vectorised
+// log-sum-exp, log and sum, so a kernel's row is written once and runs on Eigen's packets.
+//
+// Passes: pass 1 (only when a kernel needs it) reads each distinct matrix once per valid row;
+// the row pass reads each distinct matrix once and writes each distinct gradient once, the
+// sum of the contributions of every kernel that writes it (the rows of a gradient are zeroed,
+// or left as they are with grad_options::accumulate, where no kernel contributes). Blocks of
+// cpu_block_rows rows run in parallel; each kernel's row terms are summed in row order inside
+// a block and pairwise over the blocks: bitwise the same for any thread count.
 
 
-#include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <limits>
-#include <vector>
-
-// ---- begin moereg/losses/common.hpp ----
-// Helpers shared by the CPU executors of the losses; the checks are in core/validate.hpp.
-
-
-#include <cmath>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // ---- begin moereg/core/validate.hpp ----
@@ -1654,8 +1753,27 @@ struct loss_api {
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/api.hpp ----
+// ---- begin moereg/losses/common.hpp ----
+// What the loss descriptions share: the valid-token count, the statistics a row kernel is
+// prepared from, and the generic checks of the losses on one routing matrix (the checks
+// themselves are in core/validate.hpp).
+
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
 
 MOEREG_NAMESPACE_BEGIN
+
+/// This call's statistics of a row kernel (backend/cpu/row_engine.hpp), from pass 1: the
+/// valid-token count, the kernel's column sums (sum_width) and counts (count_width).
+template <class Acc>
+struct row_local {
+  index_t tv = 0;
+  const Acc* sums = nullptr;
+  const index_t* counts = nullptr;
+};
 namespace detail {
 
 /// Number of valid tokens, T_v = sum_t m_t.
@@ -1711,183 +1829,121 @@ void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/common.hpp ----
+// ---- begin moereg/losses/fuse.hpp ----
+// Fusion: several router losses evaluated in one read of their routing matrices.
+//
+//   auto f = moereg::fuse(load_balancing_loss{}, z_loss{}, entropy_loss{});
+//   std::array<double, 3> v = f.value_and_grad(std::tie(lb_in, z_in, ent_in),
+//                                              std::make_tuple(view(gP), view(gZ), view(gP)));
+//
+// Each loss keeps its own inputs, configuration, reduced statistics and value; what they share
+// is the work: a matrix that several losses read (the same view) is read once per row, and a
+// gradient that several losses write (the same view) is written once per row, with the sum of
+// their contributions, so `lb` and `entropy` on the same P above give gP = dL_lb/dP +
+// dL_H/dP. A gradient view with null data means that loss's gradient is not wanted. The
+// values, the gradients and the statistics are those of the separate calls: the same
+// formulas, summed in the same order (a shared gradient gets each contribution rounded into
+// its sum instead of into storage).
+//
+// Every loss of a fusion must run on the row engine (backend/cpu/row_engine.hpp: the
+// load-balancing micro and global scopes, z-loss, entropy, importance, variance, and any loss
+// described by a row kernel), all on the same storage type and the same number of rows.
+// Distinct gradient views must not overlap each other. The CPU backend runs fusions; on CUDA,
+// backend/cuda/router_fused.cuh has its own fused router request.
+
+
+#include <array>
+#include <cstddef>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
 
 MOEREG_NAMESPACE_BEGIN
 
-/// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
-template <class T>
-void softmax_backward(detail::nondeduced_t<routing_view<T>> probs, detail::nondeduced_t<matrix_view<const T>> grad_probs,
-                      matrix_view<T> grad_logits, grad_options opts = {}, const cpu& be = {}) {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using Acc = accumulator_t<T>;
-  const char* who = "softmax_backward";
-  detail::check_scalars(who, 0.0, opts, be.threads);
-  detail::check_matrix(who, "probs", probs);
-  detail::check_grad(who, "grad_probs", grad_probs, probs);
-  detail::check_grad(who, "grad_logits", grad_logits, probs);
-  const Acc gs = static_cast<Acc>(opts.grad_scale);
-  detail::parallel_blocks(be, probs.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
-    for (index_t t = r0; t < r1; ++t) {
-      Acc dot = Acc(0);
-      for (index_t e = 0; e < probs.cols; ++e) dot += load(probs(t, e)) * load(grad_probs(t, e));
-      for (index_t e = 0; e < probs.cols; ++e) {
-        const Acc p = load(probs(t, e));
-        detail::put_grad(grad_logits(t, e), gs * p * (load(grad_probs(t, e)) - dot), opts.accumulate);
-      }
-    }
-  });
-}
+/// A fusion of losses L... (make one with fuse()).
+template <class... L>
+struct fused {
+  static constexpr std::size_t size = sizeof...(L);  ///< the number of losses
+  using values_type = std::array<double, size>;       ///< one value per loss, in order
+  using reduced_type = std::array<stats_view, size>;  ///< one reduced statistics view per loss (empty: local)
+  std::tuple<L...> losses;                            ///< the losses, each with its configuration
 
-/// dZ for normalised sigmoid scores S = sigmoid(Z) / sum_e sigmoid(Z) over all E experts of
-/// each row (the "normalised scores of a sigmoid router" of LOSSES.md; the normalisation over
-/// the selected experts only, as in DeepSeek-V3's gate weights, is a different function):
-///   dZ[t,j] = S[t,j] (1 - sigmoid(Z[t,j])) (dS[t,j] - sum_e S[t,e] dS[t,e])
-/// S is formed in the log domain (log sigmoid, then a max shift), so it stays finite when
-/// every sigmoid of a row underflows. grad_scores and grad_logits may be the same buffer only
-/// when accumulate is false.
-template <class T>
-void sigmoid_norm_backward(detail::nondeduced_t<routing_view<T>> logits,
-                           detail::nondeduced_t<matrix_view<const T>> grad_scores, matrix_view<T> grad_logits,
-                           grad_options opts = {}, const cpu& be = {}) {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using Acc = accumulator_t<T>;
-  const char* who = "sigmoid_norm_backward";
-  detail::check_scalars(who, 0.0, opts, be.threads);
-  detail::check_matrix(who, "logits", logits);
-  detail::check_grad(who, "grad_scores", grad_scores, logits);
-  detail::check_grad(who, "grad_logits", grad_logits, logits);
-  const Acc gs = static_cast<Acc>(opts.grad_scale);
-  const index_t E = logits.cols;
-  detail::parallel_blocks(be, logits.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
-    // Per row: ls = log sigmoid(z), om = 1 - sigmoid(z) = sigmoid(-z), both without overflow.
-    std::vector<Acc> ls(static_cast<std::size_t>(E)), om(static_cast<std::size_t>(E));
-    for (index_t t = r0; t < r1; ++t) {
-      Acc mx = -std::numeric_limits<Acc>::infinity();
-      for (index_t e = 0; e < E; ++e) {
-        const Acc z = load(logits(t, e));
-        const Acc x = std::exp(-std::abs(z));  // in (0, 1]
-        const Acc l1p = std::log1p(x);
-        const std::size_t i = static_cast<std::size_t>(e);
-        ls[i] = z >= Acc(0) ? -l1p : z - l1p;
-        om[i] = z >= Acc(0) ? x / (Acc(1) + x) : Acc(1) / (Acc(1) + x);
-        mx = std::max(mx, ls[i]);
-      }
-      Acc sum = Acc(0);
-      for (index_t e = 0; e < E; ++e) {
-        const std::size_t i = static_cast<std::size_t>(e);
-        ls[i] = std::exp(ls[i] - mx);  // now sigmoid(z_e) / max_j sigmoid(z_j)
-        sum += ls[i];
-      }
-      Acc dot = Acc(0);
-      for (index_t e = 0; e < E; ++e) {
-        const std::size_t i = static_cast<std::size_t>(e);
-        ls[i] /= sum;  // now S_e
-        dot += ls[i] * load(grad_scores(t, e));
-      }
-      for (index_t e = 0; e < E; ++e) {
-        const std::size_t i = static_cast<std::size_t>(e);
-        detail::put_grad(grad_logits(t, e), gs * ls[i] * om[i] * (load(grad_scores(t, e)) - dot), opts.accumulate);
-      }
-    }
-  });
+  /// Each loss's value for its inputs (a tuple of one inputs object per loss, e.g. std::tie).
+  template <class... In, class Backend = cpu>
+  values_type value(const std::tuple<In...>& in, const reduced_type& reduced = {}, const Backend& be = {}) const {
+    static_assert(sizeof...(In) == size, "moereg::fused::value: pass one inputs object per loss");
+    values_type v{};
+    execute_fused(be, *this, in, reduced, null_grads(in), grad_options{}, v.data());
+    return v;
+  }
+  /// Each loss's value, and grad_scale * its gradient written into its gradient view (the
+  /// input's shape; null data: not wanted), per `opts`. A view shared by several losses
+  /// receives the sum of their gradients.
+  template <class... In, class... G, class Backend = cpu>
+  values_type value_and_grad(const std::tuple<In...>& in, const std::tuple<G...>& grads, grad_options opts = {},
+                             const reduced_type& reduced = {}, const Backend& be = {}) const {
+    static_assert(sizeof...(In) == size && sizeof...(G) == size,
+                  "moereg::fused::value_and_grad: pass one inputs object and one gradient view per loss");
+    values_type v{};
+    execute_fused(be, *this, in, reduced, grad_pointers(grads), opts, v.data());
+    return v;
+  }
+  /// backward() of every loss: value_and_grad() without the values.
+  template <class... In, class... G, class Backend = cpu>
+  void backward(const std::tuple<In...>& in, const std::tuple<G...>& grads, grad_options opts = {},
+                const reduced_type& reduced = {}, const Backend& be = {}) const {
+    (void)value_and_grad(in, grads, opts, reduced, be);
+  }
+  /// Each loss's local statistics (LOSSES.md section 9), in one pass.
+  template <class... In, class Backend = cpu>
+  std::array<std::vector<double>, size> local_stats(const std::tuple<In...>& in, const Backend& be = {}) const {
+    static_assert(sizeof...(In) == size, "moereg::fused::local_stats: pass one inputs object per loss");
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
+    std::array<std::vector<double>, size> s;
+    std::array<double*, size> outs{};
+    for_each_loss([&](auto i) {
+      s[i].resize(static_cast<std::size_t>(std::get<i>(losses).stats_size(std::get<i>(in))));
+      outs[i] = s[i].data();
+    });
+    execute_fused_stats(be, *this, in, outs.data());
+    return s;
+  }
+
+ private:
+  template <class F>
+  static void for_each_loss(F&& f) {
+    each(f, std::make_index_sequence<size>{});
+  }
+  template <class F, std::size_t... I>
+  static void each(F& f, std::index_sequence<I...>) {
+    (f(std::integral_constant<std::size_t, I>{}), ...);
+  }
+  template <class... In>
+  static auto null_grads(const std::tuple<In...>&) {
+    return std::tuple<const typename std::decay_t<In>::grad_type*...>{
+        static_cast<const typename std::decay_t<In>::grad_type*>(nullptr)...};
+  }
+  template <class... G>
+  static auto grad_pointers(const std::tuple<G...>& g) {
+    return grad_pointers(g, std::index_sequence_for<G...>{});
+  }
+  template <class... G, std::size_t... I>
+  static std::tuple<const G*...> grad_pointers(const std::tuple<G...>& g, std::index_sequence<I...>) {
+    return {(std::get<I>(g).data != nullptr ? &std::get<I>(g) : nullptr)...};
+  }
+};
+
+/// The fusion of losses l... (each a loss object with its configuration).
+template <class... L>
+fused<L...> fuse(const L&... l) {
+  static_assert(sizeof...(L) >= 1, "moereg::fuse: give at least one loss");
+  return fused<L...>{std::tuple<L...>(l...)};
 }
 
 MOEREG_NAMESPACE_END
-// ---- end moereg/chain.hpp ----
-// ---- begin moereg/losses/load_balancing.hpp ----
-// Load-balancing loss (Switch Transformer / GShard), LOSSES.md section 1.
-//
-//   f_e    = (1 / (k T_v)) sum_t m_t sum_{s in A_t} [I[t,s] = e]     (k = configured top-k)
-//   pbar_e = (1 / T_v)     sum_t m_t P[t,e]
-//   L      = alpha * E * sum_e f_e * pbar_e,    dL/dP[t,e] = alpha * E * f_e * m_t / T_v
-//
-// Scopes:
-//   micro    the formula over this call's rows.
-//   sequence DeepSeek-V2/V3 seq_aux: f and pbar inside each of B sequences (a fixed length
-//            seq_len, or packed offsets cu_seqlens), L = (1/B) sum_b L_b. A sequence with no
-//            valid token contributes 0 and still counts in B.
-//   global   Qwen global-batch balancing: f_e from counts and T_v summed over ranks and
-//            accumulation steps (pass them as reduced statistics); pbar stays local.
-//
-// Statistics (LOSSES.md section 9), all sums:
-//   micro, global  [T_v, count_0, ..., count_{E-1}]   (1 + E entries)
-//   sequence       [B]                                 (1 entry)
-// With reduced statistics:
-//   micro    f and the 1/T_v of pbar and of the gradient come from the reduced sums, so for
-//            any split of a batch the parts' gradient rows and summed values equal those of
-//            one call over the whole batch.
-//   global   f comes from the reduced sums, pbar = local column sum / local T_v (Qwen), and
-//            the gradient is alpha * E * f_e * m_t / local T_v. Values are per micro-batch.
-//   sequence B comes from the reduced sum; parts must be cut at sequence boundaries.
-//
-// Passes over memory (value_and_grad): P, topk and mask are read once; the gradient, which
-// does not depend on P, is written once.
-//
-// The per-expert arithmetic (f_e, the value term and the gradient coefficient) lives in
-// math/router.hpp and is shared with the CUDA backend (backend/cuda/load_balancing.cuh).
-
-// ---- begin moereg/core/compiled.hpp ----
-// The optional compiled library (CMake target moereg::compiled), the way fmt offers one beside
-// its header-only mode. It holds explicit instantiations of every loss's CPU execute() and
-// execute_stats() for the four storage types (float, double, moereg::half, moereg::bfloat16)
-// and, for the activation losses, the three layouts (token_major, expert_grouped,
-// capacity_padded). A translation unit that links moereg::compiled sees them declared
-// `extern template` at the end of each loss header, so it compiles only the thin front end and
-// calls the library's copy: the kernels are compiled once, in the library.
-//
-// The target defines MOEREG_COMPILED=1 and the configuration it was built with
-// (MOEREG_COMPILED_OPENMP, MOEREG_COMPILED_AVX512; the library's own sources refuse to build
-// when their configuration differs from the one they declare). A unit whose own configuration
-// differs (built with -march=native against a portable library, say) gets no extern
-// declarations and instantiates the headers as usual: it links and computes the same, only its
-// compile time is not saved. Other storage types, layouts and the CUDA backend are always
-// header-only.
-
-
-#if defined(MOEREG_COMPILED) && MOEREG_COMPILED && !defined(__CUDACC__) && \
-    MOEREG_HAS_OPENMP == MOEREG_COMPILED_OPENMP && MOEREG_HAS_AVX512 == MOEREG_COMPILED_AVX512
-#define MOEREG_DETAIL_USE_COMPILED 1
-#else
-#define MOEREG_DETAIL_USE_COMPILED 0
-#endif
-
-// X(T, args...) for every storage type the library instantiates.
-#define MOEREG_DETAIL_FOR_STORAGE(X, ...) \
-  X(float, __VA_ARGS__) X(double, __VA_ARGS__) X(half, __VA_ARGS__) X(bfloat16, __VA_ARGS__)
-
-// The CPU entry points of a router-side loss (inputs Inputs<T>, gradient matrix_view<T>):
-// declared with kw = `extern template`, defined with kw = `template`.
-#define MOEREG_DETAIL_ROUTER_ENTRY(T, kw, Loss, Inputs)                                                       \
-  kw double execute<T>(const cpu&, const Loss&, const Inputs<T>&, stats_view, const matrix_view<T>*, grad_options); \
-  kw void execute_stats<T>(const cpu&, const Loss&, const Inputs<T>&, double*);
-
-// The CPU entry points of an activation loss (inputs Inputs<T, Layout>) for one layout, then
-// for the three layouts.
-#define MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, Layout)                                        \
-  kw double execute<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view,                \
-                               const activation_view<T, Layout>*, grad_options);                             \
-  kw void execute_stats<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, double*);
-#define MOEREG_DETAIL_ACTIVATION_ENTRY(T, kw, Loss, Inputs)                  \
-  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, token_major)        \
-  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, expert_grouped)     \
-  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, capacity_padded)
-
-// At the end of a loss header (inside the moereg namespace): the extern declarations, when
-// this unit uses the compiled library.
-#if MOEREG_DETAIL_USE_COMPILED
-#define MOEREG_DETAIL_EXTERN_ROUTER(Loss, Inputs) \
-  MOEREG_DETAIL_FOR_STORAGE(MOEREG_DETAIL_ROUTER_ENTRY, extern template, Loss, Inputs)
-#define MOEREG_DETAIL_EXTERN_ACTIVATION(Loss, Inputs) \
-  MOEREG_DETAIL_FOR_STORAGE(MOEREG_DETAIL_ACTIVATION_ENTRY, extern template, Loss, Inputs)
-#else
-#define MOEREG_DETAIL_EXTERN_ROUTER(Loss, Inputs)
-#define MOEREG_DETAIL_EXTERN_ACTIVATION(Loss, Inputs)
-#endif
-// ---- end moereg/core/compiled.hpp ----
-
-#include <type_traits>
-#include <vector>
-
+// ---- end moereg/losses/fuse.hpp ----
 // ---- begin moereg/math/router.hpp ----
 // Per-row and per-expert arithmetic of the router losses (load balancing, z-loss, entropy,
 // importance, variance), written once as MOEREG_HOST_DEVICE functions. The CUDA kernels call
@@ -2084,6 +2140,460 @@ MOEREG_NAMESPACE_END
 // ---- end moereg/math/router.hpp ----
 
 MOEREG_NAMESPACE_BEGIN
+namespace detail {
+
+/// width rounded up to whole alignment units of Acc, so that rows of scratch laid end to end
+/// are all aligned.
+template <class Acc>
+constexpr index_t aligned_width(index_t width) {
+  constexpr index_t unit = EIGEN_MAX_ALIGN_BYTES / static_cast<index_t>(sizeof(Acc)) > 0
+                               ? EIGEN_MAX_ALIGN_BYTES / static_cast<index_t>(sizeof(Acc))
+                               : 1;
+  return (width + unit - 1) / unit * unit;
+}
+
+/// The row toolkit the CPU engine hands to a kernel's row(): `slots` aligned scratch rows of
+/// `width` elements, and row math on Eigen's packets.
+template <class Acc>
+class cpu_row_ops {
+ public:
+  cpu_row_ops(index_t width, int slots)
+      : width_(padded(width)), buf_(static_cast<std::size_t>(padded(width) * slots)) {}
+  /// Scratch row i (aligned to EIGEN_MAX_ALIGN_BYTES; width elements).
+  Acc* scratch(int i) { return buf_.data() + static_cast<std::size_t>(i) * static_cast<std::size_t>(width_); }
+
+  /// log sum_e exp(z_e) of a contiguous row, vectorised; `buf` (aligned scratch) receives
+  /// exp(z - shift) and `sum` their sum, so that softmax(z)_e = buf[e] / sum. The formulas of
+  /// math/router.hpp (lse_shift, lse_term, lse_finish), to a few ulp of the exponential; two
+  /// exceptions keep the scalar results: terms whose exponential is below the smallest normal
+  /// number (Eigen clamps the argument of exp there, so exp(-inf) would not be 0) are
+  /// recomputed with lse_term, and a row whose maximum or log-sum-exp is not finite is redone
+  /// by the scalar logsumexp_row.
+  static Acc logsumexp(const Acc* z, index_t n, Acc* buf, Acc& sum) {
+    const row_array<Acc> zr(z, n);
+    const auto scalar = [&] { return logsumexp_row<Acc>([z](index_t e) { return z[e]; }, n, buf, sum); };
+    const Acc mx = zr.maxCoeff();
+    if (!(std::abs(mx) <= std::numeric_limits<Acc>::max())) return scalar();
+    const Acc shift = lse_shift(mx);
+    scratch_array<Acc> ex(buf, n);
+    ex = (zr - shift).exp();
+    // log of the smallest normal number: below it Eigen's exp is clamped.
+    const Acc normal_floor = std::log(std::numeric_limits<Acc>::min());
+    if (zr.minCoeff() - shift < normal_floor)
+      for (index_t e = 0; e < n; ++e)
+        if (!(z[e] - shift >= normal_floor)) buf[e] = lse_term(z[e], shift);
+    const Acc s = ex.sum();
+    const Acc lse = lse_finish(shift, s);
+    if (!(std::abs(lse) <= std::numeric_limits<Acc>::max())) return scalar();
+    sum = s;
+    return lse;
+  }
+  /// out[e] = log(x[e]) on packets (out aligned scratch); accurate for normal numbers.
+  static void log(const Acc* x, index_t n, Acc* out) { scratch_array<Acc>(out, n) = row_array<Acc>(x, n).log(); }
+  /// sum_e x[e] of aligned scratch, in the packets' fixed order.
+  static Acc sum(const Acc* x, index_t n) { return scratch_array<Acc>(const_cast<Acc*>(x), n).sum(); }
+
+ private:
+  static index_t padded(index_t width) { return aligned_width<Acc>(width); }
+  index_t width_;
+  row_scratch<Acc> buf_;
+};
+
+/// The same matrix for two kernels: one read serves both.
+template <class A, class B>
+bool same_matrix(const matrix_view<A>& a, const matrix_view<B>& b) {
+  return static_cast<const void*>(a.data) == static_cast<const void*>(b.data) && a.rows == b.rows &&
+         a.cols == b.cols && a.row_stride == b.row_stride && a.col_stride == b.col_stride;
+}
+
+/// Writes row t of a gradient from v (contiguous Acc): overwrite or add, in the storage type.
+template <class T, class Acc>
+MOEREG_FORCEINLINE void store_grad_row(const matrix_view<T>& g, index_t t, const Acc* MOEREG_RESTRICT v,
+                                       bool accumulate) {
+  const index_t n = g.cols;
+  if (g.contiguous_rows()) {
+    T* MOEREG_RESTRICT d = g.row(t);
+    if (accumulate)
+      for (index_t e = 0; e < n; ++e) store(d[e], load(d[e]) + v[e]);
+    else
+      for (index_t e = 0; e < n; ++e) store(d[e], v[e]);
+  } else {
+    for (index_t e = 0; e < n; ++e) put_grad(g(t, e), v[e], accumulate);
+  }
+}
+
+/// f(integral_constant<I>) for I = 0, ..., N - 1, in order.
+template <class F, std::size_t... I>
+MOEREG_FORCEINLINE void for_each_index(F&& f, std::index_sequence<I...>) {
+  (f(std::integral_constant<std::size_t, I>{}), ...);
+}
+
+/// One run of the engine over kernels ks (all on storage type T, all with the same number of
+/// rows). grads[i]: kernel i's gradient (null: none wanted). reduced[i]: its reduced
+/// statistics (empty: this call's). With stats_out, writes kernel i's local statistics to
+/// stats_out[i] (null: not wanted) and nothing else; otherwise values[i] receives kernel i's
+/// value. Validation is the caller's.
+template <class T, class... K>
+void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const matrix_view<T>*, sizeof...(K)>& grads,
+                 const std::array<stats_view, sizeof...(K)>& reduced, grad_options opts, double* const* stats_out,
+                 double* values) {
+  using Acc = accumulator_t<T>;
+  constexpr std::size_t N = sizeof...(K);
+  const auto each = [&ks](auto&& f) {
+    for_each_index([&](auto i) { f(i, std::get<decltype(i)::value>(ks)); }, std::make_index_sequence<N>{});
+  };
+  const bool stats_mode = stats_out != nullptr;
+  const index_t rows = std::get<0>(ks).x.rows;
+  const index_t B = cpu_block_rows, nb = num_blocks(rows, B);
+
+  // The distinct matrices (sources) and gradients (destinations): each is read, or written,
+  // once per row for every kernel that shares it.
+  std::array<matrix_view<const T>, N> srcs{};
+  std::array<matrix_view<T>, N> dsts{};
+  std::array<int, N> src{}, dst{};
+  int nsrc = 0, ndst = 0;
+  index_t width = 1;
+  each([&](auto i, auto& k) {
+    int s = 0;
+    while (s < nsrc && !same_matrix(srcs[s], k.x)) ++s;
+    if (s == nsrc) srcs[nsrc++] = k.x;
+    src[i] = s;
+    width = std::max(width, k.x.cols);
+    dst[i] = -1;
+    if (grads[i] == nullptr || stats_mode) return;
+    int d = 0;
+    while (d < ndst && !same_matrix(dsts[d], *grads[i])) ++d;
+    if (d == ndst) dsts[ndst++] = *grads[i];
+    dst[i] = d;
+  });
+  width = aligned_width<Acc>(width);
+  const auto converts = [&](int s) { return acc_row_converts(srcs[static_cast<std::size_t>(s)]); };
+  bool any_converts = false;
+  for (int s = 0; s < nsrc; ++s) any_converts = any_converts || converts(s);
+  const std::size_t conv_size = any_converts ? static_cast<std::size_t>(nsrc * width) : 0;
+
+  // Pass 1: each kernel's column statistics of its valid rows, per block, combined in block
+  // order; T_v of every kernel from its mask.
+  std::array<bool, N> p1{};
+  bool any_p1 = false;
+  each([&](auto i, auto& k) {
+    p1[i] = stats_mode ? k.sum_width + k.count_width > 0 : k.needs_pass1(!reduced[i].empty());
+    any_p1 = any_p1 || p1[i];
+  });
+  std::array<std::vector<Acc>, N> sums;
+  std::array<std::vector<index_t>, N> counts;
+  std::array<row_local<Acc>, N> local{};
+  if (any_p1) {
+    each([&](auto i, auto& k) {
+      if (!p1[i]) return;
+      sums[i].assign(static_cast<std::size_t>(nb * k.sum_width), Acc(0));
+      counts[i].assign(static_cast<std::size_t>(nb * k.count_width), 0);
+    });
+    parallel_blocks(be, rows, B, [&](index_t b, index_t r0, index_t r1) {
+      row_scratch<Acc> conv(conv_size);
+      std::array<const Acc*, N> xs{};
+      for (index_t t = r0; t < r1; ++t) {
+        xs.fill(nullptr);
+        each([&](auto i, auto& k) {
+          if (!p1[i] || !k.mask(t)) return;
+          const auto s = static_cast<std::size_t>(src[i]);
+          if (xs[s] == nullptr) xs[s] = acc_row(srcs[s], t, conv.data() + s * static_cast<std::size_t>(width));
+          k.stats_row(t, xs[s], sums[i].data() + b * k.sum_width, counts[i].data() + b * k.count_width);
+        });
+      }
+    });
+    each([&](auto i, auto& k) {
+      if (!p1[i]) return;
+      std::vector<Acc> s(static_cast<std::size_t>(k.sum_width));
+      combine_blocks(sums[i], nb, k.sum_width, s.data());
+      std::vector<index_t> c(static_cast<std::size_t>(k.count_width), 0);
+      for (index_t b = 0; b < nb; ++b)
+        for (index_t j = 0; j < k.count_width; ++j) c[static_cast<std::size_t>(j)] += counts[i][static_cast<std::size_t>(b * k.count_width + j)];
+      sums[i] = std::move(s);
+      counts[i] = std::move(c);
+    });
+  }
+  each([&](auto i, auto& k) { local[i] = {count_valid(k.mask, rows), sums[i].data(), counts[i].data()}; });
+
+  if (stats_mode) {
+    each([&](auto i, auto& k) {
+      if (stats_out[i] != nullptr) k.write_stats(local[i], stats_out[i]);
+    });
+    return;
+  }
+
+  // The constants of every kernel, from the reduced statistics or this call's.
+  each([&](auto i, auto& k) {
+    std::vector<double> own;
+    const double* st = reduced[i].data;
+    if (st == nullptr) {
+      own.resize(static_cast<std::size_t>(k.stats_size));
+      k.write_stats(local[i], own.data());
+      st = own.data();
+    }
+    k.prepare(st, local[i]);
+  });
+
+  // The row pass: each source read once per row, each destination written once.
+  std::array<bool, N> on{};
+  bool any_rows = ndst > 0;
+  each([&](auto i, auto& k) {
+    on[i] = k.active && k.wants_rows(grads[i] != nullptr);
+    any_rows = any_rows || on[i];
+  });
+  std::array<std::vector<Acc>, N> part;
+  for (auto& v : part) v.assign(static_cast<std::size_t>(any_rows ? nb : 0), Acc(0));
+  if (any_rows) {
+    parallel_blocks(be, rows, B, [&](index_t b, index_t r0, index_t r1) {
+      row_scratch<Acc> conv(conv_size), gbuf(static_cast<std::size_t>(ndst * width));
+      cpu_row_ops<Acc> ops(width, 2);
+      std::array<Acc, N> acc{};
+      std::array<const Acc*, N> xs{};
+      std::array<bool, N> touched{};
+      for (index_t t = r0; t < r1; ++t) {
+        xs.fill(nullptr);
+        touched.fill(false);
+        for (int d = 0; d < ndst; ++d)
+          for (index_t e = 0; e < dsts[static_cast<std::size_t>(d)].cols; ++e) gbuf[static_cast<std::size_t>(d * width + e)] = Acc(0);
+        each([&](auto i, auto& k) {
+          if (!on[i] || !k.mask(t)) return;
+          const auto s = static_cast<std::size_t>(src[i]);
+          if (k.reads_row && xs[s] == nullptr)
+            xs[s] = acc_row(srcs[s], t, conv.data() + s * static_cast<std::size_t>(width));
+          Acc* g = nullptr;
+          if (dst[i] >= 0) {
+            g = gbuf.data() + static_cast<std::size_t>(dst[i] * width);
+            touched[static_cast<std::size_t>(dst[i])] = true;
+          }
+          acc[i] += k.row(t, k.reads_row ? xs[s] : nullptr, g, ops);
+        });
+        for (int d = 0; d < ndst; ++d)
+          if (touched[static_cast<std::size_t>(d)] || !opts.accumulate)
+            store_grad_row(dsts[static_cast<std::size_t>(d)], t, gbuf.data() + static_cast<std::size_t>(d * width),
+                           opts.accumulate);
+      }
+      for (std::size_t i = 0; i < N; ++i) part[i][static_cast<std::size_t>(b)] = acc[i];
+    });
+  }
+  each([&](auto i, auto& k) { values[i] = k.finish(on[i] ? pairwise_sum(part[i].data(), nb) : Acc(0)); });
+}
+
+/// The row kernel of a loss for these inputs (its header's make_row_kernel).
+template <class Loss, class In>
+using row_kernel_t = decltype(make_row_kernel(std::declval<const Loss&>(), std::declval<const In&>(), grad_options{}));
+
+/// True for a loss the row engine runs: one whose header describes a row kernel.
+template <class Loss, class In, class = void>
+struct is_row_loss : std::false_type {};
+template <class Loss, class In>
+struct is_row_loss<Loss, In, std::void_t<row_kernel_t<Loss, In>>> : std::true_type {};
+template <class Loss, class In>
+using enable_row_loss = std::enable_if_t<is_row_loss<Loss, In>::value, int>;
+
+}  // namespace detail
+
+/// A loss may send some of its configurations to another CPU engine (load balancing its
+/// sequence scope: backend/cpu/segmented_rows.hpp): it returns true there and writes the
+/// value, or the statistics. By default every configuration runs on the row engine.
+template <class Loss, class In, class G>
+bool cpu_other_engine(const cpu&, const Loss&, const In&, stats_view, const G*, grad_options, double&) {
+  return false;
+}
+template <class Loss, class In>
+bool cpu_other_engine_stats(const cpu&, const Loss&, const In&, double*) {
+  return false;
+}
+/// Whether this configuration of a row loss runs on the row engine, and so can be fused.
+template <class Loss>
+bool cpu_row_engine_runs(const Loss&) {
+  return true;
+}
+
+/// CPU backend of a row loss's value(), backward() and value_and_grad() (found by ADL):
+/// validates, runs the row engine with the loss's kernel, returns the value and, when `grad`
+/// is not null, writes the gradient per `opts`.
+template <class Loss, class In, detail::enable_row_loss<Loss, In> = 0>
+double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const detail::grad_view_t<In>* grad,
+               grad_options opts) {
+  detail::check_scalars(Loss::label, loss.cfg.coef, opts, be.threads);
+  validate_on_host(Loss::label, loss, in, reduced, grad);
+  double value = 0;
+  if (cpu_other_engine(be, loss, in, reduced, grad, opts, value)) return value;
+  std::tuple<detail::row_kernel_t<Loss, In>> ks{make_row_kernel(loss, in, opts)};
+  detail::cpu_row_run<typename detail::row_kernel_t<Loss, In>::storage_type>(be, ks, {grad}, {reduced}, opts, nullptr, &value);
+  return value;
+}
+
+/// CPU backend of a row loss's local_stats() (found by ADL): validates, then writes the
+/// statistics to `out`.
+template <class Loss, class In, detail::enable_row_loss<Loss, In> = 0>
+void execute_stats(const cpu& be, const Loss& loss, const In& in, double* out) {
+  detail::check_scalars(Loss::label, loss.cfg.coef, grad_options{}, be.threads);
+  validate_on_host(Loss::label, loss, in, stats_view{}, static_cast<const detail::grad_view_t<In>*>(nullptr));
+  if (cpu_other_engine_stats(be, loss, in, out)) return;
+  std::tuple<detail::row_kernel_t<Loss, In>> ks{make_row_kernel(loss, in, grad_options{})};
+  double* outs[1] = {out};
+  detail::cpu_row_run<typename detail::row_kernel_t<Loss, In>::storage_type>(be, ks, {nullptr}, {stats_view{}}, grad_options{}, outs, nullptr);
+}
+
+namespace detail {
+
+/// The bytes [lo, hi) a non-empty view reaches.
+template <class T>
+std::pair<const char*, const char*> byte_range(const matrix_view<T>& m) {
+  const char* base = reinterpret_cast<const char*>(m.data);
+  index_t lo = 0, hi = 0;
+  for (const index_t d : {(m.rows - 1) * m.row_stride, (m.cols - 1) * m.col_stride}) (d < 0 ? lo : hi) += d;
+  return {base + lo * static_cast<index_t>(sizeof(T)), base + (hi + 1) * static_cast<index_t>(sizeof(T))};
+}
+
+/// The compile-time checks of a fusion of losses L... on inputs In..., and its storage type.
+template <class Losses, class Inputs>
+struct fused_traits;
+template <class... L, class... In>
+struct fused_traits<std::tuple<L...>, std::tuple<In...>> {
+  static_assert(sizeof...(L) == sizeof...(In), "moereg::fused: pass one inputs object per loss");
+  static_assert((std::is_same<typename In::loss_type, L>::value && ...),
+                "moereg::fused: the i-th inputs must be the inputs of the i-th loss");
+  static_assert((is_row_loss<L, In>::value && ...),
+                "moereg::fused: every fused loss must be a row loss (one routing matrix; backend/cpu/row_engine.hpp)");
+  using kernels = std::tuple<row_kernel_t<L, In>...>;
+  using storage_type = typename std::tuple_element_t<0, kernels>::storage_type;
+  static_assert((std::is_same<typename row_kernel_t<L, In>::storage_type, storage_type>::value && ...),
+                "moereg::fused: every fused loss must have the same storage type");
+  using grads = std::array<const matrix_view<storage_type>*, sizeof...(L)>;
+
+  /// Each loss's row kernel (`in`: a tuple of the inputs or of references to them).
+  template <class Tuple>
+  static kernels make(const std::tuple<L...>& losses, const Tuple& in, grad_options opts) {
+    return make(losses, in, opts, std::index_sequence_for<L...>{});
+  }
+  template <class Tuple, std::size_t... I>
+  static kernels make(const std::tuple<L...>& losses, const Tuple& in, grad_options opts, std::index_sequence<I...>) {
+    return kernels{make_row_kernel(std::get<I>(losses), std::get<I>(in), opts)...};
+  }
+
+  /// Every check of a fused call, before anything is read or written: each loss's own checks
+  /// (its label names it), then what fusion adds (the row engine, the same rows, gradients
+  /// that are either the same view or disjoint).
+  template <class Tuple>
+  static void validate(const cpu& be, const std::tuple<L...>& losses, const Tuple& in,
+                       const std::array<stats_view, sizeof...(L)>& reduced, const grads& g, grad_options opts,
+                       const kernels& ks) {
+    validate(be, losses, in, reduced, g, opts, ks, std::index_sequence_for<L...>{});
+  }
+  template <class Tuple, std::size_t... I>
+  static void validate(const cpu& be, const std::tuple<L...>& losses, const Tuple& in,
+                       const std::array<stats_view, sizeof...(L)>& reduced, const grads& g, grad_options opts,
+                       const kernels& ks, std::index_sequence<I...>) {
+    const index_t rows = std::get<0>(ks).x.rows;
+    const char* first = std::tuple_element_t<0, std::tuple<L...>>::label;
+    const auto one = [&](const auto& loss, const auto& inputs, stats_view red, const auto* grad, index_t r) {
+      using Loss = std::decay_t<decltype(loss)>;
+      check_scalars(Loss::label, loss.cfg.coef, opts, be.threads);
+      validate_on_host(Loss::label, loss, inputs, red, grad);
+      require(cpu_row_engine_runs(loss), Loss::label,
+              ": this configuration does not run on the row engine and cannot be fused");
+      require(r == rows, "fused: ", Loss::label, " has ", r, " rows but ", first, " has ", rows,
+              "; fused losses share their rows");
+    };
+    (one(std::get<I>(losses), std::get<I>(in), reduced[I], g[I], std::get<I>(ks).x.rows), ...);
+    for (std::size_t i = 0; i < g.size(); ++i)
+      for (std::size_t j = i + 1; j < g.size(); ++j) {
+        const auto *a = g[i], *b = g[j];
+        if (a == nullptr || b == nullptr || a->size() == 0 || b->size() == 0 || same_matrix(*a, *b)) continue;
+        const auto ra = byte_range(*a), rb = byte_range(*b);
+        require(ra.second <= rb.first || rb.second <= ra.first, "fused: the gradients of losses ", i, " and ", j,
+                " overlap without being the same view; share a gradient by passing the same view, else give "
+                "disjoint buffers");
+      }
+  }
+};
+
+}  // namespace detail
+
+/// CPU backend of fused<L...>'s value(), backward() and value_and_grad() (found by ADL):
+/// validates every loss, then runs all their row kernels in one engine run.
+template <class... L, class... In, class... G>
+void execute_fused(const cpu& be, const fused<L...>& f, const std::tuple<In...>& in,
+                   const std::array<stats_view, sizeof...(L)>& reduced, const std::tuple<const G*...>& grads,
+                   grad_options opts, double* values) {
+  using traits = detail::fused_traits<std::tuple<L...>, std::tuple<std::decay_t<In>...>>;
+  using T = typename traits::storage_type;
+  static_assert((std::is_same<G, matrix_view<T>>::value && ...),
+                "moereg::fused: each gradient is a matrix_view of the inputs' storage type");
+  const typename traits::grads g =
+      std::apply([](const auto*... p) { return typename traits::grads{p...}; }, grads);
+  auto ks = traits::make(f.losses, in, opts);
+  traits::validate(be, f.losses, in, reduced, g, opts, ks);
+  detail::cpu_row_run<T>(be, ks, g, reduced, opts, nullptr, values);
+}
+
+/// CPU backend of fused<L...>::local_stats() (found by ADL): validates, then writes loss i's
+/// statistics to outs[i].
+template <class... L, class... In>
+void execute_fused_stats(const cpu& be, const fused<L...>& f, const std::tuple<In...>& in, double* const* outs) {
+  using traits = detail::fused_traits<std::tuple<L...>, std::tuple<std::decay_t<In>...>>;
+  const typename traits::grads g{};
+  auto ks = traits::make(f.losses, in, grad_options{});
+  traits::validate(be, f.losses, in, {}, g, grad_options{}, ks);
+  detail::cpu_row_run<typename traits::storage_type>(be, ks, g, {}, grad_options{}, outs, nullptr);
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/backend/cpu/row_engine.hpp ----
+// ---- begin moereg/backend/cpu/segmented_rows.hpp ----
+// The CPU engine of the losses taken per segment of rows: load balancing in the sequence scope
+// (LOSSES.md section 1), f and pbar inside each of B sequences, L = (1/B) sum_b L_b. Each
+// sequence is one sequential piece of work (blocks of cpu_block_rows rows summed in block
+// order, as on the row engine), and the sequences run in parallel; the value is the pairwise
+// sum of the sequences' values, so the result is bitwise the same for any thread count.
+// Include <moereg/backend/cpu.hpp>, not this file.
+
+
+#include <algorithm>
+#include <vector>
+
+// ---- begin moereg/losses/load_balancing.hpp ----
+// Load-balancing loss (Switch Transformer / GShard), LOSSES.md section 1.
+//
+//   f_e    = (1 / (k T_v)) sum_t m_t sum_{s in A_t} [I[t,s] = e]     (k = configured top-k)
+//   pbar_e = (1 / T_v)     sum_t m_t P[t,e]
+//   L      = alpha * E * sum_e f_e * pbar_e,    dL/dP[t,e] = alpha * E * f_e * m_t / T_v
+//
+// Scopes:
+//   micro    the formula over this call's rows.
+//   sequence DeepSeek-V2/V3 seq_aux: f and pbar inside each of B sequences (a fixed length
+//            seq_len, or packed offsets cu_seqlens), L = (1/B) sum_b L_b. A sequence with no
+//            valid token contributes 0 and still counts in B.
+//   global   Qwen global-batch balancing: f_e from counts and T_v summed over ranks and
+//            accumulation steps (pass them as reduced statistics); pbar stays local.
+//
+// Statistics (LOSSES.md section 9), all sums:
+//   micro, global  [T_v, count_0, ..., count_{E-1}]   (1 + E entries)
+//   sequence       [B]                                 (1 entry)
+// With reduced statistics:
+//   micro    f and the 1/T_v of pbar and of the gradient come from the reduced sums, so for
+//            any split of a batch the parts' gradient rows and summed values equal those of
+//            one call over the whole batch.
+//   global   f comes from the reduced sums, pbar = local column sum / local T_v (Qwen), and
+//            the gradient is alpha * E * f_e * m_t / local T_v. Values are per micro-batch.
+//   sequence B comes from the reduced sum; parts must be cut at sequence boundaries.
+//
+// Passes over memory (value_and_grad): P, topk and mask are read once; the gradient, which
+// does not depend on P, is written once.
+//
+// The per-expert arithmetic (f_e, the value term and the gradient coefficient) lives in
+// math/router.hpp and is shared with the CUDA backend (backend/cuda/load_balancing.cuh). The
+// micro and global scopes are described below (lb_kernel) and run on the row engines; the
+// sequence scope runs on the CPU's segmented engine (backend/cpu/segmented_rows.hpp).
+
+
+#include <type_traits>
+#include <vector>
+
+
+MOEREG_NAMESPACE_BEGIN
 
 /// The token set over which f and pbar are taken.
 enum class lb_scope { micro, sequence, global };
@@ -2117,6 +2627,7 @@ load_balancing_inputs(matrix_view<U>, Rest...) -> load_balancing_inputs<std::rem
 /// gradient with respect to the routing probabilities P.
 struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config> {
   static constexpr const char* name = "load_balancing_loss";  ///< in error messages
+  static constexpr const char* label = "load_balancing";  ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats writes for these inputs.
   template <class T>
   index_t stats_size(const load_balancing_inputs<T>& in) const {
@@ -2179,6 +2690,90 @@ void for_each_buffer(const load_balancing_inputs<T>& in, const matrix_view<T>* g
 
 namespace detail {
 
+/// The row kernel of load_balancing_loss in the micro and global scopes (the protocol is in
+/// backend/cpu/row_engine.hpp; the sequence scope runs on backend/cpu/segmented_rows.hpp).
+/// Pass 1, always: the column sums of P (pbar) and the expert counts of the top-k ids (f,
+/// unless reduced). A valid row's gradient is the per-expert coefficient of lb_expert
+/// (math/router.hpp); P is not read again.
+template <class T>
+struct lb_kernel {
+  using storage_type = T;
+  using acc_type = accumulator_t<T>;
+  using Acc = acc_type;
+  matrix_view<const T> x;  ///< P
+  mask_view mask;
+  topk_view topk;
+  bool global = false;
+  double alpha = 0, grad_scale = 1;
+  Acc k = Acc(1);  ///< the configured top-k width
+  index_t sum_width = 0, count_width = 0, stats_size = 1;
+  bool reads_row = false, active = true;
+  Acc value = Acc(0);
+  std::vector<Acc> coeff;  ///< dL/dP[t,e] of a valid row
+
+  bool needs_pass1(bool) const { return true; }
+  void stats_row(index_t t, const Acc* p, Acc* colsum, index_t* counts) const {
+    for (index_t e = 0; e < sum_width; ++e) colsum[e] += p[e];
+    for (index_t s = 0; s < topk.k; ++s) {
+      const index_t e = topk(t, s);
+      if (e >= 0) ++counts[e];
+    }
+  }
+  void write_stats(const row_local<Acc>& local, double* out) const {
+    out[0] = static_cast<double>(local.tv);
+    for (index_t e = 0; e < count_width; ++e) out[e + 1] = static_cast<double>(local.counts[e]);
+  }
+  /// f from the statistics (reduced or this call's); pbar from this call's column sums over
+  /// the T_v behind f (micro) or this call's T_v (global).
+  void prepare(const double* stats, const row_local<Acc>& local) {
+    const index_t E = sum_width;
+    const double tv_f = stats[0], tv_p = global ? static_cast<double>(local.tv) : tv_f;
+    const Acc alpha_e = static_cast<Acc>(alpha) * static_cast<Acc>(E), gs = static_cast<Acc>(grad_scale);
+    std::vector<Acc> terms(static_cast<std::size_t>(E));
+    coeff.assign(static_cast<std::size_t>(E), Acc(0));
+    for (index_t e = 0; e < E; ++e) {
+      const auto r = lb_expert(stats[e + 1], tv_f, tv_p, local.sums[e], k, alpha_e, gs);
+      terms[static_cast<std::size_t>(e)] = r.term;
+      coeff[static_cast<std::size_t>(e)] = r.coeff;
+    }
+    value = alpha_e * pairwise_sum(terms.data(), E);
+  }
+  bool wants_rows(bool grad) const { return grad; }
+  template <class Ops>
+  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
+    if (g != nullptr)
+      for (index_t e = 0; e < sum_width; ++e) g[e] += coeff[static_cast<std::size_t>(e)];
+    return Acc(0);
+  }
+  double finish(Acc) const { return static_cast<double>(value); }
+};
+
+}  // namespace detail
+
+/// The row kernel of load_balancing_loss for these inputs (found by ADL by the row engines).
+template <class T>
+detail::lb_kernel<T> make_row_kernel(const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+                                     grad_options opts) {
+  detail::lb_kernel<T> k;
+  k.x = in.probs;
+  k.mask = in.mask;
+  k.topk = in.topk;
+  k.global = loss.cfg.scope == lb_scope::global;
+  k.alpha = loss.cfg.coef;
+  k.grad_scale = opts.grad_scale;
+  k.k = static_cast<accumulator_t<T>>(loss.cfg.k > 0 ? loss.cfg.k : in.topk.k);
+  k.sum_width = k.count_width = in.probs.cols;
+  k.stats_size = loss.stats_size(in);
+  return k;
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/losses/load_balancing.hpp ----
+
+MOEREG_NAMESPACE_BEGIN
+namespace detail {
+
+/// The sequences of a sequence-scope call: a fixed length, or the offsets cu_seqlens.
 struct lb_sequences {
   index_t count = 0;
   index_t fixed = 0;  // > 0: fixed length
@@ -2187,13 +2782,10 @@ struct lb_sequences {
   index_t end(index_t b) const { return fixed > 0 ? (b + 1) * fixed : offsets[b + 1]; }
 };
 
-/// Every host check of the call, then its sequences (sequence scope; none otherwise).
+/// The sequences of a validated call.
 template <class T>
-lb_sequences lb_validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-                         const matrix_view<T>* grad) {
-  validate_on_host("load_balancing", loss, in, reduced, grad);
+lb_sequences lb_sequences_of(const load_balancing_loss& loss, const load_balancing_inputs<T>& in) {
   lb_sequences seq;
-  if (loss.cfg.scope != lb_scope::sequence) return seq;
   if (loss.cfg.seq_len > 0) {
     seq.fixed = loss.cfg.seq_len;
     seq.count = in.probs.rows / loss.cfg.seq_len;
@@ -2204,7 +2796,7 @@ lb_sequences lb_validate(const load_balancing_loss& loss, const load_balancing_i
   return seq;
 }
 
-// Masked column sums, expert counts and T_v over rows [r0, r1), in a fixed order.
+/// Masked column sums, expert counts and T_v over rows [r0, r1), in row order.
 template <class T, class Acc>
 void lb_block_sums(const load_balancing_inputs<T>& in, index_t r0, index_t r1, Acc* colsum, index_t* counts,
                    index_t& tv) {
@@ -2215,11 +2807,7 @@ void lb_block_sums(const load_balancing_inputs<T>& in, index_t r0, index_t r1, A
   for (index_t t = r0; t < r1; ++t) {
     if (!in.mask(t)) continue;
     ++tv;
-    const T* p = P.row(t);
-    if (P.col_stride == 1)
-      for (index_t e = 0; e < E; ++e) colsum[e] += load(p[e]);
-    else
-      for (index_t e = 0; e < E; ++e) colsum[e] += load(p[e * P.col_stride]);
+    for (index_t e = 0; e < E; ++e) colsum[e] += load(P(t, e));
     for (index_t s = 0; s < in.topk.k; ++s) {
       const index_t e = in.topk(t, s);
       if (e >= 0) ++counts[e];
@@ -2227,96 +2815,33 @@ void lb_block_sums(const load_balancing_inputs<T>& in, index_t r0, index_t r1, A
   }
 }
 
-// Per-block sums over all rows, combined in block order.
-template <class T, class Acc>
-void lb_sums(const cpu& be, const load_balancing_inputs<T>& in, std::vector<Acc>& colsum, std::vector<index_t>& counts,
-             index_t& tv) {
-  const index_t T_ = in.probs.rows, E = in.probs.cols, B = cpu_block_rows;
-  const index_t nb = num_blocks(T_, B);
-  std::vector<Acc> pcol(static_cast<std::size_t>(nb * E));
-  std::vector<index_t> pcnt(static_cast<std::size_t>(nb * E)), ptv(static_cast<std::size_t>(nb));
-  parallel_blocks(be, T_, B, [&](index_t b, index_t r0, index_t r1) {
-    lb_block_sums(in, r0, r1, pcol.data() + b * E, pcnt.data() + b * E, ptv[static_cast<std::size_t>(b)]);
-  });
-  colsum.assign(static_cast<std::size_t>(E), Acc(0));
-  counts.assign(static_cast<std::size_t>(E), 0);
-  combine_blocks(pcol, nb, E, colsum.data());
-  tv = 0;
-  for (index_t b = 0; b < nb; ++b) {
-    tv += ptv[static_cast<std::size_t>(b)];
-    for (index_t e = 0; e < E; ++e) counts[static_cast<std::size_t>(e)] += pcnt[static_cast<std::size_t>(b * E + e)];
-  }
-}
-
-// Writes grad(t, e) = m_t * coeff[e] (or 0 for padding) over all rows.
-template <class T, class Acc>
-void lb_write_grad(const cpu& be, const load_balancing_inputs<T>& in, index_t r0, index_t r1, const Acc* coeff,
-                   const matrix_view<T>& g, bool accumulate) {
-  parallel_blocks(be, r1 - r0, cpu_block_rows, [&](index_t, index_t a, index_t b) {
-    for (index_t t = r0 + a; t < r0 + b; ++t) {
-      const bool valid = in.mask(t);
-      if (!valid && accumulate) continue;
-      for (index_t e = 0; e < g.cols; ++e) put_grad(g(t, e), valid ? coeff[e] : Acc(0), accumulate);
-    }
-  });
-}
-
 }  // namespace detail
 
-/// CPU backend of load_balancing_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
+/// The sequence scope of load_balancing_loss runs here, not on the row engine (so it is not fused).
+inline bool cpu_row_engine_runs(const load_balancing_loss& loss) { return loss.cfg.scope != lb_scope::sequence; }
+
+/// The sequence scope of load_balancing_loss's statistics: [B] (the row engine runs the other
+/// scopes).
 template <class T>
-void execute_stats(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, double* out) {
-  detail::check_scalars("load_balancing", loss.cfg.coef, grad_options{}, be.threads);
-  using Acc = accumulator_t<T>;
-  const auto seq = detail::lb_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  if (loss.cfg.scope == lb_scope::sequence) {
-    out[0] = static_cast<double>(seq.count);
-    return;
-  }
-  std::vector<Acc> colsum;
-  std::vector<index_t> counts;
-  index_t tv = 0;
-  detail::lb_sums(be, in, colsum, counts, tv);
-  out[0] = static_cast<double>(tv);
-  for (std::size_t e = 0; e < counts.size(); ++e) out[e + 1] = static_cast<double>(counts[e]);
+bool cpu_other_engine_stats(const cpu&, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+                            double* out) {
+  if (loss.cfg.scope != lb_scope::sequence) return false;
+  out[0] = static_cast<double>(detail::lb_sequences_of(loss, in).count);
+  return true;
 }
 
-/// CPU backend of load_balancing_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
+/// The sequence scope of load_balancing_loss's value and gradient (the row engine runs the
+/// other scopes); the call is validated.
 template <class T>
-double execute(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::check_scalars("load_balancing", loss.cfg.coef, opts, be.threads);
+bool cpu_other_engine(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+                      stats_view reduced, const matrix_view<T>* grad, grad_options opts, double& value) {
+  if (loss.cfg.scope != lb_scope::sequence) return false;
   using Acc = accumulator_t<T>;
-  const auto seq = detail::lb_validate(loss, in, reduced, grad);
+  const auto seq = detail::lb_sequences_of(loss, in);
   const index_t E = in.probs.cols;
-  const Acc k = static_cast<Acc>(loss.cfg.k > 0 ? loss.cfg.k : in.topk.k);
+  const Acc k = make_row_kernel(loss, in, opts).k;  // the configured top-k width
   const Acc alphaE = static_cast<Acc>(loss.cfg.coef) * static_cast<Acc>(E);
   const Acc gs = static_cast<Acc>(opts.grad_scale);
-  std::vector<Acc> coeff(static_cast<std::size_t>(E));
-
-  if (loss.cfg.scope != lb_scope::sequence) {
-    std::vector<Acc> colsum;
-    std::vector<index_t> counts;
-    index_t tv_local = 0;
-    detail::lb_sums(be, in, colsum, counts, tv_local);
-    const double tv_f = reduced.empty() ? static_cast<double>(tv_local) : reduced.data[0];
-    const double tv_p = (loss.cfg.scope == lb_scope::global) ? static_cast<double>(tv_local) : tv_f;
-    Acc value = Acc(0);
-    std::vector<Acc> terms(static_cast<std::size_t>(E));
-    for (index_t e = 0; e < E; ++e) {
-      const double cnt = reduced.empty() ? static_cast<double>(counts[static_cast<std::size_t>(e)]) : reduced.data[e + 1];
-      const auto r = detail::lb_expert(cnt, tv_f, tv_p, colsum[static_cast<std::size_t>(e)], k, alphaE, gs);
-      terms[static_cast<std::size_t>(e)] = r.term;
-      coeff[static_cast<std::size_t>(e)] = r.coeff;
-    }
-    value = alphaE * detail::pairwise_sum(terms.data(), E);
-    if (grad) detail::lb_write_grad(be, in, 0, in.probs.rows, coeff.data(), *grad, opts.accumulate);
-    return static_cast<double>(value);
-  }
-
-  // Sequence scope: each sequence is one sequential block of work; sequences run in parallel.
   const double B_total = reduced.empty() ? static_cast<double>(seq.count) : reduced.data[0];
   std::vector<Acc> seq_values(static_cast<std::size_t>(seq.count), Acc(0));
   const Acc invB = B_total > 0 ? static_cast<Acc>(1.0 / B_total) : Acc(0);
@@ -2330,8 +2855,8 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
     for (index_t j = 0; j < nb; ++j) {
       index_t tvj = 0;
       const index_t a = r0 + j * detail::cpu_block_rows;
-      detail::lb_block_sums(in, a, std::min(r1, a + detail::cpu_block_rows), pcol.data() + j * E,
-                            pcnt.data() + j * E, tvj);
+      detail::lb_block_sums(in, a, std::min(r1, a + detail::cpu_block_rows), pcol.data() + j * E, pcnt.data() + j * E,
+                            tvj);
       tv += tvj;
       for (index_t e = 0; e < E; ++e) cnt[static_cast<std::size_t>(e)] += pcnt[static_cast<std::size_t>(j * E + e)];
     }
@@ -2348,18 +2873,488 @@ double execute(const cpu& be, const load_balancing_loss& loss, const load_balanc
       for (index_t t = r0; t < r1; ++t) {
         const bool valid = in.mask(t);
         if (!valid && opts.accumulate) continue;
-        for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), valid ? c[static_cast<std::size_t>(e)] : Acc(0), opts.accumulate);
+        for (index_t e = 0; e < E; ++e)
+          detail::put_grad((*grad)(t, e), valid ? c[static_cast<std::size_t>(e)] : Acc(0), opts.accumulate);
       }
     }
   });
-  return static_cast<double>(invB * detail::pairwise_sum(seq_values.data(), seq.count));
+  value = static_cast<double>(invB * detail::pairwise_sum(seq_values.data(), seq.count));
+  return true;
 }
 
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(load_balancing_loss, load_balancing_inputs)
+MOEREG_NAMESPACE_END
+// ---- end moereg/backend/cpu/segmented_rows.hpp ----
+// ---- begin moereg/losses/entropy.hpp ----
+// Router entropy, LOSSES.md section 7.
+//
+//   L = eta (1/T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny)),   tiny = 1e-30
+//   dL/dP[t,e] = eta m_t / T_v * ( -(log P[t,e] + 1)   if P[t,e] > tiny
+//                                  -log(tiny)          otherwise: max(P, tiny) is constant there )
+//
+// eta defaults to 1e-3 (LOSSES.md gives no default; this is the library's choice). A positive
+// eta penalises spread-out routing (sharper routers); pass a negative eta to reward entropy.
+//
+// Statistics (LOSSES.md section 9): [T_v]. With reduced statistics the 1/T_v is global, so a
+// batch split into parts gives each part the whole batch's gradient rows, and the parts'
+// values sum to the whole batch's value.
+//
+// Passes over memory (value_and_grad): P read once, the gradient written once. The
+// description below (entropy_kernel) runs on the row engines; on the CPU rows are evaluated
+// with the engine's vectorised log (a strided or 16-bit row is converted first, so every
+// layout gives the same bits), element by element only for a subnormal tiny.
+
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+
+MOEREG_NAMESPACE_BEGIN
+
+/// Configuration of entropy_loss (LOSSES.md section 7).
+struct entropy_config {
+  double coef = 1e-3;   ///< eta (library default; LOSSES.md gives none)
+  double tiny = 1e-30;  ///< floor inside the log
+};
+
+struct entropy_loss;
+
+/// Inputs of entropy_loss; T is the storage type of P.
+template <class T>
+struct entropy_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = entropy_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
+  routing_view<T> probs;  ///< P [T, E]
+  mask_view mask{};       ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return probs; }
+};
+/// Deduces the storage type from the views: `entropy_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+entropy_inputs(matrix_view<U>, Rest...) -> entropy_inputs<std::remove_const_t<U>>;
+
+/// Router entropy L_H = eta * (1 / T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny))
+/// (LOSSES.md section 7), gradient with respect to P.
+struct entropy_loss : loss_api<entropy_loss, entropy_config> {
+  static constexpr const char* name = "entropy_loss";  ///< in error messages
+  static constexpr const char* label = "entropy";  ///< prefix of the CPU backend's error messages
+  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
+  template <class T>
+  index_t stats_size(const entropy_inputs<T>&) const {
+    return 1;
+  }
+};
+
+/// The configuration checks of entropy_loss (the generic shape checks of losses/common.hpp
+/// call them): tiny must be positive and finite in the accumulator type.
+template <class T>
+void validate_config(const char* who, const entropy_loss& loss, const entropy_inputs<T>&) {
+  detail::require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
+                  who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
+}
+
+namespace detail {
+
+/// The row kernel of entropy_loss (the protocol is in backend/cpu/row_engine.hpp): no pass 1;
+/// a valid row's term is -sum_e P log max(P, tiny) and its gradient gc * dfactor
+/// (entropy_elem in math/router.hpp). With a normal tiny the logarithms run on the engine's
+/// packets: the factor is written -(lp + one) with one = 1 above tiny and 0 below, which is
+/// -(log p + 1) and -(log_tiny + 0) = -log_tiny exactly, entropy_elem's two cases; selecting
+/// only loaded values and constants, with all arithmetic unconditional, lets the compiler
+/// vectorise the loop (it does not speculate floating-point arithmetic under
+/// -ftrapping-math). A subnormal tiny takes entropy_elem element by element.
+template <class T>
+struct entropy_kernel {
+  using storage_type = T;
+  using acc_type = accumulator_t<T>;
+  using Acc = acc_type;
+  matrix_view<const T> x;  ///< P
+  mask_view mask;
+  double eta = 0, grad_scale = 1;
+  Acc tiny = Acc(0), log_tiny = Acc(0);
+  index_t sum_width = 0, count_width = 0, stats_size = 1;
+  bool reads_row = true, active = true;
+  Acc inv_tv = Acc(0), gc = Acc(0);
+
+  bool needs_pass1(bool) const { return false; }
+  void stats_row(index_t, const Acc*, Acc*, index_t*) const {}
+  void write_stats(const row_local<Acc>& local, double* out) const { out[0] = static_cast<double>(local.tv); }
+  void prepare(const double* stats, const row_local<Acc>&) {
+    const double tv = stats[0];
+    active = tv > 0;
+    inv_tv = active ? static_cast<Acc>(1.0 / tv) : Acc(0);
+    gc = active ? static_cast<Acc>(grad_scale * eta / tv) : Acc(0);
+  }
+  bool wants_rows(bool) const { return true; }
+  template <class Ops>
+  Acc row(index_t, const Acc* MOEREG_RESTRICT p, Acc* g, Ops& ops) const {
+    const index_t n = x.cols;
+    if (!(tiny >= std::numeric_limits<Acc>::min())) {
+      Acc sum = Acc(0);
+      for (index_t e = 0; e < n; ++e) {
+        const auto r = entropy_elem(p[e], tiny, log_tiny);
+        sum -= r.plogp;
+        if (g != nullptr) g[e] += gc * r.dfactor;
+      }
+      return sum;
+    }
+    Acc* MOEREG_RESTRICT df = ops.scratch(0);
+    Acc* MOEREG_RESTRICT terms = ops.scratch(1);
+    ops.log(p, n, df);
+    for (index_t e = 0; e < n; ++e) {
+      const Acc pe = p[e], log_pe = df[e];
+      const bool above = pe > tiny;
+      const Acc lp = above ? log_pe : log_tiny;
+      const Acc one = above ? Acc(1) : Acc(0);
+      terms[e] = pe * lp;
+      df[e] = -(lp + one);
+    }
+    if (g != nullptr)
+      for (index_t e = 0; e < n; ++e) g[e] += gc * df[e];
+    return -ops.sum(terms, n);
+  }
+  double finish(Acc rows) const { return static_cast<double>(static_cast<Acc>(eta) * inv_tv * rows); }
+};
+
+}  // namespace detail
+
+/// The row kernel of entropy_loss for these inputs (found by ADL by the row engines).
+template <class T>
+detail::entropy_kernel<T> make_row_kernel(const entropy_loss& loss, const entropy_inputs<T>& in, grad_options opts) {
+  detail::entropy_kernel<T> k;
+  k.x = in.probs;
+  k.mask = in.mask;
+  k.eta = loss.cfg.coef;
+  k.grad_scale = opts.grad_scale;
+  k.tiny = static_cast<accumulator_t<T>>(loss.cfg.tiny);
+  k.log_tiny = std::log(k.tiny);
+  return k;
+}
 
 MOEREG_NAMESPACE_END
-// ---- end moereg/losses/load_balancing.hpp ----
+// ---- end moereg/losses/entropy.hpp ----
+// ---- begin moereg/losses/importance.hpp ----
+// Importance loss (Shazeer et al. 2017, "Outrageously Large Neural Networks: The
+// Sparsely-Gated Mixture-of-Experts Layer"), LOSSES.md section 7.
+//
+//   imp_e = sum_t m_t P[t,e]                       (a sum, not a mean)
+//   mu    = (1/E) sum_e imp_e,   var = (1/E) sum_e (imp_e - mu)^2   (population variance)
+//   L     = w * CV(imp)^2 = w * var / mu^2
+//   dL/dP[t,e] = m_t * w * ( 2 (imp_e - mu) / (E mu^2) - 2 var / (E mu^3) )
+// T_v = 0 or mu = 0 gives 0 and a zero gradient.
+//
+// w defaults to 1e-2: LOSSES.md gives no default; this is the library's choice (the order of
+// magnitude of the load-balancing alpha).
+//
+// Statistics (LOSSES.md section 9): [imp_0, ..., imp_{E-1}] (E entries, sums). The whole loss
+// is a function of imp, which is global: with reduced statistics each part's gradient rows
+// equal the whole batch's rows, and the value each part returns IS the whole batch's value
+// (CV^2 is not a sum over tokens), so the parts' values must not be added up.
+//
+// Passes over memory (value_and_grad): P read once (column sums), the gradient written once;
+// with reduced statistics P is not read at all (the gradient depends only on e and m_t).
+// The description below (importance_kernel) runs on the row engines.
+
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+
+MOEREG_NAMESPACE_BEGIN
+
+/// Configuration of importance_loss (LOSSES.md section 7).
+struct importance_config {
+  double coef = 1e-2;  ///< w (library default; LOSSES.md gives none)
+};
+
+struct importance_loss;
+
+/// Inputs of importance_loss; T is the storage type of P.
+template <class T>
+struct importance_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = importance_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
+  routing_view<T> probs;  ///< P [T, E]
+  mask_view mask{};       ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return probs; }
+};
+/// Deduces the storage type from the views: `importance_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+importance_inputs(matrix_view<U>, Rest...) -> importance_inputs<std::remove_const_t<U>>;
+
+/// Importance loss L = w * CV(imp)^2, imp_e = sum_t m_t P[t,e] (Shazeer et al. 2017; LOSSES.md
+/// section 7), gradient with respect to P.
+struct importance_loss : loss_api<importance_loss, importance_config> {
+  static constexpr const char* name = "importance_loss";  ///< in error messages
+  static constexpr const char* label = "importance";  ///< prefix of the CPU backend's error messages
+  static constexpr index_t stats_counts = 0;  ///< leading entries of the statistics that are counts
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
+  template <class T>
+  index_t stats_size(const importance_inputs<T>& in) const {
+    return in.probs.cols;
+  }
+};
+
+namespace detail {
+
+/// The row kernel of importance_loss (the protocol is in backend/cpu/row_engine.hpp): pass 1
+/// sums the columns (imp) unless reduced statistics are given; the value is a function of imp
+/// alone, and a valid row's gradient is the per-expert coefficient (P is not read again).
+template <class T>
+struct importance_kernel {
+  using storage_type = T;
+  using acc_type = accumulator_t<T>;
+  using Acc = acc_type;
+  matrix_view<const T> x;  ///< P
+  mask_view mask;
+  double w = 0, grad_scale = 1;
+  index_t sum_width = 0, count_width = 0, stats_size = 0;
+  bool reads_row = false, active = false;
+  Acc value = Acc(0);
+  std::vector<Acc> coeff;  ///< dL/dP[t,e] of a valid row
+
+  bool needs_pass1(bool reduced) const { return !reduced; }
+  void stats_row(index_t, const Acc* p, Acc* sums, index_t*) const {
+    for (index_t e = 0; e < sum_width; ++e) sums[e] += p[e];
+  }
+  void write_stats(const row_local<Acc>& local, double* out) const {
+    for (index_t e = 0; e < sum_width; ++e) out[e] = static_cast<double>(local.sums[e]);
+  }
+  /// imp from the statistics; mu = 0 (T_v = 0 among them) gives 0 and a zero gradient.
+  void prepare(const double* stats, const row_local<Acc>&) {
+    const index_t E = sum_width;
+    std::vector<Acc> imp(static_cast<std::size_t>(E)), dev2(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) imp[static_cast<std::size_t>(e)] = static_cast<Acc>(stats[e]);
+    const Acc Ea = static_cast<Acc>(E);
+    const Acc mu = E > 0 ? pairwise_sum(imp.data(), E) / Ea : Acc(0);
+    coeff.assign(static_cast<std::size_t>(E), Acc(0));
+    active = mu != Acc(0);
+    if (!active) return;
+    for (index_t e = 0; e < E; ++e) {
+      const Acc d = imp[static_cast<std::size_t>(e)] - mu;
+      dev2[static_cast<std::size_t>(e)] = d * d;
+    }
+    const Acc var = pairwise_sum(dev2.data(), E) / Ea;
+    const Acc mu2 = mu * mu, gw = static_cast<Acc>(grad_scale * w);
+    value = static_cast<Acc>(w) * var / mu2;
+    for (index_t e = 0; e < E; ++e)
+      coeff[static_cast<std::size_t>(e)] = importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
+  }
+  bool wants_rows(bool grad) const { return grad; }
+  template <class Ops>
+  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
+    if (g != nullptr)
+      for (index_t e = 0; e < sum_width; ++e) g[e] += coeff[static_cast<std::size_t>(e)];
+    return Acc(0);
+  }
+  double finish(Acc) const { return static_cast<double>(value); }
+};
+
+}  // namespace detail
+
+/// The row kernel of importance_loss for these inputs (found by ADL by the row engines).
+template <class T>
+detail::importance_kernel<T> make_row_kernel(const importance_loss& loss, const importance_inputs<T>& in,
+                                             grad_options opts) {
+  detail::importance_kernel<T> k;
+  k.x = in.probs;
+  k.mask = in.mask;
+  k.w = loss.cfg.coef;
+  k.grad_scale = opts.grad_scale;
+  k.sum_width = k.stats_size = in.probs.cols;
+  return k;
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/losses/importance.hpp ----
+// ---- begin moereg/losses/variance.hpp ----
+// Variance loss (Guo, Lu, Nan et al. 2025, "Advancing Expert Specialization for Better MoE",
+// L_v), LOSSES.md section 6.
+//
+// S [T, E] is the routing score matrix the caller passes (the paper: the scores after the
+// top-k step, each row summing to 1).
+//
+//   tokens axis (paper, default):
+//     sbar_e = (1 / T_v) sum_t m_t S[t,e]
+//     L = -gamma (1/E) (1/T_v) sum_t m_t sum_e (S[t,e] - sbar_e)^2
+//     dL/dS[t,e] = -gamma 2 m_t (S[t,e] - sbar_e) / (E T_v)
+//     (the derivative through sbar vanishes: sum_t m_t (S[t,e] - sbar_e) = 0)
+//   experts axis (the authors' released code):
+//     L = -gamma (1/T_v) sum_t m_t var_unbiased_e(S[t,:]),   E = 1 gives 0
+//     dL/dS[t,e] = -gamma m_t 2 (S[t,e] - mean_e S[t,:]) / ((E - 1) T_v)
+//   reduction = sum drops the outer 1/T_v (the paper sums over tokens). LOSSES.md names the
+//   option for the tokens axis; the library applies it to both axes. sbar always divides
+//   by T_v: it is a mean by definition.
+// gamma defaults to 1e-3.
+//
+// Statistics (LOSSES.md section 9), all sums:
+//   tokens   [T_v, sum_t m_t S[t,0], ..., sum_t m_t S[t,E-1]]   (1 + E entries)
+//   experts  [T_v]                                               (1 entry)
+// With reduced statistics sbar (tokens axis) and T_v are global; everything else is this
+// call's rows. Each part's value is its own rows' share of the whole sum, so the parts'
+// values add up to the whole batch's value and each part's gradient rows equal the whole
+// batch's rows. With reduction = sum the statistics are still needed on the tokens axis
+// (sbar is a mean over the whole batch) and behave the same way; the parts' values then add
+// to the whole batch's un-normalised sum. On the experts axis with reduction = sum, the
+// statistics only decide the T_v = 0 rule.
+//
+// Passes over memory (value_and_grad): tokens axis two (column sums, then deviations and the
+// gradient), one when reduced statistics are given; experts axis one. The gradient is
+// written once. The description below (variance_kernel) runs on the row engines.
+
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+
+MOEREG_NAMESPACE_BEGIN
+
+/// Over which axis the variance is taken (LOSSES.md section 6).
+enum class variance_axis { tokens, experts };
+/// Outer normalisation: mean over valid tokens (1/T_v) or plain sum over tokens.
+enum class variance_reduction { mean, sum };
+
+/// Configuration of variance_loss (LOSSES.md section 6).
+struct variance_config {
+  double coef = 1e-3;                                   ///< gamma
+  variance_axis axis = variance_axis::tokens;  ///< tokens (the paper, default) or experts
+  variance_reduction reduction = variance_reduction::mean;  ///< tokens axis: mean (default) or sum
+};
+
+struct variance_loss;
+
+/// Inputs of variance_loss; T is the storage type of S.
+template <class T>
+struct variance_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = variance_loss;  ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;  ///< what backward() writes
+  static constexpr const char* matrix_name = "scores";  ///< the routing matrix, as errors name it
+  static constexpr const char* grad_name = "grad_scores";  ///< its gradient, as errors name it
+  routing_view<T> scores;  ///< S [T, E]
+  mask_view mask{};        ///< m [T], empty = all valid
+  /// The routing matrix (the generic checks of losses/common.hpp read it).
+  const routing_view<T>& matrix() const { return scores; }
+};
+/// Deduces the storage type from the views: `variance_inputs{view(x), ...}` needs no template argument.
+template <class U, class... Rest>
+variance_inputs(matrix_view<U>, Rest...) -> variance_inputs<std::remove_const_t<U>>;
+
+/// Variance loss L_v = -gamma * (1 / E) (1 / T_v) sum_t m_t sum_e (S[t,e] - sbar_e)^2 (Guo et al. 2025;
+/// LOSSES.md section 6), gradient with respect to the routing scores S.
+struct variance_loss : loss_api<variance_loss, variance_config> {
+  static constexpr const char* name = "variance_loss";  ///< in error messages
+  static constexpr const char* label = "variance";  ///< prefix of the CPU backend's error messages
+  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
+  template <class T>
+  index_t stats_size(const variance_inputs<T>& in) const {
+    return cfg.axis == variance_axis::tokens ? 1 + in.scores.cols : 1;
+  }
+};
+
+/// The configuration checks of variance_loss (the generic shape checks of losses/common.hpp
+/// call them): a known axis and reduction.
+template <class T>
+void validate_config(const char* who, const variance_loss& loss, const variance_inputs<T>&) {
+  const auto& c = loss.cfg;
+  detail::require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
+                  static_cast<int>(c.axis));
+  detail::require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
+                  ": unknown reduction ", static_cast<int>(c.reduction));
+}
+
+namespace detail {
+
+/// The row kernel of variance_loss (the protocol is in backend/cpu/row_engine.hpp). Tokens
+/// axis: pass 1 sums the columns unless reduced statistics are given, and the centre of a row
+/// is sbar = column sum / T_v; experts axis: no pass 1, the centre is the row's own mean. A
+/// valid row's term is q_t = sum_e (S[t,e] - centre)^2 and its gradient gc * (S - centre);
+/// value = vc * sum_t m_t q_t (variance_scale in math/router.hpp).
+template <class T>
+struct variance_kernel {
+  using storage_type = T;
+  using acc_type = accumulator_t<T>;
+  using Acc = acc_type;
+  matrix_view<const T> x;  ///< S
+  mask_view mask;
+  variance_config cfg;
+  double grad_scale = 1;
+  index_t sum_width = 0, count_width = 0, stats_size = 1;
+  bool reads_row = true, active = false;
+  Acc vc = Acc(0), gc = Acc(0);
+  std::vector<Acc> sbar;  ///< tokens axis: the column means
+
+  bool tokens() const { return cfg.axis == variance_axis::tokens; }
+  bool needs_pass1(bool reduced) const { return tokens() && !reduced; }
+  void stats_row(index_t, const Acc* s, Acc* sums, index_t*) const {
+    for (index_t e = 0; e < sum_width; ++e) sums[e] += s[e];
+  }
+  void write_stats(const row_local<Acc>& local, double* out) const {
+    out[0] = static_cast<double>(local.tv);
+    for (index_t e = 0; e < sum_width; ++e) out[e + 1] = static_cast<double>(local.sums[e]);
+  }
+  /// T_v = 0, and E = 1 on the experts axis, give 0 and a zero gradient.
+  void prepare(const double* stats, const row_local<Acc>&) {
+    const double tv = stats[0];
+    const index_t E = x.cols;
+    sbar.assign(static_cast<std::size_t>(sum_width), Acc(0));
+    for (index_t e = 0; e < sum_width; ++e)
+      sbar[static_cast<std::size_t>(e)] = tv > 0 ? static_cast<Acc>(stats[e + 1] / tv) : Acc(0);
+    active = tv > 0 && (tokens() || E > 1);
+    if (!active) return;
+    const double norm = cfg.reduction == variance_reduction::mean ? 1.0 / tv : 1.0;
+    const auto c = variance_scale<Acc>(cfg.coef, grad_scale, norm, static_cast<double>(tokens() ? E : E - 1));
+    vc = c.vc;
+    gc = c.gc;
+  }
+  bool wants_rows(bool) const { return true; }
+  template <class Ops>
+  Acc row(index_t, const Acc* s, Acc* g, Ops&) const {
+    const index_t E = x.cols;
+    Acc mean = Acc(0);
+    if (!tokens()) {
+      for (index_t e = 0; e < E; ++e) mean += s[e];
+      mean /= static_cast<Acc>(E);
+    }
+    Acc q = Acc(0);
+    for (index_t e = 0; e < E; ++e) {
+      const Acc d = s[e] - (tokens() ? sbar[static_cast<std::size_t>(e)] : mean);
+      q += d * d;
+      if (g != nullptr) g[e] += gc * d;
+    }
+    return q;
+  }
+  double finish(Acc rows) const { return active ? static_cast<double>(vc * rows) : 0.0; }
+};
+
+}  // namespace detail
+
+/// The row kernel of variance_loss for these inputs (found by ADL by the row engines).
+template <class T>
+detail::variance_kernel<T> make_row_kernel(const variance_loss& loss, const variance_inputs<T>& in, grad_options opts) {
+  detail::variance_kernel<T> k;
+  k.x = in.scores;
+  k.mask = in.mask;
+  k.cfg = loss.cfg;
+  k.grad_scale = opts.grad_scale;
+  k.sum_width = k.tokens() ? in.scores.cols : 0;
+  k.stats_size = loss.stats_size(in);
+  return k;
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/losses/variance.hpp ----
 // ---- begin moereg/losses/z_loss.hpp ----
 // Router z-loss (ST-MoE, Zoph et al. 2022), LOSSES.md section 2.
 //
@@ -2373,15 +3368,12 @@ MOEREG_NAMESPACE_END
 //
 // Passes over memory (value_and_grad): Z is read once (a row is kept in a small buffer
 // while its softmax is formed) and the gradient written once; the mask is read twice.
-// Each row is evaluated with Eigen's vectorised exp (row_logsumexp_vec; a strided row is
-// gathered first, so every layout gives the same bits).
+// The description below (z_kernel) runs on the row engines; on the CPU each row is evaluated
+// with the engine's vectorised log-sum-exp (a strided or 16-bit row is converted first, so
+// every layout gives the same bits).
 
 
-#include <algorithm>
-#include <cmath>
 #include <type_traits>
-#include <limits>
-#include <vector>
 
 
 MOEREG_NAMESPACE_BEGIN
@@ -2414,6 +3406,7 @@ z_loss_inputs(matrix_view<U>, Rest...) -> z_loss_inputs<std::remove_const_t<U>>;
 /// with respect to the router logits Z.
 struct z_loss : loss_api<z_loss, z_loss_config> {
   static constexpr const char* name = "z_loss";  ///< in error messages
+  static constexpr const char* label = "z_loss";  ///< prefix of the CPU backend's error messages
   static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
@@ -2424,96 +3417,168 @@ struct z_loss : loss_api<z_loss, z_loss_config> {
 
 namespace detail {
 
-/// Stable log-sum-exp of one row; `buf` receives exp(z - max) and `sum` their sum, so that
-/// softmax(z)_e = buf[e] / sum. The arithmetic is math/router.hpp's, shared with CUDA.
-template <class T, class Acc>
-MOEREG_FORCEINLINE Acc row_logsumexp(const T* z, index_t n, index_t stride, Acc* buf, Acc& sum) {
-  return detail::logsumexp_row<Acc>([z, stride](index_t e) { return load(z[e * stride]); }, n, buf, sum);
-}
+/// The row kernel of z_loss (the protocol is in backend/cpu/row_engine.hpp): no pass 1; a
+/// valid row's term is lse_t^2 and its gradient gcoef * lse_t * softmax(Z_t).
+template <class T>
+struct z_kernel {
+  using storage_type = T;
+  using acc_type = accumulator_t<T>;
+  using Acc = acc_type;
+  matrix_view<const T> x;  ///< Z
+  mask_view mask;
+  double beta = 0, grad_scale = 1;
+  index_t sum_width = 0, count_width = 0, stats_size = 1;
+  bool reads_row = true, active = true;
+  Acc inv_tv = Acc(0), gcoef = Acc(0);
 
-/// row_logsumexp() of row t, vectorised: the maximum, the exponentials and their sum run on
-/// Eigen packets (`buf` must be aligned row scratch, `conv` row scratch when
-/// acc_row_converts(Z)). Same formulas as logsumexp_row (lse_shift, lse_term,
-/// lse_finish), to a few ulp of the exponential; two exceptions keep the scalar results:
-/// terms whose exponential is below the smallest normal number (Eigen clamps the argument of
-/// exp there, so exp(-inf) would not be 0) are recomputed with lse_term, and a row whose
-/// maximum or log-sum-exp is not finite (an inf or NaN in the row) is redone by
-/// row_logsumexp.
-template <class T, class Acc = accumulator_t<T>>
-Acc row_logsumexp_vec(const matrix_view<const T>& Z, index_t t, Acc* buf, Acc* conv, Acc& sum) {
-  const index_t n = Z.cols;
-  const Acc* z = acc_row(Z, t, conv);
-  const row_array<Acc> zr(z, n);
-  const Acc mx = zr.maxCoeff();
-  if (!(std::abs(mx) <= std::numeric_limits<Acc>::max())) return row_logsumexp(Z.row(t), n, Z.col_stride, buf, sum);
-  const Acc shift = lse_shift(mx);
-  scratch_array<Acc> ex(buf, n);
-  ex = (zr - shift).exp();
-  // log of the smallest normal number: below it Eigen's exp is clamped.
-  const Acc normal_floor = std::log(std::numeric_limits<Acc>::min());
-  if (zr.minCoeff() - shift < normal_floor)
-    for (index_t e = 0; e < n; ++e)
-      if (!(z[e] - shift >= normal_floor)) buf[e] = lse_term(z[e], shift);
-  const Acc s = ex.sum();
-  const Acc lse = lse_finish(shift, s);
-  if (!(std::abs(lse) <= std::numeric_limits<Acc>::max())) return row_logsumexp(Z.row(t), n, Z.col_stride, buf, sum);
-  sum = s;
-  return lse;
-}
+  bool needs_pass1(bool) const { return false; }
+  void stats_row(index_t, const Acc*, Acc*, index_t*) const {}
+  void write_stats(const row_local<Acc>& local, double* out) const { out[0] = static_cast<double>(local.tv); }
+  void prepare(const double* stats, const row_local<Acc>&) {
+    inv_tv = stats[0] > 0 ? static_cast<Acc>(1.0 / stats[0]) : Acc(0);
+    gcoef = static_cast<Acc>(grad_scale) * static_cast<Acc>(beta) * Acc(2) * inv_tv;
+  }
+  bool wants_rows(bool) const { return true; }
+  template <class Ops>
+  Acc row(index_t, const Acc* z, Acc* g, Ops& ops) const {
+    Acc* ex = ops.scratch(0);
+    Acc expsum = Acc(0);
+    const Acc lse = ops.logsumexp(z, x.cols, ex, expsum);
+    if (g != nullptr) {
+      const Acc c = z_row_grad_coeff(gcoef, lse, expsum);
+      for (index_t e = 0; e < x.cols; ++e) g[e] += c * ex[e];
+    }
+    return lse * lse;
+  }
+  double finish(Acc rows) const { return static_cast<double>(static_cast<Acc>(beta) * inv_tv * rows); }
+};
 
 }  // namespace detail
 
-/// CPU backend of z_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
+/// The row kernel of z_loss for these inputs (found by ADL by the row engines).
 template <class T>
-void execute_stats(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, double* out) {
-  detail::check_scalars("z_loss", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("z_loss", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  out[0] = static_cast<double>(detail::count_valid(in.mask, in.logits.rows));
+detail::z_kernel<T> make_row_kernel(const z_loss& loss, const z_loss_inputs<T>& in, grad_options opts) {
+  detail::z_kernel<T> k;
+  k.x = in.logits;
+  k.mask = in.mask;
+  k.beta = loss.cfg.coef;
+  k.grad_scale = opts.grad_scale;
+  return k;
 }
-
-/// CPU backend of z_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
-double execute(const cpu& be, const z_loss& loss, const z_loss_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::check_scalars("z_loss", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("z_loss", loss, in, reduced, grad);
-  const auto& Z = in.logits;
-  const index_t T_ = Z.rows, E = Z.cols;
-  const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];
-  const Acc inv_tv = tv > 0 ? static_cast<Acc>(1.0 / tv) : Acc(0);
-  const Acc beta = static_cast<Acc>(loss.cfg.coef);
-  const Acc gcoef = static_cast<Acc>(opts.grad_scale) * beta * Acc(2) * inv_tv;
-  const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
-  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
-  detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    detail::row_scratch<Acc> buf(static_cast<std::size_t>(E));
-    detail::row_scratch<Acc> conv(detail::acc_row_converts(Z) ? static_cast<std::size_t>(E) : 0);
-    Acc sum = Acc(0);
-    for (index_t t = r0; t < r1; ++t) {
-      const bool valid = in.mask(t);
-      if (!valid) {
-        if (grad && !opts.accumulate)
-          for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), Acc(0), false);
-        continue;
-      }
-      Acc expsum = Acc(0);
-      const Acc lse = detail::row_logsumexp_vec(Z, t, buf.data(), conv.data(), expsum);
-      sum += lse * lse;
-      if (grad) detail::put_grad_row(*grad, t, detail::z_row_grad_coeff(gcoef, lse, expsum), buf.data(), opts.accumulate);
-    }
-    partial[static_cast<std::size_t>(b)] = sum;
-  });
-  return static_cast<double>(beta * inv_tv * detail::pairwise_sum(partial.data(), nb));
-}
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(z_loss, z_loss_inputs)
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/z_loss.hpp ----
+
+MOEREG_NAMESPACE_BEGIN
+// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
+MOEREG_DETAIL_EXTERN_ROUTER(load_balancing_loss, load_balancing_inputs)
+MOEREG_DETAIL_EXTERN_ROUTER(z_loss, z_loss_inputs)
+MOEREG_DETAIL_EXTERN_ROUTER(entropy_loss, entropy_inputs)
+MOEREG_DETAIL_EXTERN_ROUTER(importance_loss, importance_inputs)
+MOEREG_DETAIL_EXTERN_ROUTER(variance_loss, variance_inputs)
+MOEREG_NAMESPACE_END
+// ---- end moereg/backend/cpu.hpp ----
+// ---- begin moereg/chain.hpp ----
+// Chain helpers (LOSSES.md section 7): carry a gradient with respect to router
+// probabilities back to the router logits, so a loss on P can be added to the router's
+// gradient.
+//
+//   softmax:   P = softmax(Z) row-wise,          dZ = P * (dP - rowsum(P * dP))
+//   sigmoid:   S = sigmoid(Z) / rowsum(sigmoid(Z)) (normalised over all E experts of the row),
+//              dZ = S * (1 - sigmoid(Z)) * (dS - rowsum(S * dS))
+//
+// Both write grad_scale * dZ into the caller's buffer (overwrite or accumulate). dP and dZ
+// may be the same buffer only when accumulate is false.
+
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+
+MOEREG_NAMESPACE_BEGIN
+
+/// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
+template <class T>
+void softmax_backward(detail::nondeduced_t<routing_view<T>> probs, detail::nondeduced_t<matrix_view<const T>> grad_probs,
+                      matrix_view<T> grad_logits, grad_options opts = {}, const cpu& be = {}) {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using Acc = accumulator_t<T>;
+  const char* who = "softmax_backward";
+  detail::check_scalars(who, 0.0, opts, be.threads);
+  detail::check_matrix(who, "probs", probs);
+  detail::check_grad(who, "grad_probs", grad_probs, probs);
+  detail::check_grad(who, "grad_logits", grad_logits, probs);
+  const Acc gs = static_cast<Acc>(opts.grad_scale);
+  detail::parallel_blocks(be, probs.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
+    for (index_t t = r0; t < r1; ++t) {
+      Acc dot = Acc(0);
+      for (index_t e = 0; e < probs.cols; ++e) dot += load(probs(t, e)) * load(grad_probs(t, e));
+      for (index_t e = 0; e < probs.cols; ++e) {
+        const Acc p = load(probs(t, e));
+        detail::put_grad(grad_logits(t, e), gs * p * (load(grad_probs(t, e)) - dot), opts.accumulate);
+      }
+    }
+  });
+}
+
+/// dZ for normalised sigmoid scores S = sigmoid(Z) / sum_e sigmoid(Z) over all E experts of
+/// each row (the "normalised scores of a sigmoid router" of LOSSES.md; the normalisation over
+/// the selected experts only, as in DeepSeek-V3's gate weights, is a different function):
+///   dZ[t,j] = S[t,j] (1 - sigmoid(Z[t,j])) (dS[t,j] - sum_e S[t,e] dS[t,e])
+/// S is formed in the log domain (log sigmoid, then a max shift), so it stays finite when
+/// every sigmoid of a row underflows. grad_scores and grad_logits may be the same buffer only
+/// when accumulate is false.
+template <class T>
+void sigmoid_norm_backward(detail::nondeduced_t<routing_view<T>> logits,
+                           detail::nondeduced_t<matrix_view<const T>> grad_scores, matrix_view<T> grad_logits,
+                           grad_options opts = {}, const cpu& be = {}) {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using Acc = accumulator_t<T>;
+  const char* who = "sigmoid_norm_backward";
+  detail::check_scalars(who, 0.0, opts, be.threads);
+  detail::check_matrix(who, "logits", logits);
+  detail::check_grad(who, "grad_scores", grad_scores, logits);
+  detail::check_grad(who, "grad_logits", grad_logits, logits);
+  const Acc gs = static_cast<Acc>(opts.grad_scale);
+  const index_t E = logits.cols;
+  detail::parallel_blocks(be, logits.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
+    // Per row: ls = log sigmoid(z), om = 1 - sigmoid(z) = sigmoid(-z), both without overflow.
+    std::vector<Acc> ls(static_cast<std::size_t>(E)), om(static_cast<std::size_t>(E));
+    for (index_t t = r0; t < r1; ++t) {
+      Acc mx = -std::numeric_limits<Acc>::infinity();
+      for (index_t e = 0; e < E; ++e) {
+        const Acc z = load(logits(t, e));
+        const Acc x = std::exp(-std::abs(z));  // in (0, 1]
+        const Acc l1p = std::log1p(x);
+        const std::size_t i = static_cast<std::size_t>(e);
+        ls[i] = z >= Acc(0) ? -l1p : z - l1p;
+        om[i] = z >= Acc(0) ? x / (Acc(1) + x) : Acc(1) / (Acc(1) + x);
+        mx = std::max(mx, ls[i]);
+      }
+      Acc sum = Acc(0);
+      for (index_t e = 0; e < E; ++e) {
+        const std::size_t i = static_cast<std::size_t>(e);
+        ls[i] = std::exp(ls[i] - mx);  // now sigmoid(z_e) / max_j sigmoid(z_j)
+        sum += ls[i];
+      }
+      Acc dot = Acc(0);
+      for (index_t e = 0; e < E; ++e) {
+        const std::size_t i = static_cast<std::size_t>(e);
+        ls[i] /= sum;  // now S_e
+        dot += ls[i] * load(grad_scores(t, e));
+      }
+      for (index_t e = 0; e < E; ++e) {
+        const std::size_t i = static_cast<std::size_t>(e);
+        detail::put_grad(grad_logits(t, e), gs * ls[i] * om[i] * (load(grad_scores(t, e)) - dot), opts.accumulate);
+      }
+    }
+  });
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/chain.hpp ----
 // ---- begin moereg/losses/specialization.hpp ----
 // Intra-layer specialization loss (Hu et al., "Synergistic Intra- and Cross-Layer
 // Regularization Losses for MoE Expert Specialization", R_sp), LOSSES.md section 3.
@@ -4327,564 +5392,6 @@ MOEREG_DETAIL_EXTERN_ROUTER(coupling_loss, coupling_inputs)
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/coupling.hpp ----
-// ---- begin moereg/losses/variance.hpp ----
-// Variance loss (Guo, Lu, Nan et al. 2025, "Advancing Expert Specialization for Better MoE",
-// L_v), LOSSES.md section 6.
-//
-// S [T, E] is the routing score matrix the caller passes (the paper: the scores after the
-// top-k step, each row summing to 1).
-//
-//   tokens axis (paper, default):
-//     sbar_e = (1 / T_v) sum_t m_t S[t,e]
-//     L = -gamma (1/E) (1/T_v) sum_t m_t sum_e (S[t,e] - sbar_e)^2
-//     dL/dS[t,e] = -gamma 2 m_t (S[t,e] - sbar_e) / (E T_v)
-//     (the derivative through sbar vanishes: sum_t m_t (S[t,e] - sbar_e) = 0)
-//   experts axis (the authors' released code):
-//     L = -gamma (1/T_v) sum_t m_t var_unbiased_e(S[t,:]),   E = 1 gives 0
-//     dL/dS[t,e] = -gamma m_t 2 (S[t,e] - mean_e S[t,:]) / ((E - 1) T_v)
-//   reduction = sum drops the outer 1/T_v (the paper sums over tokens). LOSSES.md names the
-//   option for the tokens axis; the library applies it to both axes. sbar always divides
-//   by T_v: it is a mean by definition.
-// gamma defaults to 1e-3.
-//
-// Statistics (LOSSES.md section 9), all sums:
-//   tokens   [T_v, sum_t m_t S[t,0], ..., sum_t m_t S[t,E-1]]   (1 + E entries)
-//   experts  [T_v]                                               (1 entry)
-// With reduced statistics sbar (tokens axis) and T_v are global; everything else is this
-// call's rows. Each part's value is its own rows' share of the whole sum, so the parts'
-// values add up to the whole batch's value and each part's gradient rows equal the whole
-// batch's rows. With reduction = sum the statistics are still needed on the tokens axis
-// (sbar is a mean over the whole batch) and behave the same way; the parts' values then add
-// to the whole batch's un-normalised sum. On the experts axis with reduction = sum, the
-// statistics only decide the T_v = 0 rule.
-//
-// Passes over memory (value_and_grad): tokens axis two (column sums, then deviations and the
-// gradient), one when reduced statistics are given; experts axis one. The gradient is
-// written once.
-
-
-#include <cmath>
-#include <type_traits>
-#include <vector>
-
-
-MOEREG_NAMESPACE_BEGIN
-
-/// Over which axis the variance is taken (LOSSES.md section 6).
-enum class variance_axis { tokens, experts };
-/// Outer normalisation: mean over valid tokens (1/T_v) or plain sum over tokens.
-enum class variance_reduction { mean, sum };
-
-/// Configuration of variance_loss (LOSSES.md section 6).
-struct variance_config {
-  double coef = 1e-3;                                   ///< gamma
-  variance_axis axis = variance_axis::tokens;  ///< tokens (the paper, default) or experts
-  variance_reduction reduction = variance_reduction::mean;  ///< tokens axis: mean (default) or sum
-};
-
-struct variance_loss;
-
-/// Inputs of variance_loss; T is the storage type of S.
-template <class T>
-struct variance_inputs {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = variance_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "scores";  ///< the routing matrix, as errors name it
-  static constexpr const char* grad_name = "grad_scores";  ///< its gradient, as errors name it
-  routing_view<T> scores;  ///< S [T, E]
-  mask_view mask{};        ///< m [T], empty = all valid
-  /// The routing matrix (the generic checks of losses/common.hpp read it).
-  const routing_view<T>& matrix() const { return scores; }
-};
-/// Deduces the storage type from the views: `variance_inputs{view(x), ...}` needs no template argument.
-template <class U, class... Rest>
-variance_inputs(matrix_view<U>, Rest...) -> variance_inputs<std::remove_const_t<U>>;
-
-/// Variance loss L_v = -gamma * (1 / E) (1 / T_v) sum_t m_t sum_e (S[t,e] - sbar_e)^2 (Guo et al. 2025;
-/// LOSSES.md section 6), gradient with respect to the routing scores S.
-struct variance_loss : loss_api<variance_loss, variance_config> {
-  static constexpr const char* name = "variance_loss";  ///< in error messages
-  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
-  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
-  template <class T>
-  index_t stats_size(const variance_inputs<T>& in) const {
-    return cfg.axis == variance_axis::tokens ? 1 + in.scores.cols : 1;
-  }
-};
-
-/// The configuration checks of variance_loss (the generic shape checks of losses/common.hpp
-/// call them): a known axis and reduction.
-template <class T>
-void validate_config(const char* who, const variance_loss& loss, const variance_inputs<T>&) {
-  const auto& c = loss.cfg;
-  detail::require(c.axis == variance_axis::tokens || c.axis == variance_axis::experts, who, ": unknown axis ",
-                  static_cast<int>(c.axis));
-  detail::require(c.reduction == variance_reduction::mean || c.reduction == variance_reduction::sum, who,
-                  ": unknown reduction ", static_cast<int>(c.reduction));
-}
-
-namespace detail {
-
-/// Masked column sums of S and T_v over all rows, per block and combined in block order.
-template <class T>
-void var_column_sums(const cpu& be, const variance_inputs<T>& in, std::vector<accumulator_t<T>>& colsum,
-                     index_t& tv) {
-  using Acc = accumulator_t<T>;
-  const auto& S = in.scores;
-  const index_t E = S.cols, nb = num_blocks(S.rows, cpu_block_rows);
-  std::vector<Acc> part(static_cast<std::size_t>(nb * E), Acc(0));
-  std::vector<index_t> ptv(static_cast<std::size_t>(nb), 0);
-  parallel_blocks(be, S.rows, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    Acc* c = part.data() + b * E;
-    index_t n = 0;
-    for (index_t t = r0; t < r1; ++t) {
-      if (!in.mask(t)) continue;
-      ++n;
-      for (index_t e = 0; e < E; ++e) c[e] += load(S(t, e));
-    }
-    ptv[static_cast<std::size_t>(b)] = n;
-  });
-  colsum.assign(static_cast<std::size_t>(E), Acc(0));
-  combine_blocks(part, nb, E, colsum.data());
-  tv = 0;
-  for (index_t n : ptv) tv += n;
-}
-
-template <class T>
-void var_zero_grad(const cpu& be, const matrix_view<T>* grad, grad_options opts) {
-  if (grad == nullptr || opts.accumulate) return;
-  using Acc = accumulator_t<T>;
-  parallel_blocks(be, grad->rows, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
-    for (index_t t = r0; t < r1; ++t)
-      for (index_t e = 0; e < grad->cols; ++e) put_grad((*grad)(t, e), Acc(0), false);
-  });
-}
-
-}  // namespace detail
-
-/// CPU backend of variance_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
-template <class T>
-void execute_stats(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, double* out) {
-  detail::check_scalars("variance", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("variance", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  if (loss.cfg.axis == variance_axis::experts) {
-    out[0] = static_cast<double>(detail::count_valid(in.mask, in.scores.rows));
-    return;
-  }
-  std::vector<accumulator_t<T>> colsum;
-  index_t tv = 0;
-  detail::var_column_sums(be, in, colsum, tv);
-  out[0] = static_cast<double>(tv);
-  for (std::size_t e = 0; e < colsum.size(); ++e) out[e + 1] = static_cast<double>(colsum[e]);
-}
-
-/// CPU backend of variance_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
-double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::check_scalars("variance", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("variance", loss, in, reduced, grad);
-  const auto& S = in.scores;
-  const index_t T_ = S.rows, E = S.cols;
-  const bool tokens = loss.cfg.axis == variance_axis::tokens;
-
-  // T_v and, on the tokens axis, sbar: global with reduced statistics, else this call's.
-  double tv = 0;
-  std::vector<Acc> sbar;
-  if (tokens) {
-    sbar.assign(static_cast<std::size_t>(E), Acc(0));
-    if (reduced.empty()) {
-      std::vector<Acc> colsum;
-      index_t n = 0;
-      detail::var_column_sums(be, in, colsum, n);
-      tv = static_cast<double>(n);
-      const Acc inv = n > 0 ? Acc(1) / static_cast<Acc>(n) : Acc(0);
-      for (index_t e = 0; e < E; ++e) sbar[static_cast<std::size_t>(e)] = colsum[static_cast<std::size_t>(e)] * inv;
-    } else {
-      tv = reduced.data[0];
-      for (index_t e = 0; e < E; ++e)
-        sbar[static_cast<std::size_t>(e)] = tv > 0 ? static_cast<Acc>(reduced.data[e + 1] / tv) : Acc(0);
-    }
-  } else {
-    tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];
-  }
-  if (!(tv > 0) || (!tokens && E == 1)) {
-    detail::var_zero_grad(be, grad, opts);
-    return 0.0;
-  }
-
-  const double norm = loss.cfg.reduction == variance_reduction::mean ? 1.0 / tv : 1.0;
-  // value = vc * sum_t m_t q_t, gradient = gc * (S[t,e] - center_t,e)
-  const double denom = tokens ? static_cast<double>(E) : static_cast<double>(E - 1);
-  const Acc vc = static_cast<Acc>(-loss.cfg.coef * norm / denom);
-  const Acc gc = static_cast<Acc>(-opts.grad_scale * loss.cfg.coef * 2.0 * norm / denom);
-  const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
-  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
-  detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    Acc sum = Acc(0);
-    for (index_t t = r0; t < r1; ++t) {
-      if (!in.mask(t)) {
-        if (grad && !opts.accumulate)
-          for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), Acc(0), false);
-        continue;
-      }
-      Acc mean = Acc(0);
-      if (!tokens) {
-        for (index_t e = 0; e < E; ++e) mean += load(S(t, e));
-        mean /= static_cast<Acc>(E);
-      }
-      Acc q = Acc(0);
-      for (index_t e = 0; e < E; ++e) {
-        const Acc d = load(S(t, e)) - (tokens ? sbar[static_cast<std::size_t>(e)] : mean);
-        q += d * d;
-        if (grad) detail::put_grad((*grad)(t, e), gc * d, opts.accumulate);
-      }
-      sum += q;
-    }
-    partial[static_cast<std::size_t>(b)] = sum;
-  });
-  return static_cast<double>(vc * detail::pairwise_sum(partial.data(), nb));
-}
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(variance_loss, variance_inputs)
-
-MOEREG_NAMESPACE_END
-// ---- end moereg/losses/variance.hpp ----
-// ---- begin moereg/losses/entropy.hpp ----
-// Router entropy, LOSSES.md section 7.
-//
-//   L = eta (1/T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny)),   tiny = 1e-30
-//   dL/dP[t,e] = eta m_t / T_v * ( -(log P[t,e] + 1)   if P[t,e] > tiny
-//                                  -log(tiny)          otherwise: max(P, tiny) is constant there )
-//
-// eta defaults to 1e-3 (LOSSES.md gives no default; this is the library's choice). A positive
-// eta penalises spread-out routing (sharper routers); pass a negative eta to reward entropy.
-//
-// Statistics (LOSSES.md section 9): [T_v]. With reduced statistics the 1/T_v is global, so a
-// batch split into parts gives each part the whole batch's gradient rows, and the parts'
-// values sum to the whole batch's value.
-//
-// Passes over memory (value_and_grad): P read once, the gradient written once. Rows are
-// evaluated with Eigen's vectorised log (ent_row_vec; a strided row is gathered first, so
-// every layout gives the same bits), element by element only for a subnormal tiny.
-
-
-#include <algorithm>
-#include <cmath>
-#include <limits>
-#include <type_traits>
-#include <vector>
-
-
-MOEREG_NAMESPACE_BEGIN
-
-/// Configuration of entropy_loss (LOSSES.md section 7).
-struct entropy_config {
-  double coef = 1e-3;   ///< eta (library default; LOSSES.md gives none)
-  double tiny = 1e-30;  ///< floor inside the log
-};
-
-struct entropy_loss;
-
-/// Inputs of entropy_loss; T is the storage type of P.
-template <class T>
-struct entropy_inputs {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = entropy_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
-  static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
-  routing_view<T> probs;  ///< P [T, E]
-  mask_view mask{};       ///< m [T], empty = all valid
-  /// The routing matrix (the generic checks of losses/common.hpp read it).
-  const routing_view<T>& matrix() const { return probs; }
-};
-/// Deduces the storage type from the views: `entropy_inputs{view(x), ...}` needs no template argument.
-template <class U, class... Rest>
-entropy_inputs(matrix_view<U>, Rest...) -> entropy_inputs<std::remove_const_t<U>>;
-
-/// Router entropy L_H = eta * (1 / T_v) sum_t m_t (-sum_e P[t,e] log max(P[t,e], tiny))
-/// (LOSSES.md section 7), gradient with respect to P.
-struct entropy_loss : loss_api<entropy_loss, entropy_config> {
-  static constexpr const char* name = "entropy_loss";  ///< in error messages
-  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
-  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
-  template <class T>
-  index_t stats_size(const entropy_inputs<T>&) const {
-    return 1;
-  }
-};
-
-/// The configuration checks of entropy_loss (the generic shape checks of losses/common.hpp
-/// call them): tiny must be positive and finite in the accumulator type.
-template <class T>
-void validate_config(const char* who, const entropy_loss& loss, const entropy_inputs<T>&) {
-  detail::require(loss.cfg.tiny > 0 && std::isfinite(loss.cfg.tiny) && static_cast<accumulator_t<T>>(loss.cfg.tiny) > 0,
-                  who, ": tiny = ", loss.cfg.tiny, " must be positive and finite in the accumulator type");
-}
-
-namespace detail {
-
-/// One valid row t, vectorised: returns the row's
-/// sum_e P log max(P, tiny) and leaves in `df` the factors d(-P log max(P, tiny))/dP, the
-/// expressions of the scalar loop (entropy_elem in math/router.hpp) with the logarithm taken
-/// by Eigen's packet log. `df`, `terms` and `conv` are aligned row scratch (`conv` used when
-/// acc_row_converts(P)). Entries at or below tiny take log_tiny (computed once by std::log),
-/// exactly as in the scalar loop; the caller guarantees that tiny is a normal number, the
-/// range where Eigen's log is accurate.
-template <class T, class Acc = accumulator_t<T>>
-Acc ent_row_vec(const matrix_view<const T>& P, index_t t, Acc tiny, Acc log_tiny, Acc* MOEREG_RESTRICT df,
-                Acc* MOEREG_RESTRICT terms, Acc* conv) {
-  const index_t n = P.cols;
-  const Acc* MOEREG_RESTRICT p = acc_row(P, t, conv);
-  scratch_array<Acc>(df, n) = row_array<Acc>(p, n).log();
-  // The factor is written -(lp + one) with one = 1 above tiny and 0 below: -(log p + 1) and
-  // -(log_tiny + 0) = -log_tiny exactly, the scalar loop's two cases. Selecting only loaded
-  // values and constants, with all arithmetic unconditional, lets the compiler vectorise the
-  // loop (it does not speculate floating-point arithmetic under -ftrapping-math).
-  for (index_t e = 0; e < n; ++e) {
-    const Acc pe = p[e], log_pe = df[e];
-    const bool above = pe > tiny;
-    const Acc lp = above ? log_pe : log_tiny;
-    const Acc one = above ? Acc(1) : Acc(0);
-    terms[e] = pe * lp;
-    df[e] = -(lp + one);
-  }
-  return scratch_array<Acc>(terms, n).sum();
-}
-
-}  // namespace detail
-
-/// CPU backend of entropy_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
-template <class T>
-void execute_stats(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
-  detail::check_scalars("entropy", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("entropy", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs.rows));
-}
-
-/// CPU backend of entropy_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
-double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::check_scalars("entropy", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("entropy", loss, in, reduced, grad);
-  const auto& P = in.probs;
-  const index_t T_ = P.rows, E = P.cols;
-  const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];
-  const bool any = tv > 0;
-  const Acc inv_tv = any ? static_cast<Acc>(1.0 / tv) : Acc(0);
-  const Acc eta = static_cast<Acc>(loss.cfg.coef);
-  const Acc gc = any ? static_cast<Acc>(opts.grad_scale * loss.cfg.coef / tv) : Acc(0);
-  const Acc tiny = static_cast<Acc>(loss.cfg.tiny);
-  const Acc log_tiny = std::log(tiny);
-  const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
-  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
-  // Rows take the vectorised path (ent_row_vec) when tiny is a normal number, the scalar
-  // loop below otherwise.
-  const bool vec_rows = tiny >= std::numeric_limits<Acc>::min();
-  detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    const std::size_t scratch = vec_rows ? static_cast<std::size_t>(E) : 0;
-    detail::row_scratch<Acc> df(scratch), terms(scratch), conv(detail::acc_row_converts(P) ? scratch : 0);
-    Acc sum = Acc(0);
-    for (index_t t = r0; t < r1; ++t) {
-      if (!any || !in.mask(t)) {
-        if (grad && !opts.accumulate)
-          for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), Acc(0), false);
-        continue;
-      }
-      if (vec_rows) {
-        sum -= detail::ent_row_vec(P, t, tiny, log_tiny, df.data(), terms.data(), conv.data());
-        if (grad) detail::put_grad_row(*grad, t, gc, df.data(), opts.accumulate);
-        continue;
-      }
-      for (index_t e = 0; e < E; ++e) {
-        const Acc p = load(P(t, e));
-        const bool above = p > tiny;
-        const Acc lp = above ? std::log(p) : log_tiny;
-        sum -= p * lp;
-        if (grad) detail::put_grad((*grad)(t, e), gc * (above ? -(lp + Acc(1)) : -log_tiny), opts.accumulate);
-      }
-    }
-    partial[static_cast<std::size_t>(b)] = sum;
-  });
-  return static_cast<double>(eta * inv_tv * detail::pairwise_sum(partial.data(), nb));
-}
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(entropy_loss, entropy_inputs)
-
-MOEREG_NAMESPACE_END
-// ---- end moereg/losses/entropy.hpp ----
-// ---- begin moereg/losses/importance.hpp ----
-// Importance loss (Shazeer et al. 2017, "Outrageously Large Neural Networks: The
-// Sparsely-Gated Mixture-of-Experts Layer"), LOSSES.md section 7.
-//
-//   imp_e = sum_t m_t P[t,e]                       (a sum, not a mean)
-//   mu    = (1/E) sum_e imp_e,   var = (1/E) sum_e (imp_e - mu)^2   (population variance)
-//   L     = w * CV(imp)^2 = w * var / mu^2
-//   dL/dP[t,e] = m_t * w * ( 2 (imp_e - mu) / (E mu^2) - 2 var / (E mu^3) )
-// T_v = 0 or mu = 0 gives 0 and a zero gradient.
-//
-// w defaults to 1e-2: LOSSES.md gives no default; this is the library's choice (the order of
-// magnitude of the load-balancing alpha).
-//
-// Statistics (LOSSES.md section 9): [imp_0, ..., imp_{E-1}] (E entries, sums). The whole loss
-// is a function of imp, which is global: with reduced statistics each part's gradient rows
-// equal the whole batch's rows, and the value each part returns IS the whole batch's value
-// (CV^2 is not a sum over tokens), so the parts' values must not be added up.
-//
-// Passes over memory (value_and_grad): P read once (column sums), the gradient written once;
-// with reduced statistics P is not read at all (the gradient depends only on e and m_t).
-
-
-#include <cmath>
-#include <type_traits>
-#include <vector>
-
-
-MOEREG_NAMESPACE_BEGIN
-
-/// Configuration of importance_loss (LOSSES.md section 7).
-struct importance_config {
-  double coef = 1e-2;  ///< w (library default; LOSSES.md gives none)
-};
-
-struct importance_loss;
-
-/// Inputs of importance_loss; T is the storage type of P.
-template <class T>
-struct importance_inputs {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = importance_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
-  static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
-  routing_view<T> probs;  ///< P [T, E]
-  mask_view mask{};       ///< m [T], empty = all valid
-  /// The routing matrix (the generic checks of losses/common.hpp read it).
-  const routing_view<T>& matrix() const { return probs; }
-};
-/// Deduces the storage type from the views: `importance_inputs{view(x), ...}` needs no template argument.
-template <class U, class... Rest>
-importance_inputs(matrix_view<U>, Rest...) -> importance_inputs<std::remove_const_t<U>>;
-
-/// Importance loss L = w * CV(imp)^2, imp_e = sum_t m_t P[t,e] (Shazeer et al. 2017; LOSSES.md
-/// section 7), gradient with respect to P.
-struct importance_loss : loss_api<importance_loss, importance_config> {
-  static constexpr const char* name = "importance_loss";  ///< in error messages
-  static constexpr index_t stats_counts = 0;  ///< leading entries of the statistics that are counts
-  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
-  template <class T>
-  index_t stats_size(const importance_inputs<T>& in) const {
-    return in.probs.cols;
-  }
-};
-
-namespace detail {
-
-/// imp_e = sum_t m_t P[t,e] and T_v, per block and combined in block order.
-template <class T>
-void imp_sums(const cpu& be, const importance_inputs<T>& in, std::vector<accumulator_t<T>>& imp, index_t& tv) {
-  using Acc = accumulator_t<T>;
-  const auto& P = in.probs;
-  const index_t E = P.cols, nb = num_blocks(P.rows, cpu_block_rows);
-  std::vector<Acc> part(static_cast<std::size_t>(nb * E), Acc(0));
-  std::vector<index_t> ptv(static_cast<std::size_t>(nb), 0);
-  parallel_blocks(be, P.rows, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    Acc* c = part.data() + b * E;
-    index_t n = 0;
-    for (index_t t = r0; t < r1; ++t) {
-      if (!in.mask(t)) continue;
-      ++n;
-      for (index_t e = 0; e < E; ++e) c[e] += load(P(t, e));
-    }
-    ptv[static_cast<std::size_t>(b)] = n;
-  });
-  imp.assign(static_cast<std::size_t>(E), Acc(0));
-  combine_blocks(part, nb, E, imp.data());
-  tv = 0;
-  for (index_t n : ptv) tv += n;
-}
-
-}  // namespace detail
-
-/// CPU backend of importance_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
-template <class T>
-void execute_stats(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, double* out) {
-  detail::check_scalars("importance", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("importance", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  std::vector<accumulator_t<T>> imp;
-  index_t tv = 0;
-  detail::imp_sums(be, in, imp, tv);
-  for (std::size_t e = 0; e < imp.size(); ++e) out[e] = static_cast<double>(imp[e]);
-}
-
-/// CPU backend of importance_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
-double execute(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::check_scalars("importance", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("importance", loss, in, reduced, grad);
-  const auto& P = in.probs;
-  const index_t E = P.cols;
-  std::vector<Acc> imp;
-  bool any = true;
-  if (reduced.empty()) {
-    index_t tv = 0;
-    detail::imp_sums(be, in, imp, tv);
-    any = tv > 0;
-  } else {
-    imp.resize(static_cast<std::size_t>(E));
-    for (index_t e = 0; e < E; ++e) imp[static_cast<std::size_t>(e)] = static_cast<Acc>(reduced.data[e]);
-  }
-  const Acc Ea = static_cast<Acc>(E);
-  const Acc mu = E > 0 ? detail::pairwise_sum(imp.data(), E) / Ea : Acc(0);
-  std::vector<Acc> dev2(static_cast<std::size_t>(E)), coeff(static_cast<std::size_t>(E), Acc(0));
-  Acc value = Acc(0);
-  if (any && mu != Acc(0)) {
-    for (index_t e = 0; e < E; ++e) {
-      const Acc d = imp[static_cast<std::size_t>(e)] - mu;
-      dev2[static_cast<std::size_t>(e)] = d * d;
-    }
-    const Acc var = detail::pairwise_sum(dev2.data(), E) / Ea;
-    const Acc w = static_cast<Acc>(loss.cfg.coef), gw = static_cast<Acc>(opts.grad_scale * loss.cfg.coef);
-    const Acc mu2 = mu * mu;
-    value = w * var / mu2;
-    for (index_t e = 0; e < E; ++e)
-      coeff[static_cast<std::size_t>(e)] =
-          gw * (Acc(2) * (imp[static_cast<std::size_t>(e)] - mu) / (Ea * mu2) - Acc(2) * var / (Ea * mu2 * mu));
-  }
-  if (grad) {
-    const auto& G = *grad;
-    detail::parallel_blocks(be, P.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
-      for (index_t t = r0; t < r1; ++t) {
-        const bool valid = in.mask(t);
-        if (!valid && opts.accumulate) continue;
-        for (index_t e = 0; e < E; ++e)
-          detail::put_grad(G(t, e), valid ? coeff[static_cast<std::size_t>(e)] : Acc(0), opts.accumulate);
-      }
-    });
-  }
-  return static_cast<double>(value);
-}
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(importance_loss, importance_inputs)
-
-MOEREG_NAMESPACE_END
-// ---- end moereg/losses/importance.hpp ----
 // ---- begin moereg/losses/bias_update.hpp ----
 // Auxiliary-loss-free load balancing (DeepSeek-V3, Liu et al. 2024), LOSSES.md section 7.
 // An update rule, not a loss: there is no value and no gradient.

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/load_balancing.hpp>
 #include <moereg/losses/specialization.hpp>
 

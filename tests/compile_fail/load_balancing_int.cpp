@@ -1,5 +1,6 @@
 // Must not compile: int probabilities (they gave 0.08 and a gradient truncated to 0).
 #include <cstdint>
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/load_balancing.hpp>
 int main() {
   int p[4] = {1, 0, 0, 1};

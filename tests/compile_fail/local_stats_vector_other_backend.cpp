@@ -1,6 +1,7 @@
 // Must not compile: the vector-returning local_stats hands back host memory, so it takes the
 // CPU backend only; other backends use local_stats(in, double* out, be) with a device buffer.
 #include <cstdint>
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/load_balancing.hpp>
 struct other_backend {};
 int main() {

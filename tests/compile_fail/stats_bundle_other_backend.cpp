@@ -1,6 +1,7 @@
 // Must not compile: a stats_bundle fills host memory, so it takes the CPU backend only (with
 // CUDA its kernels would write to a host buffer that graph capture also frees early).
 #include <cstdint>
+#include <moereg/backend/cpu.hpp>
 #include <moereg/core/stats.hpp>
 #include <moereg/losses/z_loss.hpp>
 struct other_backend {};

@@ -8,6 +8,7 @@
 #include <numeric>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/core/stats.hpp>
 #include <moereg/losses/load_balancing.hpp>
 #include <moereg/losses/z_loss.hpp>

@@ -14,6 +14,7 @@
 
 #include <Eigen/Core>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/specialization.hpp>
 #include <moereg/losses/z_loss.hpp>
 

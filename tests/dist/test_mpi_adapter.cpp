@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/core/stats.hpp>
 #include <moereg/dist/mpi.hpp>
 #include <moereg/losses/z_loss.hpp>

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/load_balancing.hpp>
 #include <moereg/losses/specialization.hpp>
 #include <moereg/losses/z_loss.hpp>

@@ -1,6 +1,7 @@
 // Tests of the auxiliary-loss-free bias update (include/moereg/losses/bias_update.hpp).
 #include <catch2/catch.hpp>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/bias_update.hpp>
 #include <moereg/losses/load_balancing.hpp>
 

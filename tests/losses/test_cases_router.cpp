@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/entropy.hpp>
 #include <moereg/losses/importance.hpp>
 #include <moereg/losses/load_balancing.hpp>

@@ -2,6 +2,7 @@
 // reference and finite differences.
 #include <catch2/catch.hpp>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/entropy.hpp>
 #include <moereg/testing/gradcheck.hpp>
 

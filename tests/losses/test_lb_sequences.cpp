@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/load_balancing.hpp>
 
 #include "reference/reference.hpp"

@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/load_balancing.hpp>
 #include <moereg/testing/gradcheck.hpp>
 

@@ -2,6 +2,7 @@
 // reductions, against the naive reference and finite differences.
 #include <catch2/catch.hpp>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/variance.hpp>
 #include <moereg/testing/gradcheck.hpp>
 

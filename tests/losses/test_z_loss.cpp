@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/z_loss.hpp>
 #include <moereg/testing/gradcheck.hpp>
 

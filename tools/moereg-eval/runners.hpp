@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/coupling.hpp>
 #include <moereg/losses/entropy.hpp>
 #include <moereg/losses/importance.hpp>

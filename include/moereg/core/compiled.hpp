@@ -29,10 +29,12 @@
   X(float, __VA_ARGS__) X(double, __VA_ARGS__) X(half, __VA_ARGS__) X(bfloat16, __VA_ARGS__)
 
 // The CPU entry points of a router-side loss (inputs Inputs<T>, gradient matrix_view<T>):
-// declared with kw = `extern template`, defined with kw = `template`.
-#define MOEREG_DETAIL_ROUTER_ENTRY(T, kw, Loss, Inputs)                                                       \
-  kw double execute<T>(const cpu&, const Loss&, const Inputs<T>&, stats_view, const matrix_view<T>*, grad_options); \
-  kw void execute_stats<T>(const cpu&, const Loss&, const Inputs<T>&, double*);
+// declared with kw = `extern template`, defined with kw = `template`. The template arguments
+// are deduced, so the entry may be the row engine's generic one (backend/cpu/row_engine.hpp)
+// or a loss's own.
+#define MOEREG_DETAIL_ROUTER_ENTRY(T, kw, Loss, Inputs)                                                    \
+  kw double execute(const cpu&, const Loss&, const Inputs<T>&, stats_view, const matrix_view<T>*, grad_options); \
+  kw void execute_stats(const cpu&, const Loss&, const Inputs<T>&, double*);
 
 // The CPU entry points of an activation loss (inputs Inputs<T, Layout>) for one layout, then
 // for the three layouts.

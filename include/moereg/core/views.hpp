@@ -210,8 +210,12 @@ struct stats_view {
   constexpr bool empty() const { return data == nullptr; }
 };
 
-// The CPU backend's name (defined in backend/cpu.hpp, which every loss header brings).
-struct cpu;
+/// Selects the CPU backend. `threads` = 0 uses OpenMP's default (OMP_NUM_THREADS), 1 runs
+/// serially; without OpenMP every call is serial. Only the name and its options live here: the
+/// engines are in <moereg/backend/cpu.hpp>.
+struct cpu {
+  int threads = 0;  ///< 0 = OpenMP default, 1 = serial, n > 1 = n OpenMP threads
+};
 
 namespace detail {
 

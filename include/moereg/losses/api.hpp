@@ -61,7 +61,21 @@ const G* grad_pointer(const char* who, const G* g) {
   return g;
 }
 
+/// True when a backend's execute() for Loss on In is declared (its header is included).
+template <class Backend, class Loss, class In, class = void>
+struct has_execute : std::false_type {};
+template <class Backend, class Loss, class In>
+struct has_execute<Backend, Loss, In,
+                   std::void_t<decltype(execute(std::declval<const Backend&>(), std::declval<const Loss&>(),
+                                                std::declval<const In&>(), stats_view{},
+                                                static_cast<const grad_view_t<In>*>(nullptr), grad_options{}))>>
+    : std::true_type {};
+
 }  // namespace detail
+
+#define MOEREG_NO_BACKEND_MESSAGE                                                                          \
+  "moereg: no backend runs this loss here: include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>) for " \
+  "the CPU, <moereg/backend/cuda.hpp> for CUDA"
 
 /// The CPU backend needs no workspace: 0 bytes for every loss (the CUDA overload is in
 /// backend/cuda/api.cuh), so trainer code can ask every backend the same question.
@@ -118,6 +132,7 @@ struct loss_api {
   /// batch) the global counts of LOSSES.md section 9 are used.
   template <class In, class Backend = cpu, enable_for<In> = 0>
   double value(const In& in, stats_view reduced = {}, const Backend& be = {}) const {
+    static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     return execute(be, self(), in, reduced, static_cast<const detail::grad_view_t<In>*>(nullptr), grad_options{});
   }
   /// Writes grad_scale * dL/d(input) into `grad` (the input's shape, its own strides or
@@ -126,6 +141,7 @@ struct loss_api {
   template <class In, class Backend = cpu, enable_for<In> = 0>
   void backward(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
                 const Backend& be = {}) const {
+    static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     (void)execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
   }
   /// value() and backward() in one pass (the inputs read once, the gradient written once);
@@ -133,6 +149,7 @@ struct loss_api {
   template <class In, class Backend = cpu, enable_for<In> = 0>
   double value_and_grad(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
                         const Backend& be = {}) const {
+    static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
   }
 };

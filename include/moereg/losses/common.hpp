@@ -1,4 +1,6 @@
-// Helpers shared by the CPU executors of the losses; the checks are in core/validate.hpp.
+// What the loss descriptions share: the valid-token count, the statistics a row kernel is
+// prepared from, and the generic checks of the losses on one routing matrix (the checks
+// themselves are in core/validate.hpp).
 #pragma once
 
 #include "../core/config.hpp"
@@ -15,6 +17,15 @@
 #include "api.hpp"
 
 MOEREG_NAMESPACE_BEGIN
+
+/// This call's statistics of a row kernel (backend/cpu/row_engine.hpp), from pass 1: the
+/// valid-token count, the kernel's column sums (sum_width) and counts (count_width).
+template <class Acc>
+struct row_local {
+  index_t tv = 0;
+  const Acc* sums = nullptr;
+  const index_t* counts = nullptr;
+};
 namespace detail {
 
 /// Number of valid tokens, T_v = sum_t m_t.

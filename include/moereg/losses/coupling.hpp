@@ -59,7 +59,7 @@
 
 #include <Eigen/Core>
 
-#include "../backend/cpu.hpp"
+#include "../backend/cpu/executor.hpp"
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"

@@ -11,21 +11,19 @@
 // batch split into parts gives each part the whole batch's gradient rows, and the parts'
 // values sum to the whole batch's value.
 //
-// Passes over memory (value_and_grad): P read once, the gradient written once. Rows are
-// evaluated with Eigen's vectorised log (ent_row_vec; a strided row is gathered first, so
-// every layout gives the same bits), element by element only for a subnormal tiny.
+// Passes over memory (value_and_grad): P read once, the gradient written once. The
+// description below (entropy_kernel) runs on the row engines; on the CPU rows are evaluated
+// with the engine's vectorised log (a strided or 16-bit row is converted first, so every
+// layout gives the same bits), element by element only for a subnormal tiny.
 #pragma once
 
 #include "../core/config.hpp"
-#include "../core/compiled.hpp"
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
-#include <vector>
 
-#include "../backend/cpu.hpp"
+#include "../math/router.hpp"
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
@@ -63,6 +61,7 @@ entropy_inputs(matrix_view<U>, Rest...) -> entropy_inputs<std::remove_const_t<U>
 /// (LOSSES.md section 7), gradient with respect to P.
 struct entropy_loss : loss_api<entropy_loss, entropy_config> {
   static constexpr const char* name = "entropy_loss";  ///< in error messages
+  static constexpr const char* label = "entropy";  ///< prefix of the CPU backend's error messages
   static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
@@ -81,96 +80,80 @@ void validate_config(const char* who, const entropy_loss& loss, const entropy_in
 
 namespace detail {
 
-/// One valid row t, vectorised: returns the row's
-/// sum_e P log max(P, tiny) and leaves in `df` the factors d(-P log max(P, tiny))/dP, the
-/// expressions of the scalar loop (entropy_elem in math/router.hpp) with the logarithm taken
-/// by Eigen's packet log. `df`, `terms` and `conv` are aligned row scratch (`conv` used when
-/// acc_row_converts(P)). Entries at or below tiny take log_tiny (computed once by std::log),
-/// exactly as in the scalar loop; the caller guarantees that tiny is a normal number, the
-/// range where Eigen's log is accurate.
-template <class T, class Acc = accumulator_t<T>>
-Acc ent_row_vec(const matrix_view<const T>& P, index_t t, Acc tiny, Acc log_tiny, Acc* MOEREG_RESTRICT df,
-                Acc* MOEREG_RESTRICT terms, Acc* conv) {
-  const index_t n = P.cols;
-  const Acc* MOEREG_RESTRICT p = acc_row(P, t, conv);
-  scratch_array<Acc>(df, n) = row_array<Acc>(p, n).log();
-  // The factor is written -(lp + one) with one = 1 above tiny and 0 below: -(log p + 1) and
-  // -(log_tiny + 0) = -log_tiny exactly, the scalar loop's two cases. Selecting only loaded
-  // values and constants, with all arithmetic unconditional, lets the compiler vectorise the
-  // loop (it does not speculate floating-point arithmetic under -ftrapping-math).
-  for (index_t e = 0; e < n; ++e) {
-    const Acc pe = p[e], log_pe = df[e];
-    const bool above = pe > tiny;
-    const Acc lp = above ? log_pe : log_tiny;
-    const Acc one = above ? Acc(1) : Acc(0);
-    terms[e] = pe * lp;
-    df[e] = -(lp + one);
+/// The row kernel of entropy_loss (the protocol is in backend/cpu/row_engine.hpp): no pass 1;
+/// a valid row's term is -sum_e P log max(P, tiny) and its gradient gc * dfactor
+/// (entropy_elem in math/router.hpp). With a normal tiny the logarithms run on the engine's
+/// packets: the factor is written -(lp + one) with one = 1 above tiny and 0 below, which is
+/// -(log p + 1) and -(log_tiny + 0) = -log_tiny exactly, entropy_elem's two cases; selecting
+/// only loaded values and constants, with all arithmetic unconditional, lets the compiler
+/// vectorise the loop (it does not speculate floating-point arithmetic under
+/// -ftrapping-math). A subnormal tiny takes entropy_elem element by element.
+template <class T>
+struct entropy_kernel {
+  using storage_type = T;
+  using acc_type = accumulator_t<T>;
+  using Acc = acc_type;
+  matrix_view<const T> x;  ///< P
+  mask_view mask;
+  double eta = 0, grad_scale = 1;
+  Acc tiny = Acc(0), log_tiny = Acc(0);
+  index_t sum_width = 0, count_width = 0, stats_size = 1;
+  bool reads_row = true, active = true;
+  Acc inv_tv = Acc(0), gc = Acc(0);
+
+  bool needs_pass1(bool) const { return false; }
+  void stats_row(index_t, const Acc*, Acc*, index_t*) const {}
+  void write_stats(const row_local<Acc>& local, double* out) const { out[0] = static_cast<double>(local.tv); }
+  void prepare(const double* stats, const row_local<Acc>&) {
+    const double tv = stats[0];
+    active = tv > 0;
+    inv_tv = active ? static_cast<Acc>(1.0 / tv) : Acc(0);
+    gc = active ? static_cast<Acc>(grad_scale * eta / tv) : Acc(0);
   }
-  return scratch_array<Acc>(terms, n).sum();
-}
+  bool wants_rows(bool) const { return true; }
+  template <class Ops>
+  Acc row(index_t, const Acc* MOEREG_RESTRICT p, Acc* g, Ops& ops) const {
+    const index_t n = x.cols;
+    if (!(tiny >= std::numeric_limits<Acc>::min())) {
+      Acc sum = Acc(0);
+      for (index_t e = 0; e < n; ++e) {
+        const auto r = entropy_elem(p[e], tiny, log_tiny);
+        sum -= r.plogp;
+        if (g != nullptr) g[e] += gc * r.dfactor;
+      }
+      return sum;
+    }
+    Acc* MOEREG_RESTRICT df = ops.scratch(0);
+    Acc* MOEREG_RESTRICT terms = ops.scratch(1);
+    ops.log(p, n, df);
+    for (index_t e = 0; e < n; ++e) {
+      const Acc pe = p[e], log_pe = df[e];
+      const bool above = pe > tiny;
+      const Acc lp = above ? log_pe : log_tiny;
+      const Acc one = above ? Acc(1) : Acc(0);
+      terms[e] = pe * lp;
+      df[e] = -(lp + one);
+    }
+    if (g != nullptr)
+      for (index_t e = 0; e < n; ++e) g[e] += gc * df[e];
+    return -ops.sum(terms, n);
+  }
+  double finish(Acc rows) const { return static_cast<double>(static_cast<Acc>(eta) * inv_tv * rows); }
+};
 
 }  // namespace detail
 
-/// CPU backend of entropy_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
+/// The row kernel of entropy_loss for these inputs (found by ADL by the row engines).
 template <class T>
-void execute_stats(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, double* out) {
-  detail::check_scalars("entropy", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("entropy", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs.rows));
+detail::entropy_kernel<T> make_row_kernel(const entropy_loss& loss, const entropy_inputs<T>& in, grad_options opts) {
+  detail::entropy_kernel<T> k;
+  k.x = in.probs;
+  k.mask = in.mask;
+  k.eta = loss.cfg.coef;
+  k.grad_scale = opts.grad_scale;
+  k.tiny = static_cast<accumulator_t<T>>(loss.cfg.tiny);
+  k.log_tiny = std::log(k.tiny);
+  return k;
 }
-
-/// CPU backend of entropy_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
-double execute(const cpu& be, const entropy_loss& loss, const entropy_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::check_scalars("entropy", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("entropy", loss, in, reduced, grad);
-  const auto& P = in.probs;
-  const index_t T_ = P.rows, E = P.cols;
-  const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];
-  const bool any = tv > 0;
-  const Acc inv_tv = any ? static_cast<Acc>(1.0 / tv) : Acc(0);
-  const Acc eta = static_cast<Acc>(loss.cfg.coef);
-  const Acc gc = any ? static_cast<Acc>(opts.grad_scale * loss.cfg.coef / tv) : Acc(0);
-  const Acc tiny = static_cast<Acc>(loss.cfg.tiny);
-  const Acc log_tiny = std::log(tiny);
-  const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
-  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
-  // Rows take the vectorised path (ent_row_vec) when tiny is a normal number, the scalar
-  // loop below otherwise.
-  const bool vec_rows = tiny >= std::numeric_limits<Acc>::min();
-  detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    const std::size_t scratch = vec_rows ? static_cast<std::size_t>(E) : 0;
-    detail::row_scratch<Acc> df(scratch), terms(scratch), conv(detail::acc_row_converts(P) ? scratch : 0);
-    Acc sum = Acc(0);
-    for (index_t t = r0; t < r1; ++t) {
-      if (!any || !in.mask(t)) {
-        if (grad && !opts.accumulate)
-          for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), Acc(0), false);
-        continue;
-      }
-      if (vec_rows) {
-        sum -= detail::ent_row_vec(P, t, tiny, log_tiny, df.data(), terms.data(), conv.data());
-        if (grad) detail::put_grad_row(*grad, t, gc, df.data(), opts.accumulate);
-        continue;
-      }
-      for (index_t e = 0; e < E; ++e) {
-        const Acc p = load(P(t, e));
-        const bool above = p > tiny;
-        const Acc lp = above ? std::log(p) : log_tiny;
-        sum -= p * lp;
-        if (grad) detail::put_grad((*grad)(t, e), gc * (above ? -(lp + Acc(1)) : -log_tiny), opts.accumulate);
-      }
-    }
-    partial[static_cast<std::size_t>(b)] = sum;
-  });
-  return static_cast<double>(eta * inv_tv * detail::pairwise_sum(partial.data(), nb));
-}
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(entropy_loss, entropy_inputs)
 
 MOEREG_NAMESPACE_END

@@ -17,19 +17,20 @@
 //
 // Passes over memory (value_and_grad): P read once (column sums), the gradient written once;
 // with reduced statistics P is not read at all (the gradient depends only on e and m_t).
+// The description below (importance_kernel) runs on the row engines.
 #pragma once
 
 #include "../core/config.hpp"
-#include "../core/compiled.hpp"
 
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
-#include "../backend/cpu.hpp"
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
+#include "../math/reduce.hpp"
+#include "../math/router.hpp"
 #include "api.hpp"
 #include "common.hpp"
 
@@ -63,6 +64,7 @@ importance_inputs(matrix_view<U>, Rest...) -> importance_inputs<std::remove_cons
 /// section 7), gradient with respect to P.
 struct importance_loss : loss_api<importance_loss, importance_config> {
   static constexpr const char* name = "importance_loss";  ///< in error messages
+  static constexpr const char* label = "importance";  ///< prefix of the CPU backend's error messages
   static constexpr index_t stats_counts = 0;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
@@ -73,96 +75,72 @@ struct importance_loss : loss_api<importance_loss, importance_config> {
 
 namespace detail {
 
-/// imp_e = sum_t m_t P[t,e] and T_v, per block and combined in block order.
+/// The row kernel of importance_loss (the protocol is in backend/cpu/row_engine.hpp): pass 1
+/// sums the columns (imp) unless reduced statistics are given; the value is a function of imp
+/// alone, and a valid row's gradient is the per-expert coefficient (P is not read again).
 template <class T>
-void imp_sums(const cpu& be, const importance_inputs<T>& in, std::vector<accumulator_t<T>>& imp, index_t& tv) {
-  using Acc = accumulator_t<T>;
-  const auto& P = in.probs;
-  const index_t E = P.cols, nb = num_blocks(P.rows, cpu_block_rows);
-  std::vector<Acc> part(static_cast<std::size_t>(nb * E), Acc(0));
-  std::vector<index_t> ptv(static_cast<std::size_t>(nb), 0);
-  parallel_blocks(be, P.rows, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    Acc* c = part.data() + b * E;
-    index_t n = 0;
-    for (index_t t = r0; t < r1; ++t) {
-      if (!in.mask(t)) continue;
-      ++n;
-      for (index_t e = 0; e < E; ++e) c[e] += load(P(t, e));
-    }
-    ptv[static_cast<std::size_t>(b)] = n;
-  });
-  imp.assign(static_cast<std::size_t>(E), Acc(0));
-  combine_blocks(part, nb, E, imp.data());
-  tv = 0;
-  for (index_t n : ptv) tv += n;
-}
-
-}  // namespace detail
-
-/// CPU backend of importance_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
-template <class T>
-void execute_stats(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, double* out) {
-  detail::check_scalars("importance", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("importance", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  std::vector<accumulator_t<T>> imp;
-  index_t tv = 0;
-  detail::imp_sums(be, in, imp, tv);
-  for (std::size_t e = 0; e < imp.size(); ++e) out[e] = static_cast<double>(imp[e]);
-}
-
-/// CPU backend of importance_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
-double execute(const cpu& be, const importance_loss& loss, const importance_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::check_scalars("importance", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("importance", loss, in, reduced, grad);
-  const auto& P = in.probs;
-  const index_t E = P.cols;
-  std::vector<Acc> imp;
-  bool any = true;
-  if (reduced.empty()) {
-    index_t tv = 0;
-    detail::imp_sums(be, in, imp, tv);
-    any = tv > 0;
-  } else {
-    imp.resize(static_cast<std::size_t>(E));
-    for (index_t e = 0; e < E; ++e) imp[static_cast<std::size_t>(e)] = static_cast<Acc>(reduced.data[e]);
-  }
-  const Acc Ea = static_cast<Acc>(E);
-  const Acc mu = E > 0 ? detail::pairwise_sum(imp.data(), E) / Ea : Acc(0);
-  std::vector<Acc> dev2(static_cast<std::size_t>(E)), coeff(static_cast<std::size_t>(E), Acc(0));
+struct importance_kernel {
+  using storage_type = T;
+  using acc_type = accumulator_t<T>;
+  using Acc = acc_type;
+  matrix_view<const T> x;  ///< P
+  mask_view mask;
+  double w = 0, grad_scale = 1;
+  index_t sum_width = 0, count_width = 0, stats_size = 0;
+  bool reads_row = false, active = false;
   Acc value = Acc(0);
-  if (any && mu != Acc(0)) {
+  std::vector<Acc> coeff;  ///< dL/dP[t,e] of a valid row
+
+  bool needs_pass1(bool reduced) const { return !reduced; }
+  void stats_row(index_t, const Acc* p, Acc* sums, index_t*) const {
+    for (index_t e = 0; e < sum_width; ++e) sums[e] += p[e];
+  }
+  void write_stats(const row_local<Acc>& local, double* out) const {
+    for (index_t e = 0; e < sum_width; ++e) out[e] = static_cast<double>(local.sums[e]);
+  }
+  /// imp from the statistics; mu = 0 (T_v = 0 among them) gives 0 and a zero gradient.
+  void prepare(const double* stats, const row_local<Acc>&) {
+    const index_t E = sum_width;
+    std::vector<Acc> imp(static_cast<std::size_t>(E)), dev2(static_cast<std::size_t>(E));
+    for (index_t e = 0; e < E; ++e) imp[static_cast<std::size_t>(e)] = static_cast<Acc>(stats[e]);
+    const Acc Ea = static_cast<Acc>(E);
+    const Acc mu = E > 0 ? pairwise_sum(imp.data(), E) / Ea : Acc(0);
+    coeff.assign(static_cast<std::size_t>(E), Acc(0));
+    active = mu != Acc(0);
+    if (!active) return;
     for (index_t e = 0; e < E; ++e) {
       const Acc d = imp[static_cast<std::size_t>(e)] - mu;
       dev2[static_cast<std::size_t>(e)] = d * d;
     }
-    const Acc var = detail::pairwise_sum(dev2.data(), E) / Ea;
-    const Acc w = static_cast<Acc>(loss.cfg.coef), gw = static_cast<Acc>(opts.grad_scale * loss.cfg.coef);
-    const Acc mu2 = mu * mu;
-    value = w * var / mu2;
+    const Acc var = pairwise_sum(dev2.data(), E) / Ea;
+    const Acc mu2 = mu * mu, gw = static_cast<Acc>(grad_scale * w);
+    value = static_cast<Acc>(w) * var / mu2;
     for (index_t e = 0; e < E; ++e)
-      coeff[static_cast<std::size_t>(e)] =
-          gw * (Acc(2) * (imp[static_cast<std::size_t>(e)] - mu) / (Ea * mu2) - Acc(2) * var / (Ea * mu2 * mu));
+      coeff[static_cast<std::size_t>(e)] = importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
   }
-  if (grad) {
-    const auto& G = *grad;
-    detail::parallel_blocks(be, P.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
-      for (index_t t = r0; t < r1; ++t) {
-        const bool valid = in.mask(t);
-        if (!valid && opts.accumulate) continue;
-        for (index_t e = 0; e < E; ++e)
-          detail::put_grad(G(t, e), valid ? coeff[static_cast<std::size_t>(e)] : Acc(0), opts.accumulate);
-      }
-    });
+  bool wants_rows(bool grad) const { return grad; }
+  template <class Ops>
+  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
+    if (g != nullptr)
+      for (index_t e = 0; e < sum_width; ++e) g[e] += coeff[static_cast<std::size_t>(e)];
+    return Acc(0);
   }
-  return static_cast<double>(value);
-}
+  double finish(Acc) const { return static_cast<double>(value); }
+};
 
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(importance_loss, importance_inputs)
+}  // namespace detail
+
+/// The row kernel of importance_loss for these inputs (found by ADL by the row engines).
+template <class T>
+detail::importance_kernel<T> make_row_kernel(const importance_loss& loss, const importance_inputs<T>& in,
+                                             grad_options opts) {
+  detail::importance_kernel<T> k;
+  k.x = in.probs;
+  k.mask = in.mask;
+  k.w = loss.cfg.coef;
+  k.grad_scale = opts.grad_scale;
+  k.sum_width = k.stats_size = in.probs.cols;
+  return k;
+}
 
 MOEREG_NAMESPACE_END

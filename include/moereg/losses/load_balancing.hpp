@@ -27,19 +27,20 @@
 // does not depend on P, is written once.
 //
 // The per-expert arithmetic (f_e, the value term and the gradient coefficient) lives in
-// math/router.hpp and is shared with the CUDA backend (backend/cuda/load_balancing.cuh).
+// math/router.hpp and is shared with the CUDA backend (backend/cuda/load_balancing.cuh). The
+// micro and global scopes are described below (lb_kernel) and run on the row engines; the
+// sequence scope runs on the CPU's segmented engine (backend/cpu/segmented_rows.hpp).
 #pragma once
 
 #include "../core/config.hpp"
-#include "../core/compiled.hpp"
 
 #include <type_traits>
 #include <vector>
 
-#include "../backend/cpu.hpp"
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
+#include "../math/reduce.hpp"
 #include "../math/router.hpp"
 #include "api.hpp"
 #include "common.hpp"
@@ -78,6 +79,7 @@ load_balancing_inputs(matrix_view<U>, Rest...) -> load_balancing_inputs<std::rem
 /// gradient with respect to the routing probabilities P.
 struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config> {
   static constexpr const char* name = "load_balancing_loss";  ///< in error messages
+  static constexpr const char* label = "load_balancing";  ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats writes for these inputs.
   template <class T>
   index_t stats_size(const load_balancing_inputs<T>& in) const {
@@ -140,183 +142,81 @@ void for_each_buffer(const load_balancing_inputs<T>& in, const matrix_view<T>* g
 
 namespace detail {
 
-struct lb_sequences {
-  index_t count = 0;
-  index_t fixed = 0;  // > 0: fixed length
-  offsets_view offsets{};
-  index_t begin(index_t b) const { return fixed > 0 ? b * fixed : offsets[b]; }
-  index_t end(index_t b) const { return fixed > 0 ? (b + 1) * fixed : offsets[b + 1]; }
-};
-
-/// Every host check of the call, then its sequences (sequence scope; none otherwise).
+/// The row kernel of load_balancing_loss in the micro and global scopes (the protocol is in
+/// backend/cpu/row_engine.hpp; the sequence scope runs on backend/cpu/segmented_rows.hpp).
+/// Pass 1, always: the column sums of P (pbar) and the expert counts of the top-k ids (f,
+/// unless reduced). A valid row's gradient is the per-expert coefficient of lb_expert
+/// (math/router.hpp); P is not read again.
 template <class T>
-lb_sequences lb_validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-                         const matrix_view<T>* grad) {
-  validate_on_host("load_balancing", loss, in, reduced, grad);
-  lb_sequences seq;
-  if (loss.cfg.scope != lb_scope::sequence) return seq;
-  if (loss.cfg.seq_len > 0) {
-    seq.fixed = loss.cfg.seq_len;
-    seq.count = in.probs.rows / loss.cfg.seq_len;
-  } else {
-    seq.offsets = in.cu_seqlens;
-    seq.count = in.cu_seqlens.size - 1;
-  }
-  return seq;
-}
+struct lb_kernel {
+  using storage_type = T;
+  using acc_type = accumulator_t<T>;
+  using Acc = acc_type;
+  matrix_view<const T> x;  ///< P
+  mask_view mask;
+  topk_view topk;
+  bool global = false;
+  double alpha = 0, grad_scale = 1;
+  Acc k = Acc(1);  ///< the configured top-k width
+  index_t sum_width = 0, count_width = 0, stats_size = 1;
+  bool reads_row = false, active = true;
+  Acc value = Acc(0);
+  std::vector<Acc> coeff;  ///< dL/dP[t,e] of a valid row
 
-// Masked column sums, expert counts and T_v over rows [r0, r1), in a fixed order.
-template <class T, class Acc>
-void lb_block_sums(const load_balancing_inputs<T>& in, index_t r0, index_t r1, Acc* colsum, index_t* counts,
-                   index_t& tv) {
-  const auto& P = in.probs;
-  const index_t E = P.cols;
-  for (index_t e = 0; e < E; ++e) colsum[e] = Acc(0), counts[e] = 0;
-  tv = 0;
-  for (index_t t = r0; t < r1; ++t) {
-    if (!in.mask(t)) continue;
-    ++tv;
-    const T* p = P.row(t);
-    if (P.col_stride == 1)
-      for (index_t e = 0; e < E; ++e) colsum[e] += load(p[e]);
-    else
-      for (index_t e = 0; e < E; ++e) colsum[e] += load(p[e * P.col_stride]);
-    for (index_t s = 0; s < in.topk.k; ++s) {
-      const index_t e = in.topk(t, s);
+  bool needs_pass1(bool) const { return true; }
+  void stats_row(index_t t, const Acc* p, Acc* colsum, index_t* counts) const {
+    for (index_t e = 0; e < sum_width; ++e) colsum[e] += p[e];
+    for (index_t s = 0; s < topk.k; ++s) {
+      const index_t e = topk(t, s);
       if (e >= 0) ++counts[e];
     }
   }
-}
-
-// Per-block sums over all rows, combined in block order.
-template <class T, class Acc>
-void lb_sums(const cpu& be, const load_balancing_inputs<T>& in, std::vector<Acc>& colsum, std::vector<index_t>& counts,
-             index_t& tv) {
-  const index_t T_ = in.probs.rows, E = in.probs.cols, B = cpu_block_rows;
-  const index_t nb = num_blocks(T_, B);
-  std::vector<Acc> pcol(static_cast<std::size_t>(nb * E));
-  std::vector<index_t> pcnt(static_cast<std::size_t>(nb * E)), ptv(static_cast<std::size_t>(nb));
-  parallel_blocks(be, T_, B, [&](index_t b, index_t r0, index_t r1) {
-    lb_block_sums(in, r0, r1, pcol.data() + b * E, pcnt.data() + b * E, ptv[static_cast<std::size_t>(b)]);
-  });
-  colsum.assign(static_cast<std::size_t>(E), Acc(0));
-  counts.assign(static_cast<std::size_t>(E), 0);
-  combine_blocks(pcol, nb, E, colsum.data());
-  tv = 0;
-  for (index_t b = 0; b < nb; ++b) {
-    tv += ptv[static_cast<std::size_t>(b)];
-    for (index_t e = 0; e < E; ++e) counts[static_cast<std::size_t>(e)] += pcnt[static_cast<std::size_t>(b * E + e)];
+  void write_stats(const row_local<Acc>& local, double* out) const {
+    out[0] = static_cast<double>(local.tv);
+    for (index_t e = 0; e < count_width; ++e) out[e + 1] = static_cast<double>(local.counts[e]);
   }
-}
-
-// Writes grad(t, e) = m_t * coeff[e] (or 0 for padding) over all rows.
-template <class T, class Acc>
-void lb_write_grad(const cpu& be, const load_balancing_inputs<T>& in, index_t r0, index_t r1, const Acc* coeff,
-                   const matrix_view<T>& g, bool accumulate) {
-  parallel_blocks(be, r1 - r0, cpu_block_rows, [&](index_t, index_t a, index_t b) {
-    for (index_t t = r0 + a; t < r0 + b; ++t) {
-      const bool valid = in.mask(t);
-      if (!valid && accumulate) continue;
-      for (index_t e = 0; e < g.cols; ++e) put_grad(g(t, e), valid ? coeff[e] : Acc(0), accumulate);
-    }
-  });
-}
-
-}  // namespace detail
-
-/// CPU backend of load_balancing_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
-template <class T>
-void execute_stats(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, double* out) {
-  detail::check_scalars("load_balancing", loss.cfg.coef, grad_options{}, be.threads);
-  using Acc = accumulator_t<T>;
-  const auto seq = detail::lb_validate(loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  if (loss.cfg.scope == lb_scope::sequence) {
-    out[0] = static_cast<double>(seq.count);
-    return;
-  }
-  std::vector<Acc> colsum;
-  std::vector<index_t> counts;
-  index_t tv = 0;
-  detail::lb_sums(be, in, colsum, counts, tv);
-  out[0] = static_cast<double>(tv);
-  for (std::size_t e = 0; e < counts.size(); ++e) out[e + 1] = static_cast<double>(counts[e]);
-}
-
-/// CPU backend of load_balancing_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
-double execute(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::check_scalars("load_balancing", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  const auto seq = detail::lb_validate(loss, in, reduced, grad);
-  const index_t E = in.probs.cols;
-  const Acc k = static_cast<Acc>(loss.cfg.k > 0 ? loss.cfg.k : in.topk.k);
-  const Acc alphaE = static_cast<Acc>(loss.cfg.coef) * static_cast<Acc>(E);
-  const Acc gs = static_cast<Acc>(opts.grad_scale);
-  std::vector<Acc> coeff(static_cast<std::size_t>(E));
-
-  if (loss.cfg.scope != lb_scope::sequence) {
-    std::vector<Acc> colsum;
-    std::vector<index_t> counts;
-    index_t tv_local = 0;
-    detail::lb_sums(be, in, colsum, counts, tv_local);
-    const double tv_f = reduced.empty() ? static_cast<double>(tv_local) : reduced.data[0];
-    const double tv_p = (loss.cfg.scope == lb_scope::global) ? static_cast<double>(tv_local) : tv_f;
-    Acc value = Acc(0);
+  /// f from the statistics (reduced or this call's); pbar from this call's column sums over
+  /// the T_v behind f (micro) or this call's T_v (global).
+  void prepare(const double* stats, const row_local<Acc>& local) {
+    const index_t E = sum_width;
+    const double tv_f = stats[0], tv_p = global ? static_cast<double>(local.tv) : tv_f;
+    const Acc alpha_e = static_cast<Acc>(alpha) * static_cast<Acc>(E), gs = static_cast<Acc>(grad_scale);
     std::vector<Acc> terms(static_cast<std::size_t>(E));
+    coeff.assign(static_cast<std::size_t>(E), Acc(0));
     for (index_t e = 0; e < E; ++e) {
-      const double cnt = reduced.empty() ? static_cast<double>(counts[static_cast<std::size_t>(e)]) : reduced.data[e + 1];
-      const auto r = detail::lb_expert(cnt, tv_f, tv_p, colsum[static_cast<std::size_t>(e)], k, alphaE, gs);
+      const auto r = lb_expert(stats[e + 1], tv_f, tv_p, local.sums[e], k, alpha_e, gs);
       terms[static_cast<std::size_t>(e)] = r.term;
       coeff[static_cast<std::size_t>(e)] = r.coeff;
     }
-    value = alphaE * detail::pairwise_sum(terms.data(), E);
-    if (grad) detail::lb_write_grad(be, in, 0, in.probs.rows, coeff.data(), *grad, opts.accumulate);
-    return static_cast<double>(value);
+    value = alpha_e * pairwise_sum(terms.data(), E);
   }
+  bool wants_rows(bool grad) const { return grad; }
+  template <class Ops>
+  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
+    if (g != nullptr)
+      for (index_t e = 0; e < sum_width; ++e) g[e] += coeff[static_cast<std::size_t>(e)];
+    return Acc(0);
+  }
+  double finish(Acc) const { return static_cast<double>(value); }
+};
 
-  // Sequence scope: each sequence is one sequential block of work; sequences run in parallel.
-  const double B_total = reduced.empty() ? static_cast<double>(seq.count) : reduced.data[0];
-  std::vector<Acc> seq_values(static_cast<std::size_t>(seq.count), Acc(0));
-  const Acc invB = B_total > 0 ? static_cast<Acc>(1.0 / B_total) : Acc(0);
-  detail::parallel_blocks(be, seq.count, 1, [&](index_t b, index_t, index_t) {
-    const index_t r0 = seq.begin(b), r1 = seq.end(b);
-    const index_t nb = detail::num_blocks(r1 - r0, detail::cpu_block_rows);
-    std::vector<Acc> pcol(static_cast<std::size_t>(nb * E)), colsum(static_cast<std::size_t>(E)),
-        c(static_cast<std::size_t>(E)), terms(static_cast<std::size_t>(E));
-    std::vector<index_t> pcnt(static_cast<std::size_t>(nb * E)), cnt(static_cast<std::size_t>(E), 0);
-    index_t tv = 0;
-    for (index_t j = 0; j < nb; ++j) {
-      index_t tvj = 0;
-      const index_t a = r0 + j * detail::cpu_block_rows;
-      detail::lb_block_sums(in, a, std::min(r1, a + detail::cpu_block_rows), pcol.data() + j * E,
-                            pcnt.data() + j * E, tvj);
-      tv += tvj;
-      for (index_t e = 0; e < E; ++e) cnt[static_cast<std::size_t>(e)] += pcnt[static_cast<std::size_t>(j * E + e)];
-    }
-    detail::combine_blocks(pcol, nb, E, colsum.data());
-    const Acc inv_tv = tv > 0 ? Acc(1) / static_cast<Acc>(tv) : Acc(0);
-    for (index_t e = 0; e < E; ++e) {
-      const auto r = detail::lb_seq_expert(static_cast<Acc>(cnt[static_cast<std::size_t>(e)]), inv_tv,
-                                           colsum[static_cast<std::size_t>(e)], k, alphaE, gs, invB);
-      terms[static_cast<std::size_t>(e)] = r.term;
-      c[static_cast<std::size_t>(e)] = r.coeff;
-    }
-    seq_values[static_cast<std::size_t>(b)] = alphaE * detail::pairwise_sum(terms.data(), E);
-    if (grad) {
-      for (index_t t = r0; t < r1; ++t) {
-        const bool valid = in.mask(t);
-        if (!valid && opts.accumulate) continue;
-        for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), valid ? c[static_cast<std::size_t>(e)] : Acc(0), opts.accumulate);
-      }
-    }
-  });
-  return static_cast<double>(invB * detail::pairwise_sum(seq_values.data(), seq.count));
+}  // namespace detail
+
+/// The row kernel of load_balancing_loss for these inputs (found by ADL by the row engines).
+template <class T>
+detail::lb_kernel<T> make_row_kernel(const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
+                                     grad_options opts) {
+  detail::lb_kernel<T> k;
+  k.x = in.probs;
+  k.mask = in.mask;
+  k.topk = in.topk;
+  k.global = loss.cfg.scope == lb_scope::global;
+  k.alpha = loss.cfg.coef;
+  k.grad_scale = opts.grad_scale;
+  k.k = static_cast<accumulator_t<T>>(loss.cfg.k > 0 ? loss.cfg.k : in.topk.k);
+  k.sum_width = k.count_width = in.probs.cols;
+  k.stats_size = loss.stats_size(in);
+  return k;
 }
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(load_balancing_loss, load_balancing_inputs)
 
 MOEREG_NAMESPACE_END

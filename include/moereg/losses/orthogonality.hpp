@@ -47,7 +47,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../backend/cpu.hpp"
+#include "../backend/cpu/executor.hpp"
 #include "../core/error.hpp"
 #include "../core/layouts.hpp"
 #include "../core/types.hpp"

@@ -55,7 +55,7 @@
 #include <immintrin.h>
 #endif
 
-#include "../backend/cpu.hpp"
+#include "../backend/cpu/executor.hpp"
 #include "../core/config.hpp"
 #include "../core/compiled.hpp"
 #include "../core/error.hpp"

@@ -30,20 +30,19 @@
 //
 // Passes over memory (value_and_grad): tokens axis two (column sums, then deviations and the
 // gradient), one when reduced statistics are given; experts axis one. The gradient is
-// written once.
+// written once. The description below (variance_kernel) runs on the row engines.
 #pragma once
 
 #include "../core/config.hpp"
-#include "../core/compiled.hpp"
 
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
-#include "../backend/cpu.hpp"
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../core/views.hpp"
+#include "../math/router.hpp"
 #include "api.hpp"
 #include "common.hpp"
 
@@ -84,6 +83,7 @@ variance_inputs(matrix_view<U>, Rest...) -> variance_inputs<std::remove_const_t<
 /// LOSSES.md section 6), gradient with respect to the routing scores S.
 struct variance_loss : loss_api<variance_loss, variance_config> {
   static constexpr const char* name = "variance_loss";  ///< in error messages
+  static constexpr const char* label = "variance";  ///< prefix of the CPU backend's error messages
   static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
@@ -105,131 +105,81 @@ void validate_config(const char* who, const variance_loss& loss, const variance_
 
 namespace detail {
 
-/// Masked column sums of S and T_v over all rows, per block and combined in block order.
+/// The row kernel of variance_loss (the protocol is in backend/cpu/row_engine.hpp). Tokens
+/// axis: pass 1 sums the columns unless reduced statistics are given, and the centre of a row
+/// is sbar = column sum / T_v; experts axis: no pass 1, the centre is the row's own mean. A
+/// valid row's term is q_t = sum_e (S[t,e] - centre)^2 and its gradient gc * (S - centre);
+/// value = vc * sum_t m_t q_t (variance_scale in math/router.hpp).
 template <class T>
-void var_column_sums(const cpu& be, const variance_inputs<T>& in, std::vector<accumulator_t<T>>& colsum,
-                     index_t& tv) {
-  using Acc = accumulator_t<T>;
-  const auto& S = in.scores;
-  const index_t E = S.cols, nb = num_blocks(S.rows, cpu_block_rows);
-  std::vector<Acc> part(static_cast<std::size_t>(nb * E), Acc(0));
-  std::vector<index_t> ptv(static_cast<std::size_t>(nb), 0);
-  parallel_blocks(be, S.rows, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    Acc* c = part.data() + b * E;
-    index_t n = 0;
-    for (index_t t = r0; t < r1; ++t) {
-      if (!in.mask(t)) continue;
-      ++n;
-      for (index_t e = 0; e < E; ++e) c[e] += load(S(t, e));
-    }
-    ptv[static_cast<std::size_t>(b)] = n;
-  });
-  colsum.assign(static_cast<std::size_t>(E), Acc(0));
-  combine_blocks(part, nb, E, colsum.data());
-  tv = 0;
-  for (index_t n : ptv) tv += n;
-}
+struct variance_kernel {
+  using storage_type = T;
+  using acc_type = accumulator_t<T>;
+  using Acc = acc_type;
+  matrix_view<const T> x;  ///< S
+  mask_view mask;
+  variance_config cfg;
+  double grad_scale = 1;
+  index_t sum_width = 0, count_width = 0, stats_size = 1;
+  bool reads_row = true, active = false;
+  Acc vc = Acc(0), gc = Acc(0);
+  std::vector<Acc> sbar;  ///< tokens axis: the column means
 
-template <class T>
-void var_zero_grad(const cpu& be, const matrix_view<T>* grad, grad_options opts) {
-  if (grad == nullptr || opts.accumulate) return;
-  using Acc = accumulator_t<T>;
-  parallel_blocks(be, grad->rows, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
-    for (index_t t = r0; t < r1; ++t)
-      for (index_t e = 0; e < grad->cols; ++e) put_grad((*grad)(t, e), Acc(0), false);
-  });
-}
+  bool tokens() const { return cfg.axis == variance_axis::tokens; }
+  bool needs_pass1(bool reduced) const { return tokens() && !reduced; }
+  void stats_row(index_t, const Acc* s, Acc* sums, index_t*) const {
+    for (index_t e = 0; e < sum_width; ++e) sums[e] += s[e];
+  }
+  void write_stats(const row_local<Acc>& local, double* out) const {
+    out[0] = static_cast<double>(local.tv);
+    for (index_t e = 0; e < sum_width; ++e) out[e + 1] = static_cast<double>(local.sums[e]);
+  }
+  /// T_v = 0, and E = 1 on the experts axis, give 0 and a zero gradient.
+  void prepare(const double* stats, const row_local<Acc>&) {
+    const double tv = stats[0];
+    const index_t E = x.cols;
+    sbar.assign(static_cast<std::size_t>(sum_width), Acc(0));
+    for (index_t e = 0; e < sum_width; ++e)
+      sbar[static_cast<std::size_t>(e)] = tv > 0 ? static_cast<Acc>(stats[e + 1] / tv) : Acc(0);
+    active = tv > 0 && (tokens() || E > 1);
+    if (!active) return;
+    const double norm = cfg.reduction == variance_reduction::mean ? 1.0 / tv : 1.0;
+    const auto c = variance_scale<Acc>(cfg.coef, grad_scale, norm, static_cast<double>(tokens() ? E : E - 1));
+    vc = c.vc;
+    gc = c.gc;
+  }
+  bool wants_rows(bool) const { return true; }
+  template <class Ops>
+  Acc row(index_t, const Acc* s, Acc* g, Ops&) const {
+    const index_t E = x.cols;
+    Acc mean = Acc(0);
+    if (!tokens()) {
+      for (index_t e = 0; e < E; ++e) mean += s[e];
+      mean /= static_cast<Acc>(E);
+    }
+    Acc q = Acc(0);
+    for (index_t e = 0; e < E; ++e) {
+      const Acc d = s[e] - (tokens() ? sbar[static_cast<std::size_t>(e)] : mean);
+      q += d * d;
+      if (g != nullptr) g[e] += gc * d;
+    }
+    return q;
+  }
+  double finish(Acc rows) const { return active ? static_cast<double>(vc * rows) : 0.0; }
+};
 
 }  // namespace detail
 
-/// CPU backend of variance_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
+/// The row kernel of variance_loss for these inputs (found by ADL by the row engines).
 template <class T>
-void execute_stats(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, double* out) {
-  detail::check_scalars("variance", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("variance", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  if (loss.cfg.axis == variance_axis::experts) {
-    out[0] = static_cast<double>(detail::count_valid(in.mask, in.scores.rows));
-    return;
-  }
-  std::vector<accumulator_t<T>> colsum;
-  index_t tv = 0;
-  detail::var_column_sums(be, in, colsum, tv);
-  out[0] = static_cast<double>(tv);
-  for (std::size_t e = 0; e < colsum.size(); ++e) out[e + 1] = static_cast<double>(colsum[e]);
+detail::variance_kernel<T> make_row_kernel(const variance_loss& loss, const variance_inputs<T>& in, grad_options opts) {
+  detail::variance_kernel<T> k;
+  k.x = in.scores;
+  k.mask = in.mask;
+  k.cfg = loss.cfg;
+  k.grad_scale = opts.grad_scale;
+  k.sum_width = k.tokens() ? in.scores.cols : 0;
+  k.stats_size = loss.stats_size(in);
+  return k;
 }
-
-/// CPU backend of variance_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
-double execute(const cpu& be, const variance_loss& loss, const variance_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, grad_options opts) {
-  detail::check_scalars("variance", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("variance", loss, in, reduced, grad);
-  const auto& S = in.scores;
-  const index_t T_ = S.rows, E = S.cols;
-  const bool tokens = loss.cfg.axis == variance_axis::tokens;
-
-  // T_v and, on the tokens axis, sbar: global with reduced statistics, else this call's.
-  double tv = 0;
-  std::vector<Acc> sbar;
-  if (tokens) {
-    sbar.assign(static_cast<std::size_t>(E), Acc(0));
-    if (reduced.empty()) {
-      std::vector<Acc> colsum;
-      index_t n = 0;
-      detail::var_column_sums(be, in, colsum, n);
-      tv = static_cast<double>(n);
-      const Acc inv = n > 0 ? Acc(1) / static_cast<Acc>(n) : Acc(0);
-      for (index_t e = 0; e < E; ++e) sbar[static_cast<std::size_t>(e)] = colsum[static_cast<std::size_t>(e)] * inv;
-    } else {
-      tv = reduced.data[0];
-      for (index_t e = 0; e < E; ++e)
-        sbar[static_cast<std::size_t>(e)] = tv > 0 ? static_cast<Acc>(reduced.data[e + 1] / tv) : Acc(0);
-    }
-  } else {
-    tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, T_)) : reduced.data[0];
-  }
-  if (!(tv > 0) || (!tokens && E == 1)) {
-    detail::var_zero_grad(be, grad, opts);
-    return 0.0;
-  }
-
-  const double norm = loss.cfg.reduction == variance_reduction::mean ? 1.0 / tv : 1.0;
-  // value = vc * sum_t m_t q_t, gradient = gc * (S[t,e] - center_t,e)
-  const double denom = tokens ? static_cast<double>(E) : static_cast<double>(E - 1);
-  const Acc vc = static_cast<Acc>(-loss.cfg.coef * norm / denom);
-  const Acc gc = static_cast<Acc>(-opts.grad_scale * loss.cfg.coef * 2.0 * norm / denom);
-  const index_t nb = detail::num_blocks(T_, detail::cpu_block_rows);
-  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
-  detail::parallel_blocks(be, T_, detail::cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    Acc sum = Acc(0);
-    for (index_t t = r0; t < r1; ++t) {
-      if (!in.mask(t)) {
-        if (grad && !opts.accumulate)
-          for (index_t e = 0; e < E; ++e) detail::put_grad((*grad)(t, e), Acc(0), false);
-        continue;
-      }
-      Acc mean = Acc(0);
-      if (!tokens) {
-        for (index_t e = 0; e < E; ++e) mean += load(S(t, e));
-        mean /= static_cast<Acc>(E);
-      }
-      Acc q = Acc(0);
-      for (index_t e = 0; e < E; ++e) {
-        const Acc d = load(S(t, e)) - (tokens ? sbar[static_cast<std::size_t>(e)] : mean);
-        q += d * d;
-        if (grad) detail::put_grad((*grad)(t, e), gc * d, opts.accumulate);
-      }
-      sum += q;
-    }
-    partial[static_cast<std::size_t>(b)] = sum;
-  });
-  return static_cast<double>(vc * detail::pairwise_sum(partial.data(), nb));
-}
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(variance_loss, variance_inputs)
 
 MOEREG_NAMESPACE_END
