@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <moereg/moereg.hpp>
@@ -109,6 +110,60 @@ void bm_router(benchmark::State& st, router_kind kind, long long E, int threads)
     s = (s + 1) % nsets;
   }
   set_counters(st, threads, in_bytes + out_bytes, Tn, set_bytes * nsets, nsets);
+  st.counters["value"] = last;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Five router losses on one batch, as a trainer calls them: load balancing, entropy,
+// importance and variance on P (one shared gradient), the z-loss on the logits Z (its own).
+// `fused`: one moereg::fuse call (P read once, its gradient written once); otherwise five
+// value_and_grad calls, the later ones accumulating into P's gradient.
+
+template <class T>
+void bm_router5(benchmark::State& st, bool fused, long long E, int threads) {
+  const long long Tn = router_T(), k = router_k;
+  const double sz = sizeof(T), idx_bytes = static_cast<double>(Tn * k) * 4.0;
+  const double mat = static_cast<double>(Tn * E) * sz;
+  const double min_bytes = 2 * mat + idx_bytes + 2 * mat;  // P, Z, topk read; two gradients written
+  const int nsets = bench::rotation_sets(min_bytes);
+  const std::vector<T> P0 = convert<T>(bench::make_probs(Tn, E, 1)), Z0 = convert<T>(bench::make_probs(Tn, E, 3));
+  const std::vector<std::int32_t> I0 = bench::make_topk(Tn, k, E, 2);
+  std::vector<std::vector<T>> P(nsets, P0), Z(nsets, Z0), GP(nsets, std::vector<T>(P0.size())), GZ = GP;
+  std::vector<std::vector<std::int32_t>> I(nsets, I0);
+  const moereg::cpu be{threads};
+  const moereg::load_balancing_loss lb{};
+  const moereg::z_loss zl{};
+  const moereg::entropy_loss ent{};
+  const moereg::importance_loss imp{};
+  const moereg::variance_loss var{};
+  const auto f = moereg::fuse(lb, zl, ent, imp, var);
+  const moereg::grad_options acc{1.0, true};
+  int s = 0;
+  double last = 0;
+  for (auto _ : st) {
+    const moereg::routing_view<T> pv(P[s].data(), Tn, E), zv(Z[s].data(), Tn, E);
+    const moereg::matrix_view<T> gp(GP[s].data(), Tn, E), gz(GZ[s].data(), Tn, E);
+    const moereg::load_balancing_inputs<T> lb_in{pv, moereg::topk_view(I[s].data(), Tn, k)};
+    const moereg::z_loss_inputs<T> z_in{zv};
+    const moereg::entropy_inputs<T> ent_in{pv};
+    const moereg::importance_inputs<T> imp_in{pv};
+    const moereg::variance_inputs<T> var_in{pv};
+    double v = 0;
+    if (fused) {
+      const auto r = f.value_and_grad(std::tie(lb_in, z_in, ent_in, imp_in, var_in), std::make_tuple(gp, gz, gp, gp, gp),
+                                      {}, {}, be);
+      v = r[0] + r[1] + r[2] + r[3] + r[4];
+    } else {
+      v = lb.value_and_grad(lb_in, gp, {}, {}, be) + zl.value_and_grad(z_in, gz, {}, {}, be) +
+          ent.value_and_grad(ent_in, gp, acc, {}, be) + imp.value_and_grad(imp_in, gp, acc, {}, be) +
+          var.value_and_grad(var_in, gp, acc, {}, be);
+    }
+    benchmark::DoNotOptimize(v);
+    benchmark::ClobberMemory();
+    last = v;
+    s = (s + 1) % nsets;
+  }
+  set_counters(st, threads, min_bytes, Tn, min_bytes * nsets, nsets);
   st.counters["value"] = last;
 }
 
@@ -290,6 +345,12 @@ void register_typed() {
         finish(benchmark::RegisterBenchmark(
             (std::string(name_of(kind)) + "/" + tn + "/T:" + std::to_string(router_T()) + "/E:" + std::to_string(E) + ts).c_str(),
             [=](benchmark::State& st) { bm_router<T>(st, kind, E, th); }));
+    for (bool fused : {false, true})
+      for (long long E : {64ll, 256ll})
+        finish(benchmark::RegisterBenchmark(
+            (std::string(fused ? "router5_fused" : "router5_separate") + "/" + tn + "/T:" + std::to_string(router_T()) +
+             "/E:" + std::to_string(E) + ts).c_str(),
+            [=](benchmark::State& st) { bm_router5<T>(st, fused, E, th); }));
     for (auto form : {moereg::coupling_form::token, moereg::coupling_form::batch})
       for (long long E : {64ll, 256ll})
         finish(benchmark::RegisterBenchmark(
