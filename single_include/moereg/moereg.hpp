@@ -504,8 +504,12 @@ struct stats_view {
   constexpr bool empty() const { return data == nullptr; }
 };
 
-// The CPU backend's name (defined in backend/cpu/executor.hpp; include <moereg/backend/cpu.hpp>).
-struct cpu;
+/// Selects the CPU backend. `threads` = 0 uses OpenMP's default (OMP_NUM_THREADS), 1 runs
+/// serially; without OpenMP every call is serial. Only the name and its options live here: the
+/// engines are in <moereg/backend/cpu.hpp>.
+struct cpu {
+  int threads = 0;  ///< 0 = OpenMP default, 1 = serial, n > 1 = n OpenMP threads
+};
 
 namespace detail {
 
@@ -1297,12 +1301,6 @@ MOEREG_NAMESPACE_END
 
 MOEREG_NAMESPACE_BEGIN
 
-/// Selects the CPU backend. `threads` = 0 uses OpenMP's default (OMP_NUM_THREADS), 1 runs
-/// serially; without OpenMP every call is serial.
-struct cpu {
-  int threads = 0;  ///< 0 = OpenMP default, 1 = serial, n > 1 = n OpenMP threads
-};
-
 namespace detail {
 
 /// Rows per block of the CPU reductions. Part of the numerical contract: changing it
@@ -1675,7 +1673,21 @@ const G* grad_pointer(const char* who, const G* g) {
   return g;
 }
 
+/// True when a backend's execute() for Loss on In is declared (its header is included).
+template <class Backend, class Loss, class In, class = void>
+struct has_execute : std::false_type {};
+template <class Backend, class Loss, class In>
+struct has_execute<Backend, Loss, In,
+                   std::void_t<decltype(execute(std::declval<const Backend&>(), std::declval<const Loss&>(),
+                                                std::declval<const In&>(), stats_view{},
+                                                static_cast<const grad_view_t<In>*>(nullptr), grad_options{}))>>
+    : std::true_type {};
+
 }  // namespace detail
+
+#define MOEREG_NO_BACKEND_MESSAGE                                                                          \
+  "moereg: no backend runs this loss here: include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>) for " \
+  "the CPU, <moereg/backend/cuda.hpp> for CUDA"
 
 /// The CPU backend needs no workspace: 0 bytes for every loss (the CUDA overload is in
 /// backend/cuda/api.cuh), so trainer code can ask every backend the same question.
@@ -1732,6 +1744,7 @@ struct loss_api {
   /// batch) the global counts of LOSSES.md section 9 are used.
   template <class In, class Backend = cpu, enable_for<In> = 0>
   double value(const In& in, stats_view reduced = {}, const Backend& be = {}) const {
+    static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     return execute(be, self(), in, reduced, static_cast<const detail::grad_view_t<In>*>(nullptr), grad_options{});
   }
   /// Writes grad_scale * dL/d(input) into `grad` (the input's shape, its own strides or
@@ -1740,6 +1753,7 @@ struct loss_api {
   template <class In, class Backend = cpu, enable_for<In> = 0>
   void backward(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
                 const Backend& be = {}) const {
+    static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     (void)execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
   }
   /// value() and backward() in one pass (the inputs read once, the gradient written once);
@@ -1747,6 +1761,7 @@ struct loss_api {
   template <class In, class Backend = cpu, enable_for<In> = 0>
   double value_and_grad(const In& in, detail::grad_arg_t<In> grad, grad_options opts = {}, stats_view reduced = {},
                         const Backend& be = {}) const {
+    static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
   }
 };
