@@ -1775,6 +1775,7 @@ MOEREG_NAMESPACE_END
 
 
 #include <cmath>
+#include <cstddef>
 #include <type_traits>
 #include <vector>
 
@@ -1798,6 +1799,25 @@ inline index_t count_valid(const mask_view& m, index_t T) {
   for (index_t t = 0; t < T; ++t) n += m(t) ? 1 : 0;
   return n;
 }
+
+/// The row pass of a row kernel whose value is fixed by its statistics and whose gradient is
+/// one coefficient per column for every valid row (load balancing, importance): the matrix is
+/// not read again, rows run only for a gradient. The kernel's prepare() sets value and coeff.
+template <class Acc>
+struct per_column_rows {
+  bool reads_row = false;  ///< the row pass does not read the matrix
+  Acc value = Acc(0);      ///< the loss, from prepare()
+  std::vector<Acc> coeff;  ///< dL/dX[t,e] of a valid row, from prepare()
+
+  bool wants_rows(bool grad) const { return grad; }
+  template <class Ops>
+  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
+    if (g != nullptr)
+      for (std::size_t e = 0; e < coeff.size(); ++e) g[e] += coeff[e];
+    return Acc(0);
+  }
+  double finish(Acc) const { return static_cast<double>(value); }
+};
 
 /// Inputs of a loss on one routing matrix [T, E] and a mask (the z-loss, entropy, variance and
 /// importance): they name the matrix (matrix_name, grad_name) and return it (matrix()).
@@ -2711,7 +2731,7 @@ namespace detail {
 /// unless reduced). A valid row's gradient is the per-expert coefficient of lb_expert
 /// (math/router.hpp); P is not read again.
 template <class T>
-struct lb_kernel {
+struct lb_kernel : per_column_rows<accumulator_t<T>> {
   using storage_type = T;
   using acc_type = accumulator_t<T>;
   using Acc = acc_type;
@@ -2722,9 +2742,7 @@ struct lb_kernel {
   double alpha = 0, grad_scale = 1;
   Acc k = Acc(1);  ///< the configured top-k width
   index_t sum_width = 0, count_width = 0, stats_size = 1;
-  bool reads_row = false, active = true;
-  Acc value = Acc(0);
-  std::vector<Acc> coeff;  ///< dL/dP[t,e] of a valid row
+  bool active = true;
 
   bool needs_pass1(bool) const { return true; }
   void stats_row(index_t t, const Acc* p, Acc* colsum, index_t* counts) const {
@@ -2745,22 +2763,14 @@ struct lb_kernel {
     const double tv_f = stats[0], tv_p = global ? static_cast<double>(local.tv) : tv_f;
     const Acc alpha_e = static_cast<Acc>(alpha) * static_cast<Acc>(E), gs = static_cast<Acc>(grad_scale);
     std::vector<Acc> terms(static_cast<std::size_t>(E));
-    coeff.assign(static_cast<std::size_t>(E), Acc(0));
+    this->coeff.assign(static_cast<std::size_t>(E), Acc(0));
     for (index_t e = 0; e < E; ++e) {
       const auto r = lb_expert(stats[e + 1], tv_f, tv_p, local.sums[e], k, alpha_e, gs);
       terms[static_cast<std::size_t>(e)] = r.term;
-      coeff[static_cast<std::size_t>(e)] = r.coeff;
+      this->coeff[static_cast<std::size_t>(e)] = r.coeff;
     }
-    value = alpha_e * pairwise_sum(terms.data(), E);
+    this->value = alpha_e * pairwise_sum(terms.data(), E);
   }
-  bool wants_rows(bool grad) const { return grad; }
-  template <class Ops>
-  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
-    if (g != nullptr)
-      for (index_t e = 0; e < sum_width; ++e) g[e] += coeff[static_cast<std::size_t>(e)];
-    return Acc(0);
-  }
-  double finish(Acc) const { return static_cast<double>(value); }
 };
 
 }  // namespace detail
@@ -3125,7 +3135,7 @@ namespace detail {
 /// sums the columns (imp) unless reduced statistics are given; the value is a function of imp
 /// alone, and a valid row's gradient is the per-expert coefficient (P is not read again).
 template <class T>
-struct importance_kernel {
+struct importance_kernel : per_column_rows<accumulator_t<T>> {
   using storage_type = T;
   using acc_type = accumulator_t<T>;
   using Acc = acc_type;
@@ -3133,9 +3143,7 @@ struct importance_kernel {
   mask_view mask;
   double w = 0, grad_scale = 1;
   index_t sum_width = 0, count_width = 0, stats_size = 0;
-  bool reads_row = false, active = false;
-  Acc value = Acc(0);
-  std::vector<Acc> coeff;  ///< dL/dP[t,e] of a valid row
+  bool active = false;
 
   bool needs_pass1(bool reduced) const { return !reduced; }
   void stats_row(index_t, const Acc* p, Acc* sums, index_t*) const {
@@ -3151,7 +3159,7 @@ struct importance_kernel {
     for (index_t e = 0; e < E; ++e) imp[static_cast<std::size_t>(e)] = static_cast<Acc>(stats[e]);
     const Acc Ea = static_cast<Acc>(E);
     const Acc mu = E > 0 ? pairwise_sum(imp.data(), E) / Ea : Acc(0);
-    coeff.assign(static_cast<std::size_t>(E), Acc(0));
+    this->coeff.assign(static_cast<std::size_t>(E), Acc(0));
     active = mu != Acc(0);
     if (!active) return;
     for (index_t e = 0; e < E; ++e) {
@@ -3160,18 +3168,10 @@ struct importance_kernel {
     }
     const Acc var = pairwise_sum(dev2.data(), E) / Ea;
     const Acc mu2 = mu * mu, gw = static_cast<Acc>(grad_scale * w);
-    value = static_cast<Acc>(w) * var / mu2;
+    this->value = static_cast<Acc>(w) * var / mu2;
     for (index_t e = 0; e < E; ++e)
-      coeff[static_cast<std::size_t>(e)] = importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
+      this->coeff[static_cast<std::size_t>(e)] = importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
   }
-  bool wants_rows(bool grad) const { return grad; }
-  template <class Ops>
-  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
-    if (g != nullptr)
-      for (index_t e = 0; e < sum_width; ++e) g[e] += coeff[static_cast<std::size_t>(e)];
-    return Acc(0);
-  }
-  double finish(Acc) const { return static_cast<double>(value); }
 };
 
 }  // namespace detail

@@ -6,6 +6,7 @@
 #include "../core/config.hpp"
 
 #include <cmath>
+#include <cstddef>
 #include <type_traits>
 #include <vector>
 
@@ -35,6 +36,25 @@ inline index_t count_valid(const mask_view& m, index_t T) {
   for (index_t t = 0; t < T; ++t) n += m(t) ? 1 : 0;
   return n;
 }
+
+/// The row pass of a row kernel whose value is fixed by its statistics and whose gradient is
+/// one coefficient per column for every valid row (load balancing, importance): the matrix is
+/// not read again, rows run only for a gradient. The kernel's prepare() sets value and coeff.
+template <class Acc>
+struct per_column_rows {
+  bool reads_row = false;  ///< the row pass does not read the matrix
+  Acc value = Acc(0);      ///< the loss, from prepare()
+  std::vector<Acc> coeff;  ///< dL/dX[t,e] of a valid row, from prepare()
+
+  bool wants_rows(bool grad) const { return grad; }
+  template <class Ops>
+  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
+    if (g != nullptr)
+      for (std::size_t e = 0; e < coeff.size(); ++e) g[e] += coeff[e];
+    return Acc(0);
+  }
+  double finish(Acc) const { return static_cast<double>(value); }
+};
 
 /// Inputs of a loss on one routing matrix [T, E] and a mask (the z-loss, entropy, variance and
 /// importance): they name the matrix (matrix_name, grad_name) and return it (matrix()).

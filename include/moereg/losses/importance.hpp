@@ -79,7 +79,7 @@ namespace detail {
 /// sums the columns (imp) unless reduced statistics are given; the value is a function of imp
 /// alone, and a valid row's gradient is the per-expert coefficient (P is not read again).
 template <class T>
-struct importance_kernel {
+struct importance_kernel : per_column_rows<accumulator_t<T>> {
   using storage_type = T;
   using acc_type = accumulator_t<T>;
   using Acc = acc_type;
@@ -87,9 +87,7 @@ struct importance_kernel {
   mask_view mask;
   double w = 0, grad_scale = 1;
   index_t sum_width = 0, count_width = 0, stats_size = 0;
-  bool reads_row = false, active = false;
-  Acc value = Acc(0);
-  std::vector<Acc> coeff;  ///< dL/dP[t,e] of a valid row
+  bool active = false;
 
   bool needs_pass1(bool reduced) const { return !reduced; }
   void stats_row(index_t, const Acc* p, Acc* sums, index_t*) const {
@@ -105,7 +103,7 @@ struct importance_kernel {
     for (index_t e = 0; e < E; ++e) imp[static_cast<std::size_t>(e)] = static_cast<Acc>(stats[e]);
     const Acc Ea = static_cast<Acc>(E);
     const Acc mu = E > 0 ? pairwise_sum(imp.data(), E) / Ea : Acc(0);
-    coeff.assign(static_cast<std::size_t>(E), Acc(0));
+    this->coeff.assign(static_cast<std::size_t>(E), Acc(0));
     active = mu != Acc(0);
     if (!active) return;
     for (index_t e = 0; e < E; ++e) {
@@ -114,18 +112,10 @@ struct importance_kernel {
     }
     const Acc var = pairwise_sum(dev2.data(), E) / Ea;
     const Acc mu2 = mu * mu, gw = static_cast<Acc>(grad_scale * w);
-    value = static_cast<Acc>(w) * var / mu2;
+    this->value = static_cast<Acc>(w) * var / mu2;
     for (index_t e = 0; e < E; ++e)
-      coeff[static_cast<std::size_t>(e)] = importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
+      this->coeff[static_cast<std::size_t>(e)] = importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
   }
-  bool wants_rows(bool grad) const { return grad; }
-  template <class Ops>
-  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
-    if (g != nullptr)
-      for (index_t e = 0; e < sum_width; ++e) g[e] += coeff[static_cast<std::size_t>(e)];
-    return Acc(0);
-  }
-  double finish(Acc) const { return static_cast<double>(value); }
 };
 
 }  // namespace detail

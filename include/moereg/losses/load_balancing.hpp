@@ -148,7 +148,7 @@ namespace detail {
 /// unless reduced). A valid row's gradient is the per-expert coefficient of lb_expert
 /// (math/router.hpp); P is not read again.
 template <class T>
-struct lb_kernel {
+struct lb_kernel : per_column_rows<accumulator_t<T>> {
   using storage_type = T;
   using acc_type = accumulator_t<T>;
   using Acc = acc_type;
@@ -159,9 +159,7 @@ struct lb_kernel {
   double alpha = 0, grad_scale = 1;
   Acc k = Acc(1);  ///< the configured top-k width
   index_t sum_width = 0, count_width = 0, stats_size = 1;
-  bool reads_row = false, active = true;
-  Acc value = Acc(0);
-  std::vector<Acc> coeff;  ///< dL/dP[t,e] of a valid row
+  bool active = true;
 
   bool needs_pass1(bool) const { return true; }
   void stats_row(index_t t, const Acc* p, Acc* colsum, index_t* counts) const {
@@ -182,22 +180,14 @@ struct lb_kernel {
     const double tv_f = stats[0], tv_p = global ? static_cast<double>(local.tv) : tv_f;
     const Acc alpha_e = static_cast<Acc>(alpha) * static_cast<Acc>(E), gs = static_cast<Acc>(grad_scale);
     std::vector<Acc> terms(static_cast<std::size_t>(E));
-    coeff.assign(static_cast<std::size_t>(E), Acc(0));
+    this->coeff.assign(static_cast<std::size_t>(E), Acc(0));
     for (index_t e = 0; e < E; ++e) {
       const auto r = lb_expert(stats[e + 1], tv_f, tv_p, local.sums[e], k, alpha_e, gs);
       terms[static_cast<std::size_t>(e)] = r.term;
-      coeff[static_cast<std::size_t>(e)] = r.coeff;
+      this->coeff[static_cast<std::size_t>(e)] = r.coeff;
     }
-    value = alpha_e * pairwise_sum(terms.data(), E);
+    this->value = alpha_e * pairwise_sum(terms.data(), E);
   }
-  bool wants_rows(bool grad) const { return grad; }
-  template <class Ops>
-  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
-    if (g != nullptr)
-      for (index_t e = 0; e < sum_width; ++e) g[e] += coeff[static_cast<std::size_t>(e)];
-    return Acc(0);
-  }
-  double finish(Acc) const { return static_cast<double>(value); }
 };
 
 }  // namespace detail
