@@ -25,17 +25,28 @@
 
 MOEREG_NAMESPACE_BEGIN
 
+namespace detail {
+/// The checks of a chain-rule step from the router's output back to its logits: the storage
+/// type, grad_scale and threads, the input matrix, the incoming and the outgoing gradient with
+/// its shape.
+template <class T>
+void check_chain_rule(const char* who, const char* in_name, const routing_view<T>& in, const char* grad_name,
+                      const matrix_view<const T>& grad_in, const matrix_view<T>& grad_logits, const grad_options& opts,
+                      const cpu& be) {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  check_scalars(who, 0.0, opts, be.threads);
+  check_matrix(who, in_name, in);
+  check_grad(who, grad_name, grad_in, in);
+  check_grad(who, "grad_logits", grad_logits, in);
+}
+}  // namespace detail
+
 /// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
 template <class T>
 void softmax_backward(detail::nondeduced_t<routing_view<T>> probs, detail::nondeduced_t<matrix_view<const T>> grad_probs,
                       matrix_view<T> grad_logits, grad_options opts = {}, const cpu& be = {}) {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
-  const char* who = "softmax_backward";
-  detail::check_scalars(who, 0.0, opts, be.threads);
-  detail::check_matrix(who, "probs", probs);
-  detail::check_grad(who, "grad_probs", grad_probs, probs);
-  detail::check_grad(who, "grad_logits", grad_logits, probs);
+  detail::check_chain_rule("softmax_backward", "probs", probs, "grad_probs", grad_probs, grad_logits, opts, be);
   const Acc gs = static_cast<Acc>(opts.grad_scale);
   detail::parallel_blocks(be, probs.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
     for (index_t t = r0; t < r1; ++t) {
@@ -60,13 +71,8 @@ template <class T>
 void sigmoid_norm_backward(detail::nondeduced_t<routing_view<T>> logits,
                            detail::nondeduced_t<matrix_view<const T>> grad_scores, matrix_view<T> grad_logits,
                            grad_options opts = {}, const cpu& be = {}) {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
-  const char* who = "sigmoid_norm_backward";
-  detail::check_scalars(who, 0.0, opts, be.threads);
-  detail::check_matrix(who, "logits", logits);
-  detail::check_grad(who, "grad_scores", grad_scores, logits);
-  detail::check_grad(who, "grad_logits", grad_logits, logits);
+  detail::check_chain_rule("sigmoid_norm_backward", "logits", logits, "grad_scores", grad_scores, grad_logits, opts, be);
   const Acc gs = static_cast<Acc>(opts.grad_scale);
   const index_t E = logits.cols;
   detail::parallel_blocks(be, logits.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {

@@ -60,6 +60,32 @@
 #define MOEREG_HAS_AVX512 0
 #endif
 
+// Loop hints, defined here once (nvcc's front end rejects GCC loop pragmas, so they are empty
+// under nvcc; CUDA kernels write `#pragma unroll` themselves):
+// - MOEREG_UNROLL: unroll fully a loop with a compile-time count (the specialised Gram passes).
+//   GCC needs the hint; Clang unrolls such loops anyway and warns when a hinted loop with a
+//   run-time count is not unrolled, so it gets none.
+// - MOEREG_ROLLED: keep a loop over lanes rolled, so that the compiler vectorises it across
+//   lanes instead of unrolling it into scalar code (the subspace solver of math/pairwise.hpp).
+//   Not clang's vectorize(enable): clang then warns (-Wpass-failed, an error under -Werror)
+//   wherever it cannot vectorise, as at -Os; a header must not break its users' -Werror builds.
+// MOEREG_HAS_VECTOR_EXT: the compiler has GNU vector extensions (GCC, Clang).
+#if defined(__CUDACC__) || !defined(__GNUC__)
+#define MOEREG_UNROLL
+#define MOEREG_ROLLED
+#elif defined(__clang__)
+#define MOEREG_UNROLL
+#define MOEREG_ROLLED _Pragma("clang loop unroll(disable)")
+#else
+#define MOEREG_UNROLL _Pragma("GCC unroll 16")
+#define MOEREG_ROLLED _Pragma("GCC unroll 1") _Pragma("GCC ivdep")
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define MOEREG_HAS_VECTOR_EXT 1
+#else
+#define MOEREG_HAS_VECTOR_EXT 0
+#endif
+
 // MOEREG_KEEP_STORES(p): a compiler barrier placed right after a loop nest that writes an
 // array through p with two index patterns (the symmetric G[a][b] = G[b][a] fills of the Gram
 // losses). GCC 12 (seen with 12.2; 11.3 is not affected) may rewrite such a store at -O1 into
@@ -1185,11 +1211,12 @@ MOEREG_NAMESPACE_END
 // ---- begin moereg/backend/cpu.hpp ----
 // The CPU backend: the executor (threads, blocks, element access), the row engine that runs
 // every loss on one routing matrix (load balancing, z-loss, entropy, importance, variance, and
-// any loss described the same way, alone or fused), and the segmented engine of the
-// load-balancing sequence scope. The Gram losses (specialization, orthogonality) and the
-// coupling loss bring their own executors with their headers.
+// any loss described the same way, alone or fused), the segmented engine of the
+// load-balancing sequence scope, and the Gram engine of the activation losses
+// (specialization, orthogonality, and any loss described the same way), and the layer engine
+// of the cross-layer coupling loss.
 //
-// With moereg::compiled (core/compiled.hpp) the router losses' CPU entry points are declared
+// With moereg::compiled (core/compiled.hpp) these losses' CPU entry points are declared
 // extern here, so that a unit including this header does not instantiate them again.
 
 // ---- begin moereg/core/compiled.hpp ----
@@ -1232,9 +1259,9 @@ MOEREG_NAMESPACE_END
 // The CPU entry points of an activation loss (inputs Inputs<T, Layout>) for one layout, then
 // for the three layouts.
 #define MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, Layout)                                        \
-  kw double execute<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view,                \
-                               const activation_view<T, Layout>*, grad_options);                             \
-  kw void execute_stats<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, double*);
+  kw double execute(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view,                          \
+                    const activation_view<T, Layout>*, grad_options);                                        \
+  kw void execute_stats(const cpu&, const Loss&, const Inputs<T, Layout>&, double*);
 #define MOEREG_DETAIL_ACTIVATION_ENTRY(T, kw, Loss, Inputs)                  \
   MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, token_major)        \
   MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, expert_grouped)     \
@@ -1400,57 +1427,72 @@ MOEREG_FORCEINLINE void put_grad_row(const matrix_view<T>& g, index_t t, Acc c, 
 }  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cpu/executor.hpp ----
-// ---- begin moereg/backend/cpu/row_engine.hpp ----
-// The CPU engine of the row losses: every loss that reads one [T, E] matrix row by row (load
-// balancing in the micro and global scopes, z-loss, entropy, importance, variance, and any
-// loss a user describes the same way). It knows no loss: a loss describes itself by a row
-// kernel (below), and the engine runs any tuple of kernels in one go, so that fusing losses
-// (losses/fuse.hpp) is running several kernels in one pass. Include <moereg/backend/cpu.hpp>,
-// not this file.
+// ---- begin moereg/backend/cpu/gram_engine.hpp ----
+// The CPU Gram engine: runs every Gram-based activation loss (specialization, orthogonality,
+// and any loss described the same way, losses/gram.hpp) from its per-token kernel.
 //
-// A row kernel is what make_row_kernel(loss, inputs, opts) returns (found by argument-dependent
-// lookup; each loss header defines one). Acc is its accumulator type, x a valid row of its
-// matrix converted to Acc and contiguous, g the row of the gradient it adds into:
+// For every unmasked token with n >= 2 valid slots: a Gram pass forms the n x n Gram matrix G
+// of the token's valid vectors, the loss's kernel gives F_t and dF_t/dG, and a gradient pass
+// writes grad_s = sum_r (W[s][r] + W[r][s]) h_r for every valid slot. The passes are register
+// tiled and specialised at compile time for 2 to 8 contiguous valid slots (AVX-512 when
+// MOEREG_HAS_AVX512, 16-byte vectors otherwise), with a run-time-n pass in fixed blocks for
+// more slots or strided vectors. The specialisations are unrolled only over compile-time
+// counts, which keeps a translation unit that uses both Gram losses compiling in a few seconds.
 //
-//   using storage_type = T; using acc_type = Acc;
-//   matrix_view<const T> x;                  the matrix it reads ([T, E], any strides)
-//   index_t stats_size;                      its statistics' length (LOSSES.md section 9)
-//   mask_view mask;                          its valid rows
-//   index_t sum_width, count_width;          pass 1: column statistics of the valid rows,
-//                                            Acc sums and integer counts (0, 0: none)
-//   bool needs_pass1(bool reduced) const;    whether value or gradient need pass 1
-//   void stats_row(index_t t, const Acc* x, Acc* sums, index_t* counts) const;   pass 1
-//   bool reads_row;                          whether row() reads x (else x is null)
-//   void write_stats(const row_local<Acc>&, double* out) const;   LOSSES.md section 9
-//   void prepare(const double* stats, const row_local<Acc>& local);
-//                                            constants from the statistics: the reduced ones
-//                                            when given, else this call's (write_stats)
-//   bool active;                             false: rows add nothing (set by prepare)
-//   bool wants_rows(bool grad) const;        whether the row pass is needed
-//   template <class Ops> Acc row(index_t t, const Acc* x, Acc* g, Ops& ops) const;
-//                                            one valid row: adds its gradient into g (null:
-//                                            none wanted), returns its term of the row sum
-//   double finish(Acc row_sum) const;        the value
+// Passes over memory (value_and_grad): activations read once, gradient written once. Per
+// token, the Gram pass reads the token's valid vectors once; the gradient pass re-reads the
+// same vectors (then resident in L1/L2: k * d * sizeof(T) bytes) and writes each gradient
+// vector once. topk and mask are read once per token. Nothing proportional to T * k * d is
+// allocated: the only buffer is one partial sum per block of 256 tokens. In overwrite mode a
+// gradient of 32 MiB or more is written with non-temporal stores (AVX-512 builds, aligned
+// contiguous vectors; detail::gram_cpu_policy), which saves the read-for-ownership of its
+// cache lines; smaller ones are written normally and stay cached for their consumer.
 //
-// Ops is the engine's row toolkit (cpu_row_ops): aligned scratch rows and the vectorised
-// log-sum-exp, log and sum, so a kernel's row is written once and runs on Eigen's packets.
-//
-// Passes: pass 1 (only when a kernel needs it) reads each distinct matrix once per valid row;
-// the row pass reads each distinct matrix once and writes each distinct gradient once, the
-// sum of the contributions of every kernel that writes it (the rows of a gradient are zeroed,
-// or left as they are with grad_options::accumulate, where no kernel contributes). Blocks of
-// cpu_block_rows rows run in parallel; each kernel's row terms are summed in row order inside
-// a block and pairwise over the blocks: bitwise the same for any thread count.
+// Gradient: written through the grad view's own layout (same policy type as the input, its
+// own maps and strides). Overwrite mode writes zeros into every vector the grad layout holds
+// for a masked token, a dropped slot, or a token with fewer than 2 valid slots; accumulate
+// mode leaves those untouched. Storage the layout maps to no (token, slot) is never touched.
 
 
-#include <array>
-#include <cmath>
-#include <cstddef>
-#include <limits>
-#include <tuple>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if MOEREG_HAS_AVX512
+#include <immintrin.h>
+#endif
+
+// ---- begin moereg/losses/gram.hpp ----
+// What the Gram-based activation losses (specialization, orthogonality) share as
+// descriptions: their inputs' checks, and the protocol by which each describes its per-token
+// math to the engines that run it (the CPU Gram engine, backend/cpu/gram_engine.hpp; the CUDA
+// Gram kernels, backend/cuda/gram.cuh).
+//
+// The protocol. A Gram loss's inputs hold activations in a layout, topk, mask and
+// num_experts (detail::is_gram_inputs); its statistics are [T_v]. Its header defines, found by
+// ADL,
+//
+//   template <class T, class Layout, class F>
+//   decltype(auto) visit_gram_kernel(const Loss&, const Inputs<T, Layout>&, double tv, F&& f);
+//
+// which calls f(scale, kernel) once and returns what f returns: `scale` multiplies the sum of
+// the per-token values (the loss's normalisation for this T_v, 0 when nothing is valid),
+// `kernel` is a MOEREG_HOST_DEVICE functor
+//
+//   Acc kernel(int n, const Acc* G, Acc* W) const;   // Acc = accumulator_t<T>
+//
+// that, for one token with n >= 2 valid slots and their n x n Gram matrix G (row-major, both
+// triangles), returns the token's value F_t and, when W is not null, writes W = D + D^T into
+// it (n x n), D = dF_t/dG with the entries of G taken as independent variables (math/pairwise.hpp).
+// The engine forms G, scales W by scale * grad_scale and applies it to the activations:
+// grad_s = sum_r W[s][r] h_r. A loss with several forms (orthogonality's variants) passes the
+// functor of the configured form, so each form is its own instantiation.
+
+
+#include <cmath>
+#include <type_traits>
+#include <utility>
 
 // ---- begin moereg/core/validate.hpp ----
 // The one validation layer. Every check runs before anything is written, so a call that throws
@@ -1615,6 +1657,316 @@ void validate_on_host(const char* who, const Loss& loss, const In& in, stats_vie
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/core/validate.hpp ----
+// ---- begin moereg/math/pairwise.hpp ----
+// Per-token k x k math of the Gram-based activation losses (LOSSES.md sections 3 and 5).
+//
+// Both the intra-layer specialization loss and the orthogonality loss depend on the n valid
+// slot vectors h_0 .. h_{n-1} of one token only through their Gram matrix
+//
+//   G = H^T H,   G[a][b] = <h_a, h_b>   (n x n, n = |A_t| <= max_slots)
+//
+// A token's loss is F(G). Taking the entries of G as independent variables, D = dF/dG, and
+//
+//   dF/dh_s = sum_r W[s][r] h_r,   W = D + D^T   (symmetric)
+//
+// so the gradient of every slot vector is a linear combination of the token's own vectors.
+// The functions below return F and fill W; a backend forms G in one pass over the vectors and
+// writes the gradient in a second pass over the same (cache-resident) vectors.
+//
+// Conventions: G and W are row-major n x n with leading dimension n (G with both triangles
+// filled). W may be null: then only F is computed. Everything is plain arrays sized by the
+// compile-time limit max_slots and a run-time n; no allocation, no exceptions, no Eigen, so a
+// CUDA kernel calls the very same functions (MOEREG_HOST_DEVICE).
+
+#include <cmath>
+
+
+MOEREG_NAMESPACE_BEGIN
+/// The per-token arithmetic of the activation (Gram-based) losses, shared by the CPU loops
+/// and the CUDA kernels (MOEREG_HOST_DEVICE): Gram matrices, cos^2 and projection terms and
+/// their derivatives for the k slots of one token.
+namespace math {
+
+/// The largest number of slots per token (the top-k width) the Gram-based losses accept.
+/// Every per-token array is sized by it; the losses reject a wider topk with moereg::error.
+inline constexpr int max_slots = 16;
+
+/// Keeps a parameter out of template argument deduction: Real is deduced from G alone, so
+/// eps may be a double literal and W may be nullptr.
+template <class T>
+struct nondeduced {
+  using type = T;  ///< T itself
+};
+/// nondeduced<T>::type.
+template <class T>
+using nondeduced_t = typename nondeduced<T>::type;
+
+/// Intra-layer specialization (Hu et al., R_sp) of one token:
+///
+///   n_s = max(||h_s||, eps),  c_sr = G[s][r] / (n_s n_r)
+///   F   = w * sum_{s != r} c_sr^2        (ordered pairs; w = 1, or 1 / (n (n - 1)) when pairs_mean)
+///
+///   W[s][r] = 4 w c_sr / (n_s n_r)                          (s != r)
+///   W[s][s] = -4 w (sum_{r != s} c_sr^2) / n_s^2            (0 where ||h_s|| < eps: the norm is the constant eps)
+///
+/// n < 2 gives F = 0 and W = 0.
+template <class Real>
+MOEREG_HOST_DEVICE Real specialization_token(int n, const Real* G, nondeduced_t<Real> eps, bool pairs_mean,
+                                             nondeduced_t<Real>* W) {
+  using std::sqrt;
+  if (W)
+    for (int i = 0; i < n * n; ++i) W[i] = Real(0);
+  if (n < 2) return Real(0);
+  Real inv_norm[max_slots];
+  bool active[max_slots];
+  for (int s = 0; s < n; ++s) {
+    const Real q = G[s * n + s];
+    const Real nrm = sqrt(q > Real(0) ? q : Real(0));
+    active[s] = nrm >= eps;
+    inv_norm[s] = Real(1) / (active[s] ? nrm : eps);
+  }
+  const Real w = pairs_mean ? Real(1) / static_cast<Real>(n * (n - 1)) : Real(1);
+  Real rowsum[max_slots];
+  for (int s = 0; s < n; ++s) rowsum[s] = Real(0);
+  Real total = Real(0);
+  for (int s = 0; s < n; ++s)
+    for (int r = s + 1; r < n; ++r) {
+      const Real inr = inv_norm[s] * inv_norm[r];
+      const Real c = G[s * n + r] * inr;
+      const Real c2 = c * c;
+      total += c2;
+      rowsum[s] += c2;
+      rowsum[r] += c2;
+      if (W) W[s * n + r] = W[r * n + s] = Real(4) * w * c * inr;
+    }
+  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
+  if (W)
+    for (int s = 0; s < n; ++s)
+      W[s * n + s] = active[s] ? Real(-4) * w * rowsum[s] * inv_norm[s] * inv_norm[s] : Real(0);
+  return Real(2) * w * total;  // each unordered pair counts twice
+}
+
+/// Orthogonality (Guo et al., L_o), pairwise form, of one token:
+///
+///   phi(q) = q / (q + eps)^2,  phi'(q) = (eps - q) / (q + eps)^3,  q_s = G[s][s]
+///   F      = sum_{j != s} G[j][s]^2 phi(q_s)
+///
+///   W[j][s] = 2 G[j][s] (phi(q_s) + phi(q_j))              (j != s)
+///   W[s][s] = 2 phi'(q_s) sum_{j != s} G[j][s]^2
+template <class Real>
+MOEREG_HOST_DEVICE Real orthogonality_pairwise_token(int n, const Real* G, nondeduced_t<Real> eps,
+                                                     nondeduced_t<Real>* W) {
+  if (W)
+    for (int i = 0; i < n * n; ++i) W[i] = Real(0);
+  if (n < 2) return Real(0);
+  Real phi[max_slots], dphi[max_slots], colsum[max_slots];
+  for (int s = 0; s < n; ++s) {
+    const Real q = G[s * n + s];
+    const Real den = Real(1) / (q + eps);
+    phi[s] = q * den * den;
+    dphi[s] = (eps - q) * den * den * den;
+    colsum[s] = Real(0);
+  }
+  Real total = Real(0);
+  for (int j = 0; j < n; ++j)
+    for (int s = j + 1; s < n; ++s) {
+      const Real a = G[j * n + s];
+      const Real a2 = a * a;
+      total += a2 * (phi[s] + phi[j]);
+      colsum[s] += a2;
+      colsum[j] += a2;
+      if (W) W[j * n + s] = W[s * n + j] = Real(2) * a * (phi[s] + phi[j]);
+    }
+  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
+  if (W)
+    for (int s = 0; s < n; ++s) W[s * n + s] = Real(2) * dphi[s] * colsum[s];
+  return total;
+}
+
+namespace subspace_detail {
+
+// The n sub-problems of orthogonality_subspace_token side by side: sub-problem j lives in
+// lane j of every array ([row][lane], lanes innermost), so every loop below runs the same
+// arithmetic on all lanes at once. The compiler vectorises across lanes, and the dependency
+// chains of the small factorisations and solves overlap instead of running one after the
+// other. Lanes >= n hold the identity system with a zero right-hand side, so they produce
+// zeros and are harmless to include in sums.
+constexpr int lanes = max_slots;
+constexpr int mm = max_slots - 1;
+/// Start of row a of a packed lower triangle.
+MOEREG_HOST_DEVICE constexpr int tri(int a) {
+  return a * (a + 1) / 2;
+}
+
+/// In-place L D L^T factorisation of every lane's packed symmetric m x m matrix: the strict
+/// lower triangle receives the unit lower factor L, the diagonal the reciprocal pivots 1 / D.
+/// (No square roots, so the lane loops vectorise.) Every pivot is clamped to at least
+/// pivot_floor: for A = S + eps I with S a Gram matrix every exact pivot (a Schur
+/// complement) is >= the smallest eigenvalue >= eps, so the clamp changes nothing in exact
+/// arithmetic and only keeps rounding in a nearly singular S from giving a zero or negative
+/// pivot.
+template <class Real>
+MOEREG_HOST_DEVICE void ldlt_factor_lanes(int m, Real (*A)[lanes], Real pivot_floor) {
+  Real piv[mm][lanes];  // D
+  Real v[mm][lanes];    // L[c][p] D[p] of the current column c
+  for (int c = 0; c < m; ++c) {
+    Real dc[lanes];
+    MOEREG_ROLLED
+    for (int j = 0; j < lanes; ++j) dc[j] = A[tri(c) + c][j];
+    for (int p = 0; p < c; ++p) {
+      MOEREG_ROLLED
+      for (int j = 0; j < lanes; ++j) {
+        v[p][j] = A[tri(c) + p][j] * piv[p][j];
+        dc[j] -= A[tri(c) + p][j] * v[p][j];
+      }
+    }
+    MOEREG_ROLLED
+    for (int j = 0; j < lanes; ++j) {
+      piv[c][j] = dc[j] > pivot_floor ? dc[j] : pivot_floor;
+      A[tri(c) + c][j] = Real(1) / piv[c][j];
+    }
+    for (int i = c + 1; i < m; ++i) {
+      Real t[lanes];
+      MOEREG_ROLLED
+      for (int j = 0; j < lanes; ++j) t[j] = A[tri(i) + c][j];
+      for (int p = 0; p < c; ++p) {
+        MOEREG_ROLLED
+        for (int j = 0; j < lanes; ++j) t[j] -= A[tri(i) + p][j] * v[p][j];
+      }
+      MOEREG_ROLLED
+      for (int j = 0; j < lanes; ++j) A[tri(i) + c][j] = t[j] * A[tri(c) + c][j];
+    }
+  }
+}
+
+/// Solves L D L^T x = rhs in every lane with the factor from ldlt_factor_lanes. x may alias rhs.
+template <class Real>
+MOEREG_HOST_DEVICE void ldlt_solve_lanes(int m, const Real (*L)[lanes], const Real (*rhs)[lanes], Real (*x)[lanes]) {
+  Real y[mm][lanes];
+  for (int i = 0; i < m; ++i) {
+    Real s[lanes];
+    MOEREG_ROLLED
+    for (int j = 0; j < lanes; ++j) s[j] = rhs[i][j];
+    for (int p = 0; p < i; ++p) {
+      MOEREG_ROLLED
+      for (int j = 0; j < lanes; ++j) s[j] -= L[tri(i) + p][j] * y[p][j];
+    }
+    MOEREG_ROLLED
+    for (int j = 0; j < lanes; ++j) y[i][j] = s[j];
+  }
+  for (int i = m - 1; i >= 0; --i) {
+    Real s[lanes];
+    MOEREG_ROLLED
+    for (int j = 0; j < lanes; ++j) s[j] = y[i][j] * L[tri(i) + i][j];
+    for (int p = i + 1; p < m; ++p) {
+      MOEREG_ROLLED
+      for (int j = 0; j < lanes; ++j) s[j] -= L[tri(p) + i][j] * x[p][j];
+    }
+    MOEREG_ROLLED
+    for (int j = 0; j < lanes; ++j) x[i][j] = s[j];
+  }
+}
+
+}  // namespace subspace_detail
+
+/// Orthogonality, subspace form, of one token: each h_j is projected onto the span of the
+/// token's other valid vectors X_j (the n - 1 columns s != j), with S_j = X_j^T X_j the
+/// sub-Gram (G without row and column j), A_j = S_j + eps I and g_j = X_j^T h_j (column j of
+/// G without entry j):
+///
+///   b_j = A_j^{-1} g_j,   term_j = || X_j b_j ||^2 = b_j^T S_j b_j,   F = sum_j term_j
+///
+/// The derivative flows through the basis X_j as well as through h_j. With
+/// c_j = A_j^{-1} S_j b_j (A_j symmetric):
+///
+///   d term_j = 2 c_j^T dg_j + sum_{a,l} (b_a b_l - 2 c_a b_l) dS_j[a][l]
+///
+/// Writing B_j and C_j for b_j and c_j spread back to the n slots (entry j zero):
+///
+///   W = sum_j 2 (B_j B_j^T - B_j C_j^T - C_j B_j^T + C_j e_j^T + e_j C_j^T)
+///
+/// Each A_j, of size n - 1, is factored (L D L^T, pivots clamped at eps: see
+/// subspace_detail::ldlt_factor_lanes); eps must be positive. S_j b_j is formed as
+/// g_j - eps b_j (equal, as A_j b_j = g_j). The n systems are solved side by side, one per
+/// lane. n < 2 gives F = 0 and W = 0. The caller applies the 1/k of LOSSES.md.
+template <class Real>
+MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nondeduced_t<Real> eps,
+                                                     nondeduced_t<Real>* W) {
+  using namespace subspace_detail;
+  if (W)
+    for (int i = 0; i < n * n; ++i) W[i] = Real(0);
+  if (n < 2) return Real(0);
+  const int m = n - 1;
+  Real A[tri(mm)][lanes];  // A_j, then its factor
+  Real b[mm][lanes], sb[mm][lanes];
+  // Lane j's a-th other slot is o_j(a) = a + (a >= j). For l <= a that makes A_j[a][l] one of
+  // three entries of G, and g_j[a] = G[o_j(a)][j] one of two rows of G.
+  for (int a = 0; a < m; ++a) {
+    for (int l = 0; l <= a; ++l) {
+      const Real lo = G[(a + 1) * n + l + 1], mid = G[(a + 1) * n + l], hi = G[a * n + l];
+      const Real diag = a == l ? Real(eps) : Real(0), dead = a == l ? Real(1) : Real(0);
+      MOEREG_ROLLED
+      for (int j = 0; j < lanes; ++j) A[tri(a) + l][j] = j >= n ? dead : (j > a ? hi : (j > l ? mid : lo)) + diag;
+    }
+    const Real* ga = G + a * n;  // rows a and a + 1 of G, read only at j < n
+    for (int j = 0; j < n; ++j) b[a][j] = j > a ? ga[j] : ga[n + j];
+    for (int j = n; j < lanes; ++j) b[a][j] = Real(0);
+  }
+  for (int a = 0; a < m; ++a) {
+    MOEREG_ROLLED
+    for (int j = 0; j < lanes; ++j) sb[a][j] = b[a][j];  // g_j, kept for S_j b_j
+  }
+  ldlt_factor_lanes(m, A, Real(eps));
+  ldlt_solve_lanes(m, A, b, b);
+  Real term[lanes];
+  for (int j = 0; j < lanes; ++j) term[j] = Real(0);
+  for (int a = 0; a < m; ++a) {
+    MOEREG_ROLLED
+    for (int j = 0; j < lanes; ++j) {
+      sb[a][j] -= eps * b[a][j];
+      term[j] += b[a][j] * sb[a][j];
+    }
+  }
+  Real total = Real(0);
+  for (int j = 0; j < lanes; ++j) total += term[j];
+  if (!W) return total;
+  Real(*c)[lanes] = sb;  // c_j = A_j^{-1} S_j b_j, in place
+  ldlt_solve_lanes(m, A, sb, c);
+  // Bt[j][x], Ct[j][x]: b_j and c_j spread back to the slots x (0 at x = j and for x >= n).
+  Real Bt[lanes][max_slots], Ct[lanes][max_slots];
+  for (int j = 0; j < n; ++j) {
+    for (int x = 0; x < j; ++x) Bt[j][x] = b[x][j], Ct[j][x] = c[x][j];
+    Bt[j][j] = Ct[j][j] = Real(0);
+    for (int x = j + 1; x < n; ++x) Bt[j][x] = b[x - 1][j], Ct[j][x] = c[x - 1][j];
+    for (int x = n; x < max_slots; ++x) Bt[j][x] = Ct[j][x] = Real(0);
+  }
+  // acc[x][.] = sum_j B_j[x] B_j - B_j[x] C_j - C_j[x] B_j, a row at a time (vectorised over
+  // the row, the sum over j in order).
+  Real acc[max_slots][max_slots];
+  for (int x = 0; x < n; ++x) {
+    MOEREG_ROLLED
+    for (int y = 0; y < max_slots; ++y) acc[x][y] = Real(0);
+  }
+  for (int j = 0; j < n; ++j)
+    for (int x = 0; x < n; ++x) {
+      const Real bx = Bt[j][x], cx = Ct[j][x];
+      MOEREG_ROLLED
+      for (int y = 0; y < max_slots; ++y) acc[x][y] += bx * Bt[j][y] - bx * Ct[j][y] - cx * Bt[j][y];
+    }
+  for (int x = 0; x < n; ++x)
+    for (int y = 0; y <= x; ++y) {  // one triangle, mirrored: W is exactly symmetric
+      const Real v = Real(2) * (acc[x][y] + Ct[y][x] + Ct[x][y]);
+      W[x * n + y] = v;
+      W[y * n + x] = v;
+    }
+  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
+  return total;
+}
+
+}  // namespace math
+MOEREG_NAMESPACE_END
+
+// ---- end moereg/math/pairwise.hpp ----
 // ---- begin moereg/losses/api.hpp ----
 // The front end every loss shares, written once (STYLE.md: views -> loss -> backend -> gradient
 // views). A loss is
@@ -1786,9 +2138,9 @@ MOEREG_NAMESPACE_BEGIN
 /// valid-token count, the kernel's column sums (sum_width) and counts (count_width).
 template <class Acc>
 struct row_local {
-  index_t tv = 0;
-  const Acc* sums = nullptr;
-  const index_t* counts = nullptr;
+  index_t tv = 0;                     ///< valid tokens of this call
+  const Acc* sums = nullptr;          ///< the kernel's sum_width column sums
+  const index_t* counts = nullptr;    ///< the kernel's count_width counts
 };
 namespace detail {
 
@@ -1864,121 +2216,863 @@ void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/common.hpp ----
-// ---- begin moereg/losses/fuse.hpp ----
-// Fusion: several router losses evaluated in one read of their routing matrices.
-//
-//   auto f = moereg::fuse(load_balancing_loss{}, z_loss{}, entropy_loss{});
-//   std::array<double, 3> v = f.value_and_grad(std::tie(lb_in, z_in, ent_in),
-//                                              std::make_tuple(view(gP), view(gZ), view(gP)));
-//
-// Each loss keeps its own inputs, configuration, reduced statistics and value; what they share
-// is the work: a matrix that several losses read (the same view) is read once per row, and a
-// gradient that several losses write (the same view) is written once per row, with the sum of
-// their contributions, so `lb` and `entropy` on the same P above give gP = dL_lb/dP +
-// dL_H/dP. A gradient view with null data means that loss's gradient is not wanted. The
-// values, the gradients and the statistics are those of the separate calls: the same
-// formulas, summed in the same order (a shared gradient gets each contribution rounded into
-// its sum instead of into storage).
-//
-// Every loss of a fusion must run on the row engine (backend/cpu/row_engine.hpp: the
-// load-balancing micro and global scopes, z-loss, entropy, importance, variance, and any loss
-// described by a row kernel), all on the same storage type and the same number of rows.
-// Distinct gradient views must not overlap each other. The CPU backend runs fusions; on CUDA,
-// backend/cuda/router_fused.cuh has its own fused router request.
-
-
-#include <array>
-#include <cstddef>
-#include <tuple>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
 
 MOEREG_NAMESPACE_BEGIN
 
-/// A fusion of losses L... (make one with fuse()).
-template <class... L>
-struct fused {
-  static constexpr std::size_t size = sizeof...(L);  ///< the number of losses
-  using values_type = std::array<double, size>;       ///< one value per loss, in order
-  using reduced_type = std::array<stats_view, size>;  ///< one reduced statistics view per loss (empty: local)
-  std::tuple<L...> losses;                            ///< the losses, each with its configuration
+namespace detail {
 
-  /// Each loss's value for its inputs (a tuple of one inputs object per loss, e.g. std::tie).
-  template <class... In, class Backend = cpu>
-  values_type value(const std::tuple<In...>& in, const reduced_type& reduced = {}, const Backend& be = {}) const {
-    static_assert(sizeof...(In) == size, "moereg::fused::value: pass one inputs object per loss");
-    values_type v{};
-    execute_fused(be, *this, in, reduced, null_grads(in), grad_options{}, v.data());
-    return v;
-  }
-  /// Each loss's value, and grad_scale * its gradient written into its gradient view (the
-  /// input's shape; null data: not wanted), per `opts`. A view shared by several losses
-  /// receives the sum of their gradients.
-  template <class... In, class... G, class Backend = cpu>
-  values_type value_and_grad(const std::tuple<In...>& in, const std::tuple<G...>& grads, grad_options opts = {},
-                             const reduced_type& reduced = {}, const Backend& be = {}) const {
-    static_assert(sizeof...(In) == size && sizeof...(G) == size,
-                  "moereg::fused::value_and_grad: pass one inputs object and one gradient view per loss");
-    values_type v{};
-    execute_fused(be, *this, in, reduced, grad_pointers(grads), opts, v.data());
-    return v;
-  }
-  /// backward() of every loss: value_and_grad() without the values.
-  template <class... In, class... G, class Backend = cpu>
-  void backward(const std::tuple<In...>& in, const std::tuple<G...>& grads, grad_options opts = {},
-                const reduced_type& reduced = {}, const Backend& be = {}) const {
-    (void)value_and_grad(in, grads, opts, reduced, be);
-  }
-  /// Each loss's local statistics (LOSSES.md section 9), in one pass.
-  template <class... In, class Backend = cpu>
-  std::array<std::vector<double>, size> local_stats(const std::tuple<In...>& in, const Backend& be = {}) const {
-    static_assert(sizeof...(In) == size, "moereg::fused::local_stats: pass one inputs object per loss");
-    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
-    std::array<std::vector<double>, size> s;
-    std::array<double*, size> outs{};
-    for_each_loss([&](auto i) {
-      s[i].resize(static_cast<std::size_t>(std::get<i>(losses).stats_size(std::get<i>(in))));
-      outs[i] = s[i].data();
-    });
-    execute_fused_stats(be, *this, in, outs.data());
-    return s;
-  }
+// ---------------------------------------------------------------------------------------------
+// Validation shared by the Gram-based activation losses (core/validate.hpp).
 
- private:
-  template <class F>
-  static void for_each_loss(F&& f) {
-    each(f, std::make_index_sequence<size>{});
+/// Shape checks: finite coef and positive eps; topk [T, k] with 1 <= k <= math::max_slots (and
+/// k <= E when E > 0 is given; the activation losses do not need E); the mask; the layouts'
+/// own shape checks, their [T, k] against topk and the gradient's against the activations; the
+/// size of the reduced statistics.
+template <class T, class Layout>
+void check_gram_shapes(const char* who, double coef, double eps, const activation_view<const T, Layout>& x,
+                       const topk_view& I, const mask_view& mask, index_t E, const activation_view<T, Layout>* grad,
+                       stats_view reduced) {
+  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
+  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
+  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
+  require(I.rows >= 0 && I.k >= 0, who, ": topk has a negative size [", I.rows, ", ", I.k, "]");
+  require(I.k <= math::max_slots, who, ": topk has k = ", I.k, " columns but at most ", math::max_slots,
+          " slots per token are supported (moereg::math::max_slots)");
+  require(E >= 0, who, ": num_experts = ", E, " is negative");
+  check_topk_shape(who, "topk", I, I.rows, E > 0 ? E : I.k);
+  check_mask(who, mask, I.rows);
+  validate_layout_shape(who, x.layout);
+  require(x.layout.tokens() == I.rows && x.layout.slots() == I.k, who, ": acts layout is [", x.layout.tokens(), ", ",
+          x.layout.slots(), ", ", x.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
+  require(x.layout.dim() >= 0, who, ": acts has a negative length d = ", x.layout.dim());
+  if (grad) {
+    const auto& g = grad->layout;
+    validate_layout_shape(who, g);
+    require(g.tokens() == x.layout.tokens() && g.slots() == x.layout.slots() && g.dim() == x.layout.dim(), who,
+            ": grad layout is [", g.tokens(), ", ", g.slots(), ", ", g.dim(), "] but acts is [", x.layout.tokens(),
+            ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
   }
-  template <class F, std::size_t... I>
-  static void each(F& f, std::index_sequence<I...>) {
-    (f(std::integral_constant<std::size_t, I>{}), ...);
-  }
-  template <class... In>
-  static auto null_grads(const std::tuple<In...>&) {
-    return std::tuple<const typename std::decay_t<In>::grad_type*...>{
-        static_cast<const typename std::decay_t<In>::grad_type*>(nullptr)...};
-  }
-  template <class... G>
-  static auto grad_pointers(const std::tuple<G...>& g) {
-    return grad_pointers(g, std::index_sequence_for<G...>{});
-  }
-  template <class... G, std::size_t... I>
-  static std::tuple<const G*...> grad_pointers(const std::tuple<G...>& g, std::index_sequence<I...>) {
-    return {(std::get<I>(g).data != nullptr ? &std::get<I>(g) : nullptr)...};
-  }
-};
+  check_stats_shape(who, reduced, 1);
+}
 
-/// The fusion of losses l... (each a loss object with its configuration).
-template <class... L>
-fused<L...> fuse(const L&... l) {
-  static_assert(sizeof...(L) >= 1, "moereg::fuse: give at least one loss");
-  return fused<L...>{std::tuple<L...>(l...)};
+/// Content checks on the host: the top-k ids (below E when E > 0, never one expert twice in a
+/// row), the layouts' maps (validate()), a vector for every valid slot in the activations and
+/// the gradient, and the reduced T_v (a count).
+template <class T, class Layout>
+void check_gram_contents(const char* who, const activation_view<const T, Layout>& x, const topk_view& I, index_t E,
+                         const activation_view<T, Layout>* grad, stats_view reduced) {
+  check_topk_ids(who, "topk", I, E);
+  check_layout_slots(who, "acts", x, I);
+  if (grad) check_layout_slots(who, "grad", *grad, I);
+  check_stats_values(who, reduced, 1);
+}
+
+/// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
+template <class T, class Layout, class F>
+void gram_buffers(const activation_view<const T, Layout>& x, const topk_view& I, const mask_view& mask,
+                  const activation_view<T, Layout>* grad, F&& f) {
+  f("acts", x.data);
+  f("topk", I.data);
+  f("mask", mask.data);
+  if (grad) f("grad", grad->data);
+}
+
+
+/// T_v of a Gram loss call: the reduced statistics' when given, else this call's count.
+inline double gram_tv(const topk_view& I, const mask_view& mask, stats_view reduced) {
+  return reduced.empty() ? static_cast<double>(count_valid(mask, I.rows)) : reduced.data[0];
+}
+
+/// coef / T_v, and 0 when no token is valid (the value 0, an all-zero gradient).
+MOEREG_HOST_DEVICE inline double per_valid_token(double coef, double tv) { return tv > 0 ? coef / tv : 0.0; }
+
+}  // namespace detail
+
+namespace detail {
+/// Inputs of a Gram-based loss (specialization, orthogonality): activations in a layout, topk,
+/// mask and num_experts.
+template <class In, class = void>
+struct is_gram_inputs : std::false_type {};
+template <class In>
+struct is_gram_inputs<In, std::void_t<decltype(std::declval<const In&>().acts.layout),
+                                      decltype(std::declval<const In&>().num_experts)>> : std::true_type {};
+template <class In>
+using enable_gram_inputs = std::enable_if_t<is_gram_inputs<In>::value, int>;
+}  // namespace detail
+
+/// Shape checks of a Gram-based loss call (core/validate.hpp), for every backend: the loss's
+/// own configuration checks (validate_config), then check_gram_shapes.
+template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
+void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced,
+                     const detail::grad_view_t<In>* grad) {
+  validate_config(who, loss, in);
+  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
+                            reduced);
+}
+/// Content checks of a Gram-based loss call on the host.
+template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
+void validate_contents(const char* who, const Loss&, const In& in, stats_view reduced,
+                       const detail::grad_view_t<In>* grad) {
+  detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
+}
+/// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
+template <class In, class F, detail::enable_gram_inputs<In> = 0>
+void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
+  detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
 }
 
 MOEREG_NAMESPACE_END
-// ---- end moereg/losses/fuse.hpp ----
+// ---- end moereg/losses/gram.hpp ----
+
+MOEREG_NAMESPACE_BEGIN
+
+namespace detail {
+
+// ---------------------------------------------------------------------------------------------
+// Register packs: one chunk of a vector in registers. The width is 64 bytes of accumulator
+// type (16 floats or 8 doubles). All layouts, strides and tails go through the same pack
+// arithmetic in the same order, so a token gives bitwise the same result in every layout.
+
+/// The portable pack: 64 bytes of Acc as four 16-byte GNU vectors where the compiler has the
+/// vector extension (each operation is then four vector statements, which every target lowers
+/// directly to its registers; 16 bytes is the width every x86-64 and AArch64 CPU has, so no
+/// argument ever needs a wider ABI), or as width scalars the compiler vectorises otherwise.
+/// Either way the parts are operated on one by one and every lane is computed alone, so both
+/// forms give the same bits.
+template <class Acc>
+struct pack_portable {
+  using acc_type = Acc;
+  static constexpr int width = 64 / static_cast<int>(sizeof(Acc));
+#if MOEREG_HAS_VECTOR_EXT
+  static constexpr int parts = 4;
+  typedef Acc part __attribute__((vector_size(16)));
+#else
+  static constexpr int parts = width;
+  using part = Acc;
+#endif
+  struct reg {
+    part v[parts];
+  };
+  static MOEREG_FORCEINLINE reg zero() {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = part{};
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg loadu(const Acc* p) {
+    reg r;
+    std::memcpy(&r, p, sizeof(reg));
+    return r;
+  }
+  static MOEREG_FORCEINLINE void storeu(Acc* p, const reg& a) { std::memcpy(p, &a, sizeof(reg)); }
+  static MOEREG_FORCEINLINE reg fmadd(const reg& a, const reg& b, const reg& c) {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = a.v[j] * b.v[j] + c.v[j];
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg mul_s(Acc s, const reg& a) {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = s * a.v[j];
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg fmadd_s(Acc s, const reg& a, const reg& c) {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = s * a.v[j] + c.v[j];
+    return r;
+  }
+  static MOEREG_FORCEINLINE reg add(const reg& a, const reg& b) {
+    reg r;
+    for (int j = 0; j < parts; ++j) r.v[j] = a.v[j] + b.v[j];
+    return r;
+  }
+  /// Fixed tree: halves added until one lane is left.
+  static MOEREG_FORCEINLINE Acc hsum(const reg& a) {
+    Acc t[width];
+    storeu(t, a);
+    for (int h = width / 2; h >= 1; h /= 2)
+      for (int l = 0; l < h; ++l) t[l] += t[l + h];
+    return t[0];
+  }
+};
+
+#if MOEREG_HAS_AVX512
+struct pack_avx512_f32 {
+  using acc_type = float;
+  static constexpr int width = 16;
+  using reg = __m512;
+  static MOEREG_FORCEINLINE reg zero() { return _mm512_setzero_ps(); }
+  static MOEREG_FORCEINLINE reg loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static MOEREG_FORCEINLINE void storeu(float* p, reg a) { _mm512_storeu_ps(p, a); }
+  static MOEREG_FORCEINLINE reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static MOEREG_FORCEINLINE reg mul_s(float s, reg a) { return _mm512_mul_ps(_mm512_set1_ps(s), a); }
+  static MOEREG_FORCEINLINE reg fmadd_s(float s, reg a, reg c) { return _mm512_fmadd_ps(_mm512_set1_ps(s), a, c); }
+  static MOEREG_FORCEINLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  // A fixed tree (halves, quarters, ...). Written with the masked intrinsics and an all-ones
+  // mask: the unmasked ones start from an "undefined" register that GCC 12 reports under
+  // -Wuninitialized (GCC bug 105593); the instructions are the same.
+  static MOEREG_FORCEINLINE float hsum(reg a) {
+    const __mmask16 all = 0xffff;
+    a = _mm512_add_ps(a, _mm512_mask_shuffle_f32x4(a, all, a, a, 0x4e));
+    a = _mm512_add_ps(a, _mm512_mask_shuffle_f32x4(a, all, a, a, 0xb1));
+    a = _mm512_add_ps(a, _mm512_mask_permute_ps(a, all, a, 0x4e));
+    a = _mm512_add_ps(a, _mm512_mask_permute_ps(a, all, a, 0xb1));
+    return _mm512_cvtss_f32(a);
+  }
+};
+struct pack_avx512_f64 {
+  using acc_type = double;
+  static constexpr int width = 8;
+  using reg = __m512d;
+  static MOEREG_FORCEINLINE reg zero() { return _mm512_setzero_pd(); }
+  static MOEREG_FORCEINLINE reg loadu(const double* p) { return _mm512_loadu_pd(p); }
+  static MOEREG_FORCEINLINE void storeu(double* p, reg a) { _mm512_storeu_pd(p, a); }
+  static MOEREG_FORCEINLINE reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
+  static MOEREG_FORCEINLINE reg mul_s(double s, reg a) { return _mm512_mul_pd(_mm512_set1_pd(s), a); }
+  static MOEREG_FORCEINLINE reg fmadd_s(double s, reg a, reg c) { return _mm512_fmadd_pd(_mm512_set1_pd(s), a, c); }
+  static MOEREG_FORCEINLINE reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
+  static MOEREG_FORCEINLINE double hsum(reg a) {
+    const __mmask8 all = 0xff;
+    a = _mm512_add_pd(a, _mm512_mask_shuffle_f64x2(a, all, a, a, 0x4e));
+    a = _mm512_add_pd(a, _mm512_mask_shuffle_f64x2(a, all, a, a, 0xb1));
+    a = _mm512_add_pd(a, _mm512_mask_permute_pd(a, all, a, 0x55));
+    return _mm512_cvtsd_f64(a);
+  }
+};
+template <class T>
+struct gram_pack {
+  using type = pack_avx512_f32;
+};
+template <>
+struct gram_pack<double> {
+  using type = pack_avx512_f64;
+};
+#else
+template <class T>
+struct gram_pack {
+  using type = pack_portable<accumulator_t<T> >;
+};
+#endif
+
+/// Loads and stores of one full, contiguous chunk of storage type T. The generic version
+/// converts element by element; the specialisations below convert whole registers and give
+/// bitwise the same values (the 16-bit to float conversions are exact, and the float to
+/// 16-bit ones round to nearest even like moereg::store).
+template <class P, class T>
+struct chunk_io {
+  using Acc = typename P::acc_type;
+  using reg = typename P::reg;
+  static MOEREG_FORCEINLINE reg load(const T* p) {
+    Acc buf[P::width];
+    for (int l = 0; l < P::width; ++l) buf[l] = moereg::load(p[l]);
+    return P::loadu(buf);
+  }
+  static MOEREG_FORCEINLINE void store(T* p, reg v, bool accumulate) {
+    Acc buf[P::width];
+    P::storeu(buf, v);
+    for (int l = 0; l < P::width; ++l) put_grad(p[l], buf[l], accumulate);
+  }
+  /// Overwrite with a non-temporal store where the instruction set has one (p aligned to
+  /// a whole chunk); a plain store otherwise.
+  static MOEREG_FORCEINLINE void stream(T* p, reg v) { store(p, v, false); }
+};
+template <class Acc>
+struct chunk_io<pack_portable<Acc>, Acc> {
+  using P = pack_portable<Acc>;
+  using reg = typename P::reg;
+  static MOEREG_FORCEINLINE reg load(const Acc* p) { return P::loadu(p); }
+  static MOEREG_FORCEINLINE void store(Acc* p, const reg& v, bool accumulate) {
+    P::storeu(p, accumulate ? P::add(P::loadu(p), v) : v);
+  }
+  static MOEREG_FORCEINLINE void stream(Acc* p, const reg& v) { P::storeu(p, v); }
+};
+#if MOEREG_HAS_AVX512
+template <>
+struct chunk_io<pack_avx512_f32, float> {
+  static MOEREG_FORCEINLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static MOEREG_FORCEINLINE void store(float* p, __m512 v, bool accumulate) {
+    _mm512_storeu_ps(p, accumulate ? _mm512_add_ps(_mm512_loadu_ps(p), v) : v);
+  }
+  static MOEREG_FORCEINLINE void stream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+};
+template <>
+struct chunk_io<pack_avx512_f64, double> {
+  static MOEREG_FORCEINLINE __m512d load(const double* p) { return _mm512_loadu_pd(p); }
+  static MOEREG_FORCEINLINE void store(double* p, __m512d v, bool accumulate) {
+    _mm512_storeu_pd(p, accumulate ? _mm512_add_pd(_mm512_loadu_pd(p), v) : v);
+  }
+  static MOEREG_FORCEINLINE void stream(double* p, __m512d v) { _mm512_stream_pd(p, v); }
+};
+template <>
+struct chunk_io<pack_avx512_f32, bfloat16> {
+  // bfloat16 -> float is a 16-bit left shift of the bits. (Masked intrinsics with an all-ones
+  // mask throughout: see pack_avx512_f32::hsum.)
+  static MOEREG_FORCEINLINE __m512 from_bits(__m256i b) {
+    const __mmask16 all = 0xffff;
+    const __m512i z = _mm512_setzero_si512();
+    return _mm512_castsi512_ps(_mm512_mask_slli_epi32(z, all, _mm512_mask_cvtepu16_epi32(z, all, b), 16));
+  }
+  // float -> bfloat16, round to nearest even; NaN becomes the quiet NaN 0x7fc0 with the sign
+  // kept (the same bits as Eigen's scalar conversion).
+  static MOEREG_FORCEINLINE __m256i to_bits(__m512 v) {
+    const __mmask16 all = 0xffff;
+    const __m512i z = _mm512_setzero_si512();
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i hi = _mm512_mask_srli_epi32(z, all, u, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    const __m512i rounded =
+        _mm512_mask_srli_epi32(z, all, _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i qnan = _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7fc0));
+    return _mm512_mask_cvtepi32_epi16(_mm256_setzero_si256(), all, _mm512_mask_blend_epi32(nan, rounded, qnan));
+  }
+  static MOEREG_FORCEINLINE __m512 load(const bfloat16* p) {
+    return from_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static MOEREG_FORCEINLINE void store(bfloat16* p, __m512 v, bool accumulate) {
+    if (accumulate) v = _mm512_add_ps(load(p), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
+  }
+  static MOEREG_FORCEINLINE void stream(bfloat16* p, __m512 v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
+  }
+};
+template <>
+struct chunk_io<pack_avx512_f32, half> {
+  static MOEREG_FORCEINLINE __m512 load(const half* p) {
+    return _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static MOEREG_FORCEINLINE __m256i to_bits(__m512 v) {
+    return _mm512_mask_cvtps_ph(_mm256_setzero_si256(), 0xffff, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static MOEREG_FORCEINLINE void store(half* p, __m512 v, bool accumulate) {
+    if (accumulate) v = _mm512_add_ps(load(p), v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
+  }
+  static MOEREG_FORCEINLINE void stream(half* p, __m512 v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
+  }
+};
+#endif
+
+/// A strided or partial chunk: `count` elements `stride` apart, zero-filled to a full pack.
+template <class P, class T>
+MOEREG_FORCEINLINE typename P::reg load_gather(const T* p, index_t stride, int count) {
+  typename P::acc_type buf[P::width];
+  for (int l = 0; l < P::width; ++l) buf[l] = l < count ? moereg::load(p[l * stride]) : typename P::acc_type(0);
+  return P::loadu(buf);
+}
+template <class P, class T>
+MOEREG_FORCEINLINE void store_scatter(T* p, index_t stride, int count, typename P::reg v, bool accumulate) {
+  typename P::acc_type buf[P::width];
+  P::storeu(buf, v);
+  for (int l = 0; l < count; ++l) put_grad(p[l * stride], buf[l], accumulate);
+}
+
+/// Asks for the cache line at p ahead of use (into L2: the current token's vectors own L1).
+MOEREG_FORCEINLINE void prefetch_l2(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 2);
+#else
+  (void)p;
+#endif
+}
+
+/// Orders the non-temporal stores of this thread before its later stores (they are weakly
+/// ordered); called once per block that streamed.
+MOEREG_FORCEINLINE void stream_fence() {
+#if MOEREG_HAS_AVX512
+  _mm_sfence();
+#endif
+}
+
+template <class T>
+void zero_vector(T* p, index_t d, index_t stride) {
+  for (index_t i = 0; i < d; ++i) store(p[i * stride], accumulator_t<T>(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two per-token passes, in two forms that give bitwise the same results:
+// - specialised (gram_pass<N>, apply_pass<N>): a compile-time number N = 2..8 of contiguous
+//   vectors, the loops unrolled and the accumulators in registers;
+// - run-time (gram_pass_rt, apply_pass_rt): any n <= math::max_slots and any element stride,
+//   the work cut into fixed blocks (4 x 4 pairs, 4 outputs) whose loops are compile-time, so
+//   nothing is unrolled over a run-time count (cheap to compile, registers still suffice).
+// Both form every dot product and every output in the same order: one accumulator per pair or
+// output, the chunks in order, a zero-filled tail chunk, the same horizontal sum. So a token
+// gives the same bits whichever path, layout or stride it takes.
+
+/// One sweep of the specialised Gram pass: G[a][b] = G[b][a] = <x_a, x_b> for a in [A0, A1),
+/// b <= a, over contiguous vectors. ld: the leading dimension of G.
+template <int A0, int A1, class P, class T>
+MOEREG_FORCEINLINE void gram_sweep(const T* const* x, index_t d, typename P::acc_type* G, int ld, const T* const* pf,
+                                   int npf) {
+  using reg = typename P::reg;
+  constexpr int W = P::width;
+  constexpr int np = A1 * (A1 + 1) / 2 - A0 * (A0 + 1) / 2;
+  reg acc[np];
+  MOEREG_UNROLL
+  for (int p = 0; p < np; ++p) acc[p] = P::zero();
+  reg v[A1];
+  auto accumulate = [&]() {
+    int p = 0;
+    MOEREG_UNROLL
+    for (int a = A0; a < A1; ++a) {
+      MOEREG_UNROLL
+      for (int b = 0; b <= a; ++b, ++p) acc[p] = P::fmadd(v[a], v[b], acc[p]);
+    }
+  };
+  index_t i = 0;
+  for (; i + W <= d; i += W) {
+    for (int r = 0; r < npf; ++r) prefetch_l2(pf[r] + i);
+    MOEREG_UNROLL
+    for (int r = 0; r < A1; ++r) v[r] = chunk_io<P, T>::load(x[r] + i);
+    accumulate();
+  }
+  if (i < d) {
+    const int rest = static_cast<int>(d - i);
+    for (int r = 0; r < A1; ++r) v[r] = load_gather<P>(x[r] + i, 1, rest);
+    accumulate();
+  }
+  int p = 0;
+  MOEREG_UNROLL
+  for (int a = A0; a < A1; ++a) {
+    MOEREG_UNROLL
+    for (int b = 0; b <= a; ++b, ++p) G[a * ld + b] = G[b * ld + a] = P::hsum(acc[p]);
+  }
+  MOEREG_KEEP_STORES(G);  // GCC 12 at -O1 lost these stores (core/config.hpp)
+}
+
+/// G[a][b] = <x_a, x_b> for N contiguous vectors, both triangles filled (leading dimension N).
+/// More than 6 vectors would need more accumulators than there are registers; the pairs are
+/// then formed in two sweeps (a < 6, then a >= 6), the second re-reading the first 6 vectors
+/// from cache.
+template <int N, class P, class T>
+void gram_pass(const T* const* x, index_t d, typename P::acc_type* G, const T* const* pf, int npf) {
+  static_assert(N >= 1 && N <= 8, "the specialised Gram pass covers 1 to 8 vectors");
+  if constexpr (N > 6) {
+    gram_sweep<0, 6, P>(x, d, G, N, pf, npf);
+    gram_sweep<6, N, P>(x, d, G, N, pf, 0);
+  } else {
+    gram_sweep<0, N, P>(x, d, G, N, pf, npf);
+  }
+}
+
+/// One chunk of `rest` elements (W for a full one) of a vector `stride` apart.
+template <class P, bool Contig, class T>
+MOEREG_FORCEINLINE typename P::reg load_chunk(const T* p, index_t stride, int rest) {
+  if constexpr (Contig)
+    if (rest == P::width) return chunk_io<P, T>::load(p);
+  return load_gather<P>(p, stride, rest);
+}
+
+/// The run-time Gram pass: G as gram_pass gives it, for 1 <= n <= math::max_slots vectors with
+/// element stride `stride` (1 when Contig). The lower triangle is covered by 4 x 4 blocks of
+/// pairs, each one sweep over the chunks with 16 accumulators; block rows past n repeat the
+/// last vector and are not stored.
+template <class P, bool Contig, class T>
+void gram_pass_rt(int n, const T* const* x, index_t d, index_t stride, typename P::acc_type* G, const T* const* pf,
+                  int npf) {
+  using reg = typename P::reg;
+  constexpr int W = P::width, B = 4;
+  for (int a0 = 0; a0 < n; a0 += B)
+    for (int b0 = 0; b0 <= a0; b0 += B) {
+      const T* xa[B];
+      const T* xb[B];
+      MOEREG_UNROLL
+      for (int j = 0; j < B; ++j) {
+        xa[j] = x[a0 + j < n ? a0 + j : n - 1];
+        xb[j] = x[b0 + j < n ? b0 + j : n - 1];
+      }
+      reg acc[B * B];
+      MOEREG_UNROLL
+      for (int p = 0; p < B * B; ++p) acc[p] = P::zero();
+      const int nf = a0 == 0 ? npf : 0;  // the next token's lines are asked for once
+      for (index_t i = 0; i < d; i += W) {
+        const int rest = d - i < W ? static_cast<int>(d - i) : W;
+        for (int r = 0; r < nf; ++r) prefetch_l2(pf[r] + i * stride);
+        reg va[B], vb[B];
+        MOEREG_UNROLL
+        for (int j = 0; j < B; ++j) {
+          va[j] = load_chunk<P, Contig>(xa[j] + i * stride, stride, rest);
+          vb[j] = load_chunk<P, Contig>(xb[j] + i * stride, stride, rest);
+        }
+        MOEREG_UNROLL
+        for (int ia = 0; ia < B; ++ia) {
+          MOEREG_UNROLL
+          for (int ib = 0; ib < B; ++ib) acc[ia * B + ib] = P::fmadd(va[ia], vb[ib], acc[ia * B + ib]);
+        }
+      }
+      for (int ia = 0; ia < B && a0 + ia < n; ++ia)
+        for (int ib = 0; ib < B && b0 + ib <= a0 + ia; ++ib) {
+          const int a = a0 + ia, b = b0 + ib;
+          G[a * n + b] = G[b * n + a] = P::hsum(acc[ia * B + ib]);
+        }
+    }
+  MOEREG_KEEP_STORES(G);
+}
+
+/// One output chunk of `rest` elements: a non-temporal store (Stream), a contiguous store or a
+/// scatter `stride` apart.
+template <class P, bool Contig, bool Stream, class T>
+MOEREG_FORCEINLINE void store_chunk(T* p, index_t stride, int rest, typename P::reg o, bool accumulate) {
+  if constexpr (Contig) {
+    if (rest == P::width) {
+      if constexpr (Stream)
+        chunk_io<P, T>::stream(p, o);
+      else
+        chunk_io<P, T>::store(p, o, accumulate);
+      return;
+    }
+  }
+  store_scatter<P>(p, stride, rest, o, accumulate);
+}
+
+/// g_s (+)= sum_r Wm[s][r] x_r for N contiguous vectors. Stream (overwrite mode, every g_s
+/// aligned to a whole chunk): full chunks are written with non-temporal stores.
+template <int N, class P, bool Stream, class T>
+void apply_pass(const T* const* x, T* const* g, index_t d, const typename P::acc_type* Wm, bool accumulate,
+                const T* const* pf, int npf) {
+  using Acc = typename P::acc_type;
+  using reg = typename P::reg;
+  constexpr int W = P::width;
+  Acc w[N * N];  // a private copy: the compiler need not reload it after every store
+  for (int i = 0; i < N * N; ++i) w[i] = Wm[i];
+  reg v[N];
+  index_t i = 0;
+  for (; i + W <= d; i += W) {
+    for (int r = 0; r < npf; ++r) prefetch_l2(pf[r] + i);
+    MOEREG_UNROLL
+    for (int r = 0; r < N; ++r) v[r] = chunk_io<P, T>::load(x[r] + i);
+    MOEREG_UNROLL
+    for (int s = 0; s < N; ++s) {
+      reg o = P::mul_s(w[s * N], v[0]);
+      MOEREG_UNROLL
+      for (int r = 1; r < N; ++r) o = P::fmadd_s(w[s * N + r], v[r], o);
+      store_chunk<P, true, Stream>(g[s] + i, 1, W, o, accumulate);
+    }
+  }
+  if (i < d) {  // the tail: the same arithmetic, loops left rolled
+    const int rest = static_cast<int>(d - i);
+    for (int r = 0; r < N; ++r) v[r] = load_gather<P>(x[r] + i, 1, rest);
+    for (int s = 0; s < N; ++s) {
+      reg o = P::mul_s(w[s * N], v[0]);
+      for (int r = 1; r < N; ++r) o = P::fmadd_s(w[s * N + r], v[r], o);
+      store_scatter<P>(g[s] + i, 1, rest, o, accumulate);
+    }
+  }
+}
+
+/// The run-time gradient pass: apply_pass for 1 <= n <= math::max_slots vectors, input and
+/// gradient elements xstride and gstride apart (1 when Contig). The outputs go in blocks of 4,
+/// each a sweep over the chunks with the inputs in order; block rows past n are not stored.
+template <class P, bool Contig, bool Stream, class T>
+void apply_pass_rt(int n, const T* const* x, T* const* g, index_t d, index_t xstride, index_t gstride,
+                   const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
+  using Acc = typename P::acc_type;
+  using reg = typename P::reg;
+  constexpr int W = P::width, B = 4;
+  for (int s0 = 0; s0 < n; s0 += B) {
+    Acc w[B][math::max_slots];
+    MOEREG_UNROLL
+    for (int j = 0; j < B; ++j) {
+      const int s = s0 + j < n ? s0 + j : n - 1;
+      for (int r = 0; r < n; ++r) w[j][r] = Wm[s * n + r];
+    }
+    const int nf = s0 == 0 ? npf : 0;
+    for (index_t i = 0; i < d; i += W) {
+      const int rest = d - i < W ? static_cast<int>(d - i) : W;
+      for (int r = 0; r < nf; ++r) prefetch_l2(pf[r] + i * xstride);
+      reg o[B];
+      reg v = load_chunk<P, Contig>(x[0] + i * xstride, xstride, rest);
+      MOEREG_UNROLL
+      for (int j = 0; j < B; ++j) o[j] = P::mul_s(w[j][0], v);
+      for (int r = 1; r < n; ++r) {
+        v = load_chunk<P, Contig>(x[r] + i * xstride, xstride, rest);
+        MOEREG_UNROLL
+        for (int j = 0; j < B; ++j) o[j] = P::fmadd_s(w[j][r], v, o[j]);
+      }
+      for (int j = 0; j < B && s0 + j < n; ++j)
+        store_chunk<P, Contig, Stream>(g[s0 + j] + i * gstride, gstride, rest, o[j], accumulate);
+    }
+  }
+}
+
+/// G for n vectors: the specialised pass for contiguous 2..8 vectors, the run-time one
+/// otherwise.
+template <class P, bool Contig, class T>
+void gram_dispatch(int n, const T* const* x, index_t d, index_t stride, typename P::acc_type* G, const T* const* pf,
+                   int npf) {
+  if constexpr (Contig) {
+    switch (n) {
+      case 2: return gram_pass<2, P>(x, d, G, pf, npf);
+      case 3: return gram_pass<3, P>(x, d, G, pf, npf);
+      case 4: return gram_pass<4, P>(x, d, G, pf, npf);
+      case 5: return gram_pass<5, P>(x, d, G, pf, npf);
+      case 6: return gram_pass<6, P>(x, d, G, pf, npf);
+      case 7: return gram_pass<7, P>(x, d, G, pf, npf);
+      case 8: return gram_pass<8, P>(x, d, G, pf, npf);
+      default: break;
+    }
+  }
+  gram_pass_rt<P, Contig>(n, x, d, stride, G, pf, npf);
+}
+
+/// The gradient pass for n vectors, dispatched like gram_dispatch.
+template <class P, bool Contig, bool Stream, class T>
+void apply_dispatch(int n, const T* const* x, T* const* g, index_t d, index_t xs, index_t gs,
+                    const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
+  static_assert(Contig || !Stream, "non-temporal stores need contiguous vectors");
+  if constexpr (Contig) {
+    switch (n) {
+      case 2: return apply_pass<2, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 3: return apply_pass<3, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 4: return apply_pass<4, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 5: return apply_pass<5, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 6: return apply_pass<6, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 7: return apply_pass<7, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 8: return apply_pass<8, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      default: break;
+    }
+  }
+  apply_pass_rt<P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
+}
+
+/// Tuning of the CPU executor of the Gram-based losses, a plain struct (like CUB's policies);
+/// gram_loss_run takes another as its first template argument.
+struct gram_cpu_policy {
+  /// In overwrite mode, a gradient of at least this many bytes (T * k * d * sizeof(T)) is
+  /// written with non-temporal stores (AVX-512 builds, contiguous vectors aligned to 64 bytes,
+  /// or 32 for 16-bit types). They bypass the caches and so save the read-for-ownership of
+  /// every gradient line, a third of the memory traffic, when the gradient is too large to stay
+  /// cached for its consumer anyway. Smaller gradients are written normally and stay cached.
+  static constexpr index_t stream_min_bytes = index_t(32) << 20;
+};
+
+/// The CPU executor of a Gram-based loss. For every unmasked token with n >= 2 valid slots:
+/// the Gram pass, token_fn(n, G, W) -> F_t (W = null for the value only), W scaled by
+/// scale * grad_scale, the gradient pass. Returns scale * sum_t F_t, summed per block of
+/// cpu_block_rows tokens and then pairwise over blocks (thread-count independent). scale = 0
+/// (T_v = 0) gives 0 and, in overwrite mode, an all-zero gradient. Inputs must be validated.
+template <class Policy = gram_cpu_policy, class T, class Layout, class TokenFn>
+double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, const topk_view& I,
+                     const mask_view& mask, const activation_view<T, Layout>* grad, grad_options opts, double scale,
+                     TokenFn token_fn) {
+  using Acc = accumulator_t<T>;
+  using P = typename gram_pack<T>::type;
+  constexpr int K = math::max_slots;
+  const index_t ntok = I.rows, k = I.k, d = x.layout.dim();
+  const index_t xs = x.layout.stride(), gs = grad ? grad->layout.stride() : 1;
+  const bool live = scale != 0.0;
+  const Acc gcoef = static_cast<Acc>(scale * opts.grad_scale);
+  const index_t nb = num_blocks(ntok, cpu_block_rows);
+  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
+  const bool contig = xs == 1 && gs == 1;
+  // Non-temporal stores exist in the AVX-512 packs only; elsewhere the streaming variant of
+  // the gradient pass would be the plain one, so it is not instantiated.
+  constexpr bool can_stream = MOEREG_HAS_AVX512 != 0;
+  const bool stream = can_stream && grad && !opts.accumulate && contig &&
+                      ntok * k * d * static_cast<index_t>(sizeof(T)) >= Policy::stream_min_bytes;
+  constexpr std::uintptr_t chunk_bytes = static_cast<std::uintptr_t>(P::width) * sizeof(T);
+
+  auto run = [&](auto contig_tag) {
+    constexpr bool C = decltype(contig_tag)::value;
+    parallel_blocks(be, ntok, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
+      // The valid vectors of the current token and of the next one, whose memory is
+      // prefetched while the current token is processed.
+      const T* xbuf[2][K];
+      int sbuf[2][K];
+      T* gv[K];
+      Acc G[K * K], Wm[K * K];
+      Acc sum = Acc(0);
+      auto collect = [&](index_t t, const T** xv, int* slot) {
+        int n = 0;
+        if (live && mask(t))
+          for (index_t s = 0; s < k; ++s)
+            if (I(t, s) >= 0) {
+              xv[n] = x.data + x.layout.offset(t, s);
+              slot[n++] = static_cast<int>(s);
+            }
+        return n >= 2 ? n : 0;  // fewer than 2 valid slots: no pair, zero gradient
+      };
+      int cur = 0;
+      int n = r0 < r1 ? collect(r0, xbuf[0], sbuf[0]) : 0;
+      for (index_t t = r0; t < r1; ++t) {
+        const T* const* xv = xbuf[cur];
+        const int* slot = sbuf[cur];
+        const int n_next = t + 1 < r1 ? collect(t + 1, xbuf[1 - cur], sbuf[1 - cur]) : 0;
+        const int npf = C ? n_next : 0;
+        if (n > 0) {
+          gram_dispatch<P, C>(n, xv, d, xs, G, xbuf[1 - cur], grad ? 0 : npf);
+          sum += token_fn(n, static_cast<const Acc*>(G), grad ? Wm : static_cast<Acc*>(nullptr));
+          if (grad) {
+            for (int i = 0; i < n * n; ++i) Wm[i] *= gcoef;
+            for (int i = 0; i < n; ++i) gv[i] = grad->data + grad->layout.offset(t, slot[i]);
+            bool aligned = stream;
+            for (int i = 0; i < n; ++i) aligned = aligned && reinterpret_cast<std::uintptr_t>(gv[i]) % chunk_bytes == 0;
+            bool streamed = false;
+            if constexpr (C && can_stream) {
+              if (aligned) {
+                apply_dispatch<P, true, true>(n, xv, gv, d, xs, gs, Wm, false, xbuf[1 - cur], npf);
+                streamed = true;
+              }
+            }
+            if (!streamed) apply_dispatch<P, C, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
+          }
+        }
+        if (grad && !opts.accumulate) {
+          for (index_t s = 0, next = 0; s < k; ++s) {
+            if (next < n && slot[next] == s) {
+              ++next;
+              continue;
+            }
+            const index_t o = grad->layout.offset(t, s);
+            if (o >= 0) zero_vector(grad->data + o, d, gs);
+          }
+        }
+        cur = 1 - cur;
+        n = n_next;
+      }
+      if (stream) stream_fence();
+      partial[static_cast<std::size_t>(b)] = sum;
+    });
+  };
+  if (contig)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
+  return scale * static_cast<double>(pairwise_sum(partial.data(), nb));
+}
+
+
+/// A visitor for is_gram_loss's probe of visit_gram_kernel.
+struct gram_kernel_probe {
+  template <class Kernel>
+  double operator()(double, Kernel) const {
+    return 0.0;
+  }
+};
+
+/// True for a loss the Gram engine runs: one whose header describes a Gram kernel.
+template <class Loss, class In, class = void>
+struct is_gram_loss : std::false_type {};
+template <class Loss, class In>
+struct is_gram_loss<Loss, In,
+                    std::void_t<decltype(visit_gram_kernel(std::declval<const Loss&>(), std::declval<const In&>(), 0.0,
+                                                           gram_kernel_probe{}))>> : std::true_type {};
+template <class Loss, class In>
+using enable_gram_loss = std::enable_if_t<is_gram_loss<Loss, In>::value, int>;
+
+}  // namespace detail
+
+/// CPU backend of a Gram loss's value(), backward() and value_and_grad() (found by ADL):
+/// validates, runs the Gram engine with the loss's kernel, returns the value and, when `grad`
+/// is not null, writes the gradient per `opts`.
+template <class Loss, class In, detail::enable_gram_loss<Loss, In> = 0>
+double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const detail::grad_view_t<In>* grad,
+               grad_options opts) {
+  detail::check_scalars(Loss::label, loss.cfg.coef, opts, be.threads);
+  validate_on_host(Loss::label, loss, in, reduced, grad);
+  return visit_gram_kernel(loss, in, detail::gram_tv(in.topk, in.mask, reduced), [&](double scale, auto kernel) {
+    return detail::gram_loss_run(be, in.acts, in.topk, in.mask, grad, opts, scale, kernel);
+  });
+}
+
+/// CPU backend of a Gram loss's local_stats() (found by ADL): validates, then writes the
+/// statistics [T_v] to `out`.
+template <class Loss, class In, detail::enable_gram_loss<Loss, In> = 0>
+void execute_stats(const cpu& be, const Loss& loss, const In& in, double* out) {
+  detail::check_scalars(Loss::label, loss.cfg.coef, grad_options{}, be.threads);
+  validate_on_host(Loss::label, loss, in, stats_view{}, static_cast<const detail::grad_view_t<In>*>(nullptr));
+  out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
+}
+
+MOEREG_NAMESPACE_END
+
+// ---- end moereg/backend/cpu/gram_engine.hpp ----
+// ---- begin moereg/backend/cpu/layer_engine.hpp ----
+// The CPU engine of the cross-layer coupling loss (losses/coupling.hpp): the L layers of a
+// call read together, token by token (token and log forms) or block by block through GEMMs
+// (batch form).
+//
+// Token and log forms: one pass; per token the top-k mass M^l of every layer, the pair terms
+// and dM^l (math: detail::coupling_pair, shared with the CUDA backend), and every layer's
+// gradient row.
+//
+// Batch form: U^l = sum_t m_t P^l[t,:]^T P^{l+1}[t,:] as per-block GEMMs, the pair selection
+// (detail::coupling_select_row, shared with the CUDA backend) from the reduced U when given,
+// then the gradients as two GEMMs per layer and block.
+//
+// Determinism of the batch form: U is the sum of per-block GEMMs over fixed blocks of
+// detail::cpu_block_rows tokens, added in a fixed order; every Eigen product runs on one
+// thread (see detail::cp_eigen_serial_blocks) into freshly allocated, aligned buffers, so the
+// result is bitwise the same for any number of moereg threads.
+
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#if MOEREG_HAS_OPENMP
+#include <omp.h>
+#endif
+
+// ---- begin moereg/losses/coupling.hpp ----
+// Cross-layer coupling loss (Hu, Cao, Kong, Sun, Yuan 2026, "Synergistic Intra- and
+// Cross-Layer Regularization Losses for MoE Expert Specialization", R_cp), LOSSES.md section 4.
+//
+// Input: the routing of L >= 2 consecutive layers over the same T tokens and the same mask:
+// P^l [T, E] and I^l [T, k_l] for l = 1..L. E is the same for every layer; each layer has
+// its own top-k width k_l (the number of columns of its topk view).
+//
+//   M^l_t = sum_{s in A^l_t} P^l[t, I^l[t,s]]                        (top-k mass)
+//
+//   token (default)  L = -lambda (1/T_v) sum_t m_t sum_{l=1}^{L-1} M^l_t M^{l+1}_t
+//                    dL/dP^l[t,e] = -lambda m_t/T_v [e selected at l] (M^{l-1}_t + M^{l+1}_t)
+//   log              L = -lambda (1/T_v) sum_t m_t sum_l log(M^l_t M^{l+1}_t + eps)   (eps 1e-12)
+//                    dL/dP^l[t,e] = -lambda m_t/T_v [e selected at l]
+//                                   (M^{l+1}/(M^l M^{l+1} + eps) + M^{l-1}/(M^{l-1} M^l + eps))
+//   batch            J^l = (1/T_v) sum_t m_t P^l[t,:]^T P^{l+1}[t,:]     (E x E)
+//                    L = -lambda sum_l sum_e sum_{nu in topk_l(J^l[e,:])} J^l[e,nu]
+//                    (k_l = top-k width of the source layer l; the selection is a constant,
+//                    ties go to the lower expert index; the topk indices themselves are not
+//                    used by this form, only their width)
+//                    dL/dP^l     = -lambda m/T_v (P^{l+1} S_l^T),
+//                    dL/dP^{l+1} = -lambda m/T_v (P^l S_l)      (S_l the 0/1 selection matrix)
+// A missing neighbour layer counts 0. lambda defaults to 1e-3.
+//
+// Inputs: `probs` and `topk` point to `layers` views each (a plain array or a
+// std::vector's data()); gradients are written through a pointer to `layers` gradient
+// views, one per layer, each with the shape of its probs and its own strides. Gradient
+// buffers must not overlap the inputs or each other.
+//
+// Statistics (LOSSES.md section 9), all sums:
+//   token, log  [T_v]                                                   (1 entry)
+//   batch       [T_v, U^1, ..., U^{L-1}]   U^l[e,nu] = sum_t m_t P^l[t,e] P^{l+1}[t,nu],
+//               each E x E row-major                                    (1 + (L-1) E^2 entries)
+// With reduced statistics T_v is global; in the batch form the selection comes from the
+// reduced U (J = U / T_v has the same order), so every part selects the whole batch's pairs.
+// Each part's value is -lambda * sum over the selected (e, nu) of its OWN U entries / global
+// T_v, so the parts' values sum to the whole batch's value and each part's gradient rows equal
+// the whole batch's rows (up to float rounding).
+//
+// Passes over memory (value_and_grad):
+//   token, log  one: P at the selected entries, topk and mask read once, gradients written once.
+//   batch       two: P is read once to form U (per token block, one GEMM per adjacent pair),
+//               then once more to form the gradients (two GEMMs per layer and block); the
+//               gradients are written once.
+//
+// Determinism: the value and gradients are bitwise the same for any number of CPU threads
+// (backend/cpu/layer_engine.hpp says how for the batch form's GEMMs).
+
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <type_traits>
+#include <vector>
+
 // ---- begin moereg/math/router.hpp ----
 // Per-row and per-expert arithmetic of the router losses (load balancing, z-loss, entropy,
 // importance, variance), written once as MOEREG_HOST_DEVICE functions. The CUDA kernels call
@@ -2151,12 +3245,43 @@ MOEREG_HOST_DEVICE inline variance_constants<Acc> variance_scale(double coef, do
 }
 
 // ---------------------------------------------------------------------------------------
+// Auxiliary-loss-free bias update (LOSSES.md section 7)
+// ---------------------------------------------------------------------------------------
+
+/// One expert's updated bias before centring: b + u * sign(mean_c - c), sign(0) = 0.
+template <class Acc>
+MOEREG_HOST_DEVICE inline Acc bias_step(Acc b, Acc u, double mean_c, double c) {
+  const double d = mean_c - c;
+  return b + u * (d > 0 ? Acc(1) : (d < 0 ? Acc(-1) : Acc(0)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-layer coupling, token and log forms: one adjacent pair (LOSSES.md section 4)
+// ---------------------------------------------------------------------------------------
+
+/// The term of the adjacent pair (l, l+1) of one token, from the top-k masses a = M^l_t and
+/// c = M^{l+1}_t: a c (token form) or log(a c + eps) (log form). `w` receives the term's
+/// derivative with respect to the product a c (1, or 1 / (a c + eps)), so that
+/// dM^l += w c and dM^{l+1} += w a.
+template <class Acc>
+MOEREG_HOST_DEVICE inline Acc coupling_pair(Acc a, Acc c, bool is_log, Acc eps, Acc& w) {
+  if (is_log) {
+    using std::log;
+    const Acc q = a * c + eps;
+    w = Acc(1) / q;
+    return log(q);
+  }
+  w = Acc(1);
+  return a * c;
+}
+
+// ---------------------------------------------------------------------------------------
 // Cross-layer coupling, batch form: the pair selection (LOSSES.md section 4)
 // ---------------------------------------------------------------------------------------
 
 /// Marks with 1 in sel[0..E) the k largest entries of row[0..E), ties to the lower index:
 /// k rounds, each taking the first unselected entry that no later unselected entry strictly
-/// exceeds (the rule of the CPU executor, cp_select_row in losses/coupling.hpp).
+/// exceeds (a NaN never wins). Both backends select with it.
 template <class Src, class Acc>
 MOEREG_HOST_DEVICE inline void coupling_select_row(const Src* row, index_t E, index_t k, Acc* sel) {
   for (index_t e = 0; e < E; ++e) sel[e] = Acc(0);
@@ -2173,6 +3298,568 @@ MOEREG_HOST_DEVICE inline void coupling_select_row(const Src* row, index_t E, in
 }  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/math/router.hpp ----
+
+
+MOEREG_NAMESPACE_BEGIN
+
+/// Which reading of R_cp (LOSSES.md section 4).
+enum class coupling_form { token, log, batch };
+
+/// Configuration of coupling_loss (LOSSES.md section 4).
+struct coupling_config {
+  double coef = 1e-3;                         ///< lambda
+  coupling_form form = coupling_form::token;  ///< token (default), log or batch
+  double eps = 1e-12;                         ///< log form: log(M^l M^{l+1} + eps)
+};
+
+struct coupling_loss;
+
+/// The routing of `layers` consecutive layers. probs[l] is P^l [T, E], topk[l] is I^l [T, k_l].
+template <class T>
+struct coupling_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = coupling_loss;  ///< the loss these inputs are for
+  using grad_type = const matrix_view<T>*;  ///< what backward() writes
+  const routing_view<T>* probs = nullptr;     ///< `layers` views
+  const topk_view* topk = nullptr;            ///< `layers` views
+  index_t layers = 0;                         ///< L >= 2
+  mask_view mask{};                           ///< m [T], shared by every layer; empty = all valid
+};
+/// Deduces the storage type from the views: `coupling_inputs{view(x), ...}` needs no template argument.
+template <class T, class... Rest>
+coupling_inputs(const routing_view<T>*, Rest...) -> coupling_inputs<T>;
+
+/// Cross-layer coupling loss (Hu et al. 2026, R_cp; LOSSES.md section 4), token form
+/// L = -lambda * (1 / T_v) sum_t m_t sum_l M^l_t M^{l+1}_t; gradient with respect to every P^l.
+struct coupling_loss : loss_api<coupling_loss, coupling_config> {
+  static constexpr const char* name = "coupling_loss";  ///< in error messages
+  static constexpr const char* label = "coupling";     ///< prefix of the CPU backend's error messages
+  /// Number of doubles local_stats writes: 1 (token, log) or 1 + (L-1) E^2 (batch).
+  template <class T>
+  index_t stats_size(const coupling_inputs<T>& in) const {
+    if (cfg.form != coupling_form::batch) return 1;
+    const index_t E = (in.probs != nullptr && in.layers > 0) ? in.probs[0].cols : 0;
+    return 1 + std::max<index_t>(in.layers - 1, 0) * E * E;
+  }
+};
+
+/// Shape checks of a coupling_loss call (core/validate.hpp), for every backend.
+template <class T>
+void validate_shapes(const char* who, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
+                     const matrix_view<T>* grads) {
+  const auto form = loss.cfg.form;
+  detail::require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
+          ": unknown form ", static_cast<int>(form));
+  detail::require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
+  detail::require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
+  detail::require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
+  detail::require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
+          " must be finite and non-negative");
+  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
+  for (index_t l = 0; l < in.layers; ++l) {
+    const auto& P = in.probs[l];
+    const std::string pn = detail::concat("probs[", l, "]"), tn = detail::concat("topk[", l, "]");
+    detail::check_matrix(who, pn.c_str(), P);
+    detail::require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
+            "; every layer routes the same tokens");
+    detail::require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
+            "; every layer needs the same number of experts");
+    detail::check_topk_shape(who, tn.c_str(), in.topk[l], T_, E);
+  }
+  detail::check_mask(who, in.mask, T_);
+  if (grads)
+    for (index_t l = 0; l < in.layers; ++l)
+      detail::check_grad(who, detail::concat("grads[", l, "]").c_str(), grads[l], in.probs[l]);
+  detail::check_stats_shape(who, reduced, loss.stats_size(in));
+}
+/// Content checks of a coupling_loss call on the host: every layer's top-k ids; T_v is a count
+/// (the batch form's co-occurrence sums are finite).
+template <class T>
+void validate_contents(const char* who, const coupling_loss&, const coupling_inputs<T>& in, stats_view reduced,
+                       const matrix_view<T>*) {
+  for (index_t l = 0; l < in.layers; ++l)
+    detail::check_topk_ids(who, detail::concat("topk[", l, "]").c_str(), in.topk[l], in.probs[0].cols);
+  detail::check_stats_values(who, reduced, 1);
+}
+/// The memory of a coupling_loss call, by name, for a backend's pointer checks.
+template <class T, class F>
+void for_each_buffer(const coupling_inputs<T>& in, const matrix_view<T>* grads, F&& f) {
+  for (index_t l = 0; l < in.layers; ++l) {
+    f(detail::concat("probs[", l, "]").c_str(), in.probs[l].data);
+    f(detail::concat("topk[", l, "]").c_str(), in.topk[l].data);
+    if (grads) f(detail::concat("grads[", l, "]").c_str(), grads[l].data);
+  }
+  f("mask", in.mask.data);
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/losses/coupling.hpp ----
+
+MOEREG_NAMESPACE_BEGIN
+
+namespace detail {
+
+/// Writes zeros into every row of every layer's gradient (overwrite mode only).
+template <class T>
+void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts) {
+  if (grads == nullptr || opts.accumulate) return;
+  using Acc = accumulator_t<T>;
+  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
+  parallel_blocks(be, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
+    for (index_t l = 0; l < in.layers; ++l)
+      for (index_t t = r0; t < r1; ++t)
+        for (index_t e = 0; e < E; ++e) put_grad(grads[l](t, e), Acc(0), false);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// token and log forms: one pass, every token on its own.
+// ---------------------------------------------------------------------------------------
+template <class T>
+double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double tv,
+                        const matrix_view<T>* grads, grad_options opts) {
+  using Acc = accumulator_t<T>;
+  const index_t L = in.layers, T_ = in.probs[0].rows, E = in.probs[0].cols;
+  const bool is_log = loss.cfg.form == coupling_form::log;
+  const Acc lam = static_cast<Acc>(loss.cfg.coef);
+  const Acc eps = static_cast<Acc>(loss.cfg.eps);
+  const Acc inv_tv = static_cast<Acc>(1.0 / tv);
+  const Acc gc = static_cast<Acc>(-opts.grad_scale * loss.cfg.coef / tv);
+  const index_t nb = num_blocks(T_, cpu_block_rows);
+  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
+  parallel_blocks(be, T_, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
+    std::vector<Acc> M(static_cast<std::size_t>(L)), dM(static_cast<std::size_t>(L));
+    Acc sum = Acc(0);
+    for (index_t t = r0; t < r1; ++t) {
+      if (!in.mask(t)) {
+        if (grads && !opts.accumulate)
+          for (index_t l = 0; l < L; ++l)
+            for (index_t e = 0; e < E; ++e) put_grad(grads[l](t, e), Acc(0), false);
+        continue;
+      }
+      for (index_t l = 0; l < L; ++l) {
+        const auto& I = in.topk[l];
+        const auto& P = in.probs[l];
+        Acc m = Acc(0);
+        for (index_t s = 0; s < I.k; ++s) {
+          const index_t e = I(t, s);
+          if (e >= 0) m += load(P(t, e));
+        }
+        M[static_cast<std::size_t>(l)] = m;
+        dM[static_cast<std::size_t>(l)] = Acc(0);
+      }
+      for (index_t l = 0; l + 1 < L; ++l) {
+        const Acc a = M[static_cast<std::size_t>(l)], c = M[static_cast<std::size_t>(l + 1)];
+        Acc w;
+        sum += coupling_pair(a, c, is_log, eps, w);
+        dM[static_cast<std::size_t>(l)] += w * c;
+        dM[static_cast<std::size_t>(l + 1)] += w * a;
+      }
+      if (!grads) continue;
+      for (index_t l = 0; l < L; ++l) {
+        const auto& G = grads[l];
+        const auto& I = in.topk[l];
+        if (!opts.accumulate)
+          for (index_t e = 0; e < E; ++e) put_grad(G(t, e), Acc(0), false);
+        const Acc g = gc * dM[static_cast<std::size_t>(l)];
+        for (index_t s = 0; s < I.k; ++s) {
+          const index_t e = I(t, s);
+          if (e >= 0) put_grad(G(t, e), g, opts.accumulate);
+        }
+      }
+    }
+    partial[static_cast<std::size_t>(b)] = sum;
+  });
+  return static_cast<double>(-lam * inv_tv * pairwise_sum(partial.data(), nb));
+}
+
+// ---------------------------------------------------------------------------------------
+// batch form: blocked GEMMs.
+// ---------------------------------------------------------------------------------------
+
+template <class Acc>
+using cp_rowmat = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class Acc>
+using cp_cmap = Eigen::Map<const cp_rowmat<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+/// Calls f(b, begin, end) for every fixed block b of [0, n) such that every Eigen product
+/// evaluated inside f runs on one thread.
+///
+/// Why not Eigen::setNbThreads(1): it is process-wide state, racy and visible to the caller.
+/// Eigen's GEMM stays sequential when it is called from inside an OpenMP team of more than
+/// one thread, or when Eigen::nbThreads() (= omp_get_max_threads() unless the program set
+/// it) is 1. So the blocks always run inside a parallel region of our own, and each implicit
+/// task first sets its own nthreads ICV to 1 (omp_set_num_threads inside a region changes only
+/// the calling task's copy, nothing outside the region). With one moereg thread the team has
+/// one thread and Eigen sees nbThreads() == 1; with more the team already forces Eigen's
+/// sequential path. Each block's product is then the same sequential GEMM for any moereg
+/// thread count. (A program that raises Eigen::setNbThreads above 1 AND enables nested
+/// OpenMP could still let Eigen split a block's product when moereg runs on one thread.)
+template <class F>
+void cp_eigen_serial_blocks(const cpu& be, index_t b0, index_t b1, index_t n, index_t block, F&& f) {
+  if (b1 <= b0) return;
+#if MOEREG_HAS_OPENMP
+  const index_t want = be.threads > 0 ? be.threads : omp_get_max_threads();
+  const int nt = static_cast<int>(std::max<index_t>(1, std::min<index_t>(want, b1 - b0)));
+#pragma omp parallel num_threads(nt)
+  {
+    omp_set_num_threads(1);
+#pragma omp for schedule(static)
+    for (index_t b = b0; b < b1; ++b) f(b, b * block, std::min(n, (b + 1) * block));
+  }
+#else
+  (void)be;
+  for (index_t b = b0; b < b1; ++b) f(b, b * block, std::min(n, (b + 1) * block));
+#endif
+}
+
+/// The valid rows of block [r0, r1) of P as an Acc matrix [rows.size(), E]: mapped in place
+/// when the storage already is Acc with unit column stride and every row of the block is
+/// valid; otherwise gathered (and converted: half/bfloat16 -> float) into `buf`. Padding rows
+/// never enter a product, so garbage in them cannot leak in as 0 * NaN.
+template <class T, class Acc>
+cp_cmap<Acc> cp_block(const routing_view<T>& P, const std::vector<index_t>& rows, index_t r0, index_t r1,
+                      cp_rowmat<Acc>& buf) {
+  const index_t nv = static_cast<index_t>(rows.size()), E = P.cols;
+  if constexpr (std::is_same_v<T, Acc>) {
+    if (P.col_stride == 1 && nv == r1 - r0 && nv > 0) return cp_cmap<Acc>(P.row(r0), nv, E, Eigen::OuterStride<>(P.row_stride));
+  }
+  buf.resize(nv, E);
+  for (index_t i = 0; i < nv; ++i) {
+    const index_t t = rows[static_cast<std::size_t>(i)];
+    for (index_t e = 0; e < E; ++e) buf(i, e) = load(P(t, e));
+  }
+  return cp_cmap<Acc>(buf.data(), nv, E, Eigen::OuterStride<>(E));
+}
+
+/// Per-block state: the valid rows and one Acc matrix per layer.
+template <class T, class Acc>
+struct cp_block_data {
+  std::vector<index_t> rows;
+  std::vector<cp_rowmat<Acc>> bufs;
+  std::vector<cp_cmap<Acc>> X;
+
+  void load_block(const coupling_inputs<T>& in, index_t r0, index_t r1) {
+    rows.clear();
+    for (index_t t = r0; t < r1; ++t)
+      if (in.mask(t)) rows.push_back(t);
+    bufs.resize(static_cast<std::size_t>(in.layers));
+    X.clear();
+    for (index_t l = 0; l < in.layers; ++l)
+      X.push_back(cp_block(in.probs[l], rows, r0, r1, bufs[static_cast<std::size_t>(l)]));
+  }
+};
+
+/// Blocks per reduction wave: partial sums of one wave are summed pairwise into one wave
+/// partial, and the wave partials pairwise at the end. Bounds the memory to about
+/// (wave + T / (wave * cpu_block_rows)) (L-1) E^2 values; a fixed number, not a thread count.
+inline constexpr index_t cp_wave_blocks = 64;
+
+/// U^l = sum_t m_t P^l[t,:]^T P^{l+1}[t,:] for every adjacent pair, row-major, and T_v.
+template <class T>
+void cp_joint_sums(const cpu& be, const coupling_inputs<T>& in, std::vector<accumulator_t<T>>& U, index_t& tv) {
+  using Acc = accumulator_t<T>;
+  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols, L = in.layers;
+  const index_t E2 = E * E, W = (L - 1) * E2, B = cpu_block_rows;
+  const index_t nb = num_blocks(T_, B);
+  const index_t nw = num_blocks(nb, cp_wave_blocks);
+  std::vector<Acc> wave_part(static_cast<std::size_t>(std::min(nb, cp_wave_blocks) * W));
+  std::vector<Acc> waves(static_cast<std::size_t>(nw * W));
+  std::vector<index_t> ptv(static_cast<std::size_t>(nb), 0);
+  for (index_t w = 0; w < nw; ++w) {
+    const index_t b0 = w * cp_wave_blocks, b1 = std::min(nb, b0 + cp_wave_blocks);
+    cp_eigen_serial_blocks(be, b0, b1, T_, B, [&](index_t b, index_t r0, index_t r1) {
+      cp_block_data<T, Acc> blk;
+      blk.load_block(in, r0, r1);
+      ptv[static_cast<std::size_t>(b)] = static_cast<index_t>(blk.rows.size());
+      Acc* out = wave_part.data() + (b - b0) * W;
+      cp_rowmat<Acc> Ub(E, E);  // fresh aligned destination: same alignment in every run
+      for (index_t l = 0; l + 1 < L; ++l) {
+        if (blk.rows.empty()) Ub.setZero();
+        else Ub.noalias() = blk.X[static_cast<std::size_t>(l)].transpose() * blk.X[static_cast<std::size_t>(l + 1)];
+        std::copy(Ub.data(), Ub.data() + E2, out + l * E2);
+      }
+    });
+    combine_blocks(wave_part, b1 - b0, W, waves.data() + w * W);
+  }
+  U.assign(static_cast<std::size_t>(W), Acc(0));
+  combine_blocks(waves, nw, W, U.data());
+  tv = 0;
+  for (index_t x : ptv) tv += x;
+}
+
+template <class T>
+double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
+                        const matrix_view<T>* grads, grad_options opts) {
+  using Acc = accumulator_t<T>;
+  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols, L = in.layers, E2 = E * E;
+  std::vector<Acc> U;
+  index_t tv_local = 0;
+  cp_joint_sums(be, in, U, tv_local);
+  const double tv = reduced.empty() ? static_cast<double>(tv_local) : reduced.data[0];
+  if (!(tv > 0)) {
+    cp_zero_grads(be, in, grads, opts);
+    return 0.0;
+  }
+
+  // Selection S_l from the reduced sums (or this call's own), one 0/1 matrix per pair.
+  std::vector<cp_rowmat<Acc>> S(static_cast<std::size_t>(L - 1));
+  std::vector<Acc> terms;
+  for (index_t l = 0; l + 1 < L; ++l) {
+    auto& Sl = S[static_cast<std::size_t>(l)];
+    Sl.resize(E, E);
+    const index_t k = in.topk[l].k;
+    for (index_t e = 0; e < E; ++e) {
+      if (reduced.empty()) coupling_select_row(U.data() + l * E2 + e * E, E, k, Sl.data() + e * E);
+      else coupling_select_row(reduced.data + 1 + l * E2 + e * E, E, k, Sl.data() + e * E);
+      for (index_t nu = 0; nu < E; ++nu)
+        if (Sl(e, nu) != Acc(0)) terms.push_back(U[static_cast<std::size_t>(l * E2 + e * E + nu)]);
+    }
+  }
+  const Acc value = static_cast<Acc>(-loss.cfg.coef / tv) *
+                    pairwise_sum(terms.data(), static_cast<index_t>(terms.size()));
+  if (!grads) return static_cast<double>(value);
+
+  // S_l^T stored: both gradient products are then X * (row-major E x E), one GEMM
+  // instantiation instead of two (compile time).
+  std::vector<cp_rowmat<Acc>> St(S.size());
+  for (std::size_t l = 0; l < S.size(); ++l) St[l] = S[l].transpose();
+  const Acc gc = static_cast<Acc>(-opts.grad_scale * loss.cfg.coef / tv);
+  const index_t nb = num_blocks(T_, cpu_block_rows);
+  cp_eigen_serial_blocks(be, 0, nb, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
+    cp_block_data<T, Acc> blk;
+    blk.load_block(in, r0, r1);
+    const index_t nv = static_cast<index_t>(blk.rows.size());
+    cp_rowmat<Acc> G(nv, E);
+    for (index_t l = 0; l < L; ++l) {
+      const auto& Gv = grads[l];
+      if (nv > 0) {
+        if (l + 1 < L)
+          G.noalias() = blk.X[static_cast<std::size_t>(l + 1)] * St[static_cast<std::size_t>(l)];
+        else
+          G.setZero();
+        if (l > 0) G.noalias() += blk.X[static_cast<std::size_t>(l - 1)] * S[static_cast<std::size_t>(l - 1)];
+      }
+      index_t i = 0;
+      for (index_t t = r0; t < r1; ++t) {
+        const bool valid = i < nv && blk.rows[static_cast<std::size_t>(i)] == t;
+        if (valid) {
+          for (index_t e = 0; e < E; ++e) put_grad(Gv(t, e), gc * G(i, e), opts.accumulate);
+          ++i;
+        } else if (!opts.accumulate) {
+          for (index_t e = 0; e < E; ++e) put_grad(Gv(t, e), Acc(0), false);
+        }
+      }
+    }
+  });
+  return static_cast<double>(value);
+}
+
+}  // namespace detail
+
+/// CPU backend of coupling_loss::local_stats() (found by ADL): validates, then writes the statistics
+/// to `out`.
+template <class T>
+void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double* out) {
+  detail::check_scalars(coupling_loss::label, loss.cfg.coef, grad_options{}, be.threads);
+  validate_on_host(coupling_loss::label, loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
+  if (loss.cfg.form != coupling_form::batch) {
+    out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows));
+    return;
+  }
+  std::vector<accumulator_t<T>> U;
+  index_t tv = 0;
+  detail::cp_joint_sums(be, in, U, tv);
+  out[0] = static_cast<double>(tv);
+  for (std::size_t i = 0; i < U.size(); ++i) out[i + 1] = static_cast<double>(U[i]);
+}
+
+/// CPU backend of coupling_loss's value(), backward() and value_and_grad() (found by ADL): validates,
+/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
+template <class T>
+double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
+               const matrix_view<T>* grads, grad_options opts) {
+  detail::check_scalars(coupling_loss::label, loss.cfg.coef, opts, be.threads);
+  validate_on_host(coupling_loss::label, loss, in, reduced, grads);
+  if (loss.cfg.form == coupling_form::batch) return detail::cp_execute_batch(be, loss, in, reduced, grads, opts);
+  const double tv =
+      reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows)) : reduced.data[0];
+  if (!(tv > 0)) {
+    detail::cp_zero_grads(be, in, grads, opts);
+    return 0.0;
+  }
+  return detail::cp_execute_token(be, loss, in, tv, grads, opts);
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/backend/cpu/layer_engine.hpp ----
+// ---- begin moereg/backend/cpu/row_engine.hpp ----
+// The CPU engine of the row losses: every loss that reads one [T, E] matrix row by row (load
+// balancing in the micro and global scopes, z-loss, entropy, importance, variance, and any
+// loss a user describes the same way). It knows no loss: a loss describes itself by a row
+// kernel (below), and the engine runs any tuple of kernels in one go, so that fusing losses
+// (losses/fuse.hpp) is running several kernels in one pass. Include <moereg/backend/cpu.hpp>,
+// not this file.
+//
+// A row kernel is what make_row_kernel(loss, inputs, opts) returns (found by argument-dependent
+// lookup; each loss header defines one). Acc is its accumulator type, x a valid row of its
+// matrix converted to Acc and contiguous, g the row of the gradient it adds into:
+//
+//   using storage_type = T; using acc_type = Acc;
+//   matrix_view<const T> x;                  the matrix it reads ([T, E], any strides)
+//   index_t stats_size;                      its statistics' length (LOSSES.md section 9)
+//   mask_view mask;                          its valid rows
+//   index_t sum_width, count_width;          pass 1: column statistics of the valid rows,
+//                                            Acc sums and integer counts (0, 0: none)
+//   bool needs_pass1(bool reduced) const;    whether value or gradient need pass 1
+//   void stats_row(index_t t, const Acc* x, Acc* sums, index_t* counts) const;   pass 1
+//   bool reads_row;                          whether row() reads x (else x is null)
+//   void write_stats(const row_local<Acc>&, double* out) const;   LOSSES.md section 9
+//   void prepare(const double* stats, const row_local<Acc>& local);
+//                                            constants from the statistics: the reduced ones
+//                                            when given, else this call's (write_stats)
+//   bool active;                             false: rows add nothing (set by prepare)
+//   bool wants_rows(bool grad) const;        whether the row pass is needed
+//   template <class Ops> Acc row(index_t t, const Acc* x, Acc* g, Ops& ops) const;
+//                                            one valid row: adds its gradient into g (null:
+//                                            none wanted), returns its term of the row sum
+//   double finish(Acc row_sum) const;        the value
+//
+// Ops is the engine's row toolkit (cpu_row_ops): aligned scratch rows and the vectorised
+// log-sum-exp, log and sum, so a kernel's row is written once and runs on Eigen's packets.
+//
+// Passes: pass 1 (only when a kernel needs it) reads each distinct matrix once per valid row;
+// the row pass reads each distinct matrix once and writes each distinct gradient once, the
+// sum of the contributions of every kernel that writes it (the rows of a gradient are zeroed,
+// or left as they are with grad_options::accumulate, where no kernel contributes). Blocks of
+// cpu_block_rows rows run in parallel; each kernel's row terms are summed in row order inside
+// a block and pairwise over the blocks: bitwise the same for any thread count.
+
+
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ---- begin moereg/losses/fuse.hpp ----
+// Fusion: several router losses evaluated in one read of their routing matrices.
+//
+//   auto f = moereg::fuse(load_balancing_loss{}, z_loss{}, entropy_loss{});
+//   std::array<double, 3> v = f.value_and_grad(std::tie(lb_in, z_in, ent_in),
+//                                              std::make_tuple(view(gP), view(gZ), view(gP)));
+//
+// Each loss keeps its own inputs, configuration, reduced statistics and value; what they share
+// is the work: a matrix that several losses read (the same view) is read once per row, and a
+// gradient that several losses write (the same view) is written once per row, with the sum of
+// their contributions, so `lb` and `entropy` on the same P above give gP = dL_lb/dP +
+// dL_H/dP. A gradient view with null data means that loss's gradient is not wanted. The
+// values, the gradients and the statistics are those of the separate calls: the same
+// formulas, summed in the same order (a shared gradient gets each contribution rounded into
+// its sum instead of into storage).
+//
+// Every loss of a fusion must run on the row engine (backend/cpu/row_engine.hpp: the
+// load-balancing micro and global scopes, z-loss, entropy, importance, variance, and any loss
+// described by a row kernel), all on the same storage type and the same number of rows.
+// Distinct gradient views must not overlap each other. The CPU backend runs fusions; on CUDA,
+// backend/cuda/router_fused.cuh has its own fused router request.
+
+
+#include <array>
+#include <cstddef>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+
+MOEREG_NAMESPACE_BEGIN
+
+/// A fusion of losses L... (make one with fuse()).
+template <class... L>
+struct fused {
+  static constexpr std::size_t size = sizeof...(L);  ///< the number of losses
+  using values_type = std::array<double, size>;       ///< one value per loss, in order
+  using reduced_type = std::array<stats_view, size>;  ///< one reduced statistics view per loss (empty: local)
+  std::tuple<L...> losses;                            ///< the losses, each with its configuration
+
+  /// Each loss's value for its inputs (a tuple of one inputs object per loss, e.g. std::tie).
+  template <class... In, class Backend = cpu>
+  values_type value(const std::tuple<In...>& in, const reduced_type& reduced = {}, const Backend& be = {}) const {
+    static_assert(sizeof...(In) == size, "moereg::fused::value: pass one inputs object per loss");
+    values_type v{};
+    execute_fused(be, *this, in, reduced, null_grads(in), grad_options{}, v.data());
+    return v;
+  }
+  /// Each loss's value, and grad_scale * its gradient written into its gradient view (the
+  /// input's shape; null data: not wanted), per `opts`. A view shared by several losses
+  /// receives the sum of their gradients.
+  template <class... In, class... G, class Backend = cpu>
+  values_type value_and_grad(const std::tuple<In...>& in, const std::tuple<G...>& grads, grad_options opts = {},
+                             const reduced_type& reduced = {}, const Backend& be = {}) const {
+    static_assert(sizeof...(In) == size && sizeof...(G) == size,
+                  "moereg::fused::value_and_grad: pass one inputs object and one gradient view per loss");
+    values_type v{};
+    execute_fused(be, *this, in, reduced, grad_pointers(grads), opts, v.data());
+    return v;
+  }
+  /// backward() of every loss: value_and_grad() without the values.
+  template <class... In, class... G, class Backend = cpu>
+  void backward(const std::tuple<In...>& in, const std::tuple<G...>& grads, grad_options opts = {},
+                const reduced_type& reduced = {}, const Backend& be = {}) const {
+    (void)value_and_grad(in, grads, opts, reduced, be);
+  }
+  /// Each loss's local statistics (LOSSES.md section 9), in one pass.
+  template <class... In, class Backend = cpu>
+  std::array<std::vector<double>, size> local_stats(const std::tuple<In...>& in, const Backend& be = {}) const {
+    static_assert(sizeof...(In) == size, "moereg::fused::local_stats: pass one inputs object per loss");
+    static_assert(detail::is_cpu_backend_v<Backend>, MOEREG_HOST_STATS_MESSAGE);
+    std::array<std::vector<double>, size> s;
+    std::array<double*, size> outs{};
+    for_each_loss([&](auto i) {
+      s[i].resize(static_cast<std::size_t>(std::get<i>(losses).stats_size(std::get<i>(in))));
+      outs[i] = s[i].data();
+    });
+    execute_fused_stats(be, *this, in, outs.data());
+    return s;
+  }
+
+ private:
+  template <class F>
+  static void for_each_loss(F&& f) {
+    each(f, std::make_index_sequence<size>{});
+  }
+  template <class F, std::size_t... I>
+  static void each(F& f, std::index_sequence<I...>) {
+    (f(std::integral_constant<std::size_t, I>{}), ...);
+  }
+  template <class... In>
+  static auto null_grads(const std::tuple<In...>&) {
+    return std::tuple<const typename std::decay_t<In>::grad_type*...>{
+        static_cast<const typename std::decay_t<In>::grad_type*>(nullptr)...};
+  }
+  template <class... G>
+  static auto grad_pointers(const std::tuple<G...>& g) {
+    return grad_pointers(g, std::index_sequence_for<G...>{});
+  }
+  template <class... G, std::size_t... I>
+  static std::tuple<const G*...> grad_pointers(const std::tuple<G...>& g, std::index_sequence<I...>) {
+    return {(std::get<I>(g).data != nullptr ? &std::get<I>(g) : nullptr)...};
+  }
+};
+
+/// The fusion of losses l... (each a loss object with its configuration).
+template <class... L>
+fused<L...> fuse(const L&... l) {
+  static_assert(sizeof...(L) >= 1, "moereg::fuse: give at least one loss");
+  return fused<L...>{std::tuple<L...>(l...)};
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/losses/fuse.hpp ----
 
 MOEREG_NAMESPACE_BEGIN
 namespace detail {
@@ -2434,6 +4121,7 @@ template <class Loss, class In, class G>
 bool cpu_other_engine(const cpu&, const Loss&, const In&, stats_view, const G*, grad_options, double&) {
   return false;
 }
+/// The local_stats() form of cpu_other_engine: true where another engine wrote the statistics.
 template <class Loss, class In>
 bool cpu_other_engine_stats(const cpu&, const Loss&, const In&, double*) {
   return false;
@@ -3191,6 +4879,267 @@ detail::importance_kernel<T> make_row_kernel(const importance_loss& loss, const 
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/importance.hpp ----
+// ---- begin moereg/losses/orthogonality.hpp ----
+// Orthogonality loss (Guo, Lu, Nan et al., "Advancing Expert Specialization for Better MoE",
+// NeurIPS 2025, L_o), LOSSES.md section 5.
+//
+//   h_{t,s}  output of expert I[t,s] on token t (model width), before the gate weight, in any
+//            activation layout
+//
+// variant = pairwise (the paper's formula), for valid slots j != s of token t:
+//   term_{t,j,s} = || (<h_{t,j}, h_{t,s}> / (<h_{t,s}, h_{t,s}> + eps)) h_{t,s} ||^2
+//                = <h_{t,j}, h_{t,s}>^2 ||h_{t,s}||^2 / (||h_{t,s}||^2 + eps)^2
+//   L = beta * (1 / T_v) sum_t m_t sum_{j != s in A_t} term_{t,j,s}
+//
+// variant = subspace (the idea of the authors' released code): each output is projected onto
+// the span of the token's other valid outputs X_j (d x (|A_t| - 1)), G_j = X_j^T X_j:
+//   term_{t,j} = || X_j (G_j + eps I)^{-1} X_j^T h_{t,j} ||^2
+//   L = beta * (1 / T_v) sum_t m_t (1 / k) sum_{j in A_t} term_{t,j}
+// with k the configured top-k width (config k, 0 = the number of topk columns). The small
+// (|A_t| - 1)-sized systems are solved by an L D L^T factorisation (pivots clamped at eps)
+// and the exact derivative flows through the basis X_j as well
+// (math::orthogonality_subspace_token).
+//
+// reduction = sum drops the 1/T_v (the paper sums over tokens). Tokens with fewer than 2 valid
+// slots contribute 0. eps default 1e-6 (must be positive), beta default 1e-4.
+//
+// Slots: (t, s) is valid iff topk(t, s) >= 0 and token t is unmasked. topk may have at most
+// math::max_slots = 16 columns; a wider topk is rejected with moereg::error.
+//
+// Statistics (LOSSES.md section 9): [T_v], one entry. The only global quantity is T_v (for
+// reduction = mean); with reduced statistics the 1/T_v is the global one, so a batch split
+// into parts gives each part exactly the whole batch's gradient rows, and the parts' values
+// sum to the whole value. With reduction = sum nothing is global: the statistics are still
+// accepted (and checked) but not needed.
+//
+// Gradient: written through the grad view's own layout, as for the specialization loss
+// (overwrite mode zeroes the vectors of masked tokens, dropped slots and tokens with fewer than
+// 2 valid slots; accumulate mode leaves them untouched; unmapped storage is never touched; the
+// gradient buffer must not overlap the activations).
+//
+// Passes over memory (value_and_grad): activations read once, gradient written once. Per
+// token, the Gram pass reads the token's valid vectors once; the gradient pass re-reads them
+// from cache and writes each gradient vector once (backend/cpu/gram_engine.hpp, including its
+// non-temporal stores for gradients of 32 MiB or more).
+
+
+#include <type_traits>
+#include <vector>
+
+
+MOEREG_NAMESPACE_BEGIN
+
+/// Which form of the orthogonality loss (LOSSES.md section 5).
+enum class ortho_variant {
+  pairwise,  ///< the paper's pairwise projection terms
+  subspace,  ///< projection onto the span of the other outputs (the authors' code)
+};
+
+/// Outer normalisation of the orthogonality loss.
+enum class ortho_reduction {
+  mean,  ///< divided by T_v
+  sum,   ///< summed over tokens (the paper)
+};
+
+/// Configuration of orthogonality_loss (LOSSES.md section 5).
+struct orthogonality_config {
+  double coef = 1e-4;  ///< beta
+  double eps = 1e-6;   ///< must be positive
+  ortho_variant variant = ortho_variant::pairwise;  ///< pairwise (default) or subspace
+  ortho_reduction reduction = ortho_reduction::mean;  ///< mean over T_v (default) or sum
+  index_t k = 0;  ///< subspace: the k of the 1/k; 0 = the number of topk columns
+};
+
+struct orthogonality_loss;
+
+/// Inputs of orthogonality_loss; T is the storage type, Layout the activation layout policy.
+template <class T, class Layout>
+struct orthogonality_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = orthogonality_loss;  ///< the loss these inputs are for
+  using grad_type = activation_view<T, Layout>;  ///< what backward() writes
+  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
+  topk_view topk;                         ///< I [T, k]; negative = dropped slot
+  mask_view mask{};                       ///< m [T], empty = all valid
+  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
+};
+/// Deduces the storage type from the views: `orthogonality_inputs{view(x), ...}` needs no template argument.
+template <class U, class Layout, class... Rest>
+orthogonality_inputs(activation_view<U, Layout>, Rest...)
+    -> orthogonality_inputs<std::remove_const_t<U>, Layout>;
+
+/// Orthogonality loss L_o = beta * (1 / T_v) sum_t m_t sum_{j != s} term_{t,j,s} (Guo et al. 2025;
+/// LOSSES.md section 5), gradient with respect to the expert outputs h.
+struct orthogonality_loss : loss_api<orthogonality_loss, orthogonality_config> {
+  static constexpr const char* name = "orthogonality_loss";  ///< in error messages
+  static constexpr const char* label = "orthogonality";     ///< prefix of the CPU backend's error messages
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
+  template <class T, class Layout>
+  index_t stats_size(const orthogonality_inputs<T, Layout>&) const {
+    return 1;
+  }
+};
+
+namespace detail {
+/// The configuration checks of orthogonality_loss (also run by the fused CUDA Gram call).
+inline void check_ortho_config(const char* who, const orthogonality_config& c) {
+  require(c.k >= 0, who, ": config k = ", c.k, " is negative");
+  require(c.variant == ortho_variant::pairwise || c.variant == ortho_variant::subspace, who, ": unknown variant");
+  require(c.reduction == ortho_reduction::mean || c.reduction == ortho_reduction::sum, who, ": unknown reduction");
+}
+}  // namespace detail
+
+/// The configuration checks of orthogonality_loss, run by the Gram losses' shape checks
+/// (specialization.hpp) on every backend.
+template <class T, class Layout>
+void validate_config(const char* who, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>&) {
+  detail::check_ortho_config(who, loss.cfg);
+}
+
+/// The per-token kernel of the pairwise orthogonality loss (losses/gram.hpp).
+template <class Acc>
+struct orthogonality_pairwise_kernel {
+  Acc eps;  ///< norm clamp
+  /// F_t of a token with n valid slots and Gram matrix G; W (when not null) receives dF_t/dG + its transpose.
+  MOEREG_HOST_DEVICE Acc operator()(int n, const Acc* G, Acc* W) const {
+    return math::orthogonality_pairwise_token(n, G, eps, W);
+  }
+};
+/// The per-token kernel of the subspace orthogonality loss (losses/gram.hpp).
+template <class Acc>
+struct orthogonality_subspace_kernel {
+  Acc eps;  ///< norm clamp
+  /// F_t of a token with n valid slots and Gram matrix G; W (when not null) receives dF_t/dG + its transpose.
+  MOEREG_HOST_DEVICE Acc operator()(int n, const Acc* G, Acc* W) const {
+    return math::orthogonality_subspace_token(n, G, eps, W);
+  }
+};
+
+/// The scale of orthogonality_loss's per-token sum: beta, over T_v for the mean reduction,
+/// over k for the subspace variant (k = the config's k, or the number of topk columns).
+MOEREG_HOST_DEVICE inline double orthogonality_scale(const orthogonality_config& c, index_t topk_cols, double tv) {
+  double scale = c.reduction == ortho_reduction::mean ? detail::per_valid_token(c.coef, tv) : c.coef;
+  if (c.variant == ortho_variant::subspace) scale /= static_cast<double>(c.k > 0 ? c.k : topk_cols);
+  return scale;
+}
+
+/// orthogonality_loss as a Gram loss (losses/gram.hpp): the configured variant's kernel.
+template <class T, class Layout, class F>
+decltype(auto) visit_gram_kernel(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double tv,
+                                 F&& f) {
+  using Acc = accumulator_t<T>;
+  const double scale = orthogonality_scale(loss.cfg, in.topk.k, tv);
+  const Acc eps = static_cast<Acc>(loss.cfg.eps);
+  if (loss.cfg.variant == ortho_variant::pairwise) return f(scale, orthogonality_pairwise_kernel<Acc>{eps});
+  return f(scale, orthogonality_subspace_kernel<Acc>{eps});
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/losses/orthogonality.hpp ----
+// ---- begin moereg/losses/specialization.hpp ----
+// Intra-layer specialization loss (Hu et al., "Synergistic Intra- and Cross-Layer
+// Regularization Losses for MoE Expert Specialization", R_sp), LOSSES.md section 3.
+//
+//   h_{t,s}   SwiGLU intermediate activation of expert I[t,s] on token t (the d_ff-long input
+//             of the down projection, before the gate weight), in any activation layout
+//   n_{t,s}   = max(||h_{t,s}||, eps)                           (eps default 1e-8)
+//   c_{t,s,r} = <h_{t,s}, h_{t,r}> / (n_{t,s} n_{t,r})
+//   L         = lambda * (1 / T_v) sum_t m_t w_t sum_{s != r in A_t} c_{t,s,r}^2
+//
+// Ordered pairs (each unordered pair counts twice), w_t = 1; with pairs = mean,
+// w_t = 1 / (|A_t| (|A_t| - 1)). Tokens with fewer than 2 valid slots contribute 0. The
+// gradient flows to every valid h_{t,s}; where ||h|| < eps the norm is the constant eps.
+// lambda default 2e-3 (the paper's pre-training value). The per-token math (value and the
+// k x k derivative with respect to the Gram matrix) is math::specialization_token.
+//
+// Slots: (t, s) is valid iff topk(t, s) >= 0 and token t is unmasked. topk may have at most
+// math::max_slots = 16 columns; a wider topk is rejected with moereg::error. The expert ids
+// are only validated (no repeats in a row; < num_experts when num_experts > 0).
+//
+// Statistics (LOSSES.md section 9): [T_v], one entry. The only global quantity is T_v; with
+// reduced statistics the 1/T_v is the global one, so a batch split into parts gives each part
+// exactly the whole batch's gradient rows, and the parts' values sum to the whole value.
+//
+// Gradient: written through the grad view's own layout (same policy type as the input, its
+// own maps and strides). Overwrite mode writes zeros into every vector the grad layout holds
+// for a masked token, a dropped slot, or a token with fewer than 2 valid slots; accumulate
+// mode leaves those untouched. Storage the layout maps to no (token, slot) is never touched.
+// The gradient buffer must not overlap the activations.
+//
+// Passes over memory (value_and_grad): activations read once, gradient written once
+// (backend/cpu/gram_engine.hpp says how).
+
+
+#include <type_traits>
+
+
+MOEREG_NAMESPACE_BEGIN
+
+/// How the pair sum of one token is normalised.
+enum class sp_pairs {
+  sum,   ///< sum over ordered pairs (the paper)
+  mean,  ///< divided by |A_t| (|A_t| - 1)
+};
+
+/// Configuration of specialization_loss (LOSSES.md section 3).
+struct specialization_config {
+  double coef = 2e-3;  ///< lambda
+  double eps = 1e-8;   ///< norm clamp; must be positive
+  sp_pairs pairs = sp_pairs::sum;  ///< sum over ordered pairs (default) or mean
+};
+
+struct specialization_loss;
+
+/// Inputs of specialization_loss; T is the storage type, Layout the activation layout policy.
+template <class T, class Layout>
+struct specialization_inputs {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  using loss_type = specialization_loss;  ///< the loss these inputs are for
+  using grad_type = activation_view<T, Layout>;  ///< what backward() writes
+  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
+  topk_view topk;                         ///< I [T, k]; negative = dropped slot
+  mask_view mask{};                       ///< m [T], empty = all valid
+  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
+};
+/// Deduces the storage type from the views: `specialization_inputs{view(x), ...}` needs no template argument.
+template <class U, class Layout, class... Rest>
+specialization_inputs(activation_view<U, Layout>, Rest...)
+    -> specialization_inputs<std::remove_const_t<U>, Layout>;
+
+/// Intra-layer specialization loss L = lambda * (1 / T_v) sum_t m_t sum_{s != r} c_{t,s,r}^2
+/// (Hu et al. 2026, R_sp; LOSSES.md section 3), gradient with respect to the activations h.
+struct specialization_loss : loss_api<specialization_loss, specialization_config> {
+  static constexpr const char* name = "specialization_loss";  ///< in error messages
+  static constexpr const char* label = "specialization";     ///< prefix of the CPU backend's error messages
+  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
+  template <class T, class Layout>
+  index_t stats_size(const specialization_inputs<T, Layout>&) const {
+    return 1;
+  }
+};
+
+/// The per-token kernel of specialization_loss (losses/gram.hpp): math::specialization_token.
+template <class Acc>
+struct specialization_kernel {
+  Acc eps;    ///< norm clamp
+  bool mean;  ///< pairs = mean
+  /// F_t of a token with n valid slots and Gram matrix G; W (when not null) receives dF_t/dG + its transpose.
+  MOEREG_HOST_DEVICE Acc operator()(int n, const Acc* G, Acc* W) const {
+    return math::specialization_token(n, G, eps, mean, W);
+  }
+};
+
+/// specialization_loss as a Gram loss (losses/gram.hpp): scale lambda / T_v.
+template <class T, class Layout, class F>
+decltype(auto) visit_gram_kernel(const specialization_loss& loss, const specialization_inputs<T, Layout>&, double tv,
+                                 F&& f) {
+  using Acc = accumulator_t<T>;
+  return f(detail::per_valid_token(loss.cfg.coef, tv),
+           specialization_kernel<Acc>{static_cast<Acc>(loss.cfg.eps), loss.cfg.pairs == sp_pairs::mean});
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/losses/specialization.hpp ----
 // ---- begin moereg/losses/variance.hpp ----
 // Variance loss (Guo, Lu, Nan et al. 2025, "Advancing Expert Specialization for Better MoE",
 // L_v), LOSSES.md section 6.
@@ -3491,6 +5440,9 @@ MOEREG_DETAIL_EXTERN_ROUTER(z_loss, z_loss_inputs)
 MOEREG_DETAIL_EXTERN_ROUTER(entropy_loss, entropy_inputs)
 MOEREG_DETAIL_EXTERN_ROUTER(importance_loss, importance_inputs)
 MOEREG_DETAIL_EXTERN_ROUTER(variance_loss, variance_inputs)
+MOEREG_DETAIL_EXTERN_ROUTER(coupling_loss, coupling_inputs)
+MOEREG_DETAIL_EXTERN_ACTIVATION(specialization_loss, specialization_inputs)
+MOEREG_DETAIL_EXTERN_ACTIVATION(orthogonality_loss, orthogonality_inputs)
 MOEREG_NAMESPACE_END
 // ---- end moereg/backend/cpu.hpp ----
 // ---- begin moereg/chain.hpp ----
@@ -3514,17 +5466,28 @@ MOEREG_NAMESPACE_END
 
 MOEREG_NAMESPACE_BEGIN
 
+namespace detail {
+/// The checks of a chain-rule step from the router's output back to its logits: the storage
+/// type, grad_scale and threads, the input matrix, the incoming and the outgoing gradient with
+/// its shape.
+template <class T>
+void check_chain_rule(const char* who, const char* in_name, const routing_view<T>& in, const char* grad_name,
+                      const matrix_view<const T>& grad_in, const matrix_view<T>& grad_logits, const grad_options& opts,
+                      const cpu& be) {
+  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
+  check_scalars(who, 0.0, opts, be.threads);
+  check_matrix(who, in_name, in);
+  check_grad(who, grad_name, grad_in, in);
+  check_grad(who, "grad_logits", grad_logits, in);
+}
+}  // namespace detail
+
 /// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
 template <class T>
 void softmax_backward(detail::nondeduced_t<routing_view<T>> probs, detail::nondeduced_t<matrix_view<const T>> grad_probs,
                       matrix_view<T> grad_logits, grad_options opts = {}, const cpu& be = {}) {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
-  const char* who = "softmax_backward";
-  detail::check_scalars(who, 0.0, opts, be.threads);
-  detail::check_matrix(who, "probs", probs);
-  detail::check_grad(who, "grad_probs", grad_probs, probs);
-  detail::check_grad(who, "grad_logits", grad_logits, probs);
+  detail::check_chain_rule("softmax_backward", "probs", probs, "grad_probs", grad_probs, grad_logits, opts, be);
   const Acc gs = static_cast<Acc>(opts.grad_scale);
   detail::parallel_blocks(be, probs.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
     for (index_t t = r0; t < r1; ++t) {
@@ -3549,13 +5512,8 @@ template <class T>
 void sigmoid_norm_backward(detail::nondeduced_t<routing_view<T>> logits,
                            detail::nondeduced_t<matrix_view<const T>> grad_scores, matrix_view<T> grad_logits,
                            grad_options opts = {}, const cpu& be = {}) {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using Acc = accumulator_t<T>;
-  const char* who = "sigmoid_norm_backward";
-  detail::check_scalars(who, 0.0, opts, be.threads);
-  detail::check_matrix(who, "logits", logits);
-  detail::check_grad(who, "grad_scores", grad_scores, logits);
-  detail::check_grad(who, "grad_logits", grad_logits, logits);
+  detail::check_chain_rule("sigmoid_norm_backward", "logits", logits, "grad_scores", grad_scores, grad_logits, opts, be);
   const Acc gs = static_cast<Acc>(opts.grad_scale);
   const index_t E = logits.cols;
   detail::parallel_blocks(be, logits.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
@@ -3594,1819 +5552,6 @@ void sigmoid_norm_backward(detail::nondeduced_t<routing_view<T>> logits,
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/chain.hpp ----
-// ---- begin moereg/losses/specialization.hpp ----
-// Intra-layer specialization loss (Hu et al., "Synergistic Intra- and Cross-Layer
-// Regularization Losses for MoE Expert Specialization", R_sp), LOSSES.md section 3.
-//
-//   h_{t,s}   SwiGLU intermediate activation of expert I[t,s] on token t (the d_ff-long input
-//             of the down projection, before the gate weight), in any activation layout
-//   n_{t,s}   = max(||h_{t,s}||, eps)                           (eps default 1e-8)
-//   c_{t,s,r} = <h_{t,s}, h_{t,r}> / (n_{t,s} n_{t,r})
-//   L         = lambda * (1 / T_v) sum_t m_t w_t sum_{s != r in A_t} c_{t,s,r}^2
-//
-// Ordered pairs (each unordered pair counts twice), w_t = 1; with pairs = mean,
-// w_t = 1 / (|A_t| (|A_t| - 1)). Tokens with fewer than 2 valid slots contribute 0. The
-// gradient flows to every valid h_{t,s}; where ||h|| < eps the norm is the constant eps.
-// lambda default 2e-3 (the paper's pre-training value). The per-token math (value and the
-// k x k derivative with respect to the Gram matrix) is math::specialization_token.
-//
-// Slots: (t, s) is valid iff topk(t, s) >= 0 and token t is unmasked. topk may have at most
-// math::max_slots = 16 columns; a wider topk is rejected with moereg::error. The expert ids
-// are only validated (no repeats in a row; < num_experts when num_experts > 0).
-//
-// Statistics (LOSSES.md section 9): [T_v], one entry. The only global quantity is T_v; with
-// reduced statistics the 1/T_v is the global one, so a batch split into parts gives each part
-// exactly the whole batch's gradient rows, and the parts' values sum to the whole value.
-//
-// Gradient: written through the grad view's own layout (same policy type as the input, its
-// own maps and strides). Overwrite mode writes zeros into every vector the grad layout holds
-// for a masked token, a dropped slot, or a token with fewer than 2 valid slots; accumulate
-// mode leaves those untouched. Storage the layout maps to no (token, slot) is never touched.
-// The gradient buffer must not overlap the activations.
-//
-// Passes over memory (value_and_grad): activations read once, gradient written once. Per
-// token, the Gram pass reads the token's valid vectors once; the gradient pass re-reads the
-// same vectors (then resident in L1/L2: k * d * sizeof(T) bytes) and writes each gradient
-// vector once. topk and mask are read once per token. Nothing proportional to T * k * d is
-// allocated: the only buffer is one partial sum per block of 256 tokens. In overwrite mode a
-// gradient of 32 MiB or more is written with non-temporal stores (AVX-512 builds, aligned
-// contiguous vectors; detail::gram_cpu_policy), which saves the read-for-ownership of its
-// cache lines; smaller ones are written normally and stay cached for their consumer.
-//
-// This header also holds the CPU executor shared by the Gram-based losses (specialization,
-// orthogonality): detail::gram_loss_run, a register-tiled Gram pass and gradient pass
-// specialised at compile time for 2 to 8 contiguous valid slots (AVX-512 when MOEREG_HAS_AVX512,
-// 16-byte vectors otherwise), with a run-time-n pass in fixed blocks for more slots or strided
-// vectors. The specialisations are unrolled only over compile-time counts, which keeps a
-// translation unit that uses both Gram losses compiling in a few seconds.
-
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <type_traits>
-#include <utility>
-#include <vector>
-
-#if MOEREG_HAS_AVX512
-#include <immintrin.h>
-#endif
-
-// ---- begin moereg/math/pairwise.hpp ----
-// Per-token k x k math of the Gram-based activation losses (LOSSES.md sections 3 and 5).
-//
-// Both the intra-layer specialization loss and the orthogonality loss depend on the n valid
-// slot vectors h_0 .. h_{n-1} of one token only through their Gram matrix
-//
-//   G = H^T H,   G[a][b] = <h_a, h_b>   (n x n, n = |A_t| <= max_slots)
-//
-// A token's loss is F(G). Taking the entries of G as independent variables, D = dF/dG, and
-//
-//   dF/dh_s = sum_r W[s][r] h_r,   W = D + D^T   (symmetric)
-//
-// so the gradient of every slot vector is a linear combination of the token's own vectors.
-// The functions below return F and fill W; a backend forms G in one pass over the vectors and
-// writes the gradient in a second pass over the same (cache-resident) vectors.
-//
-// Conventions: G and W are row-major n x n with leading dimension n (G with both triangles
-// filled). W may be null: then only F is computed. Everything is plain arrays sized by the
-// compile-time limit max_slots and a run-time n; no allocation, no exceptions, no Eigen, so a
-// CUDA kernel calls the very same functions (MOEREG_HOST_DEVICE).
-
-#include <cmath>
-
-
-// Loops over the lanes of the subspace solver (below): kept rolled, so that the compiler
-// vectorises them across lanes instead of unrolling them into scalar code. Undefined again at
-// the end of this header.
-#if defined(__CUDACC__) || !defined(__GNUC__)  // nvcc's front end rejects GCC loop pragmas
-#define MOEREG_DETAIL_LANES
-#elif defined(__clang__)
-// Not vectorize(enable): clang then warns (-Wpass-failed, an error under -Werror) wherever it
-// cannot vectorise, as at -Os; a header must not break its users' -Werror builds.
-#define MOEREG_DETAIL_LANES _Pragma("clang loop unroll(disable)")
-#else
-#define MOEREG_DETAIL_LANES _Pragma("GCC unroll 1") _Pragma("GCC ivdep")
-#endif
-
-MOEREG_NAMESPACE_BEGIN
-/// The per-token arithmetic of the activation (Gram-based) losses, shared by the CPU loops
-/// and the CUDA kernels (MOEREG_HOST_DEVICE): Gram matrices, cos^2 and projection terms and
-/// their derivatives for the k slots of one token.
-namespace math {
-
-/// The largest number of slots per token (the top-k width) the Gram-based losses accept.
-/// Every per-token array is sized by it; the losses reject a wider topk with moereg::error.
-inline constexpr int max_slots = 16;
-
-/// Keeps a parameter out of template argument deduction: Real is deduced from G alone, so
-/// eps may be a double literal and W may be nullptr.
-template <class T>
-struct nondeduced {
-  using type = T;  ///< T itself
-};
-/// nondeduced<T>::type.
-template <class T>
-using nondeduced_t = typename nondeduced<T>::type;
-
-/// Intra-layer specialization (Hu et al., R_sp) of one token:
-///
-///   n_s = max(||h_s||, eps),  c_sr = G[s][r] / (n_s n_r)
-///   F   = w * sum_{s != r} c_sr^2        (ordered pairs; w = 1, or 1 / (n (n - 1)) when pairs_mean)
-///
-///   W[s][r] = 4 w c_sr / (n_s n_r)                          (s != r)
-///   W[s][s] = -4 w (sum_{r != s} c_sr^2) / n_s^2            (0 where ||h_s|| < eps: the norm is the constant eps)
-///
-/// n < 2 gives F = 0 and W = 0.
-template <class Real>
-MOEREG_HOST_DEVICE Real specialization_token(int n, const Real* G, nondeduced_t<Real> eps, bool pairs_mean,
-                                             nondeduced_t<Real>* W) {
-  using std::sqrt;
-  if (W)
-    for (int i = 0; i < n * n; ++i) W[i] = Real(0);
-  if (n < 2) return Real(0);
-  Real inv_norm[max_slots];
-  bool active[max_slots];
-  for (int s = 0; s < n; ++s) {
-    const Real q = G[s * n + s];
-    const Real nrm = sqrt(q > Real(0) ? q : Real(0));
-    active[s] = nrm >= eps;
-    inv_norm[s] = Real(1) / (active[s] ? nrm : eps);
-  }
-  const Real w = pairs_mean ? Real(1) / static_cast<Real>(n * (n - 1)) : Real(1);
-  Real rowsum[max_slots];
-  for (int s = 0; s < n; ++s) rowsum[s] = Real(0);
-  Real total = Real(0);
-  for (int s = 0; s < n; ++s)
-    for (int r = s + 1; r < n; ++r) {
-      const Real inr = inv_norm[s] * inv_norm[r];
-      const Real c = G[s * n + r] * inr;
-      const Real c2 = c * c;
-      total += c2;
-      rowsum[s] += c2;
-      rowsum[r] += c2;
-      if (W) W[s * n + r] = W[r * n + s] = Real(4) * w * c * inr;
-    }
-  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
-  if (W)
-    for (int s = 0; s < n; ++s)
-      W[s * n + s] = active[s] ? Real(-4) * w * rowsum[s] * inv_norm[s] * inv_norm[s] : Real(0);
-  return Real(2) * w * total;  // each unordered pair counts twice
-}
-
-/// Orthogonality (Guo et al., L_o), pairwise form, of one token:
-///
-///   phi(q) = q / (q + eps)^2,  phi'(q) = (eps - q) / (q + eps)^3,  q_s = G[s][s]
-///   F      = sum_{j != s} G[j][s]^2 phi(q_s)
-///
-///   W[j][s] = 2 G[j][s] (phi(q_s) + phi(q_j))              (j != s)
-///   W[s][s] = 2 phi'(q_s) sum_{j != s} G[j][s]^2
-template <class Real>
-MOEREG_HOST_DEVICE Real orthogonality_pairwise_token(int n, const Real* G, nondeduced_t<Real> eps,
-                                                     nondeduced_t<Real>* W) {
-  if (W)
-    for (int i = 0; i < n * n; ++i) W[i] = Real(0);
-  if (n < 2) return Real(0);
-  Real phi[max_slots], dphi[max_slots], colsum[max_slots];
-  for (int s = 0; s < n; ++s) {
-    const Real q = G[s * n + s];
-    const Real den = Real(1) / (q + eps);
-    phi[s] = q * den * den;
-    dphi[s] = (eps - q) * den * den * den;
-    colsum[s] = Real(0);
-  }
-  Real total = Real(0);
-  for (int j = 0; j < n; ++j)
-    for (int s = j + 1; s < n; ++s) {
-      const Real a = G[j * n + s];
-      const Real a2 = a * a;
-      total += a2 * (phi[s] + phi[j]);
-      colsum[s] += a2;
-      colsum[j] += a2;
-      if (W) W[j * n + s] = W[s * n + j] = Real(2) * a * (phi[s] + phi[j]);
-    }
-  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
-  if (W)
-    for (int s = 0; s < n; ++s) W[s * n + s] = Real(2) * dphi[s] * colsum[s];
-  return total;
-}
-
-namespace subspace_detail {
-
-// The n sub-problems of orthogonality_subspace_token side by side: sub-problem j lives in
-// lane j of every array ([row][lane], lanes innermost), so every loop below runs the same
-// arithmetic on all lanes at once. The compiler vectorises across lanes, and the dependency
-// chains of the small factorisations and solves overlap instead of running one after the
-// other. Lanes >= n hold the identity system with a zero right-hand side, so they produce
-// zeros and are harmless to include in sums.
-constexpr int lanes = max_slots;
-constexpr int mm = max_slots - 1;
-/// Start of row a of a packed lower triangle.
-MOEREG_HOST_DEVICE constexpr int tri(int a) {
-  return a * (a + 1) / 2;
-}
-
-/// In-place L D L^T factorisation of every lane's packed symmetric m x m matrix: the strict
-/// lower triangle receives the unit lower factor L, the diagonal the reciprocal pivots 1 / D.
-/// (No square roots, so the lane loops vectorise.) Every pivot is clamped to at least
-/// pivot_floor: for A = S + eps I with S a Gram matrix every exact pivot (a Schur
-/// complement) is >= the smallest eigenvalue >= eps, so the clamp changes nothing in exact
-/// arithmetic and only keeps rounding in a nearly singular S from giving a zero or negative
-/// pivot.
-template <class Real>
-MOEREG_HOST_DEVICE void ldlt_factor_lanes(int m, Real (*A)[lanes], Real pivot_floor) {
-  Real piv[mm][lanes];  // D
-  Real v[mm][lanes];    // L[c][p] D[p] of the current column c
-  for (int c = 0; c < m; ++c) {
-    Real dc[lanes];
-    MOEREG_DETAIL_LANES
-    for (int j = 0; j < lanes; ++j) dc[j] = A[tri(c) + c][j];
-    for (int p = 0; p < c; ++p) {
-      MOEREG_DETAIL_LANES
-      for (int j = 0; j < lanes; ++j) {
-        v[p][j] = A[tri(c) + p][j] * piv[p][j];
-        dc[j] -= A[tri(c) + p][j] * v[p][j];
-      }
-    }
-    MOEREG_DETAIL_LANES
-    for (int j = 0; j < lanes; ++j) {
-      piv[c][j] = dc[j] > pivot_floor ? dc[j] : pivot_floor;
-      A[tri(c) + c][j] = Real(1) / piv[c][j];
-    }
-    for (int i = c + 1; i < m; ++i) {
-      Real t[lanes];
-      MOEREG_DETAIL_LANES
-      for (int j = 0; j < lanes; ++j) t[j] = A[tri(i) + c][j];
-      for (int p = 0; p < c; ++p) {
-        MOEREG_DETAIL_LANES
-        for (int j = 0; j < lanes; ++j) t[j] -= A[tri(i) + p][j] * v[p][j];
-      }
-      MOEREG_DETAIL_LANES
-      for (int j = 0; j < lanes; ++j) A[tri(i) + c][j] = t[j] * A[tri(c) + c][j];
-    }
-  }
-}
-
-/// Solves L D L^T x = rhs in every lane with the factor from ldlt_factor_lanes. x may alias rhs.
-template <class Real>
-MOEREG_HOST_DEVICE void ldlt_solve_lanes(int m, const Real (*L)[lanes], const Real (*rhs)[lanes], Real (*x)[lanes]) {
-  Real y[mm][lanes];
-  for (int i = 0; i < m; ++i) {
-    Real s[lanes];
-    MOEREG_DETAIL_LANES
-    for (int j = 0; j < lanes; ++j) s[j] = rhs[i][j];
-    for (int p = 0; p < i; ++p) {
-      MOEREG_DETAIL_LANES
-      for (int j = 0; j < lanes; ++j) s[j] -= L[tri(i) + p][j] * y[p][j];
-    }
-    MOEREG_DETAIL_LANES
-    for (int j = 0; j < lanes; ++j) y[i][j] = s[j];
-  }
-  for (int i = m - 1; i >= 0; --i) {
-    Real s[lanes];
-    MOEREG_DETAIL_LANES
-    for (int j = 0; j < lanes; ++j) s[j] = y[i][j] * L[tri(i) + i][j];
-    for (int p = i + 1; p < m; ++p) {
-      MOEREG_DETAIL_LANES
-      for (int j = 0; j < lanes; ++j) s[j] -= L[tri(p) + i][j] * x[p][j];
-    }
-    MOEREG_DETAIL_LANES
-    for (int j = 0; j < lanes; ++j) x[i][j] = s[j];
-  }
-}
-
-}  // namespace subspace_detail
-
-/// Orthogonality, subspace form, of one token: each h_j is projected onto the span of the
-/// token's other valid vectors X_j (the n - 1 columns s != j), with S_j = X_j^T X_j the
-/// sub-Gram (G without row and column j), A_j = S_j + eps I and g_j = X_j^T h_j (column j of
-/// G without entry j):
-///
-///   b_j = A_j^{-1} g_j,   term_j = || X_j b_j ||^2 = b_j^T S_j b_j,   F = sum_j term_j
-///
-/// The derivative flows through the basis X_j as well as through h_j. With
-/// c_j = A_j^{-1} S_j b_j (A_j symmetric):
-///
-///   d term_j = 2 c_j^T dg_j + sum_{a,l} (b_a b_l - 2 c_a b_l) dS_j[a][l]
-///
-/// Writing B_j and C_j for b_j and c_j spread back to the n slots (entry j zero):
-///
-///   W = sum_j 2 (B_j B_j^T - B_j C_j^T - C_j B_j^T + C_j e_j^T + e_j C_j^T)
-///
-/// Each A_j, of size n - 1, is factored (L D L^T, pivots clamped at eps: see
-/// subspace_detail::ldlt_factor_lanes); eps must be positive. S_j b_j is formed as
-/// g_j - eps b_j (equal, as A_j b_j = g_j). The n systems are solved side by side, one per
-/// lane. n < 2 gives F = 0 and W = 0. The caller applies the 1/k of LOSSES.md.
-template <class Real>
-MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nondeduced_t<Real> eps,
-                                                     nondeduced_t<Real>* W) {
-  using namespace subspace_detail;
-  if (W)
-    for (int i = 0; i < n * n; ++i) W[i] = Real(0);
-  if (n < 2) return Real(0);
-  const int m = n - 1;
-  Real A[tri(mm)][lanes];  // A_j, then its factor
-  Real b[mm][lanes], sb[mm][lanes];
-  // Lane j's a-th other slot is o_j(a) = a + (a >= j). For l <= a that makes A_j[a][l] one of
-  // three entries of G, and g_j[a] = G[o_j(a)][j] one of two rows of G.
-  for (int a = 0; a < m; ++a) {
-    for (int l = 0; l <= a; ++l) {
-      const Real lo = G[(a + 1) * n + l + 1], mid = G[(a + 1) * n + l], hi = G[a * n + l];
-      const Real diag = a == l ? Real(eps) : Real(0), dead = a == l ? Real(1) : Real(0);
-      MOEREG_DETAIL_LANES
-      for (int j = 0; j < lanes; ++j) A[tri(a) + l][j] = j >= n ? dead : (j > a ? hi : (j > l ? mid : lo)) + diag;
-    }
-    const Real* ga = G + a * n;  // rows a and a + 1 of G, read only at j < n
-    for (int j = 0; j < n; ++j) b[a][j] = j > a ? ga[j] : ga[n + j];
-    for (int j = n; j < lanes; ++j) b[a][j] = Real(0);
-  }
-  for (int a = 0; a < m; ++a) {
-    MOEREG_DETAIL_LANES
-    for (int j = 0; j < lanes; ++j) sb[a][j] = b[a][j];  // g_j, kept for S_j b_j
-  }
-  ldlt_factor_lanes(m, A, Real(eps));
-  ldlt_solve_lanes(m, A, b, b);
-  Real term[lanes];
-  for (int j = 0; j < lanes; ++j) term[j] = Real(0);
-  for (int a = 0; a < m; ++a) {
-    MOEREG_DETAIL_LANES
-    for (int j = 0; j < lanes; ++j) {
-      sb[a][j] -= eps * b[a][j];
-      term[j] += b[a][j] * sb[a][j];
-    }
-  }
-  Real total = Real(0);
-  for (int j = 0; j < lanes; ++j) total += term[j];
-  if (!W) return total;
-  Real(*c)[lanes] = sb;  // c_j = A_j^{-1} S_j b_j, in place
-  ldlt_solve_lanes(m, A, sb, c);
-  // Bt[j][x], Ct[j][x]: b_j and c_j spread back to the slots x (0 at x = j and for x >= n).
-  Real Bt[lanes][max_slots], Ct[lanes][max_slots];
-  for (int j = 0; j < n; ++j) {
-    for (int x = 0; x < j; ++x) Bt[j][x] = b[x][j], Ct[j][x] = c[x][j];
-    Bt[j][j] = Ct[j][j] = Real(0);
-    for (int x = j + 1; x < n; ++x) Bt[j][x] = b[x - 1][j], Ct[j][x] = c[x - 1][j];
-    for (int x = n; x < max_slots; ++x) Bt[j][x] = Ct[j][x] = Real(0);
-  }
-  // acc[x][.] = sum_j B_j[x] B_j - B_j[x] C_j - C_j[x] B_j, a row at a time (vectorised over
-  // the row, the sum over j in order).
-  Real acc[max_slots][max_slots];
-  for (int x = 0; x < n; ++x) {
-    MOEREG_DETAIL_LANES
-    for (int y = 0; y < max_slots; ++y) acc[x][y] = Real(0);
-  }
-  for (int j = 0; j < n; ++j)
-    for (int x = 0; x < n; ++x) {
-      const Real bx = Bt[j][x], cx = Ct[j][x];
-      MOEREG_DETAIL_LANES
-      for (int y = 0; y < max_slots; ++y) acc[x][y] += bx * Bt[j][y] - bx * Ct[j][y] - cx * Bt[j][y];
-    }
-  for (int x = 0; x < n; ++x)
-    for (int y = 0; y <= x; ++y) {  // one triangle, mirrored: W is exactly symmetric
-      const Real v = Real(2) * (acc[x][y] + Ct[y][x] + Ct[x][y]);
-      W[x * n + y] = v;
-      W[y * n + x] = v;
-    }
-  MOEREG_KEEP_STORES(W);  // the symmetric fill above (core/config.hpp)
-  return total;
-}
-
-}  // namespace math
-MOEREG_NAMESPACE_END
-
-#undef MOEREG_DETAIL_LANES
-// ---- end moereg/math/pairwise.hpp ----
-
-MOEREG_NAMESPACE_BEGIN
-
-/// How the pair sum of one token is normalised.
-enum class sp_pairs {
-  sum,   ///< sum over ordered pairs (the paper)
-  mean,  ///< divided by |A_t| (|A_t| - 1)
-};
-
-/// Configuration of specialization_loss (LOSSES.md section 3).
-struct specialization_config {
-  double coef = 2e-3;  ///< lambda
-  double eps = 1e-8;   ///< norm clamp; must be positive
-  sp_pairs pairs = sp_pairs::sum;  ///< sum over ordered pairs (default) or mean
-};
-
-struct specialization_loss;
-
-/// Inputs of specialization_loss; T is the storage type, Layout the activation layout policy.
-template <class T, class Layout>
-struct specialization_inputs {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = specialization_loss;  ///< the loss these inputs are for
-  using grad_type = activation_view<T, Layout>;  ///< what backward() writes
-  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
-  topk_view topk;                         ///< I [T, k]; negative = dropped slot
-  mask_view mask{};                       ///< m [T], empty = all valid
-  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
-};
-/// Deduces the storage type from the views: `specialization_inputs{view(x), ...}` needs no template argument.
-template <class U, class Layout, class... Rest>
-specialization_inputs(activation_view<U, Layout>, Rest...)
-    -> specialization_inputs<std::remove_const_t<U>, Layout>;
-
-/// Intra-layer specialization loss L = lambda * (1 / T_v) sum_t m_t sum_{s != r} c_{t,s,r}^2
-/// (Hu et al. 2026, R_sp; LOSSES.md section 3), gradient with respect to the activations h.
-struct specialization_loss : loss_api<specialization_loss, specialization_config> {
-  static constexpr const char* name = "specialization_loss";  ///< in error messages
-  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
-  template <class T, class Layout>
-  index_t stats_size(const specialization_inputs<T, Layout>&) const {
-    return 1;
-  }
-};
-
-namespace detail {
-
-// ---------------------------------------------------------------------------------------------
-// Validation shared by the Gram-based activation losses (core/validate.hpp).
-
-/// Shape checks: finite coef and positive eps; topk [T, k] with 1 <= k <= math::max_slots (and
-/// k <= E when E > 0 is given; the activation losses do not need E); the mask; the layouts'
-/// own shape checks, their [T, k] against topk and the gradient's against the activations; the
-/// size of the reduced statistics.
-template <class T, class Layout>
-void check_gram_shapes(const char* who, double coef, double eps, const activation_view<const T, Layout>& x,
-                       const topk_view& I, const mask_view& mask, index_t E, const activation_view<T, Layout>* grad,
-                       stats_view reduced) {
-  static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
-  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
-  require(eps > 0 && std::isfinite(eps), who, ": eps = ", eps, " must be positive and finite");
-  require(I.rows >= 0 && I.k >= 0, who, ": topk has a negative size [", I.rows, ", ", I.k, "]");
-  require(I.k <= math::max_slots, who, ": topk has k = ", I.k, " columns but at most ", math::max_slots,
-          " slots per token are supported (moereg::math::max_slots)");
-  require(E >= 0, who, ": num_experts = ", E, " is negative");
-  check_topk_shape(who, "topk", I, I.rows, E > 0 ? E : I.k);
-  check_mask(who, mask, I.rows);
-  validate_layout_shape(who, x.layout);
-  require(x.layout.tokens() == I.rows && x.layout.slots() == I.k, who, ": acts layout is [", x.layout.tokens(), ", ",
-          x.layout.slots(), ", ", x.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
-  require(x.layout.dim() >= 0, who, ": acts has a negative length d = ", x.layout.dim());
-  if (grad) {
-    const auto& g = grad->layout;
-    validate_layout_shape(who, g);
-    require(g.tokens() == x.layout.tokens() && g.slots() == x.layout.slots() && g.dim() == x.layout.dim(), who,
-            ": grad layout is [", g.tokens(), ", ", g.slots(), ", ", g.dim(), "] but acts is [", x.layout.tokens(),
-            ", ", x.layout.slots(), ", ", x.layout.dim(), "]");
-  }
-  check_stats_shape(who, reduced, 1);
-}
-
-/// Content checks on the host: the top-k ids (below E when E > 0, never one expert twice in a
-/// row), the layouts' maps (validate()), a vector for every valid slot in the activations and
-/// the gradient, and the reduced T_v (a count).
-template <class T, class Layout>
-void check_gram_contents(const char* who, const activation_view<const T, Layout>& x, const topk_view& I, index_t E,
-                         const activation_view<T, Layout>* grad, stats_view reduced) {
-  check_topk_ids(who, "topk", I, E);
-  check_layout_slots(who, "acts", x, I);
-  if (grad) check_layout_slots(who, "grad", *grad, I);
-  check_stats_values(who, reduced, 1);
-}
-
-/// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
-template <class T, class Layout, class F>
-void gram_buffers(const activation_view<const T, Layout>& x, const topk_view& I, const mask_view& mask,
-                  const activation_view<T, Layout>* grad, F&& f) {
-  f("acts", x.data);
-  f("topk", I.data);
-  f("mask", mask.data);
-  if (grad) f("grad", grad->data);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Register packs: one chunk of a vector in registers. The width is 64 bytes of accumulator
-// type (16 floats or 8 doubles). All layouts, strides and tails go through the same pack
-// arithmetic in the same order, so a token gives bitwise the same result in every layout.
-
-// Full unrolling of the loops over the vectors of a token (compile-time counts in the
-// specialised passes). GCC needs the hint; Clang unrolls them anyway and warns when a hinted
-// loop with a run-time count is not unrolled. Undefined at the end of this header.
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)  // nvcc rejects GCC loop pragmas
-#define MOEREG_DETAIL_UNROLL _Pragma("GCC unroll 16")
-#else
-#define MOEREG_DETAIL_UNROLL
-#endif
-
-#if defined(__GNUC__) || defined(__clang__)
-#define MOEREG_DETAIL_VECTOR_EXT 1
-#else
-#define MOEREG_DETAIL_VECTOR_EXT 0
-#endif
-
-/// The portable pack: 64 bytes of Acc as four 16-byte GNU vectors where the compiler has the
-/// vector extension (each operation is then four vector statements, which every target lowers
-/// directly to its registers; 16 bytes is the width every x86-64 and AArch64 CPU has, so no
-/// argument ever needs a wider ABI), or as width scalars the compiler vectorises otherwise.
-/// Either way the parts are operated on one by one and every lane is computed alone, so both
-/// forms give the same bits.
-template <class Acc>
-struct pack_portable {
-  using acc_type = Acc;
-  static constexpr int width = 64 / static_cast<int>(sizeof(Acc));
-#if MOEREG_DETAIL_VECTOR_EXT
-  static constexpr int parts = 4;
-  typedef Acc part __attribute__((vector_size(16)));
-#else
-  static constexpr int parts = width;
-  using part = Acc;
-#endif
-  struct reg {
-    part v[parts];
-  };
-  static MOEREG_FORCEINLINE reg zero() {
-    reg r;
-    for (int j = 0; j < parts; ++j) r.v[j] = part{};
-    return r;
-  }
-  static MOEREG_FORCEINLINE reg loadu(const Acc* p) {
-    reg r;
-    std::memcpy(&r, p, sizeof(reg));
-    return r;
-  }
-  static MOEREG_FORCEINLINE void storeu(Acc* p, const reg& a) { std::memcpy(p, &a, sizeof(reg)); }
-  static MOEREG_FORCEINLINE reg fmadd(const reg& a, const reg& b, const reg& c) {
-    reg r;
-    for (int j = 0; j < parts; ++j) r.v[j] = a.v[j] * b.v[j] + c.v[j];
-    return r;
-  }
-  static MOEREG_FORCEINLINE reg mul_s(Acc s, const reg& a) {
-    reg r;
-    for (int j = 0; j < parts; ++j) r.v[j] = s * a.v[j];
-    return r;
-  }
-  static MOEREG_FORCEINLINE reg fmadd_s(Acc s, const reg& a, const reg& c) {
-    reg r;
-    for (int j = 0; j < parts; ++j) r.v[j] = s * a.v[j] + c.v[j];
-    return r;
-  }
-  static MOEREG_FORCEINLINE reg add(const reg& a, const reg& b) {
-    reg r;
-    for (int j = 0; j < parts; ++j) r.v[j] = a.v[j] + b.v[j];
-    return r;
-  }
-  /// Fixed tree: halves added until one lane is left.
-  static MOEREG_FORCEINLINE Acc hsum(const reg& a) {
-    Acc t[width];
-    storeu(t, a);
-    for (int h = width / 2; h >= 1; h /= 2)
-      for (int l = 0; l < h; ++l) t[l] += t[l + h];
-    return t[0];
-  }
-};
-
-#if MOEREG_HAS_AVX512
-struct pack_avx512_f32 {
-  using acc_type = float;
-  static constexpr int width = 16;
-  using reg = __m512;
-  static MOEREG_FORCEINLINE reg zero() { return _mm512_setzero_ps(); }
-  static MOEREG_FORCEINLINE reg loadu(const float* p) { return _mm512_loadu_ps(p); }
-  static MOEREG_FORCEINLINE void storeu(float* p, reg a) { _mm512_storeu_ps(p, a); }
-  static MOEREG_FORCEINLINE reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
-  static MOEREG_FORCEINLINE reg mul_s(float s, reg a) { return _mm512_mul_ps(_mm512_set1_ps(s), a); }
-  static MOEREG_FORCEINLINE reg fmadd_s(float s, reg a, reg c) { return _mm512_fmadd_ps(_mm512_set1_ps(s), a, c); }
-  static MOEREG_FORCEINLINE reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  // A fixed tree (halves, quarters, ...). Written with the masked intrinsics and an all-ones
-  // mask: the unmasked ones start from an "undefined" register that GCC 12 reports under
-  // -Wuninitialized (GCC bug 105593); the instructions are the same.
-  static MOEREG_FORCEINLINE float hsum(reg a) {
-    const __mmask16 all = 0xffff;
-    a = _mm512_add_ps(a, _mm512_mask_shuffle_f32x4(a, all, a, a, 0x4e));
-    a = _mm512_add_ps(a, _mm512_mask_shuffle_f32x4(a, all, a, a, 0xb1));
-    a = _mm512_add_ps(a, _mm512_mask_permute_ps(a, all, a, 0x4e));
-    a = _mm512_add_ps(a, _mm512_mask_permute_ps(a, all, a, 0xb1));
-    return _mm512_cvtss_f32(a);
-  }
-};
-struct pack_avx512_f64 {
-  using acc_type = double;
-  static constexpr int width = 8;
-  using reg = __m512d;
-  static MOEREG_FORCEINLINE reg zero() { return _mm512_setzero_pd(); }
-  static MOEREG_FORCEINLINE reg loadu(const double* p) { return _mm512_loadu_pd(p); }
-  static MOEREG_FORCEINLINE void storeu(double* p, reg a) { _mm512_storeu_pd(p, a); }
-  static MOEREG_FORCEINLINE reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_pd(a, b, c); }
-  static MOEREG_FORCEINLINE reg mul_s(double s, reg a) { return _mm512_mul_pd(_mm512_set1_pd(s), a); }
-  static MOEREG_FORCEINLINE reg fmadd_s(double s, reg a, reg c) { return _mm512_fmadd_pd(_mm512_set1_pd(s), a, c); }
-  static MOEREG_FORCEINLINE reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
-  static MOEREG_FORCEINLINE double hsum(reg a) {
-    const __mmask8 all = 0xff;
-    a = _mm512_add_pd(a, _mm512_mask_shuffle_f64x2(a, all, a, a, 0x4e));
-    a = _mm512_add_pd(a, _mm512_mask_shuffle_f64x2(a, all, a, a, 0xb1));
-    a = _mm512_add_pd(a, _mm512_mask_permute_pd(a, all, a, 0x55));
-    return _mm512_cvtsd_f64(a);
-  }
-};
-template <class T>
-struct gram_pack {
-  using type = pack_avx512_f32;
-};
-template <>
-struct gram_pack<double> {
-  using type = pack_avx512_f64;
-};
-#else
-template <class T>
-struct gram_pack {
-  using type = pack_portable<accumulator_t<T> >;
-};
-#endif
-
-/// Loads and stores of one full, contiguous chunk of storage type T. The generic version
-/// converts element by element; the specialisations below convert whole registers and give
-/// bitwise the same values (the 16-bit to float conversions are exact, and the float to
-/// 16-bit ones round to nearest even like moereg::store).
-template <class P, class T>
-struct chunk_io {
-  using Acc = typename P::acc_type;
-  using reg = typename P::reg;
-  static MOEREG_FORCEINLINE reg load(const T* p) {
-    Acc buf[P::width];
-    for (int l = 0; l < P::width; ++l) buf[l] = moereg::load(p[l]);
-    return P::loadu(buf);
-  }
-  static MOEREG_FORCEINLINE void store(T* p, reg v, bool accumulate) {
-    Acc buf[P::width];
-    P::storeu(buf, v);
-    for (int l = 0; l < P::width; ++l) put_grad(p[l], buf[l], accumulate);
-  }
-  /// Overwrite with a non-temporal store where the instruction set has one (p aligned to
-  /// a whole chunk); a plain store otherwise.
-  static MOEREG_FORCEINLINE void stream(T* p, reg v) { store(p, v, false); }
-};
-template <class Acc>
-struct chunk_io<pack_portable<Acc>, Acc> {
-  using P = pack_portable<Acc>;
-  using reg = typename P::reg;
-  static MOEREG_FORCEINLINE reg load(const Acc* p) { return P::loadu(p); }
-  static MOEREG_FORCEINLINE void store(Acc* p, const reg& v, bool accumulate) {
-    P::storeu(p, accumulate ? P::add(P::loadu(p), v) : v);
-  }
-  static MOEREG_FORCEINLINE void stream(Acc* p, const reg& v) { P::storeu(p, v); }
-};
-#if MOEREG_HAS_AVX512
-template <>
-struct chunk_io<pack_avx512_f32, float> {
-  static MOEREG_FORCEINLINE __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-  static MOEREG_FORCEINLINE void store(float* p, __m512 v, bool accumulate) {
-    _mm512_storeu_ps(p, accumulate ? _mm512_add_ps(_mm512_loadu_ps(p), v) : v);
-  }
-  static MOEREG_FORCEINLINE void stream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
-};
-template <>
-struct chunk_io<pack_avx512_f64, double> {
-  static MOEREG_FORCEINLINE __m512d load(const double* p) { return _mm512_loadu_pd(p); }
-  static MOEREG_FORCEINLINE void store(double* p, __m512d v, bool accumulate) {
-    _mm512_storeu_pd(p, accumulate ? _mm512_add_pd(_mm512_loadu_pd(p), v) : v);
-  }
-  static MOEREG_FORCEINLINE void stream(double* p, __m512d v) { _mm512_stream_pd(p, v); }
-};
-template <>
-struct chunk_io<pack_avx512_f32, bfloat16> {
-  // bfloat16 -> float is a 16-bit left shift of the bits. (Masked intrinsics with an all-ones
-  // mask throughout: see pack_avx512_f32::hsum.)
-  static MOEREG_FORCEINLINE __m512 from_bits(__m256i b) {
-    const __mmask16 all = 0xffff;
-    const __m512i z = _mm512_setzero_si512();
-    return _mm512_castsi512_ps(_mm512_mask_slli_epi32(z, all, _mm512_mask_cvtepu16_epi32(z, all, b), 16));
-  }
-  // float -> bfloat16, round to nearest even; NaN becomes the quiet NaN 0x7fc0 with the sign
-  // kept (the same bits as Eigen's scalar conversion).
-  static MOEREG_FORCEINLINE __m256i to_bits(__m512 v) {
-    const __mmask16 all = 0xffff;
-    const __m512i z = _mm512_setzero_si512();
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i hi = _mm512_mask_srli_epi32(z, all, u, 16);
-    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-    const __m512i rounded =
-        _mm512_mask_srli_epi32(z, all, _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    const __m512i qnan = _mm512_or_si512(_mm512_and_si512(hi, _mm512_set1_epi32(0x8000)), _mm512_set1_epi32(0x7fc0));
-    return _mm512_mask_cvtepi32_epi16(_mm256_setzero_si256(), all, _mm512_mask_blend_epi32(nan, rounded, qnan));
-  }
-  static MOEREG_FORCEINLINE __m512 load(const bfloat16* p) {
-    return from_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static MOEREG_FORCEINLINE void store(bfloat16* p, __m512 v, bool accumulate) {
-    if (accumulate) v = _mm512_add_ps(load(p), v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
-  }
-  static MOEREG_FORCEINLINE void stream(bfloat16* p, __m512 v) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
-  }
-};
-template <>
-struct chunk_io<pack_avx512_f32, half> {
-  static MOEREG_FORCEINLINE __m512 load(const half* p) {
-    return _mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static MOEREG_FORCEINLINE __m256i to_bits(__m512 v) {
-    return _mm512_mask_cvtps_ph(_mm256_setzero_si256(), 0xffff, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  static MOEREG_FORCEINLINE void store(half* p, __m512 v, bool accumulate) {
-    if (accumulate) v = _mm512_add_ps(load(p), v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
-  }
-  static MOEREG_FORCEINLINE void stream(half* p, __m512 v) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bits(v));
-  }
-};
-#endif
-
-/// A strided or partial chunk: `count` elements `stride` apart, zero-filled to a full pack.
-template <class P, class T>
-MOEREG_FORCEINLINE typename P::reg load_gather(const T* p, index_t stride, int count) {
-  typename P::acc_type buf[P::width];
-  for (int l = 0; l < P::width; ++l) buf[l] = l < count ? moereg::load(p[l * stride]) : typename P::acc_type(0);
-  return P::loadu(buf);
-}
-template <class P, class T>
-MOEREG_FORCEINLINE void store_scatter(T* p, index_t stride, int count, typename P::reg v, bool accumulate) {
-  typename P::acc_type buf[P::width];
-  P::storeu(buf, v);
-  for (int l = 0; l < count; ++l) put_grad(p[l * stride], buf[l], accumulate);
-}
-
-/// Asks for the cache line at p ahead of use (into L2: the current token's vectors own L1).
-MOEREG_FORCEINLINE void prefetch_l2(const void* p) {
-#if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(p, 0, 2);
-#else
-  (void)p;
-#endif
-}
-
-/// Orders the non-temporal stores of this thread before its later stores (they are weakly
-/// ordered); called once per block that streamed.
-MOEREG_FORCEINLINE void stream_fence() {
-#if MOEREG_HAS_AVX512
-  _mm_sfence();
-#endif
-}
-
-template <class T>
-void zero_vector(T* p, index_t d, index_t stride) {
-  for (index_t i = 0; i < d; ++i) store(p[i * stride], accumulator_t<T>(0));
-}
-
-// ---------------------------------------------------------------------------------------------
-// The two per-token passes, in two forms that give bitwise the same results:
-// - specialised (gram_pass<N>, apply_pass<N>): a compile-time number N = 2..8 of contiguous
-//   vectors, the loops unrolled and the accumulators in registers;
-// - run-time (gram_pass_rt, apply_pass_rt): any n <= math::max_slots and any element stride,
-//   the work cut into fixed blocks (4 x 4 pairs, 4 outputs) whose loops are compile-time, so
-//   nothing is unrolled over a run-time count (cheap to compile, registers still suffice).
-// Both form every dot product and every output in the same order: one accumulator per pair or
-// output, the chunks in order, a zero-filled tail chunk, the same horizontal sum. So a token
-// gives the same bits whichever path, layout or stride it takes.
-
-/// One sweep of the specialised Gram pass: G[a][b] = G[b][a] = <x_a, x_b> for a in [A0, A1),
-/// b <= a, over contiguous vectors. ld: the leading dimension of G.
-template <int A0, int A1, class P, class T>
-MOEREG_FORCEINLINE void gram_sweep(const T* const* x, index_t d, typename P::acc_type* G, int ld, const T* const* pf,
-                                   int npf) {
-  using reg = typename P::reg;
-  constexpr int W = P::width;
-  constexpr int np = A1 * (A1 + 1) / 2 - A0 * (A0 + 1) / 2;
-  reg acc[np];
-  MOEREG_DETAIL_UNROLL
-  for (int p = 0; p < np; ++p) acc[p] = P::zero();
-  reg v[A1];
-  auto accumulate = [&]() {
-    int p = 0;
-    MOEREG_DETAIL_UNROLL
-    for (int a = A0; a < A1; ++a) {
-      MOEREG_DETAIL_UNROLL
-      for (int b = 0; b <= a; ++b, ++p) acc[p] = P::fmadd(v[a], v[b], acc[p]);
-    }
-  };
-  index_t i = 0;
-  for (; i + W <= d; i += W) {
-    for (int r = 0; r < npf; ++r) prefetch_l2(pf[r] + i);
-    MOEREG_DETAIL_UNROLL
-    for (int r = 0; r < A1; ++r) v[r] = chunk_io<P, T>::load(x[r] + i);
-    accumulate();
-  }
-  if (i < d) {
-    const int rest = static_cast<int>(d - i);
-    for (int r = 0; r < A1; ++r) v[r] = load_gather<P>(x[r] + i, 1, rest);
-    accumulate();
-  }
-  int p = 0;
-  MOEREG_DETAIL_UNROLL
-  for (int a = A0; a < A1; ++a) {
-    MOEREG_DETAIL_UNROLL
-    for (int b = 0; b <= a; ++b, ++p) G[a * ld + b] = G[b * ld + a] = P::hsum(acc[p]);
-  }
-  MOEREG_KEEP_STORES(G);  // GCC 12 at -O1 lost these stores (core/config.hpp)
-}
-
-/// G[a][b] = <x_a, x_b> for N contiguous vectors, both triangles filled (leading dimension N).
-/// More than 6 vectors would need more accumulators than there are registers; the pairs are
-/// then formed in two sweeps (a < 6, then a >= 6), the second re-reading the first 6 vectors
-/// from cache.
-template <int N, class P, class T>
-void gram_pass(const T* const* x, index_t d, typename P::acc_type* G, const T* const* pf, int npf) {
-  static_assert(N >= 1 && N <= 8, "the specialised Gram pass covers 1 to 8 vectors");
-  if constexpr (N > 6) {
-    gram_sweep<0, 6, P>(x, d, G, N, pf, npf);
-    gram_sweep<6, N, P>(x, d, G, N, pf, 0);
-  } else {
-    gram_sweep<0, N, P>(x, d, G, N, pf, npf);
-  }
-}
-
-/// One chunk of `rest` elements (W for a full one) of a vector `stride` apart.
-template <class P, bool Contig, class T>
-MOEREG_FORCEINLINE typename P::reg load_chunk(const T* p, index_t stride, int rest) {
-  if constexpr (Contig)
-    if (rest == P::width) return chunk_io<P, T>::load(p);
-  return load_gather<P>(p, stride, rest);
-}
-
-/// The run-time Gram pass: G as gram_pass gives it, for 1 <= n <= math::max_slots vectors with
-/// element stride `stride` (1 when Contig). The lower triangle is covered by 4 x 4 blocks of
-/// pairs, each one sweep over the chunks with 16 accumulators; block rows past n repeat the
-/// last vector and are not stored.
-template <class P, bool Contig, class T>
-void gram_pass_rt(int n, const T* const* x, index_t d, index_t stride, typename P::acc_type* G, const T* const* pf,
-                  int npf) {
-  using reg = typename P::reg;
-  constexpr int W = P::width, B = 4;
-  for (int a0 = 0; a0 < n; a0 += B)
-    for (int b0 = 0; b0 <= a0; b0 += B) {
-      const T* xa[B];
-      const T* xb[B];
-      MOEREG_DETAIL_UNROLL
-      for (int j = 0; j < B; ++j) {
-        xa[j] = x[a0 + j < n ? a0 + j : n - 1];
-        xb[j] = x[b0 + j < n ? b0 + j : n - 1];
-      }
-      reg acc[B * B];
-      MOEREG_DETAIL_UNROLL
-      for (int p = 0; p < B * B; ++p) acc[p] = P::zero();
-      const int nf = a0 == 0 ? npf : 0;  // the next token's lines are asked for once
-      for (index_t i = 0; i < d; i += W) {
-        const int rest = d - i < W ? static_cast<int>(d - i) : W;
-        for (int r = 0; r < nf; ++r) prefetch_l2(pf[r] + i * stride);
-        reg va[B], vb[B];
-        MOEREG_DETAIL_UNROLL
-        for (int j = 0; j < B; ++j) {
-          va[j] = load_chunk<P, Contig>(xa[j] + i * stride, stride, rest);
-          vb[j] = load_chunk<P, Contig>(xb[j] + i * stride, stride, rest);
-        }
-        MOEREG_DETAIL_UNROLL
-        for (int ia = 0; ia < B; ++ia) {
-          MOEREG_DETAIL_UNROLL
-          for (int ib = 0; ib < B; ++ib) acc[ia * B + ib] = P::fmadd(va[ia], vb[ib], acc[ia * B + ib]);
-        }
-      }
-      for (int ia = 0; ia < B && a0 + ia < n; ++ia)
-        for (int ib = 0; ib < B && b0 + ib <= a0 + ia; ++ib) {
-          const int a = a0 + ia, b = b0 + ib;
-          G[a * n + b] = G[b * n + a] = P::hsum(acc[ia * B + ib]);
-        }
-    }
-  MOEREG_KEEP_STORES(G);
-}
-
-/// One output chunk of `rest` elements: a non-temporal store (Stream), a contiguous store or a
-/// scatter `stride` apart.
-template <class P, bool Contig, bool Stream, class T>
-MOEREG_FORCEINLINE void store_chunk(T* p, index_t stride, int rest, typename P::reg o, bool accumulate) {
-  if constexpr (Contig) {
-    if (rest == P::width) {
-      if constexpr (Stream)
-        chunk_io<P, T>::stream(p, o);
-      else
-        chunk_io<P, T>::store(p, o, accumulate);
-      return;
-    }
-  }
-  store_scatter<P>(p, stride, rest, o, accumulate);
-}
-
-/// g_s (+)= sum_r Wm[s][r] x_r for N contiguous vectors. Stream (overwrite mode, every g_s
-/// aligned to a whole chunk): full chunks are written with non-temporal stores.
-template <int N, class P, bool Stream, class T>
-void apply_pass(const T* const* x, T* const* g, index_t d, const typename P::acc_type* Wm, bool accumulate,
-                const T* const* pf, int npf) {
-  using Acc = typename P::acc_type;
-  using reg = typename P::reg;
-  constexpr int W = P::width;
-  Acc w[N * N];  // a private copy: the compiler need not reload it after every store
-  for (int i = 0; i < N * N; ++i) w[i] = Wm[i];
-  reg v[N];
-  index_t i = 0;
-  for (; i + W <= d; i += W) {
-    for (int r = 0; r < npf; ++r) prefetch_l2(pf[r] + i);
-    MOEREG_DETAIL_UNROLL
-    for (int r = 0; r < N; ++r) v[r] = chunk_io<P, T>::load(x[r] + i);
-    MOEREG_DETAIL_UNROLL
-    for (int s = 0; s < N; ++s) {
-      reg o = P::mul_s(w[s * N], v[0]);
-      MOEREG_DETAIL_UNROLL
-      for (int r = 1; r < N; ++r) o = P::fmadd_s(w[s * N + r], v[r], o);
-      store_chunk<P, true, Stream>(g[s] + i, 1, W, o, accumulate);
-    }
-  }
-  if (i < d) {  // the tail: the same arithmetic, loops left rolled
-    const int rest = static_cast<int>(d - i);
-    for (int r = 0; r < N; ++r) v[r] = load_gather<P>(x[r] + i, 1, rest);
-    for (int s = 0; s < N; ++s) {
-      reg o = P::mul_s(w[s * N], v[0]);
-      for (int r = 1; r < N; ++r) o = P::fmadd_s(w[s * N + r], v[r], o);
-      store_scatter<P>(g[s] + i, 1, rest, o, accumulate);
-    }
-  }
-}
-
-/// The run-time gradient pass: apply_pass for 1 <= n <= math::max_slots vectors, input and
-/// gradient elements xstride and gstride apart (1 when Contig). The outputs go in blocks of 4,
-/// each a sweep over the chunks with the inputs in order; block rows past n are not stored.
-template <class P, bool Contig, bool Stream, class T>
-void apply_pass_rt(int n, const T* const* x, T* const* g, index_t d, index_t xstride, index_t gstride,
-                   const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
-  using Acc = typename P::acc_type;
-  using reg = typename P::reg;
-  constexpr int W = P::width, B = 4;
-  for (int s0 = 0; s0 < n; s0 += B) {
-    Acc w[B][math::max_slots];
-    MOEREG_DETAIL_UNROLL
-    for (int j = 0; j < B; ++j) {
-      const int s = s0 + j < n ? s0 + j : n - 1;
-      for (int r = 0; r < n; ++r) w[j][r] = Wm[s * n + r];
-    }
-    const int nf = s0 == 0 ? npf : 0;
-    for (index_t i = 0; i < d; i += W) {
-      const int rest = d - i < W ? static_cast<int>(d - i) : W;
-      for (int r = 0; r < nf; ++r) prefetch_l2(pf[r] + i * xstride);
-      reg o[B];
-      reg v = load_chunk<P, Contig>(x[0] + i * xstride, xstride, rest);
-      MOEREG_DETAIL_UNROLL
-      for (int j = 0; j < B; ++j) o[j] = P::mul_s(w[j][0], v);
-      for (int r = 1; r < n; ++r) {
-        v = load_chunk<P, Contig>(x[r] + i * xstride, xstride, rest);
-        MOEREG_DETAIL_UNROLL
-        for (int j = 0; j < B; ++j) o[j] = P::fmadd_s(w[j][r], v, o[j]);
-      }
-      for (int j = 0; j < B && s0 + j < n; ++j)
-        store_chunk<P, Contig, Stream>(g[s0 + j] + i * gstride, gstride, rest, o[j], accumulate);
-    }
-  }
-}
-
-/// G for n vectors: the specialised pass for contiguous 2..8 vectors, the run-time one
-/// otherwise.
-template <class P, bool Contig, class T>
-void gram_dispatch(int n, const T* const* x, index_t d, index_t stride, typename P::acc_type* G, const T* const* pf,
-                   int npf) {
-  if constexpr (Contig) {
-    switch (n) {
-      case 2: return gram_pass<2, P>(x, d, G, pf, npf);
-      case 3: return gram_pass<3, P>(x, d, G, pf, npf);
-      case 4: return gram_pass<4, P>(x, d, G, pf, npf);
-      case 5: return gram_pass<5, P>(x, d, G, pf, npf);
-      case 6: return gram_pass<6, P>(x, d, G, pf, npf);
-      case 7: return gram_pass<7, P>(x, d, G, pf, npf);
-      case 8: return gram_pass<8, P>(x, d, G, pf, npf);
-      default: break;
-    }
-  }
-  gram_pass_rt<P, Contig>(n, x, d, stride, G, pf, npf);
-}
-
-/// The gradient pass for n vectors, dispatched like gram_dispatch.
-template <class P, bool Contig, bool Stream, class T>
-void apply_dispatch(int n, const T* const* x, T* const* g, index_t d, index_t xs, index_t gs,
-                    const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
-  static_assert(Contig || !Stream, "non-temporal stores need contiguous vectors");
-  if constexpr (Contig) {
-    switch (n) {
-      case 2: return apply_pass<2, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 3: return apply_pass<3, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 4: return apply_pass<4, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 5: return apply_pass<5, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 6: return apply_pass<6, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 7: return apply_pass<7, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 8: return apply_pass<8, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      default: break;
-    }
-  }
-  apply_pass_rt<P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
-}
-
-/// Tuning of the CPU executor of the Gram-based losses, a plain struct (like CUB's policies);
-/// gram_loss_run takes another as its first template argument.
-struct gram_cpu_policy {
-  /// In overwrite mode, a gradient of at least this many bytes (T * k * d * sizeof(T)) is
-  /// written with non-temporal stores (AVX-512 builds, contiguous vectors aligned to 64 bytes,
-  /// or 32 for 16-bit types). They bypass the caches and so save the read-for-ownership of
-  /// every gradient line, a third of the memory traffic, when the gradient is too large to stay
-  /// cached for its consumer anyway. Smaller gradients are written normally and stay cached.
-  static constexpr index_t stream_min_bytes = index_t(32) << 20;
-};
-
-/// The CPU executor of a Gram-based loss. For every unmasked token with n >= 2 valid slots:
-/// the Gram pass, token_fn(n, G, W) -> F_t (W = null for the value only), W scaled by
-/// scale * grad_scale, the gradient pass. Returns scale * sum_t F_t, summed per block of
-/// cpu_block_rows tokens and then pairwise over blocks (thread-count independent). scale = 0
-/// (T_v = 0) gives 0 and, in overwrite mode, an all-zero gradient. Inputs must be validated.
-template <class Policy = gram_cpu_policy, class T, class Layout, class TokenFn>
-double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, const topk_view& I,
-                     const mask_view& mask, const activation_view<T, Layout>* grad, grad_options opts, double scale,
-                     TokenFn token_fn) {
-  using Acc = accumulator_t<T>;
-  using P = typename gram_pack<T>::type;
-  constexpr int K = math::max_slots;
-  const index_t ntok = I.rows, k = I.k, d = x.layout.dim();
-  const index_t xs = x.layout.stride(), gs = grad ? grad->layout.stride() : 1;
-  const bool live = scale != 0.0;
-  const Acc gcoef = static_cast<Acc>(scale * opts.grad_scale);
-  const index_t nb = num_blocks(ntok, cpu_block_rows);
-  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
-  const bool contig = xs == 1 && gs == 1;
-  // Non-temporal stores exist in the AVX-512 packs only; elsewhere the streaming variant of
-  // the gradient pass would be the plain one, so it is not instantiated.
-  constexpr bool can_stream = MOEREG_HAS_AVX512 != 0;
-  const bool stream = can_stream && grad && !opts.accumulate && contig &&
-                      ntok * k * d * static_cast<index_t>(sizeof(T)) >= Policy::stream_min_bytes;
-  constexpr std::uintptr_t chunk_bytes = static_cast<std::uintptr_t>(P::width) * sizeof(T);
-
-  auto run = [&](auto contig_tag) {
-    constexpr bool C = decltype(contig_tag)::value;
-    parallel_blocks(be, ntok, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-      // The valid vectors of the current token and of the next one, whose memory is
-      // prefetched while the current token is processed.
-      const T* xbuf[2][K];
-      int sbuf[2][K];
-      T* gv[K];
-      Acc G[K * K], Wm[K * K];
-      Acc sum = Acc(0);
-      auto collect = [&](index_t t, const T** xv, int* slot) {
-        int n = 0;
-        if (live && mask(t))
-          for (index_t s = 0; s < k; ++s)
-            if (I(t, s) >= 0) {
-              xv[n] = x.data + x.layout.offset(t, s);
-              slot[n++] = static_cast<int>(s);
-            }
-        return n >= 2 ? n : 0;  // fewer than 2 valid slots: no pair, zero gradient
-      };
-      int cur = 0;
-      int n = r0 < r1 ? collect(r0, xbuf[0], sbuf[0]) : 0;
-      for (index_t t = r0; t < r1; ++t) {
-        const T* const* xv = xbuf[cur];
-        const int* slot = sbuf[cur];
-        const int n_next = t + 1 < r1 ? collect(t + 1, xbuf[1 - cur], sbuf[1 - cur]) : 0;
-        const int npf = C ? n_next : 0;
-        if (n > 0) {
-          gram_dispatch<P, C>(n, xv, d, xs, G, xbuf[1 - cur], grad ? 0 : npf);
-          sum += token_fn(n, static_cast<const Acc*>(G), grad ? Wm : static_cast<Acc*>(nullptr));
-          if (grad) {
-            for (int i = 0; i < n * n; ++i) Wm[i] *= gcoef;
-            for (int i = 0; i < n; ++i) gv[i] = grad->data + grad->layout.offset(t, slot[i]);
-            bool aligned = stream;
-            for (int i = 0; i < n; ++i) aligned = aligned && reinterpret_cast<std::uintptr_t>(gv[i]) % chunk_bytes == 0;
-            bool streamed = false;
-            if constexpr (C && can_stream) {
-              if (aligned) {
-                apply_dispatch<P, true, true>(n, xv, gv, d, xs, gs, Wm, false, xbuf[1 - cur], npf);
-                streamed = true;
-              }
-            }
-            if (!streamed) apply_dispatch<P, C, false>(n, xv, gv, d, xs, gs, Wm, opts.accumulate, xbuf[1 - cur], npf);
-          }
-        }
-        if (grad && !opts.accumulate) {
-          for (index_t s = 0, next = 0; s < k; ++s) {
-            if (next < n && slot[next] == s) {
-              ++next;
-              continue;
-            }
-            const index_t o = grad->layout.offset(t, s);
-            if (o >= 0) zero_vector(grad->data + o, d, gs);
-          }
-        }
-        cur = 1 - cur;
-        n = n_next;
-      }
-      if (stream) stream_fence();
-      partial[static_cast<std::size_t>(b)] = sum;
-    });
-  };
-  if (contig)
-    run(std::true_type{});
-  else
-    run(std::false_type{});
-  return scale * static_cast<double>(pairwise_sum(partial.data(), nb));
-}
-
-}  // namespace detail
-
-namespace detail {
-/// Inputs of a Gram-based loss (specialization, orthogonality): activations in a layout, topk,
-/// mask and num_experts.
-template <class In, class = void>
-struct is_gram_inputs : std::false_type {};
-template <class In>
-struct is_gram_inputs<In, std::void_t<decltype(std::declval<const In&>().acts.layout),
-                                      decltype(std::declval<const In&>().num_experts)>> : std::true_type {};
-template <class In>
-using enable_gram_inputs = std::enable_if_t<is_gram_inputs<In>::value, int>;
-}  // namespace detail
-
-/// Shape checks of a Gram-based loss call (core/validate.hpp), for every backend: the loss's
-/// own configuration checks (validate_config), then check_gram_shapes.
-template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
-void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced,
-                     const detail::grad_view_t<In>* grad) {
-  validate_config(who, loss, in);
-  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
-                            reduced);
-}
-/// Content checks of a Gram-based loss call on the host.
-template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
-void validate_contents(const char* who, const Loss&, const In& in, stats_view reduced,
-                       const detail::grad_view_t<In>* grad) {
-  detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
-}
-/// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
-template <class In, class F, detail::enable_gram_inputs<In> = 0>
-void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
-  detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
-}
-
-/// CPU backend of specialization_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
-template <class T, class Layout>
-void execute_stats(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-                   double* out) {
-  detail::check_scalars("specialization", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("specialization", loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
-  out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
-}
-
-/// CPU backend of specialization_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T, class Layout>
-double execute(const cpu& be, const specialization_loss& loss, const specialization_inputs<T, Layout>& in,
-               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
-  detail::check_scalars("specialization", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("specialization", loss, in, reduced, grad);
-  const double tv = reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.topk.rows)) : reduced.data[0];
-  const double scale = tv > 0 ? loss.cfg.coef / tv : 0.0;
-  const Acc eps = static_cast<Acc>(loss.cfg.eps);
-  const bool mean = loss.cfg.pairs == sp_pairs::mean;
-  return detail::gram_loss_run(
-      be, in.acts, in.topk, in.mask, grad, opts, scale,
-      [eps, mean](int n, const Acc* G, Acc* W) { return math::specialization_token(n, G, eps, mean, W); });
-}
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ACTIVATION(specialization_loss, specialization_inputs)
-
-MOEREG_NAMESPACE_END
-
-#undef MOEREG_DETAIL_UNROLL
-#undef MOEREG_DETAIL_VECTOR_EXT
-// ---- end moereg/losses/specialization.hpp ----
-// ---- begin moereg/losses/orthogonality.hpp ----
-// Orthogonality loss (Guo, Lu, Nan et al., "Advancing Expert Specialization for Better MoE",
-// NeurIPS 2025, L_o), LOSSES.md section 5.
-//
-//   h_{t,s}  output of expert I[t,s] on token t (model width), before the gate weight, in any
-//            activation layout
-//
-// variant = pairwise (the paper's formula), for valid slots j != s of token t:
-//   term_{t,j,s} = || (<h_{t,j}, h_{t,s}> / (<h_{t,s}, h_{t,s}> + eps)) h_{t,s} ||^2
-//                = <h_{t,j}, h_{t,s}>^2 ||h_{t,s}||^2 / (||h_{t,s}||^2 + eps)^2
-//   L = beta * (1 / T_v) sum_t m_t sum_{j != s in A_t} term_{t,j,s}
-//
-// variant = subspace (the idea of the authors' released code): each output is projected onto
-// the span of the token's other valid outputs X_j (d x (|A_t| - 1)), G_j = X_j^T X_j:
-//   term_{t,j} = || X_j (G_j + eps I)^{-1} X_j^T h_{t,j} ||^2
-//   L = beta * (1 / T_v) sum_t m_t (1 / k) sum_{j in A_t} term_{t,j}
-// with k the configured top-k width (config k, 0 = the number of topk columns). The small
-// (|A_t| - 1)-sized systems are solved by an L D L^T factorisation (pivots clamped at eps)
-// and the exact derivative flows through the basis X_j as well
-// (math::orthogonality_subspace_token).
-//
-// reduction = sum drops the 1/T_v (the paper sums over tokens). Tokens with fewer than 2 valid
-// slots contribute 0. eps default 1e-6 (must be positive), beta default 1e-4.
-//
-// Slots: (t, s) is valid iff topk(t, s) >= 0 and token t is unmasked. topk may have at most
-// math::max_slots = 16 columns; a wider topk is rejected with moereg::error.
-//
-// Statistics (LOSSES.md section 9): [T_v], one entry. The only global quantity is T_v (for
-// reduction = mean); with reduced statistics the 1/T_v is the global one, so a batch split
-// into parts gives each part exactly the whole batch's gradient rows, and the parts' values
-// sum to the whole value. With reduction = sum nothing is global: the statistics are still
-// accepted (and checked) but not needed.
-//
-// Gradient: written through the grad view's own layout, as for the specialization loss
-// (overwrite mode zeroes the vectors of masked tokens, dropped slots and tokens with fewer than
-// 2 valid slots; accumulate mode leaves them untouched; unmapped storage is never touched; the
-// gradient buffer must not overlap the activations).
-//
-// Passes over memory (value_and_grad): activations read once, gradient written once. Per
-// token, the Gram pass reads the token's valid vectors once; the gradient pass re-reads them
-// from cache and writes each gradient vector once (the CPU executor of specialization.hpp,
-// including its non-temporal stores for gradients of 32 MiB or more).
-
-
-#include <type_traits>
-#include <vector>
-
-
-MOEREG_NAMESPACE_BEGIN
-
-/// Which form of the orthogonality loss (LOSSES.md section 5).
-enum class ortho_variant {
-  pairwise,  ///< the paper's pairwise projection terms
-  subspace,  ///< projection onto the span of the other outputs (the authors' code)
-};
-
-/// Outer normalisation of the orthogonality loss.
-enum class ortho_reduction {
-  mean,  ///< divided by T_v
-  sum,   ///< summed over tokens (the paper)
-};
-
-/// Configuration of orthogonality_loss (LOSSES.md section 5).
-struct orthogonality_config {
-  double coef = 1e-4;  ///< beta
-  double eps = 1e-6;   ///< must be positive
-  ortho_variant variant = ortho_variant::pairwise;  ///< pairwise (default) or subspace
-  ortho_reduction reduction = ortho_reduction::mean;  ///< mean over T_v (default) or sum
-  index_t k = 0;  ///< subspace: the k of the 1/k; 0 = the number of topk columns
-};
-
-struct orthogonality_loss;
-
-/// Inputs of orthogonality_loss; T is the storage type, Layout the activation layout policy.
-template <class T, class Layout>
-struct orthogonality_inputs {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = orthogonality_loss;  ///< the loss these inputs are for
-  using grad_type = activation_view<T, Layout>;  ///< what backward() writes
-  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
-  topk_view topk;                         ///< I [T, k]; negative = dropped slot
-  mask_view mask{};                       ///< m [T], empty = all valid
-  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
-};
-/// Deduces the storage type from the views: `orthogonality_inputs{view(x), ...}` needs no template argument.
-template <class U, class Layout, class... Rest>
-orthogonality_inputs(activation_view<U, Layout>, Rest...)
-    -> orthogonality_inputs<std::remove_const_t<U>, Layout>;
-
-/// Orthogonality loss L_o = beta * (1 / T_v) sum_t m_t sum_{j != s} term_{t,j,s} (Guo et al. 2025;
-/// LOSSES.md section 5), gradient with respect to the expert outputs h.
-struct orthogonality_loss : loss_api<orthogonality_loss, orthogonality_config> {
-  static constexpr const char* name = "orthogonality_loss";  ///< in error messages
-  /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
-  template <class T, class Layout>
-  index_t stats_size(const orthogonality_inputs<T, Layout>&) const {
-    return 1;
-  }
-};
-
-namespace detail {
-/// The configuration checks of orthogonality_loss (also run by the fused CUDA Gram call).
-inline void check_ortho_config(const char* who, const orthogonality_config& c) {
-  require(c.k >= 0, who, ": config k = ", c.k, " is negative");
-  require(c.variant == ortho_variant::pairwise || c.variant == ortho_variant::subspace, who, ": unknown variant");
-  require(c.reduction == ortho_reduction::mean || c.reduction == ortho_reduction::sum, who, ": unknown reduction");
-}
-}  // namespace detail
-
-/// The configuration checks of orthogonality_loss, run by the Gram losses' shape checks
-/// (specialization.hpp) on every backend.
-template <class T, class Layout>
-void validate_config(const char* who, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>&) {
-  detail::check_ortho_config(who, loss.cfg);
-}
-
-/// CPU backend of orthogonality_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
-template <class T, class Layout>
-void execute_stats(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
-  detail::check_scalars("orthogonality", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("orthogonality", loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
-  out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
-}
-
-/// CPU backend of orthogonality_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T, class Layout>
-double execute(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
-  detail::check_scalars("orthogonality", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("orthogonality", loss, in, reduced, grad);
-  double scale = loss.cfg.coef;
-  if (loss.cfg.reduction == ortho_reduction::mean) {
-    const double tv =
-        reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.topk.rows)) : reduced.data[0];
-    scale = tv > 0 ? scale / tv : 0.0;
-  }
-  const Acc eps = static_cast<Acc>(loss.cfg.eps);
-  if (loss.cfg.variant == ortho_variant::pairwise)
-    return detail::gram_loss_run(be, in.acts, in.topk, in.mask, grad, opts, scale, [eps](int n, const Acc* G, Acc* W) {
-      return math::orthogonality_pairwise_token(n, G, eps, W);
-    });
-  const index_t kk = loss.cfg.k > 0 ? loss.cfg.k : in.topk.k;
-  return detail::gram_loss_run(
-      be, in.acts, in.topk, in.mask, grad, opts, scale / static_cast<double>(kk),
-      [eps](int n, const Acc* G, Acc* W) { return math::orthogonality_subspace_token(n, G, eps, W); });
-}
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ACTIVATION(orthogonality_loss, orthogonality_inputs)
-
-MOEREG_NAMESPACE_END
-// ---- end moereg/losses/orthogonality.hpp ----
-// ---- begin moereg/losses/coupling.hpp ----
-// Cross-layer coupling loss (Hu, Cao, Kong, Sun, Yuan 2026, "Synergistic Intra- and
-// Cross-Layer Regularization Losses for MoE Expert Specialization", R_cp), LOSSES.md section 4.
-//
-// Input: the routing of L >= 2 consecutive layers over the same T tokens and the same mask:
-// P^l [T, E] and I^l [T, k_l] for l = 1..L. E is the same for every layer; each layer has
-// its own top-k width k_l (the number of columns of its topk view).
-//
-//   M^l_t = sum_{s in A^l_t} P^l[t, I^l[t,s]]                        (top-k mass)
-//
-//   token (default)  L = -lambda (1/T_v) sum_t m_t sum_{l=1}^{L-1} M^l_t M^{l+1}_t
-//                    dL/dP^l[t,e] = -lambda m_t/T_v [e selected at l] (M^{l-1}_t + M^{l+1}_t)
-//   log              L = -lambda (1/T_v) sum_t m_t sum_l log(M^l_t M^{l+1}_t + eps)   (eps 1e-12)
-//                    dL/dP^l[t,e] = -lambda m_t/T_v [e selected at l]
-//                                   (M^{l+1}/(M^l M^{l+1} + eps) + M^{l-1}/(M^{l-1} M^l + eps))
-//   batch            J^l = (1/T_v) sum_t m_t P^l[t,:]^T P^{l+1}[t,:]     (E x E)
-//                    L = -lambda sum_l sum_e sum_{nu in topk_l(J^l[e,:])} J^l[e,nu]
-//                    (k_l = top-k width of the source layer l; the selection is a constant,
-//                    ties go to the lower expert index; the topk indices themselves are not
-//                    used by this form, only their width)
-//                    dL/dP^l     = -lambda m/T_v (P^{l+1} S_l^T),
-//                    dL/dP^{l+1} = -lambda m/T_v (P^l S_l)      (S_l the 0/1 selection matrix)
-// A missing neighbour layer counts 0. lambda defaults to 1e-3.
-//
-// Inputs: `probs` and `topk` point to `layers` views each (a plain array or a
-// std::vector's data()); gradients are written through a pointer to `layers` gradient
-// views, one per layer, each with the shape of its probs and its own strides. Gradient
-// buffers must not overlap the inputs or each other.
-//
-// Statistics (LOSSES.md section 9), all sums:
-//   token, log  [T_v]                                                   (1 entry)
-//   batch       [T_v, U^1, ..., U^{L-1}]   U^l[e,nu] = sum_t m_t P^l[t,e] P^{l+1}[t,nu],
-//               each E x E row-major                                    (1 + (L-1) E^2 entries)
-// With reduced statistics T_v is global; in the batch form the selection comes from the
-// reduced U (J = U / T_v has the same order), so every part selects the whole batch's pairs.
-// Each part's value is -lambda * sum over the selected (e, nu) of its OWN U entries / global
-// T_v, so the parts' values sum to the whole batch's value and each part's gradient rows equal
-// the whole batch's rows (up to float rounding).
-//
-// Passes over memory (value_and_grad):
-//   token, log  one: P at the selected entries, topk and mask read once, gradients written once.
-//   batch       two: P is read once to form U (per token block, one GEMM per adjacent pair),
-//               then once more to form the gradients (two GEMMs per layer and block); the
-//               gradients are written once.
-//
-// Determinism of the batch form: U is the sum of per-block GEMMs over fixed blocks of
-// detail::cpu_block_rows tokens, added in a fixed order; every Eigen product runs on one
-// thread (see detail::cp_eigen_serial_blocks) into freshly allocated, aligned buffers, so the
-// result is bitwise the same for any number of moereg threads.
-
-
-#include <algorithm>
-#include <cmath>
-#include <string>
-#include <type_traits>
-#include <vector>
-
-#include <Eigen/Core>
-
-
-#if MOEREG_HAS_OPENMP
-#include <omp.h>
-#endif
-
-MOEREG_NAMESPACE_BEGIN
-
-/// Which reading of R_cp (LOSSES.md section 4).
-enum class coupling_form { token, log, batch };
-
-/// Configuration of coupling_loss (LOSSES.md section 4).
-struct coupling_config {
-  double coef = 1e-3;                         ///< lambda
-  coupling_form form = coupling_form::token;  ///< token (default), log or batch
-  double eps = 1e-12;                         ///< log form: log(M^l M^{l+1} + eps)
-};
-
-struct coupling_loss;
-
-/// The routing of `layers` consecutive layers. probs[l] is P^l [T, E], topk[l] is I^l [T, k_l].
-template <class T>
-struct coupling_inputs {
-  static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = coupling_loss;  ///< the loss these inputs are for
-  using grad_type = const matrix_view<T>*;  ///< what backward() writes
-  const routing_view<T>* probs = nullptr;     ///< `layers` views
-  const topk_view* topk = nullptr;            ///< `layers` views
-  index_t layers = 0;                         ///< L >= 2
-  mask_view mask{};                           ///< m [T], shared by every layer; empty = all valid
-};
-/// Deduces the storage type from the views: `coupling_inputs{view(x), ...}` needs no template argument.
-template <class T, class... Rest>
-coupling_inputs(const routing_view<T>*, Rest...) -> coupling_inputs<T>;
-
-/// Cross-layer coupling loss (Hu et al. 2026, R_cp; LOSSES.md section 4), token form
-/// L = -lambda * (1 / T_v) sum_t m_t sum_l M^l_t M^{l+1}_t; gradient with respect to every P^l.
-struct coupling_loss : loss_api<coupling_loss, coupling_config> {
-  static constexpr const char* name = "coupling_loss";  ///< in error messages
-  /// Number of doubles local_stats writes: 1 (token, log) or 1 + (L-1) E^2 (batch).
-  template <class T>
-  index_t stats_size(const coupling_inputs<T>& in) const {
-    if (cfg.form != coupling_form::batch) return 1;
-    const index_t E = (in.probs != nullptr && in.layers > 0) ? in.probs[0].cols : 0;
-    return 1 + std::max<index_t>(in.layers - 1, 0) * E * E;
-  }
-};
-
-/// Shape checks of a coupling_loss call (core/validate.hpp), for every backend.
-template <class T>
-void validate_shapes(const char* who, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grads) {
-  const auto form = loss.cfg.form;
-  detail::require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
-          ": unknown form ", static_cast<int>(form));
-  detail::require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
-  detail::require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
-  detail::require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
-  detail::require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
-          " must be finite and non-negative");
-  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
-  for (index_t l = 0; l < in.layers; ++l) {
-    const auto& P = in.probs[l];
-    const std::string pn = detail::concat("probs[", l, "]"), tn = detail::concat("topk[", l, "]");
-    detail::check_matrix(who, pn.c_str(), P);
-    detail::require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
-            "; every layer routes the same tokens");
-    detail::require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
-            "; every layer needs the same number of experts");
-    detail::check_topk_shape(who, tn.c_str(), in.topk[l], T_, E);
-  }
-  detail::check_mask(who, in.mask, T_);
-  if (grads)
-    for (index_t l = 0; l < in.layers; ++l)
-      detail::check_grad(who, detail::concat("grads[", l, "]").c_str(), grads[l], in.probs[l]);
-  detail::check_stats_shape(who, reduced, loss.stats_size(in));
-}
-/// Content checks of a coupling_loss call on the host: every layer's top-k ids; T_v is a count
-/// (the batch form's co-occurrence sums are finite).
-template <class T>
-void validate_contents(const char* who, const coupling_loss&, const coupling_inputs<T>& in, stats_view reduced,
-                       const matrix_view<T>*) {
-  for (index_t l = 0; l < in.layers; ++l)
-    detail::check_topk_ids(who, detail::concat("topk[", l, "]").c_str(), in.topk[l], in.probs[0].cols);
-  detail::check_stats_values(who, reduced, 1);
-}
-/// The memory of a coupling_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const coupling_inputs<T>& in, const matrix_view<T>* grads, F&& f) {
-  for (index_t l = 0; l < in.layers; ++l) {
-    f(detail::concat("probs[", l, "]").c_str(), in.probs[l].data);
-    f(detail::concat("topk[", l, "]").c_str(), in.topk[l].data);
-    if (grads) f(detail::concat("grads[", l, "]").c_str(), grads[l].data);
-  }
-  f("mask", in.mask.data);
-}
-
-namespace detail {
-
-/// Writes zeros into every row of every layer's gradient (overwrite mode only).
-template <class T>
-void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts) {
-  if (grads == nullptr || opts.accumulate) return;
-  using Acc = accumulator_t<T>;
-  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
-  parallel_blocks(be, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
-    for (index_t l = 0; l < in.layers; ++l)
-      for (index_t t = r0; t < r1; ++t)
-        for (index_t e = 0; e < E; ++e) put_grad(grads[l](t, e), Acc(0), false);
-  });
-}
-
-// ---------------------------------------------------------------------------------------
-// token and log forms: one pass, every token on its own.
-// ---------------------------------------------------------------------------------------
-template <class T>
-double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double tv,
-                        const matrix_view<T>* grads, grad_options opts) {
-  using Acc = accumulator_t<T>;
-  const index_t L = in.layers, T_ = in.probs[0].rows, E = in.probs[0].cols;
-  const bool is_log = loss.cfg.form == coupling_form::log;
-  const Acc lam = static_cast<Acc>(loss.cfg.coef);
-  const Acc eps = static_cast<Acc>(loss.cfg.eps);
-  const Acc inv_tv = static_cast<Acc>(1.0 / tv);
-  const Acc gc = static_cast<Acc>(-opts.grad_scale * loss.cfg.coef / tv);
-  const index_t nb = num_blocks(T_, cpu_block_rows);
-  std::vector<Acc> partial(static_cast<std::size_t>(nb), Acc(0));
-  parallel_blocks(be, T_, cpu_block_rows, [&](index_t b, index_t r0, index_t r1) {
-    std::vector<Acc> M(static_cast<std::size_t>(L)), dM(static_cast<std::size_t>(L));
-    Acc sum = Acc(0);
-    for (index_t t = r0; t < r1; ++t) {
-      if (!in.mask(t)) {
-        if (grads && !opts.accumulate)
-          for (index_t l = 0; l < L; ++l)
-            for (index_t e = 0; e < E; ++e) put_grad(grads[l](t, e), Acc(0), false);
-        continue;
-      }
-      for (index_t l = 0; l < L; ++l) {
-        const auto& I = in.topk[l];
-        const auto& P = in.probs[l];
-        Acc m = Acc(0);
-        for (index_t s = 0; s < I.k; ++s) {
-          const index_t e = I(t, s);
-          if (e >= 0) m += load(P(t, e));
-        }
-        M[static_cast<std::size_t>(l)] = m;
-        dM[static_cast<std::size_t>(l)] = Acc(0);
-      }
-      for (index_t l = 0; l + 1 < L; ++l) {
-        const Acc a = M[static_cast<std::size_t>(l)], c = M[static_cast<std::size_t>(l + 1)];
-        Acc w = Acc(1);
-        if (is_log) {
-          const Acc q = a * c + eps;
-          sum += std::log(q);
-          w = Acc(1) / q;
-        } else {
-          sum += a * c;
-        }
-        dM[static_cast<std::size_t>(l)] += w * c;
-        dM[static_cast<std::size_t>(l + 1)] += w * a;
-      }
-      if (!grads) continue;
-      for (index_t l = 0; l < L; ++l) {
-        const auto& G = grads[l];
-        const auto& I = in.topk[l];
-        if (!opts.accumulate)
-          for (index_t e = 0; e < E; ++e) put_grad(G(t, e), Acc(0), false);
-        const Acc g = gc * dM[static_cast<std::size_t>(l)];
-        for (index_t s = 0; s < I.k; ++s) {
-          const index_t e = I(t, s);
-          if (e >= 0) put_grad(G(t, e), g, opts.accumulate);
-        }
-      }
-    }
-    partial[static_cast<std::size_t>(b)] = sum;
-  });
-  return static_cast<double>(-lam * inv_tv * pairwise_sum(partial.data(), nb));
-}
-
-// ---------------------------------------------------------------------------------------
-// batch form: blocked GEMMs.
-// ---------------------------------------------------------------------------------------
-
-template <class Acc>
-using cp_rowmat = Eigen::Matrix<Acc, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <class Acc>
-using cp_cmap = Eigen::Map<const cp_rowmat<Acc>, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-/// Calls f(b, begin, end) for every fixed block b of [0, n) such that every Eigen product
-/// evaluated inside f runs on one thread.
-///
-/// Why not Eigen::setNbThreads(1): it is process-wide state, racy and visible to the caller.
-/// Eigen's GEMM stays sequential when it is called from inside an OpenMP team of more than
-/// one thread, or when Eigen::nbThreads() (= omp_get_max_threads() unless the program set
-/// it) is 1. So the blocks always run inside a parallel region of our own, and each implicit
-/// task first sets its own nthreads ICV to 1 (omp_set_num_threads inside a region changes only
-/// the calling task's copy, nothing outside the region). With one moereg thread the team has
-/// one thread and Eigen sees nbThreads() == 1; with more the team already forces Eigen's
-/// sequential path. Each block's product is then the same sequential GEMM for any moereg
-/// thread count. (A program that raises Eigen::setNbThreads above 1 AND enables nested
-/// OpenMP could still let Eigen split a block's product when moereg runs on one thread.)
-template <class F>
-void cp_eigen_serial_blocks(const cpu& be, index_t b0, index_t b1, index_t n, index_t block, F&& f) {
-  if (b1 <= b0) return;
-#if MOEREG_HAS_OPENMP
-  const index_t want = be.threads > 0 ? be.threads : omp_get_max_threads();
-  const int nt = static_cast<int>(std::max<index_t>(1, std::min<index_t>(want, b1 - b0)));
-#pragma omp parallel num_threads(nt)
-  {
-    omp_set_num_threads(1);
-#pragma omp for schedule(static)
-    for (index_t b = b0; b < b1; ++b) f(b, b * block, std::min(n, (b + 1) * block));
-  }
-#else
-  (void)be;
-  for (index_t b = b0; b < b1; ++b) f(b, b * block, std::min(n, (b + 1) * block));
-#endif
-}
-
-/// The valid rows of block [r0, r1) of P as an Acc matrix [rows.size(), E]: mapped in place
-/// when the storage already is Acc with unit column stride and every row of the block is
-/// valid; otherwise gathered (and converted: half/bfloat16 -> float) into `buf`. Padding rows
-/// never enter a product, so garbage in them cannot leak in as 0 * NaN.
-template <class T, class Acc>
-cp_cmap<Acc> cp_block(const routing_view<T>& P, const std::vector<index_t>& rows, index_t r0, index_t r1,
-                      cp_rowmat<Acc>& buf) {
-  const index_t nv = static_cast<index_t>(rows.size()), E = P.cols;
-  if constexpr (std::is_same_v<T, Acc>) {
-    if (P.col_stride == 1 && nv == r1 - r0 && nv > 0) return cp_cmap<Acc>(P.row(r0), nv, E, Eigen::OuterStride<>(P.row_stride));
-  }
-  buf.resize(nv, E);
-  for (index_t i = 0; i < nv; ++i) {
-    const index_t t = rows[static_cast<std::size_t>(i)];
-    for (index_t e = 0; e < E; ++e) buf(i, e) = load(P(t, e));
-  }
-  return cp_cmap<Acc>(buf.data(), nv, E, Eigen::OuterStride<>(E));
-}
-
-/// Per-block state: the valid rows and one Acc matrix per layer.
-template <class T, class Acc>
-struct cp_block_data {
-  std::vector<index_t> rows;
-  std::vector<cp_rowmat<Acc>> bufs;
-  std::vector<cp_cmap<Acc>> X;
-
-  void load_block(const coupling_inputs<T>& in, index_t r0, index_t r1) {
-    rows.clear();
-    for (index_t t = r0; t < r1; ++t)
-      if (in.mask(t)) rows.push_back(t);
-    bufs.resize(static_cast<std::size_t>(in.layers));
-    X.clear();
-    for (index_t l = 0; l < in.layers; ++l)
-      X.push_back(cp_block(in.probs[l], rows, r0, r1, bufs[static_cast<std::size_t>(l)]));
-  }
-};
-
-/// Blocks per reduction wave: partial sums of one wave are summed pairwise into one wave
-/// partial, and the wave partials pairwise at the end. Bounds the memory to about
-/// (wave + T / (wave * cpu_block_rows)) (L-1) E^2 values; a fixed number, not a thread count.
-inline constexpr index_t cp_wave_blocks = 64;
-
-/// U^l = sum_t m_t P^l[t,:]^T P^{l+1}[t,:] for every adjacent pair, row-major, and T_v.
-template <class T>
-void cp_joint_sums(const cpu& be, const coupling_inputs<T>& in, std::vector<accumulator_t<T>>& U, index_t& tv) {
-  using Acc = accumulator_t<T>;
-  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols, L = in.layers;
-  const index_t E2 = E * E, W = (L - 1) * E2, B = cpu_block_rows;
-  const index_t nb = num_blocks(T_, B);
-  const index_t nw = num_blocks(nb, cp_wave_blocks);
-  std::vector<Acc> wave_part(static_cast<std::size_t>(std::min(nb, cp_wave_blocks) * W));
-  std::vector<Acc> waves(static_cast<std::size_t>(nw * W));
-  std::vector<index_t> ptv(static_cast<std::size_t>(nb), 0);
-  for (index_t w = 0; w < nw; ++w) {
-    const index_t b0 = w * cp_wave_blocks, b1 = std::min(nb, b0 + cp_wave_blocks);
-    cp_eigen_serial_blocks(be, b0, b1, T_, B, [&](index_t b, index_t r0, index_t r1) {
-      cp_block_data<T, Acc> blk;
-      blk.load_block(in, r0, r1);
-      ptv[static_cast<std::size_t>(b)] = static_cast<index_t>(blk.rows.size());
-      Acc* out = wave_part.data() + (b - b0) * W;
-      cp_rowmat<Acc> Ub(E, E);  // fresh aligned destination: same alignment in every run
-      for (index_t l = 0; l + 1 < L; ++l) {
-        if (blk.rows.empty()) Ub.setZero();
-        else Ub.noalias() = blk.X[static_cast<std::size_t>(l)].transpose() * blk.X[static_cast<std::size_t>(l + 1)];
-        std::copy(Ub.data(), Ub.data() + E2, out + l * E2);
-      }
-    });
-    combine_blocks(wave_part, b1 - b0, W, waves.data() + w * W);
-  }
-  U.assign(static_cast<std::size_t>(W), Acc(0));
-  combine_blocks(waves, nw, W, U.data());
-  tv = 0;
-  for (index_t x : ptv) tv += x;
-}
-
-/// The k largest entries of row[0..E) by value, ties to the lower index (a NaN never wins),
-/// marked with 1 in sel[0..E).
-template <class Src, class Acc>
-void cp_select_row(const Src* row, index_t E, index_t k, Acc* sel) {
-  for (index_t e = 0; e < E; ++e) sel[e] = Acc(0);
-  for (index_t c = 0; c < k; ++c) {
-    index_t best = -1;
-    for (index_t e = 0; e < E; ++e) {
-      if (sel[e] != Acc(0)) continue;
-      if (best < 0 || row[e] > row[best]) best = e;  // strict: the earlier index keeps a tie
-    }
-    sel[best] = Acc(1);
-  }
-}
-
-template <class T>
-double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-                        const matrix_view<T>* grads, grad_options opts) {
-  using Acc = accumulator_t<T>;
-  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols, L = in.layers, E2 = E * E;
-  std::vector<Acc> U;
-  index_t tv_local = 0;
-  cp_joint_sums(be, in, U, tv_local);
-  const double tv = reduced.empty() ? static_cast<double>(tv_local) : reduced.data[0];
-  if (!(tv > 0)) {
-    cp_zero_grads(be, in, grads, opts);
-    return 0.0;
-  }
-
-  // Selection S_l from the reduced sums (or this call's own), one 0/1 matrix per pair.
-  std::vector<cp_rowmat<Acc>> S(static_cast<std::size_t>(L - 1));
-  std::vector<Acc> terms;
-  for (index_t l = 0; l + 1 < L; ++l) {
-    auto& Sl = S[static_cast<std::size_t>(l)];
-    Sl.resize(E, E);
-    const index_t k = in.topk[l].k;
-    for (index_t e = 0; e < E; ++e) {
-      if (reduced.empty()) cp_select_row(U.data() + l * E2 + e * E, E, k, Sl.data() + e * E);
-      else cp_select_row(reduced.data + 1 + l * E2 + e * E, E, k, Sl.data() + e * E);
-      for (index_t nu = 0; nu < E; ++nu)
-        if (Sl(e, nu) != Acc(0)) terms.push_back(U[static_cast<std::size_t>(l * E2 + e * E + nu)]);
-    }
-  }
-  const Acc value = static_cast<Acc>(-loss.cfg.coef / tv) *
-                    pairwise_sum(terms.data(), static_cast<index_t>(terms.size()));
-  if (!grads) return static_cast<double>(value);
-
-  // S_l^T stored: both gradient products are then X * (row-major E x E), one GEMM
-  // instantiation instead of two (compile time).
-  std::vector<cp_rowmat<Acc>> St(S.size());
-  for (std::size_t l = 0; l < S.size(); ++l) St[l] = S[l].transpose();
-  const Acc gc = static_cast<Acc>(-opts.grad_scale * loss.cfg.coef / tv);
-  const index_t nb = num_blocks(T_, cpu_block_rows);
-  cp_eigen_serial_blocks(be, 0, nb, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
-    cp_block_data<T, Acc> blk;
-    blk.load_block(in, r0, r1);
-    const index_t nv = static_cast<index_t>(blk.rows.size());
-    cp_rowmat<Acc> G(nv, E);
-    for (index_t l = 0; l < L; ++l) {
-      const auto& Gv = grads[l];
-      if (nv > 0) {
-        if (l + 1 < L)
-          G.noalias() = blk.X[static_cast<std::size_t>(l + 1)] * St[static_cast<std::size_t>(l)];
-        else
-          G.setZero();
-        if (l > 0) G.noalias() += blk.X[static_cast<std::size_t>(l - 1)] * S[static_cast<std::size_t>(l - 1)];
-      }
-      index_t i = 0;
-      for (index_t t = r0; t < r1; ++t) {
-        const bool valid = i < nv && blk.rows[static_cast<std::size_t>(i)] == t;
-        if (valid) {
-          for (index_t e = 0; e < E; ++e) put_grad(Gv(t, e), gc * G(i, e), opts.accumulate);
-          ++i;
-        } else if (!opts.accumulate) {
-          for (index_t e = 0; e < E; ++e) put_grad(Gv(t, e), Acc(0), false);
-        }
-      }
-    }
-  });
-  return static_cast<double>(value);
-}
-
-}  // namespace detail
-
-/// CPU backend of coupling_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
-template <class T>
-void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double* out) {
-  detail::check_scalars("coupling", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("coupling", loss, in, stats_view{}, static_cast<const matrix_view<T>*>(nullptr));
-  if (loss.cfg.form != coupling_form::batch) {
-    out[0] = static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows));
-    return;
-  }
-  std::vector<accumulator_t<T>> U;
-  index_t tv = 0;
-  detail::cp_joint_sums(be, in, U, tv);
-  out[0] = static_cast<double>(tv);
-  for (std::size_t i = 0; i < U.size(); ++i) out[i + 1] = static_cast<double>(U[i]);
-}
-
-/// CPU backend of coupling_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
-double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grads, grad_options opts) {
-  detail::check_scalars("coupling", loss.cfg.coef, opts, be.threads);
-  validate_on_host("coupling", loss, in, reduced, grads);
-  if (loss.cfg.form == coupling_form::batch) return detail::cp_execute_batch(be, loss, in, reduced, grads, opts);
-  const double tv =
-      reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.probs[0].rows)) : reduced.data[0];
-  if (!(tv > 0)) {
-    detail::cp_zero_grads(be, in, grads, opts);
-    return 0.0;
-  }
-  return detail::cp_execute_token(be, loss, in, tv, grads, opts);
-}
-
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ROUTER(coupling_loss, coupling_inputs)
-
-MOEREG_NAMESPACE_END
-// ---- end moereg/losses/coupling.hpp ----
 // ---- begin moereg/losses/bias_update.hpp ----
 // Auxiliary-loss-free load balancing (DeepSeek-V3, Liu et al. 2024), LOSSES.md section 7.
 // An update rule, not a loss: there is no value and no gradient.
@@ -5437,19 +5582,30 @@ struct bias_update_config {
   bool center = false;  ///< subtract mean(b) after the update
 };
 
+namespace detail {
+/// The checks of a bias update that read no content, for every backend: the types, the sizes,
+/// the pointers against the sizes, a finite rate.
+template <class C, class B>
+void check_bias_update_shapes(const char* who, const bias_update_config& cfg, const C* counts, index_t n_counts,
+                              const B* bias, index_t n_bias) {
+  static_assert(std::is_arithmetic_v<C>, "bias_update: counts must be an arithmetic type");
+  static_assert(is_storage_type_v<B>, "bias_update: bias must be float, double, half or bfloat16");
+  require(n_counts >= 0 && n_bias >= 0, who, ": negative size (counts ", n_counts, ", bias ", n_bias, ")");
+  require(n_counts == n_bias, who, ": counts has ", n_counts, " entries but bias has ", n_bias);
+  require(counts != nullptr || n_counts == 0, who, ": counts is null but has ", n_counts, " entries");
+  require(bias != nullptr || n_bias == 0, who, ": bias is null but has ", n_bias, " entries");
+  require(std::isfinite(cfg.rate), who, ": rate = ", cfg.rate, " is not finite");
+}
+}  // namespace detail
+
 /// Updates bias[0..n_bias) in place from counts[0..n_counts); n_counts must equal n_bias.
 /// Validates everything first: on a throw the bias is untouched.
 template <class C, class B>
 void bias_update(const bias_update_config& cfg, const C* counts, index_t n_counts, B* bias, index_t n_bias) {
-  static_assert(std::is_arithmetic_v<C>, "bias_update: counts must be an arithmetic type");
-  static_assert(is_storage_type_v<B> && !std::is_const_v<B>, "bias_update: bias must be float, double, half or bfloat16");
+  static_assert(!std::is_const_v<B>, "bias_update: bias must be float, double, half or bfloat16");
   using Acc = accumulator_t<B>;
   const char* who = "bias_update";
-  detail::require(n_counts >= 0 && n_bias >= 0, who, ": negative size (counts ", n_counts, ", bias ", n_bias, ")");
-  detail::require(n_counts == n_bias, who, ": counts has ", n_counts, " entries but bias has ", n_bias);
-  detail::require(counts != nullptr || n_counts == 0, who, ": counts is null but has ", n_counts, " entries");
-  detail::require(bias != nullptr || n_bias == 0, who, ": bias is null but has ", n_bias, " entries");
-  detail::require(std::isfinite(cfg.rate), who, ": rate = ", cfg.rate, " is not finite");
+  detail::check_bias_update_shapes(who, cfg, counts, n_counts, bias, n_bias);
   const index_t E = n_bias;
   std::vector<double> c(static_cast<std::size_t>(E));
   for (index_t e = 0; e < E; ++e) {
@@ -5462,9 +5618,7 @@ void bias_update(const bias_update_config& cfg, const C* counts, index_t n_count
   const Acc u = static_cast<Acc>(cfg.rate);
   std::vector<Acc> b(static_cast<std::size_t>(E));
   for (index_t e = 0; e < E; ++e) {
-    const double d = mean_c - c[static_cast<std::size_t>(e)];
-    const Acc s = d > 0 ? Acc(1) : (d < 0 ? Acc(-1) : Acc(0));
-    b[static_cast<std::size_t>(e)] = load(bias[e]) + u * s;
+    b[static_cast<std::size_t>(e)] = detail::bias_step(load(bias[e]), u, mean_c, c[static_cast<std::size_t>(e)]);
   }
   if (cfg.center) {
     const Acc mb = detail::pairwise_sum(b.data(), E) / static_cast<Acc>(E);

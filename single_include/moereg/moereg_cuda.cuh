@@ -286,9 +286,11 @@ void cuda_validate(const char* who, const Loss& loss, const In& in, stats_view r
   cuda_check_pointer(who, "reduced statistics", reduced.data, be);
 }
 
-/// Size-only check of a statistics output buffer.
-inline void cuda_check_stats_out(const char* who, const double* out, index_t size) {
+/// Check of a statistics output buffer of `size` entries: not null when entries are due, and
+/// a device pointer.
+inline void cuda_check_stats_out(const char* who, const double* out, index_t size, const cuda& be) {
   require(out != nullptr || size == 0, who, ": the statistics output is null but ", size, " entries are due");
+  cuda_check_pointer(who, "statistics output", out, be);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1106,7 +1108,7 @@ void cuda_run(const cuda& be, const Loss& loss, const In& in, stats_view reduced
               double* stats_out) {
   const char* who = cuda_router::slot_names[cuda_router::slot_of<Loss>()];
   cuda_validate(who, loss, in, reduced, grad, be);
-  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
+  if (stats_out != nullptr) cuda_check_stats_out(who, stats_out, loss.stats_size(in), be);
   cuda_router::run_single(be, loss, in, reduced, grad, opts, stats_out);
 }
 template <class Loss, class In, std::enable_if_t<is_single_router_loss_v<Loss>, int> = 0>
@@ -1363,17 +1365,7 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
       const bool has_next = l + 1 < L;
       const Acc m_next = has_next ? layer_mass<T, Acc>(layers[l + 1], t, E, lane) : Acc(0);
       Acc wgt = Acc(0);
-      if (has_next) {
-        if (is_log) {
-          using std::log;
-          const Acc q = m_cur * m_next + eps;
-          val += log(q);
-          wgt = Acc(1) / q;
-        } else {
-          val += m_cur * m_next;
-          wgt = Acc(1);
-        }
-      }
+      if (has_next) val += coupling_pair(m_cur, m_next, is_log, eps, wgt);  // math/router.hpp
       // dM^l in the CPU's order: the pair (l-1, l) first, then (l, l+1).
       Acc dm = Acc(0) + w_prev * m_prev;
       if (has_next) dm += wgt * m_next;
@@ -1543,10 +1535,7 @@ void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T
   using Acc = accumulator_t<T>;
   const char* who = "coupling (cuda)";
   validate(loss, in, reduced, grads, be);
-  if (stats_out != nullptr) {
-    cuda_check_stats_out(who, stats_out, loss.stats_size(in));
-    cuda_check_pointer(who, "statistics output", stats_out, be);
-  }
+  if (stats_out != nullptr) cuda_check_stats_out(who, stats_out, loss.stats_size(in), be);
   const auto s = shape_of(in);
   workspace_carver carver(be.workspace);
   const auto w = carve<Acc>(carver, loss, s);
@@ -1800,10 +1789,7 @@ void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balanc
   using Acc = accumulator_t<T>;
   const char* who = "load_balancing (cuda)";
   validate(loss, in, reduced, grad, be);
-  if (stats_out != nullptr) {
-    cuda_check_stats_out(who, stats_out, loss.stats_size(in));
-    cuda_check_pointer(who, "statistics output", stats_out, be);
-  }
+  if (stats_out != nullptr) cuda_check_stats_out(who, stats_out, loss.stats_size(in), be);
   if (loss.cfg.scope != lb_scope::sequence) {
     cuda_router::run_single(be, loss, in, reduced, grad, opts, stats_out);
     return;
@@ -2181,10 +2167,10 @@ struct plan {
   index_t rows, k, d, xstride, gstride, num_experts;
   bool has_grad, accumulate, stats_mode;
   bool use[2];  // specialization, orthogonality present
-  double coef[2];
+  double sp_coef;
+  orthogonality_config or_cfg;  // its scale: orthogonality_scale, the CPU's function
   Acc eps[2];
-  bool sp_mean, or_subspace, or_mean;
-  index_t or_kk;
+  bool sp_mean, or_subspace;
   double grad_scale;
   const double* reduced[2];
   double* value[2];
@@ -2238,9 +2224,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) count_kernel(plan<T, Lay
   for (int j = 0; j < 2; ++j) {
     if (!p.use[j]) continue;
     const double tv = p.reduced[j] != nullptr ? p.reduced[j][0] : static_cast<double>(n);
-    double scale = p.coef[j];
-    if (j == 0 || p.or_mean) scale = tv > 0 ? scale / tv : 0.0;
-    if (j == 1 && p.or_subspace) scale = scale / static_cast<double>(p.or_kk);
+    // The losses' own scales (losses/specialization.hpp, losses/orthogonality.hpp).
+    const double scale = j == 0 ? per_valid_token(p.sp_coef, tv) : orthogonality_scale(p.or_cfg, p.k, tv);
     s.scale[j] = scale;
     s.live[j] = scale != 0.0 ? 1 : 0;
     s.gcoef[j] = static_cast<Acc>(scale * p.grad_scale);
@@ -2513,16 +2498,14 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
   p.use[0] = rq.sp != nullptr;
   p.use[1] = rq.orth != nullptr;
   if (rq.sp != nullptr) {
-    p.coef[0] = rq.sp->cfg.coef;
+    p.sp_coef = rq.sp->cfg.coef;
     p.eps[0] = static_cast<Acc>(rq.sp->cfg.eps);
     p.sp_mean = rq.sp->cfg.pairs == sp_pairs::mean;
   }
   if (rq.orth != nullptr) {
-    p.coef[1] = rq.orth->cfg.coef;
+    p.or_cfg = rq.orth->cfg;
     p.eps[1] = static_cast<Acc>(rq.orth->cfg.eps);
     p.or_subspace = rq.orth->cfg.variant == ortho_variant::subspace;
-    p.or_mean = rq.orth->cfg.reduction == ortho_reduction::mean;
-    p.or_kk = rq.orth->cfg.k > 0 ? rq.orth->cfg.k : rq.topk.k;
   }
   for (int j = 0; j < 2; ++j) {
     p.reduced[j] = rq.io[j].reduced.data;
@@ -2616,7 +2599,7 @@ void cuda_run(const cuda& be, const Loss& loss, const In& in, stats_view reduced
   if constexpr (slot == 1) check_ortho_config(who, loss.cfg);
   auto rq = cuda_gram::single_request(loss, in, grad);
   cuda_gram::validate(who, loss.cfg.coef, loss.cfg.eps, rq, reduced, be);
-  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
+  if (stats_out != nullptr) cuda_check_stats_out(who, stats_out, loss.stats_size(in), be);
   rq.opts = opts;
   rq.stats_mode = stats_out != nullptr;
   rq.io[slot] = cuda_gram::gram_io{reduced, be.value, stats_out};
@@ -2860,11 +2843,7 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
   const Acc u = static_cast<Acc>(rate);
   // b_e = bias_e + u * sign(mean(c) - c_e), formed from the untouched input in both passes
   // (the centring pass recomputes it rather than re-reading a rounded 16-bit store).
-  auto updated = [&](index_t e) {
-    const double d = mean_c - static_cast<double>(counts[e]);
-    const Acc s = d > 0 ? Acc(1) : (d < 0 ? Acc(-1) : Acc(0));
-    return dload(bias + e) + u * s;
-  };
+  auto updated = [&](index_t e) { return bias_step(dload(bias + e), u, mean_c, static_cast<double>(counts[e])); };
   if (!center) {
     for (index_t e = threadIdx.x; e < E; e += cuda_tuning::threads) dstore(bias + e, updated(e));
     return;
@@ -2886,14 +2865,9 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
 template <class C, class B>
 void bias_update(const bias_update_config& cfg, const C* counts, index_t n_counts, B* bias, index_t n_bias,
                  const cuda& be) {
-  static_assert(std::is_arithmetic_v<C>, "bias_update: counts must be an arithmetic type");
-  static_assert(is_storage_type_v<B> && !std::is_const_v<B>, "bias_update: bias must be float, double, half or bfloat16");
+  static_assert(!std::is_const_v<B>, "bias_update: bias must be float, double, half or bfloat16");
   const char* who = "bias_update (cuda)";
-  detail::require(n_counts >= 0 && n_bias >= 0, who, ": negative size (counts ", n_counts, ", bias ", n_bias, ")");
-  detail::require(n_counts == n_bias, who, ": counts has ", n_counts, " entries but bias has ", n_bias);
-  detail::require(counts != nullptr || n_counts == 0, who, ": counts is null but has ", n_counts, " entries");
-  detail::require(bias != nullptr || n_bias == 0, who, ": bias is null but has ", n_bias, " entries");
-  detail::require(std::isfinite(cfg.rate), who, ": rate = ", cfg.rate, " is not finite");
+  detail::check_bias_update_shapes(who, cfg, counts, n_counts, bias, n_bias);
   if (n_bias == 0) return;
   detail::cuda_check_pointer(who, "counts", counts, be);
   detail::cuda_check_pointer(who, "bias", bias, be);

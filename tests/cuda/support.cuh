@@ -15,6 +15,7 @@
 
 #include <cuda_runtime.h>
 
+#include <moereg/backend/cpu.hpp>  // the reference every CUDA result is compared with
 #include <moereg/backend/cuda.hpp>
 
 namespace moereg_cuda_test {

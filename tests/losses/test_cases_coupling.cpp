@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/coupling.hpp>
 
 #include "support/loss_cases.hpp"

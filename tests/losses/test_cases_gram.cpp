@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/orthogonality.hpp>
 #include <moereg/losses/specialization.hpp>
 

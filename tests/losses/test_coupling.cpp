@@ -2,6 +2,7 @@
 // against the naive reference and finite differences.
 #include <catch2/catch.hpp>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/coupling.hpp>
 #include <moereg/testing/gradcheck.hpp>
 

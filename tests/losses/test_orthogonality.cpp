@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/orthogonality.hpp>
 #include <moereg/testing/gradcheck.hpp>
 

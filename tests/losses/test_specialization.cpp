@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/specialization.hpp>
 #include <moereg/testing/gradcheck.hpp>
 

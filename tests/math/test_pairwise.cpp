@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/specialization.hpp>
 #include <moereg/math/pairwise.hpp>
 #include <moereg/testing/gradcheck.hpp>

@@ -13,6 +13,7 @@
 #include <numeric>
 #include <string>
 
+#include <moereg/backend/cpu.hpp>
 #include <moereg/losses/orthogonality.hpp>
 #include <moereg/losses/specialization.hpp>
 

@@ -1,10 +1,11 @@
 // The CPU backend: the executor (threads, blocks, element access), the row engine that runs
 // every loss on one routing matrix (load balancing, z-loss, entropy, importance, variance, and
-// any loss described the same way, alone or fused), and the segmented engine of the
-// load-balancing sequence scope. The Gram losses (specialization, orthogonality) and the
-// coupling loss bring their own executors with their headers.
+// any loss described the same way, alone or fused), the segmented engine of the
+// load-balancing sequence scope, and the Gram engine of the activation losses
+// (specialization, orthogonality, and any loss described the same way), and the layer engine
+// of the cross-layer coupling loss.
 //
-// With moereg::compiled (core/compiled.hpp) the router losses' CPU entry points are declared
+// With moereg::compiled (core/compiled.hpp) these losses' CPU entry points are declared
 // extern here, so that a unit including this header does not instantiate them again.
 #pragma once
 
@@ -12,11 +13,16 @@
 #include "../core/compiled.hpp"
 
 #include "cpu/executor.hpp"
+#include "cpu/gram_engine.hpp"
+#include "cpu/layer_engine.hpp"
 #include "cpu/row_engine.hpp"
 #include "cpu/segmented_rows.hpp"
+#include "../losses/coupling.hpp"
 #include "../losses/entropy.hpp"
 #include "../losses/importance.hpp"
 #include "../losses/load_balancing.hpp"
+#include "../losses/orthogonality.hpp"
+#include "../losses/specialization.hpp"
 #include "../losses/variance.hpp"
 #include "../losses/z_loss.hpp"
 
@@ -27,4 +33,7 @@ MOEREG_DETAIL_EXTERN_ROUTER(z_loss, z_loss_inputs)
 MOEREG_DETAIL_EXTERN_ROUTER(entropy_loss, entropy_inputs)
 MOEREG_DETAIL_EXTERN_ROUTER(importance_loss, importance_inputs)
 MOEREG_DETAIL_EXTERN_ROUTER(variance_loss, variance_inputs)
+MOEREG_DETAIL_EXTERN_ROUTER(coupling_loss, coupling_inputs)
+MOEREG_DETAIL_EXTERN_ACTIVATION(specialization_loss, specialization_inputs)
+MOEREG_DETAIL_EXTERN_ACTIVATION(orthogonality_loss, orthogonality_inputs)
 MOEREG_NAMESPACE_END

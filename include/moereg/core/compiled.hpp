@@ -39,9 +39,9 @@
 // The CPU entry points of an activation loss (inputs Inputs<T, Layout>) for one layout, then
 // for the three layouts.
 #define MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, Layout)                                        \
-  kw double execute<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view,                \
-                               const activation_view<T, Layout>*, grad_options);                             \
-  kw void execute_stats<T, Layout>(const cpu&, const Loss&, const Inputs<T, Layout>&, double*);
+  kw double execute(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view,                          \
+                    const activation_view<T, Layout>*, grad_options);                                        \
+  kw void execute_stats(const cpu&, const Loss&, const Inputs<T, Layout>&, double*);
 #define MOEREG_DETAIL_ACTIVATION_ENTRY(T, kw, Loss, Inputs)                  \
   MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, token_major)        \
   MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, expert_grouped)     \

@@ -40,6 +40,32 @@
 #define MOEREG_HAS_AVX512 0
 #endif
 
+// Loop hints, defined here once (nvcc's front end rejects GCC loop pragmas, so they are empty
+// under nvcc; CUDA kernels write `#pragma unroll` themselves):
+// - MOEREG_UNROLL: unroll fully a loop with a compile-time count (the specialised Gram passes).
+//   GCC needs the hint; Clang unrolls such loops anyway and warns when a hinted loop with a
+//   run-time count is not unrolled, so it gets none.
+// - MOEREG_ROLLED: keep a loop over lanes rolled, so that the compiler vectorises it across
+//   lanes instead of unrolling it into scalar code (the subspace solver of math/pairwise.hpp).
+//   Not clang's vectorize(enable): clang then warns (-Wpass-failed, an error under -Werror)
+//   wherever it cannot vectorise, as at -Os; a header must not break its users' -Werror builds.
+// MOEREG_HAS_VECTOR_EXT: the compiler has GNU vector extensions (GCC, Clang).
+#if defined(__CUDACC__) || !defined(__GNUC__)
+#define MOEREG_UNROLL
+#define MOEREG_ROLLED
+#elif defined(__clang__)
+#define MOEREG_UNROLL
+#define MOEREG_ROLLED _Pragma("clang loop unroll(disable)")
+#else
+#define MOEREG_UNROLL _Pragma("GCC unroll 16")
+#define MOEREG_ROLLED _Pragma("GCC unroll 1") _Pragma("GCC ivdep")
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define MOEREG_HAS_VECTOR_EXT 1
+#else
+#define MOEREG_HAS_VECTOR_EXT 0
+#endif
+
 // MOEREG_KEEP_STORES(p): a compiler barrier placed right after a loop nest that writes an
 // array through p with two index patterns (the symmetric G[a][b] = G[b][a] fills of the Gram
 // losses). GCC 12 (seen with 12.2; 11.3 is not affected) may rewrite such a store at -O1 into

@@ -23,6 +23,7 @@
 #include "../core/error.hpp"
 #include "../core/types.hpp"
 #include "../math/reduce.hpp"
+#include "../math/router.hpp"
 
 MOEREG_NAMESPACE_BEGIN
 
@@ -32,19 +33,30 @@ struct bias_update_config {
   bool center = false;  ///< subtract mean(b) after the update
 };
 
+namespace detail {
+/// The checks of a bias update that read no content, for every backend: the types, the sizes,
+/// the pointers against the sizes, a finite rate.
+template <class C, class B>
+void check_bias_update_shapes(const char* who, const bias_update_config& cfg, const C* counts, index_t n_counts,
+                              const B* bias, index_t n_bias) {
+  static_assert(std::is_arithmetic_v<C>, "bias_update: counts must be an arithmetic type");
+  static_assert(is_storage_type_v<B>, "bias_update: bias must be float, double, half or bfloat16");
+  require(n_counts >= 0 && n_bias >= 0, who, ": negative size (counts ", n_counts, ", bias ", n_bias, ")");
+  require(n_counts == n_bias, who, ": counts has ", n_counts, " entries but bias has ", n_bias);
+  require(counts != nullptr || n_counts == 0, who, ": counts is null but has ", n_counts, " entries");
+  require(bias != nullptr || n_bias == 0, who, ": bias is null but has ", n_bias, " entries");
+  require(std::isfinite(cfg.rate), who, ": rate = ", cfg.rate, " is not finite");
+}
+}  // namespace detail
+
 /// Updates bias[0..n_bias) in place from counts[0..n_counts); n_counts must equal n_bias.
 /// Validates everything first: on a throw the bias is untouched.
 template <class C, class B>
 void bias_update(const bias_update_config& cfg, const C* counts, index_t n_counts, B* bias, index_t n_bias) {
-  static_assert(std::is_arithmetic_v<C>, "bias_update: counts must be an arithmetic type");
-  static_assert(is_storage_type_v<B> && !std::is_const_v<B>, "bias_update: bias must be float, double, half or bfloat16");
+  static_assert(!std::is_const_v<B>, "bias_update: bias must be float, double, half or bfloat16");
   using Acc = accumulator_t<B>;
   const char* who = "bias_update";
-  detail::require(n_counts >= 0 && n_bias >= 0, who, ": negative size (counts ", n_counts, ", bias ", n_bias, ")");
-  detail::require(n_counts == n_bias, who, ": counts has ", n_counts, " entries but bias has ", n_bias);
-  detail::require(counts != nullptr || n_counts == 0, who, ": counts is null but has ", n_counts, " entries");
-  detail::require(bias != nullptr || n_bias == 0, who, ": bias is null but has ", n_bias, " entries");
-  detail::require(std::isfinite(cfg.rate), who, ": rate = ", cfg.rate, " is not finite");
+  detail::check_bias_update_shapes(who, cfg, counts, n_counts, bias, n_bias);
   const index_t E = n_bias;
   std::vector<double> c(static_cast<std::size_t>(E));
   for (index_t e = 0; e < E; ++e) {
@@ -57,9 +69,7 @@ void bias_update(const bias_update_config& cfg, const C* counts, index_t n_count
   const Acc u = static_cast<Acc>(cfg.rate);
   std::vector<Acc> b(static_cast<std::size_t>(E));
   for (index_t e = 0; e < E; ++e) {
-    const double d = mean_c - c[static_cast<std::size_t>(e)];
-    const Acc s = d > 0 ? Acc(1) : (d < 0 ? Acc(-1) : Acc(0));
-    b[static_cast<std::size_t>(e)] = load(bias[e]) + u * s;
+    b[static_cast<std::size_t>(e)] = detail::bias_step(load(bias[e]), u, mean_c, c[static_cast<std::size_t>(e)]);
   }
   if (cfg.center) {
     const Acc mb = detail::pairwise_sum(b.data(), E) / static_cast<Acc>(E);

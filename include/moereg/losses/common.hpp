@@ -23,9 +23,9 @@ MOEREG_NAMESPACE_BEGIN
 /// valid-token count, the kernel's column sums (sum_width) and counts (count_width).
 template <class Acc>
 struct row_local {
-  index_t tv = 0;
-  const Acc* sums = nullptr;
-  const index_t* counts = nullptr;
+  index_t tv = 0;                     ///< valid tokens of this call
+  const Acc* sums = nullptr;          ///< the kernel's sum_width column sums
+  const index_t* counts = nullptr;    ///< the kernel's count_width counts
 };
 namespace detail {
 

@@ -37,8 +37,8 @@
 //
 // Passes over memory (value_and_grad): activations read once, gradient written once. Per
 // token, the Gram pass reads the token's valid vectors once; the gradient pass re-reads them
-// from cache and writes each gradient vector once (the CPU executor of specialization.hpp,
-// including its non-temporal stores for gradients of 32 MiB or more).
+// from cache and writes each gradient vector once (backend/cpu/gram_engine.hpp, including its
+// non-temporal stores for gradients of 32 MiB or more).
 #pragma once
 
 #include "../core/config.hpp"
@@ -47,7 +47,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "../backend/cpu/executor.hpp"
 #include "../core/error.hpp"
 #include "../core/layouts.hpp"
 #include "../core/types.hpp"
@@ -55,7 +54,7 @@
 #include "../math/pairwise.hpp"
 #include "api.hpp"
 #include "common.hpp"
-#include "specialization.hpp"  // the shared CPU executor of the Gram-based losses
+#include "gram.hpp"
 
 MOEREG_NAMESPACE_BEGIN
 
@@ -102,6 +101,7 @@ orthogonality_inputs(activation_view<U, Layout>, Rest...)
 /// LOSSES.md section 5), gradient with respect to the expert outputs h.
 struct orthogonality_loss : loss_api<orthogonality_loss, orthogonality_config> {
   static constexpr const char* name = "orthogonality_loss";  ///< in error messages
+  static constexpr const char* label = "orthogonality";     ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const orthogonality_inputs<T, Layout>&) const {
@@ -125,41 +125,42 @@ void validate_config(const char* who, const orthogonality_loss& loss, const orth
   detail::check_ortho_config(who, loss.cfg);
 }
 
-/// CPU backend of orthogonality_loss::local_stats() (found by ADL): validates, then writes the statistics
-/// to `out`.
-template <class T, class Layout>
-void execute_stats(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double* out) {
-  detail::check_scalars("orthogonality", loss.cfg.coef, grad_options{}, be.threads);
-  validate_on_host("orthogonality", loss, in, stats_view{}, static_cast<const activation_view<T, Layout>*>(nullptr));
-  out[0] = static_cast<double>(detail::count_valid(in.mask, in.topk.rows));
-}
-
-/// CPU backend of orthogonality_loss's value(), backward() and value_and_grad() (found by ADL): validates,
-/// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T, class Layout>
-double execute(const cpu& be, const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in,
-               stats_view reduced, const activation_view<T, Layout>* grad, grad_options opts) {
-  detail::check_scalars("orthogonality", loss.cfg.coef, opts, be.threads);
-  using Acc = accumulator_t<T>;
-  validate_on_host("orthogonality", loss, in, reduced, grad);
-  double scale = loss.cfg.coef;
-  if (loss.cfg.reduction == ortho_reduction::mean) {
-    const double tv =
-        reduced.empty() ? static_cast<double>(detail::count_valid(in.mask, in.topk.rows)) : reduced.data[0];
-    scale = tv > 0 ? scale / tv : 0.0;
+/// The per-token kernel of the pairwise orthogonality loss (losses/gram.hpp).
+template <class Acc>
+struct orthogonality_pairwise_kernel {
+  Acc eps;  ///< norm clamp
+  /// F_t of a token with n valid slots and Gram matrix G; W (when not null) receives dF_t/dG + its transpose.
+  MOEREG_HOST_DEVICE Acc operator()(int n, const Acc* G, Acc* W) const {
+    return math::orthogonality_pairwise_token(n, G, eps, W);
   }
-  const Acc eps = static_cast<Acc>(loss.cfg.eps);
-  if (loss.cfg.variant == ortho_variant::pairwise)
-    return detail::gram_loss_run(be, in.acts, in.topk, in.mask, grad, opts, scale, [eps](int n, const Acc* G, Acc* W) {
-      return math::orthogonality_pairwise_token(n, G, eps, W);
-    });
-  const index_t kk = loss.cfg.k > 0 ? loss.cfg.k : in.topk.k;
-  return detail::gram_loss_run(
-      be, in.acts, in.topk, in.mask, grad, opts, scale / static_cast<double>(kk),
-      [eps](int n, const Acc* G, Acc* W) { return math::orthogonality_subspace_token(n, G, eps, W); });
+};
+/// The per-token kernel of the subspace orthogonality loss (losses/gram.hpp).
+template <class Acc>
+struct orthogonality_subspace_kernel {
+  Acc eps;  ///< norm clamp
+  /// F_t of a token with n valid slots and Gram matrix G; W (when not null) receives dF_t/dG + its transpose.
+  MOEREG_HOST_DEVICE Acc operator()(int n, const Acc* G, Acc* W) const {
+    return math::orthogonality_subspace_token(n, G, eps, W);
+  }
+};
+
+/// The scale of orthogonality_loss's per-token sum: beta, over T_v for the mean reduction,
+/// over k for the subspace variant (k = the config's k, or the number of topk columns).
+MOEREG_HOST_DEVICE inline double orthogonality_scale(const orthogonality_config& c, index_t topk_cols, double tv) {
+  double scale = c.reduction == ortho_reduction::mean ? detail::per_valid_token(c.coef, tv) : c.coef;
+  if (c.variant == ortho_variant::subspace) scale /= static_cast<double>(c.k > 0 ? c.k : topk_cols);
+  return scale;
 }
 
-// Declared extern when this unit links moereg::compiled (core/compiled.hpp).
-MOEREG_DETAIL_EXTERN_ACTIVATION(orthogonality_loss, orthogonality_inputs)
+/// orthogonality_loss as a Gram loss (losses/gram.hpp): the configured variant's kernel.
+template <class T, class Layout, class F>
+decltype(auto) visit_gram_kernel(const orthogonality_loss& loss, const orthogonality_inputs<T, Layout>& in, double tv,
+                                 F&& f) {
+  using Acc = accumulator_t<T>;
+  const double scale = orthogonality_scale(loss.cfg, in.topk.k, tv);
+  const Acc eps = static_cast<Acc>(loss.cfg.eps);
+  if (loss.cfg.variant == ortho_variant::pairwise) return f(scale, orthogonality_pairwise_kernel<Acc>{eps});
+  return f(scale, orthogonality_subspace_kernel<Acc>{eps});
+}
 
 MOEREG_NAMESPACE_END

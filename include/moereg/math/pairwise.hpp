@@ -23,19 +23,6 @@
 
 #include "../core/config.hpp"
 
-// Loops over the lanes of the subspace solver (below): kept rolled, so that the compiler
-// vectorises them across lanes instead of unrolling them into scalar code. Undefined again at
-// the end of this header.
-#if defined(__CUDACC__) || !defined(__GNUC__)  // nvcc's front end rejects GCC loop pragmas
-#define MOEREG_DETAIL_LANES
-#elif defined(__clang__)
-// Not vectorize(enable): clang then warns (-Wpass-failed, an error under -Werror) wherever it
-// cannot vectorise, as at -Os; a header must not break its users' -Werror builds.
-#define MOEREG_DETAIL_LANES _Pragma("clang loop unroll(disable)")
-#else
-#define MOEREG_DETAIL_LANES _Pragma("GCC unroll 1") _Pragma("GCC ivdep")
-#endif
-
 MOEREG_NAMESPACE_BEGIN
 /// The per-token arithmetic of the activation (Gram-based) losses, shared by the CPU loops
 /// and the CUDA kernels (MOEREG_HOST_DEVICE): Gram matrices, cos^2 and projection terms and
@@ -166,29 +153,29 @@ MOEREG_HOST_DEVICE void ldlt_factor_lanes(int m, Real (*A)[lanes], Real pivot_fl
   Real v[mm][lanes];    // L[c][p] D[p] of the current column c
   for (int c = 0; c < m; ++c) {
     Real dc[lanes];
-    MOEREG_DETAIL_LANES
+    MOEREG_ROLLED
     for (int j = 0; j < lanes; ++j) dc[j] = A[tri(c) + c][j];
     for (int p = 0; p < c; ++p) {
-      MOEREG_DETAIL_LANES
+      MOEREG_ROLLED
       for (int j = 0; j < lanes; ++j) {
         v[p][j] = A[tri(c) + p][j] * piv[p][j];
         dc[j] -= A[tri(c) + p][j] * v[p][j];
       }
     }
-    MOEREG_DETAIL_LANES
+    MOEREG_ROLLED
     for (int j = 0; j < lanes; ++j) {
       piv[c][j] = dc[j] > pivot_floor ? dc[j] : pivot_floor;
       A[tri(c) + c][j] = Real(1) / piv[c][j];
     }
     for (int i = c + 1; i < m; ++i) {
       Real t[lanes];
-      MOEREG_DETAIL_LANES
+      MOEREG_ROLLED
       for (int j = 0; j < lanes; ++j) t[j] = A[tri(i) + c][j];
       for (int p = 0; p < c; ++p) {
-        MOEREG_DETAIL_LANES
+        MOEREG_ROLLED
         for (int j = 0; j < lanes; ++j) t[j] -= A[tri(i) + p][j] * v[p][j];
       }
-      MOEREG_DETAIL_LANES
+      MOEREG_ROLLED
       for (int j = 0; j < lanes; ++j) A[tri(i) + c][j] = t[j] * A[tri(c) + c][j];
     }
   }
@@ -200,24 +187,24 @@ MOEREG_HOST_DEVICE void ldlt_solve_lanes(int m, const Real (*L)[lanes], const Re
   Real y[mm][lanes];
   for (int i = 0; i < m; ++i) {
     Real s[lanes];
-    MOEREG_DETAIL_LANES
+    MOEREG_ROLLED
     for (int j = 0; j < lanes; ++j) s[j] = rhs[i][j];
     for (int p = 0; p < i; ++p) {
-      MOEREG_DETAIL_LANES
+      MOEREG_ROLLED
       for (int j = 0; j < lanes; ++j) s[j] -= L[tri(i) + p][j] * y[p][j];
     }
-    MOEREG_DETAIL_LANES
+    MOEREG_ROLLED
     for (int j = 0; j < lanes; ++j) y[i][j] = s[j];
   }
   for (int i = m - 1; i >= 0; --i) {
     Real s[lanes];
-    MOEREG_DETAIL_LANES
+    MOEREG_ROLLED
     for (int j = 0; j < lanes; ++j) s[j] = y[i][j] * L[tri(i) + i][j];
     for (int p = i + 1; p < m; ++p) {
-      MOEREG_DETAIL_LANES
+      MOEREG_ROLLED
       for (int j = 0; j < lanes; ++j) s[j] -= L[tri(p) + i][j] * x[p][j];
     }
-    MOEREG_DETAIL_LANES
+    MOEREG_ROLLED
     for (int j = 0; j < lanes; ++j) x[i][j] = s[j];
   }
 }
@@ -260,7 +247,7 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
     for (int l = 0; l <= a; ++l) {
       const Real lo = G[(a + 1) * n + l + 1], mid = G[(a + 1) * n + l], hi = G[a * n + l];
       const Real diag = a == l ? Real(eps) : Real(0), dead = a == l ? Real(1) : Real(0);
-      MOEREG_DETAIL_LANES
+      MOEREG_ROLLED
       for (int j = 0; j < lanes; ++j) A[tri(a) + l][j] = j >= n ? dead : (j > a ? hi : (j > l ? mid : lo)) + diag;
     }
     const Real* ga = G + a * n;  // rows a and a + 1 of G, read only at j < n
@@ -268,7 +255,7 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
     for (int j = n; j < lanes; ++j) b[a][j] = Real(0);
   }
   for (int a = 0; a < m; ++a) {
-    MOEREG_DETAIL_LANES
+    MOEREG_ROLLED
     for (int j = 0; j < lanes; ++j) sb[a][j] = b[a][j];  // g_j, kept for S_j b_j
   }
   ldlt_factor_lanes(m, A, Real(eps));
@@ -276,7 +263,7 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
   Real term[lanes];
   for (int j = 0; j < lanes; ++j) term[j] = Real(0);
   for (int a = 0; a < m; ++a) {
-    MOEREG_DETAIL_LANES
+    MOEREG_ROLLED
     for (int j = 0; j < lanes; ++j) {
       sb[a][j] -= eps * b[a][j];
       term[j] += b[a][j] * sb[a][j];
@@ -299,13 +286,13 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
   // the row, the sum over j in order).
   Real acc[max_slots][max_slots];
   for (int x = 0; x < n; ++x) {
-    MOEREG_DETAIL_LANES
+    MOEREG_ROLLED
     for (int y = 0; y < max_slots; ++y) acc[x][y] = Real(0);
   }
   for (int j = 0; j < n; ++j)
     for (int x = 0; x < n; ++x) {
       const Real bx = Bt[j][x], cx = Ct[j][x];
-      MOEREG_DETAIL_LANES
+      MOEREG_ROLLED
       for (int y = 0; y < max_slots; ++y) acc[x][y] += bx * Bt[j][y] - bx * Ct[j][y] - cx * Bt[j][y];
     }
   for (int x = 0; x < n; ++x)
@@ -321,4 +308,3 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
 }  // namespace math
 MOEREG_NAMESPACE_END
 
-#undef MOEREG_DETAIL_LANES

@@ -172,12 +172,43 @@ MOEREG_HOST_DEVICE inline variance_constants<Acc> variance_scale(double coef, do
 }
 
 // ---------------------------------------------------------------------------------------
+// Auxiliary-loss-free bias update (LOSSES.md section 7)
+// ---------------------------------------------------------------------------------------
+
+/// One expert's updated bias before centring: b + u * sign(mean_c - c), sign(0) = 0.
+template <class Acc>
+MOEREG_HOST_DEVICE inline Acc bias_step(Acc b, Acc u, double mean_c, double c) {
+  const double d = mean_c - c;
+  return b + u * (d > 0 ? Acc(1) : (d < 0 ? Acc(-1) : Acc(0)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross-layer coupling, token and log forms: one adjacent pair (LOSSES.md section 4)
+// ---------------------------------------------------------------------------------------
+
+/// The term of the adjacent pair (l, l+1) of one token, from the top-k masses a = M^l_t and
+/// c = M^{l+1}_t: a c (token form) or log(a c + eps) (log form). `w` receives the term's
+/// derivative with respect to the product a c (1, or 1 / (a c + eps)), so that
+/// dM^l += w c and dM^{l+1} += w a.
+template <class Acc>
+MOEREG_HOST_DEVICE inline Acc coupling_pair(Acc a, Acc c, bool is_log, Acc eps, Acc& w) {
+  if (is_log) {
+    using std::log;
+    const Acc q = a * c + eps;
+    w = Acc(1) / q;
+    return log(q);
+  }
+  w = Acc(1);
+  return a * c;
+}
+
+// ---------------------------------------------------------------------------------------
 // Cross-layer coupling, batch form: the pair selection (LOSSES.md section 4)
 // ---------------------------------------------------------------------------------------
 
 /// Marks with 1 in sel[0..E) the k largest entries of row[0..E), ties to the lower index:
 /// k rounds, each taking the first unselected entry that no later unselected entry strictly
-/// exceeds (the rule of the CPU executor, cp_select_row in losses/coupling.hpp).
+/// exceeds (a NaN never wins). Both backends select with it.
 template <class Src, class Acc>
 MOEREG_HOST_DEVICE inline void coupling_select_row(const Src* row, index_t E, index_t k, Acc* sel) {
   for (index_t e = 0; e < E; ++e) sel[e] = Acc(0);

@@ -321,6 +321,7 @@ template <class Loss, class In, class G>
 bool cpu_other_engine(const cpu&, const Loss&, const In&, stats_view, const G*, grad_options, double&) {
   return false;
 }
+/// The local_stats() form of cpu_other_engine: true where another engine wrote the statistics.
 template <class Loss, class In>
 bool cpu_other_engine_stats(const cpu&, const Loss&, const In&, double*) {
   return false;

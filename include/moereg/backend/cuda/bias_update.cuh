@@ -52,11 +52,7 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
   const Acc u = static_cast<Acc>(rate);
   // b_e = bias_e + u * sign(mean(c) - c_e), formed from the untouched input in both passes
   // (the centring pass recomputes it rather than re-reading a rounded 16-bit store).
-  auto updated = [&](index_t e) {
-    const double d = mean_c - static_cast<double>(counts[e]);
-    const Acc s = d > 0 ? Acc(1) : (d < 0 ? Acc(-1) : Acc(0));
-    return dload(bias + e) + u * s;
-  };
+  auto updated = [&](index_t e) { return bias_step(dload(bias + e), u, mean_c, static_cast<double>(counts[e])); };
   if (!center) {
     for (index_t e = threadIdx.x; e < E; e += cuda_tuning::threads) dstore(bias + e, updated(e));
     return;
@@ -78,14 +74,9 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
 template <class C, class B>
 void bias_update(const bias_update_config& cfg, const C* counts, index_t n_counts, B* bias, index_t n_bias,
                  const cuda& be) {
-  static_assert(std::is_arithmetic_v<C>, "bias_update: counts must be an arithmetic type");
-  static_assert(is_storage_type_v<B> && !std::is_const_v<B>, "bias_update: bias must be float, double, half or bfloat16");
+  static_assert(!std::is_const_v<B>, "bias_update: bias must be float, double, half or bfloat16");
   const char* who = "bias_update (cuda)";
-  detail::require(n_counts >= 0 && n_bias >= 0, who, ": negative size (counts ", n_counts, ", bias ", n_bias, ")");
-  detail::require(n_counts == n_bias, who, ": counts has ", n_counts, " entries but bias has ", n_bias);
-  detail::require(counts != nullptr || n_counts == 0, who, ": counts is null but has ", n_counts, " entries");
-  detail::require(bias != nullptr || n_bias == 0, who, ": bias is null but has ", n_bias, " entries");
-  detail::require(std::isfinite(cfg.rate), who, ": rate = ", cfg.rate, " is not finite");
+  detail::check_bias_update_shapes(who, cfg, counts, n_counts, bias, n_bias);
   if (n_bias == 0) return;
   detail::cuda_check_pointer(who, "counts", counts, be);
   detail::cuda_check_pointer(who, "bias", bias, be);

@@ -235,9 +235,11 @@ void cuda_validate(const char* who, const Loss& loss, const In& in, stats_view r
   cuda_check_pointer(who, "reduced statistics", reduced.data, be);
 }
 
-/// Size-only check of a statistics output buffer.
-inline void cuda_check_stats_out(const char* who, const double* out, index_t size) {
+/// Check of a statistics output buffer of `size` entries: not null when entries are due, and
+/// a device pointer.
+inline void cuda_check_stats_out(const char* who, const double* out, index_t size, const cuda& be) {
   require(out != nullptr || size == 0, who, ": the statistics output is null but ", size, " entries are due");
+  cuda_check_pointer(who, "statistics output", out, be);
 }
 
 // ---------------------------------------------------------------------------------------

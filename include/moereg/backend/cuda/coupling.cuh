@@ -246,17 +246,7 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
       const bool has_next = l + 1 < L;
       const Acc m_next = has_next ? layer_mass<T, Acc>(layers[l + 1], t, E, lane) : Acc(0);
       Acc wgt = Acc(0);
-      if (has_next) {
-        if (is_log) {
-          using std::log;
-          const Acc q = m_cur * m_next + eps;
-          val += log(q);
-          wgt = Acc(1) / q;
-        } else {
-          val += m_cur * m_next;
-          wgt = Acc(1);
-        }
-      }
+      if (has_next) val += coupling_pair(m_cur, m_next, is_log, eps, wgt);  // math/router.hpp
       // dM^l in the CPU's order: the pair (l-1, l) first, then (l, l+1).
       Acc dm = Acc(0) + w_prev * m_prev;
       if (has_next) dm += wgt * m_next;
@@ -426,10 +416,7 @@ void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T
   using Acc = accumulator_t<T>;
   const char* who = "coupling (cuda)";
   validate(loss, in, reduced, grads, be);
-  if (stats_out != nullptr) {
-    cuda_check_stats_out(who, stats_out, loss.stats_size(in));
-    cuda_check_pointer(who, "statistics output", stats_out, be);
-  }
+  if (stats_out != nullptr) cuda_check_stats_out(who, stats_out, loss.stats_size(in), be);
   const auto s = shape_of(in);
   workspace_carver carver(be.workspace);
   const auto w = carve<Acc>(carver, loss, s);

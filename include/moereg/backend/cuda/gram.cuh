@@ -164,10 +164,10 @@ struct plan {
   index_t rows, k, d, xstride, gstride, num_experts;
   bool has_grad, accumulate, stats_mode;
   bool use[2];  // specialization, orthogonality present
-  double coef[2];
+  double sp_coef;
+  orthogonality_config or_cfg;  // its scale: orthogonality_scale, the CPU's function
   Acc eps[2];
-  bool sp_mean, or_subspace, or_mean;
-  index_t or_kk;
+  bool sp_mean, or_subspace;
   double grad_scale;
   const double* reduced[2];
   double* value[2];
@@ -221,9 +221,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) count_kernel(plan<T, Lay
   for (int j = 0; j < 2; ++j) {
     if (!p.use[j]) continue;
     const double tv = p.reduced[j] != nullptr ? p.reduced[j][0] : static_cast<double>(n);
-    double scale = p.coef[j];
-    if (j == 0 || p.or_mean) scale = tv > 0 ? scale / tv : 0.0;
-    if (j == 1 && p.or_subspace) scale = scale / static_cast<double>(p.or_kk);
+    // The losses' own scales (losses/specialization.hpp, losses/orthogonality.hpp).
+    const double scale = j == 0 ? per_valid_token(p.sp_coef, tv) : orthogonality_scale(p.or_cfg, p.k, tv);
     s.scale[j] = scale;
     s.live[j] = scale != 0.0 ? 1 : 0;
     s.gcoef[j] = static_cast<Acc>(scale * p.grad_scale);
@@ -496,16 +495,14 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
   p.use[0] = rq.sp != nullptr;
   p.use[1] = rq.orth != nullptr;
   if (rq.sp != nullptr) {
-    p.coef[0] = rq.sp->cfg.coef;
+    p.sp_coef = rq.sp->cfg.coef;
     p.eps[0] = static_cast<Acc>(rq.sp->cfg.eps);
     p.sp_mean = rq.sp->cfg.pairs == sp_pairs::mean;
   }
   if (rq.orth != nullptr) {
-    p.coef[1] = rq.orth->cfg.coef;
+    p.or_cfg = rq.orth->cfg;
     p.eps[1] = static_cast<Acc>(rq.orth->cfg.eps);
     p.or_subspace = rq.orth->cfg.variant == ortho_variant::subspace;
-    p.or_mean = rq.orth->cfg.reduction == ortho_reduction::mean;
-    p.or_kk = rq.orth->cfg.k > 0 ? rq.orth->cfg.k : rq.topk.k;
   }
   for (int j = 0; j < 2; ++j) {
     p.reduced[j] = rq.io[j].reduced.data;
@@ -599,7 +596,7 @@ void cuda_run(const cuda& be, const Loss& loss, const In& in, stats_view reduced
   if constexpr (slot == 1) check_ortho_config(who, loss.cfg);
   auto rq = cuda_gram::single_request(loss, in, grad);
   cuda_gram::validate(who, loss.cfg.coef, loss.cfg.eps, rq, reduced, be);
-  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
+  if (stats_out != nullptr) cuda_check_stats_out(who, stats_out, loss.stats_size(in), be);
   rq.opts = opts;
   rq.stats_mode = stats_out != nullptr;
   rq.io[slot] = cuda_gram::gram_io{reduced, be.value, stats_out};

@@ -176,10 +176,7 @@ void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balanc
   using Acc = accumulator_t<T>;
   const char* who = "load_balancing (cuda)";
   validate(loss, in, reduced, grad, be);
-  if (stats_out != nullptr) {
-    cuda_check_stats_out(who, stats_out, loss.stats_size(in));
-    cuda_check_pointer(who, "statistics output", stats_out, be);
-  }
+  if (stats_out != nullptr) cuda_check_stats_out(who, stats_out, loss.stats_size(in), be);
   if (loss.cfg.scope != lb_scope::sequence) {
     cuda_router::run_single(be, loss, in, reduced, grad, opts, stats_out);
     return;

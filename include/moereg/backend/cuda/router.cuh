@@ -661,7 +661,7 @@ void cuda_run(const cuda& be, const Loss& loss, const In& in, stats_view reduced
               double* stats_out) {
   const char* who = cuda_router::slot_names[cuda_router::slot_of<Loss>()];
   cuda_validate(who, loss, in, reduced, grad, be);
-  if (stats_out != nullptr) cuda_check_pointer(who, "statistics output", stats_out, be);
+  if (stats_out != nullptr) cuda_check_stats_out(who, stats_out, loss.stats_size(in), be);
   cuda_router::run_single(be, loss, in, reduced, grad, opts, stats_out);
 }
 template <class Loss, class In, std::enable_if_t<is_single_router_loss_v<Loss>, int> = 0>
