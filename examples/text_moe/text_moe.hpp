@@ -430,29 +430,29 @@ loss_terms objective(const param_layout& pl, const S* params, const batch& b, co
     if (reg.load_balancing != 0) {
       const moereg::load_balancing_loss lb{{reg.load_balancing}};
       const moereg::load_balancing_inputs<S> in{moereg::view(L.probs), I};
-      out.load_balancing += want ? lb.value_and_grad(in, moereg::view(dP[uz(l)]), {}, {}, be) : lb.value(in, {}, be);
+      out.load_balancing += want ? lb.value_and_grad(in, moereg::view(dP[uz(l)]), moereg::on(be)) : lb.value(in, moereg::on(be));
     }
     if (reg.z != 0) {
       const moereg::z_loss zl{{reg.z}};
       const moereg::z_loss_inputs<S> in{moereg::view(L.logits)};
-      out.z += want ? zl.value_and_grad(in, moereg::view(dZ[uz(l)]), {}, {}, be) : zl.value(in, {}, be);
+      out.z += want ? zl.value_and_grad(in, moereg::view(dZ[uz(l)]), moereg::on(be)) : zl.value(in, moereg::on(be));
     }
     if (reg.variance != 0) {
       const moereg::variance_loss vl{{reg.variance}};
       const moereg::variance_inputs<S> in{moereg::view(L.scores)};
-      out.variance += want ? vl.value_and_grad(in, moereg::view(dS[uz(l)]), {}, {}, be) : vl.value(in, {}, be);
+      out.variance += want ? vl.value_and_grad(in, moereg::view(dS[uz(l)]), moereg::on(be)) : vl.value(in, moereg::on(be));
     }
     if (reg.specialization != 0) {
       const moereg::specialization_loss sp{{reg.specialization}};
       const moereg::specialization_inputs<S, moereg::expert_grouped> in{{L.h.data(), L.grouped(k, F)}, I, {}, E};
-      out.specialization += want ? sp.value_and_grad(in, {dH[uz(l)].data(), L.grouped(k, F)}, {}, {}, be)
-                                 : sp.value(in, {}, be);
+      out.specialization += want ? sp.value_and_grad(in, {dH[uz(l)].data(), L.grouped(k, F)}, moereg::on(be))
+                                 : sp.value(in, moereg::on(be));
     }
     if (reg.orthogonality != 0) {
       const moereg::orthogonality_loss ol{{reg.orthogonality}};
       const moereg::orthogonality_inputs<S, moereg::expert_grouped> in{{L.o.data(), L.grouped(k, D)}, I, {}, E};
-      out.orthogonality += want ? ol.value_and_grad(in, {dO[uz(l)].data(), L.grouped(k, D)}, {}, {}, be)
-                                : ol.value(in, {}, be);
+      out.orthogonality += want ? ol.value_and_grad(in, {dO[uz(l)].data(), L.grouped(k, D)}, moereg::on(be))
+                                : ol.value(in, moereg::on(be));
     }
   }
   if (reg.coupling != 0 && NL >= 2) {

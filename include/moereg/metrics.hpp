@@ -257,16 +257,25 @@ layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, mask_v
   return out;
 }
 
-/// measure_layer plus the expert overlap of the layer's co-selected activations.
+/// measure_layer plus the expert overlap of the layer's co-selected activations. The mask
+/// follows topk here as in measure_layer(probs, topk, mask, cfg, be); the activations come after it.
 template <class T, class A, class Layout>
-layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, const activation_view<A, Layout>& acts,
-                            mask_view mask = {}, const metrics_config& cfg = {}, const cpu& be = {}) {
+layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, mask_view mask,
+                            const activation_view<A, Layout>& acts, const metrics_config& cfg = {},
+                            const cpu& be = {}) {
   layer_metrics out = measure_layer(probs, topk, mask, cfg, be);
   const overlap_metrics o = measure_overlap(topk, acts, mask, cfg, be);
   out.mean_abs_cos = o.mean_abs_cos;
   out.mean_cos2 = o.mean_cos2;
   out.cos_pairs = o.pairs;
   return out;
+}
+/// The earlier argument order of the form above (activations before the mask), kept so that
+/// existing calls still compile; the same result.
+template <class T, class A, class Layout>
+layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, const activation_view<A, Layout>& acts,
+                            mask_view mask = {}, const metrics_config& cfg = {}, const cpu& be = {}) {
+  return measure_layer(probs, topk, mask, acts, cfg, be);
 }
 
 /// Joint of the experts selected at two adjacent layers over the same tokens, its mutual

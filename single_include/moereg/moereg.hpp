@@ -558,6 +558,53 @@ struct grad_options {
   bool accumulate = false;  ///< false: overwrite the buffer (zeros where the loss has no gradient); true: add into it
 };
 
+/// What a loss call needs besides its data, by name rather than by position: the backend, the
+/// reduced statistics (LOSSES.md section 9; empty = this call's own) and the gradient options.
+/// Every loss's value / backward / value_and_grad take one in place of their trailing
+/// arguments:
+///
+///   lb.value_and_grad(in, grad, moereg::on(be).with_reduced(red).accumulating());
+///   lb.value(in, moereg::on(moereg::cpu{2}));
+///
+/// The positional forms (opts, reduced, be) stay; both give the same call.
+template <class Backend>
+struct call_context {
+  Backend backend{};      ///< cpu{...}, or the CUDA backend with its stream and buffers
+  stats_view reduced{};   ///< reduced statistics; empty = this call's own
+  grad_options opts{};    ///< grad_scale and overwrite / accumulate (ignored by value())
+
+  /// This context with reduced statistics `r`.
+  call_context with_reduced(stats_view r) const {
+    call_context c = *this;
+    c.reduced = r;
+    return c;
+  }
+  /// This context with gradient options `o`.
+  call_context with_opts(grad_options o) const {
+    call_context c = *this;
+    c.opts = o;
+    return c;
+  }
+  /// This context with the gradient multiplied by `s`.
+  call_context with_grad_scale(double s) const {
+    call_context c = *this;
+    c.opts.grad_scale = s;
+    return c;
+  }
+  /// This context adding into the gradient buffer instead of overwriting it.
+  call_context accumulating() const {
+    call_context c = *this;
+    c.opts.accumulate = true;
+    return c;
+  }
+};
+
+/// A call context on backend `be` (local statistics, default gradient options).
+template <class Backend>
+call_context<Backend> on(const Backend& be) {
+  return call_context<Backend>{be, stats_view{}, grad_options{}};
+}
+
 MOEREG_NAMESPACE_END
 // ---- end moereg/core/views.hpp ----
 
@@ -1280,6 +1327,8 @@ MOEREG_NAMESPACE_END
 #endif
 // ---- end moereg/core/compiled.hpp ----
 
+// The internal headers below refuse to be included without this (they are not public).
+#define MOEREG_DETAIL_CPU_BACKEND 1
 // ---- begin moereg/backend/cpu/executor.hpp ----
 // The CPU executor (include <moereg/backend/cpu.hpp>): the backend value `cpu`, parallel loops
 // over fixed-size blocks of tokens, reductions of per-block partial results in a fixed order,
@@ -1289,6 +1338,10 @@ MOEREG_NAMESPACE_END
 // is processed sequentially by one thread, and block partials are combined by a pairwise sum
 // in block order. The same inputs therefore give bitwise the same value and gradient for any
 // number of threads and on every run.
+
+#ifndef MOEREG_DETAIL_CPU_BACKEND
+#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
+#endif
 
 
 #include <algorithm>
@@ -1452,6 +1505,10 @@ MOEREG_NAMESPACE_END
 // own maps and strides). Overwrite mode writes zeros into every vector the grad layout holds
 // for a masked token, a dropped slot, or a token with fewer than 2 valid slots; accumulate
 // mode leaves those untouched. Storage the layout maps to no (token, slot) is never touched.
+
+#ifndef MOEREG_DETAIL_CPU_BACKEND
+#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
+#endif
 
 
 #include <cstdint>
@@ -2115,6 +2172,22 @@ struct loss_api {
                         const Backend& be = {}) const {
     static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
+  }
+
+  /// value() with the backend and reduced statistics of a call context (moereg::on(be)...).
+  template <class In, class Backend, enable_for<In> = 0>
+  double value(const In& in, const call_context<Backend>& c) const {
+    return value(in, c.reduced, c.backend);
+  }
+  /// backward() with the options, reduced statistics and backend of a call context.
+  template <class In, class Backend, enable_for<In> = 0>
+  void backward(const In& in, detail::grad_arg_t<In> grad, const call_context<Backend>& c) const {
+    backward(in, grad, c.opts, c.reduced, c.backend);
+  }
+  /// value_and_grad() with the options, reduced statistics and backend of a call context.
+  template <class In, class Backend, enable_for<In> = 0>
+  double value_and_grad(const In& in, detail::grad_arg_t<In> grad, const call_context<Backend>& c) const {
+    return value_and_grad(in, grad, c.opts, c.reduced, c.backend);
   }
 };
 
@@ -3006,6 +3079,10 @@ MOEREG_NAMESPACE_END
 // thread (see detail::cp_eigen_serial_blocks) into freshly allocated, aligned buffers, so the
 // result is bitwise the same for any number of moereg threads.
 
+#ifndef MOEREG_DETAIL_CPU_BACKEND
+#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
+#endif
+
 
 #include <algorithm>
 #include <cmath>
@@ -3735,6 +3812,10 @@ MOEREG_NAMESPACE_END
 // cpu_block_rows rows run in parallel; each kernel's row terms are summed in row order inside
 // a block and pairwise over the blocks: bitwise the same for any thread count.
 
+#ifndef MOEREG_DETAIL_CPU_BACKEND
+#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
+#endif
+
 
 #include <array>
 #include <cmath>
@@ -4272,6 +4353,10 @@ MOEREG_NAMESPACE_END
 // order, as on the row engine), and the sequences run in parallel; the value is the pairwise
 // sum of the sequences' values, so the result is bitwise the same for any thread count.
 // Include <moereg/backend/cpu.hpp>, not this file.
+
+#ifndef MOEREG_DETAIL_CPU_BACKEND
+#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
+#endif
 
 
 #include <algorithm>
@@ -5886,16 +5971,25 @@ layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, mask_v
   return out;
 }
 
-/// measure_layer plus the expert overlap of the layer's co-selected activations.
+/// measure_layer plus the expert overlap of the layer's co-selected activations. The mask
+/// follows topk here as in measure_layer(probs, topk, mask, cfg, be); the activations come after it.
 template <class T, class A, class Layout>
-layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, const activation_view<A, Layout>& acts,
-                            mask_view mask = {}, const metrics_config& cfg = {}, const cpu& be = {}) {
+layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, mask_view mask,
+                            const activation_view<A, Layout>& acts, const metrics_config& cfg = {},
+                            const cpu& be = {}) {
   layer_metrics out = measure_layer(probs, topk, mask, cfg, be);
   const overlap_metrics o = measure_overlap(topk, acts, mask, cfg, be);
   out.mean_abs_cos = o.mean_abs_cos;
   out.mean_cos2 = o.mean_cos2;
   out.cos_pairs = o.pairs;
   return out;
+}
+/// The earlier argument order of the form above (activations before the mask), kept so that
+/// existing calls still compile; the same result.
+template <class T, class A, class Layout>
+layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, const activation_view<A, Layout>& acts,
+                            mask_view mask = {}, const metrics_config& cfg = {}, const cpu& be = {}) {
+  return measure_layer(probs, topk, mask, acts, cfg, be);
 }
 
 /// Joint of the experts selected at two adjacent layers over the same tokens, its mutual

@@ -203,3 +203,58 @@ TEST_CASE("template arguments are deduced from the views", "[front_end]") {
   moereg::sigmoid_norm_backward<double>(moereg::view(P), moereg::view(dP), moereg::view(dZ_explicit));
   CHECK(dZ == dZ_explicit);
 }
+
+TEST_CASE("a call context gives the positional call, for values, gradients and layers", "[front_end][context]") {
+  const index_t T = 300, E = 6, k = 2, d = 7, cut = 120;
+  std::vector<double> P(static_cast<std::size_t>(T * E)), h(static_cast<std::size_t>(T * k * d));
+  std::vector<std::int32_t> I(static_cast<std::size_t>(T * k));
+  std::vector<std::uint8_t> m(static_cast<std::size_t>(T));
+  for (index_t t = 0; t < T; ++t) {
+    m[static_cast<std::size_t>(t)] = t % 7 != 3;
+    for (index_t e = 0; e < E; ++e) P[static_cast<std::size_t>(t * E + e)] = 1.0 / 6 + 0.01 * static_cast<double>((t * 5 + e * 3) % 11);
+    for (index_t s = 0; s < k; ++s) I[static_cast<std::size_t>(t * k + s)] = t % 13 == 5 && s == 1 ? -1 : static_cast<std::int32_t>((t + 2 * s) % E);
+  }
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = std::sin(0.37 * static_cast<double>(i));
+  const moereg::mask_view mask(m.data(), T);
+  const moereg::topk_view topk(I.data(), T, k);
+  const moereg::load_balancing_loss lb{{0.3}};
+  const moereg::load_balancing_inputs<double> in{{P.data(), cut, E}, {I.data(), cut, k}, {m.data(), cut}};
+  const auto red = lb.local_stats(moereg::load_balancing_inputs<double>{{P.data(), T, E}, topk, mask});
+  const moereg::stats_view rv{red.data(), static_cast<index_t>(red.size())};
+  const moereg::grad_options opts{0.75, true};
+  // value: reduced statistics and the backend by name.
+  CHECK(lb.value(in, moereg::on(moereg::cpu{2}).with_reduced(rv)) == lb.value(in, rv, moereg::cpu{2}));
+  CHECK(lb.value(in, moereg::on(moereg::cpu{})) == lb.value(in));
+  // value_and_grad and backward: options too (accumulate into the same prefill, same bits).
+  std::vector<double> g1(static_cast<std::size_t>(cut * E), 0.5), g2 = g1, g3 = g1, g4 = g1;
+  const double v1 = lb.value_and_grad(in, moereg::matrix_view<double>(g1.data(), cut, E), opts, rv, moereg::cpu{3});
+  const double v2 = lb.value_and_grad(in, moereg::matrix_view<double>(g2.data(), cut, E),
+                                      moereg::on(moereg::cpu{3}).with_reduced(rv).with_grad_scale(0.75).accumulating());
+  CHECK(v1 == v2);
+  CHECK(g1 == g2);
+  CHECK(g1 != std::vector<double>(g1.size(), 0.5));
+  lb.backward(in, moereg::matrix_view<double>(g3.data(), cut, E), opts, rv);
+  lb.backward(in, moereg::matrix_view<double>(g4.data(), cut, E), moereg::on(moereg::cpu{}).with_opts(opts).with_reduced(rv));
+  CHECK(g3 == g4);
+  CHECK(g3 == g1);
+  // A Gram loss and the coupling loss (a gradient view per layer) take it as well.
+  const moereg::specialization_loss sp{};
+  const moereg::specialization_inputs sin{moereg::token_major_view<const double>(h.data(), T, k, d), topk, mask};
+  std::vector<double> a(h.size()), b(h.size());
+  CHECK(sp.value_and_grad(sin, moereg::token_major_view<double>(a.data(), T, k, d), {2.0, false}) ==
+        sp.value_and_grad(sin, moereg::token_major_view<double>(b.data(), T, k, d), moereg::on(moereg::cpu{}).with_grad_scale(2.0)));
+  CHECK(a == b);
+  const moereg::routing_view<double> probs[2] = {{P.data(), T / 2, E}, {P.data() + T / 2 * E, T / 2, E}};
+  const moereg::topk_view tks[2] = {{I.data(), T / 2, k}, {I.data() + T / 2 * k, T / 2, k}};
+  const moereg::coupling_inputs<double> cin{probs, tks, 2};
+  std::vector<double> c1(static_cast<std::size_t>(T * E)), c2(c1.size());
+  const moereg::matrix_view<double> g_pos[2] = {{c1.data(), T / 2, E}, {c1.data() + T / 2 * E, T / 2, E}};
+  const moereg::matrix_view<double> g_ctx[2] = {{c2.data(), T / 2, E}, {c2.data() + T / 2 * E, T / 2, E}};
+  const moereg::coupling_loss cp{};
+  CHECK(cp.value_and_grad(cin, g_pos, {}, {}, moereg::cpu{2}) == cp.value_and_grad(cin, g_ctx, moereg::on(moereg::cpu{2})));
+  CHECK(c1 == c2);
+  // The checks are the same: a bad reduced statistics size is refused either way.
+  const moereg::stats_view short_red{red.data(), 1};
+  CHECK(throws_moereg([&] { (void)lb.value(in, moereg::on(moereg::cpu{}).with_reduced(short_red)); }));
+  CHECK(throws_moereg([&] { (void)lb.value(in, short_red); }));
+}

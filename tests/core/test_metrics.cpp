@@ -35,7 +35,12 @@ TEST_CASE("metrics: a hand-computed layer", "[metrics]") {
                         1, 2, 9, 9}; // dropped second slot: ignored
   const moereg::topk_view tk(I, 4, 2);
   const auto acts = moereg::token_major_view(H, 4, 2, 2);
-  const auto r = moereg::measure_layer(moereg::routing_view<double>(P, 4, 3), tk, acts, moereg::mask_view(m, 4));
+  const auto r = moereg::measure_layer(moereg::routing_view<double>(P, 4, 3), tk, moereg::mask_view(m, 4), acts);
+  // The earlier order (activations before the mask) gives the same result.
+  const auto r_old = moereg::measure_layer(moereg::routing_view<double>(P, 4, 3), tk, acts, moereg::mask_view(m, 4));
+  CHECK(r_old.mean_cos2 == r.mean_cos2);
+  CHECK(r_old.cos_pairs == r.cos_pairs);
+  CHECK(r_old.tokens_per_expert == r.tokens_per_expert);
 
   // counts: expert 0 <- token 0; expert 1 <- tokens 0, 1; expert 2 <- tokens 1, 3. Slots = 5.
   CHECK(r.valid_tokens == 3);

@@ -12,6 +12,8 @@
 #include "../core/config.hpp"
 #include "../core/compiled.hpp"
 
+// The internal headers below refuse to be included without this (they are not public).
+#define MOEREG_DETAIL_CPU_BACKEND 1
 #include "cpu/executor.hpp"
 #include "cpu/gram_engine.hpp"
 #include "cpu/layer_engine.hpp"

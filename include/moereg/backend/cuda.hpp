@@ -11,7 +11,7 @@
 //   cudaMalloc(&be.workspace, be.workspace_bytes);            // the caller's allocator, once
 //   be.value = d_value;                                       // double in device memory
 //   be.status = d_status;                                     // int in device memory, optional
-//   lb.value_and_grad(in, moereg::matrix_view<float>(d_grad, T, E), {}, {}, be);  // enqueued
+//   lb.value_and_grad(in, moereg::matrix_view<float>(d_grad, T, E), moereg::on(be));  // enqueued
 //
 // What changes against the CPU backend (backend/cuda/core.cuh has the full contract):
 //   * every view points to device memory (also reduced statistics and statistics outputs);
@@ -53,6 +53,8 @@
 #pragma nv_diagnostic pop
 #endif
 
+// The internal headers below refuse to be included without this (they are not public).
+#define MOEREG_DETAIL_CUDA_BACKEND 1
 #include "cuda/core.cuh"
 #include "cuda/router.cuh"
 

@@ -238,4 +238,51 @@ struct grad_options {
   bool accumulate = false;  ///< false: overwrite the buffer (zeros where the loss has no gradient); true: add into it
 };
 
+/// What a loss call needs besides its data, by name rather than by position: the backend, the
+/// reduced statistics (LOSSES.md section 9; empty = this call's own) and the gradient options.
+/// Every loss's value / backward / value_and_grad take one in place of their trailing
+/// arguments:
+///
+///   lb.value_and_grad(in, grad, moereg::on(be).with_reduced(red).accumulating());
+///   lb.value(in, moereg::on(moereg::cpu{2}));
+///
+/// The positional forms (opts, reduced, be) stay; both give the same call.
+template <class Backend>
+struct call_context {
+  Backend backend{};      ///< cpu{...}, or the CUDA backend with its stream and buffers
+  stats_view reduced{};   ///< reduced statistics; empty = this call's own
+  grad_options opts{};    ///< grad_scale and overwrite / accumulate (ignored by value())
+
+  /// This context with reduced statistics `r`.
+  call_context with_reduced(stats_view r) const {
+    call_context c = *this;
+    c.reduced = r;
+    return c;
+  }
+  /// This context with gradient options `o`.
+  call_context with_opts(grad_options o) const {
+    call_context c = *this;
+    c.opts = o;
+    return c;
+  }
+  /// This context with the gradient multiplied by `s`.
+  call_context with_grad_scale(double s) const {
+    call_context c = *this;
+    c.opts.grad_scale = s;
+    return c;
+  }
+  /// This context adding into the gradient buffer instead of overwriting it.
+  call_context accumulating() const {
+    call_context c = *this;
+    c.opts.accumulate = true;
+    return c;
+  }
+};
+
+/// A call context on backend `be` (local statistics, default gradient options).
+template <class Backend>
+call_context<Backend> on(const Backend& be) {
+  return call_context<Backend>{be, stats_view{}, grad_options{}};
+}
+
 MOEREG_NAMESPACE_END

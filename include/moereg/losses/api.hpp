@@ -152,6 +152,22 @@ struct loss_api {
     static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
   }
+
+  /// value() with the backend and reduced statistics of a call context (moereg::on(be)...).
+  template <class In, class Backend, enable_for<In> = 0>
+  double value(const In& in, const call_context<Backend>& c) const {
+    return value(in, c.reduced, c.backend);
+  }
+  /// backward() with the options, reduced statistics and backend of a call context.
+  template <class In, class Backend, enable_for<In> = 0>
+  void backward(const In& in, detail::grad_arg_t<In> grad, const call_context<Backend>& c) const {
+    backward(in, grad, c.opts, c.reduced, c.backend);
+  }
+  /// value_and_grad() with the options, reduced statistics and backend of a call context.
+  template <class In, class Backend, enable_for<In> = 0>
+  double value_and_grad(const In& in, detail::grad_arg_t<In> grad, const call_context<Backend>& c) const {
+    return value_and_grad(in, grad, c.opts, c.reduced, c.backend);
+  }
 };
 
 MOEREG_NAMESPACE_END

@@ -16,6 +16,10 @@
 // result is bitwise the same for any number of moereg threads.
 #pragma once
 
+#ifndef MOEREG_DETAIL_CPU_BACKEND
+#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
+#endif
+
 #include "../../core/config.hpp"
 
 #include <algorithm>

@@ -6,6 +6,10 @@
 // Include <moereg/backend/cpu.hpp>, not this file.
 #pragma once
 
+#ifndef MOEREG_DETAIL_CPU_BACKEND
+#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
+#endif
+
 #include "../../core/config.hpp"
 
 #include <algorithm>

@@ -32,6 +32,10 @@
 //     the raw bits). Arithmetic in float, or double for double.
 #pragma once
 
+#ifndef MOEREG_DETAIL_CUDA_BACKEND
+#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
+#endif
+
 #if !defined(__CUDACC__)
 #error "moereg's CUDA backend must be compiled by nvcc: include <moereg/backend/cuda.hpp> from a .cu file"
 #endif

@@ -17,6 +17,10 @@
 // scope the rows of the sequences concerned.
 #pragma once
 
+#ifndef MOEREG_DETAIL_CUDA_BACKEND
+#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
+#endif
+
 #include "../../core/config.hpp"
 
 #include <cstdint>
