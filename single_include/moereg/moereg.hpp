@@ -2236,9 +2236,8 @@ struct per_column_rows {
 
   bool wants_rows(bool grad) const { return grad; }
   template <class Ops>
-  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
-    if (g != nullptr)
-      for (std::size_t e = 0; e < coeff.size(); ++e) g[e] += coeff[e];
+  Acc row(index_t, const Acc*, Acc* g, Ops& ops) const {
+    if (g != nullptr) ops.put(g, static_cast<index_t>(coeff.size()), [&](index_t e) { return coeff[static_cast<std::size_t>(e)]; });
     return Acc(0);
   }
   double finish(Acc) const { return static_cast<double>(value); }
@@ -3798,12 +3797,20 @@ MOEREG_NAMESPACE_END
 //   bool active;                             false: rows add nothing (set by prepare)
 //   bool wants_rows(bool grad) const;        whether the row pass is needed
 //   template <class Ops> Acc row(index_t t, const Acc* x, Acc* g, Ops& ops) const;
-//                                            one valid row: adds its gradient into g (null:
-//                                            none wanted), returns its term of the row sum
+//                                            one valid row: writes its gradient row into g
+//                                            through ops.put / ops.put_at, once per element
+//                                            (or itself, assigning or adding per
+//                                            ops.assigning())
+//                                            (null: none wanted), returns its term of the row sum
 //   double finish(Acc row_sum) const;        the value
 //
-// Ops is the engine's row toolkit (cpu_row_ops): aligned scratch rows and the vectorised
-// log-sum-exp, log and sum, so a kernel's row is written once and runs on Eigen's packets.
+// Ops is the engine's row toolkit (cpu_row_ops): aligned scratch rows, the vectorised
+// log-sum-exp, log and sum, so a kernel's row is written once and runs on Eigen's packets, and
+// put(g, n, v) / put_at(g, e, v), which assign or add v as the engine says: g is the caller's
+// gradient row itself when one kernel writes that gradient and it is contiguous in the
+// accumulator type (assigned in overwrite mode, added to in accumulate mode: the arithmetic of
+// a direct store), otherwise an engine buffer (the first kernel of the row assigns, the later
+// ones add, and the engine stores the sum once).
 //
 // Passes: pass 1 (only when a kernel needs it) reads each distinct matrix once per valid row;
 // the row pass reads each distinct matrix once and writes each distinct gradient once, the
@@ -3991,6 +3998,26 @@ class cpu_row_ops {
     sum = s;
     return lse;
   }
+  /// Writes a kernel's gradient row: g[e] = v(e) for e in [0, n), or g[e] += v(e) when the
+  /// engine says the row already holds a value (an earlier kernel's, or the caller's in
+  /// accumulate mode). Two plain loops, which the compiler vectorises.
+  template <class F>
+  MOEREG_FORCEINLINE void put(Acc* MOEREG_RESTRICT g, index_t n, F&& v) const {
+    if (assign_)
+      for (index_t e = 0; e < n; ++e) g[e] = v(e);
+    else
+      for (index_t e = 0; e < n; ++e) g[e] += v(e);
+  }
+  /// put() of one element, for kernels that form their row element by element.
+  MOEREG_FORCEINLINE void put_at(Acc* g, index_t e, Acc v) const {
+    if (assign_) g[e] = v;
+    else g[e] += v;
+  }
+  /// Whether put() assigns (true) or adds, for a kernel that writes its row itself.
+  bool assigning() const { return assign_; }
+  /// Set by the engine before each kernel's row(): whether put() assigns or adds.
+  void set_assign(bool assign) { assign_ = assign; }
+
   /// out[e] = log(x[e]) on packets (out aligned scratch); accurate for normal numbers.
   static void log(const Acc* x, index_t n, Acc* out) { scratch_array<Acc>(out, n) = row_array<Acc>(x, n).log(); }
   /// sum_e x[e] of aligned scratch, in the packets' fixed order.
@@ -4000,6 +4027,7 @@ class cpu_row_ops {
   static index_t padded(index_t width) { return aligned_width<Acc>(width); }
   index_t width_;
   row_scratch<Acc> buf_;
+  bool assign_ = true;
 };
 
 /// The same matrix for two kernels: one read serves both.
@@ -4023,6 +4051,12 @@ MOEREG_FORCEINLINE void store_grad_row(const matrix_view<T>& g, index_t t, const
   } else {
     for (index_t e = 0; e < n; ++e) put_grad(g(t, e), v[e], accumulate);
   }
+}
+
+/// Overwrites row t of a gradient with zeros, in the storage type.
+template <class T>
+MOEREG_FORCEINLINE void zero_grad_row(const matrix_view<T>& g, index_t t) {
+  for (index_t e = 0; e < g.cols; ++e) store(g(t, e), accumulator_t<T>(0));
 }
 
 /// f(integral_constant<I>) for I = 0, ..., N - 1, in order.
@@ -4146,6 +4180,18 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
   });
   std::array<std::vector<Acc>, N> part;
   for (auto& v : part) v.assign(static_cast<std::size_t>(any_rows ? nb : 0), Acc(0));
+  // A gradient that one kernel writes, contiguous in the accumulator type, is written in place
+  // (direct); the others through a row buffer that sums the kernels' contributions.
+  std::array<bool, N> direct{};
+  {
+    std::array<int, N> writers{};
+    each([&](auto i, auto&) {
+      if (on[i] && dst[i] >= 0) ++writers[static_cast<std::size_t>(dst[i])];
+    });
+    for (int d = 0; d < ndst; ++d)
+      direct[static_cast<std::size_t>(d)] = std::is_same<T, Acc>::value && writers[static_cast<std::size_t>(d)] == 1 &&
+                                            dsts[static_cast<std::size_t>(d)].contiguous_rows();
+  }
   if (any_rows) {
     parallel_blocks(be, rows, B, [&](index_t b, index_t r0, index_t r1) {
       row_scratch<Acc> conv(conv_size), gbuf(static_cast<std::size_t>(ndst * width));
@@ -4156,8 +4202,6 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
       for (index_t t = r0; t < r1; ++t) {
         xs.fill(nullptr);
         touched.fill(false);
-        for (int d = 0; d < ndst; ++d)
-          for (index_t e = 0; e < dsts[static_cast<std::size_t>(d)].cols; ++e) gbuf[static_cast<std::size_t>(d * width + e)] = Acc(0);
         each([&](auto i, auto& k) {
           if (!on[i] || !k.mask(t)) return;
           const auto s = static_cast<std::size_t>(src[i]);
@@ -4165,15 +4209,26 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
             xs[s] = acc_row(srcs[s], t, conv.data() + s * static_cast<std::size_t>(width));
           Acc* g = nullptr;
           if (dst[i] >= 0) {
-            g = gbuf.data() + static_cast<std::size_t>(dst[i] * width);
-            touched[static_cast<std::size_t>(dst[i])] = true;
+            const auto d = static_cast<std::size_t>(dst[i]);
+            if (direct[d]) {
+              g = reinterpret_cast<Acc*>(dsts[d].row(t));  // T is Acc here
+              ops.set_assign(!opts.accumulate);
+            } else {
+              g = gbuf.data() + d * static_cast<std::size_t>(width);
+              ops.set_assign(!touched[d]);
+            }
+            touched[d] = true;
           }
           acc[i] += k.row(t, k.reads_row ? xs[s] : nullptr, g, ops);
         });
-        for (int d = 0; d < ndst; ++d)
-          if (touched[static_cast<std::size_t>(d)] || !opts.accumulate)
-            store_grad_row(dsts[static_cast<std::size_t>(d)], t, gbuf.data() + static_cast<std::size_t>(d * width),
-                           opts.accumulate);
+        for (int d = 0; d < ndst; ++d) {
+          const auto du = static_cast<std::size_t>(d);
+          if (touched[du]) {
+            if (!direct[du]) store_grad_row(dsts[du], t, gbuf.data() + du * static_cast<std::size_t>(width), opts.accumulate);
+          } else if (!opts.accumulate) {
+            zero_grad_row(dsts[du], t);
+          }
+        }
       }
       for (std::size_t i = 0; i < N; ++i) part[i][static_cast<std::size_t>(b)] = acc[i];
     });
@@ -4796,7 +4851,7 @@ struct entropy_kernel {
       for (index_t e = 0; e < n; ++e) {
         const auto r = entropy_elem(p[e], tiny, log_tiny);
         sum -= r.plogp;
-        if (g != nullptr) g[e] += gc * r.dfactor;
+        if (g != nullptr) ops.put_at(g, e, gc * r.dfactor);
       }
       return sum;
     }
@@ -4811,8 +4866,7 @@ struct entropy_kernel {
       terms[e] = pe * lp;
       df[e] = -(lp + one);
     }
-    if (g != nullptr)
-      for (index_t e = 0; e < n; ++e) g[e] += gc * df[e];
+    if (g != nullptr) ops.put(g, n, [&](index_t e) { return gc * df[e]; });
     return -ops.sum(terms, n);
   }
   double finish(Acc rows) const { return static_cast<double>(static_cast<Acc>(eta) * inv_tv * rows); }
@@ -5369,18 +5423,41 @@ struct variance_kernel {
   }
   bool wants_rows(bool) const { return true; }
   template <class Ops>
-  Acc row(index_t, const Acc* s, Acc* g, Ops&) const {
+  Acc row(index_t, const Acc* s, Acc* g, Ops& ops) const {
     const index_t E = x.cols;
+    if (tokens()) return deviations(s, sbar.data(), g, ops);
     Acc mean = Acc(0);
-    if (!tokens()) {
-      for (index_t e = 0; e < E; ++e) mean += s[e];
-      mean /= static_cast<Acc>(E);
-    }
+    for (index_t e = 0; e < E; ++e) mean += s[e];
+    mean /= static_cast<Acc>(E);
+    return deviations(s, mean, g, ops);
+  }
+  /// sum_e d_e^2 and the gradient gc * d_e of d_e = s_e - center_e, in one loop (the sum's
+  /// latency hides the gradient's stores). center: the column means, or the row's mean.
+  template <class C, class Ops>
+  Acc deviations(const Acc* MOEREG_RESTRICT s, C center, Acc* MOEREG_RESTRICT g, Ops& ops) const {
+    const index_t E = x.cols;
+    const auto c = [&](index_t e) {
+      if constexpr (std::is_pointer_v<C>) return center[e];
+      else return center;
+    };
     Acc q = Acc(0);
-    for (index_t e = 0; e < E; ++e) {
-      const Acc d = s[e] - (tokens() ? sbar[static_cast<std::size_t>(e)] : mean);
-      q += d * d;
-      if (g != nullptr) g[e] += gc * d;
+    if (g == nullptr) {
+      for (index_t e = 0; e < E; ++e) {
+        const Acc d = s[e] - c(e);
+        q += d * d;
+      }
+    } else if (ops.assigning()) {
+      for (index_t e = 0; e < E; ++e) {
+        const Acc d = s[e] - c(e);
+        q += d * d;
+        g[e] = gc * d;
+      }
+    } else {
+      for (index_t e = 0; e < E; ++e) {
+        const Acc d = s[e] - c(e);
+        q += d * d;
+        g[e] += gc * d;
+      }
     }
     return q;
   }
@@ -5495,7 +5572,7 @@ struct z_kernel {
     const Acc lse = ops.logsumexp(z, x.cols, ex, expsum);
     if (g != nullptr) {
       const Acc c = z_row_grad_coeff(gcoef, lse, expsum);
-      for (index_t e = 0; e < x.cols; ++e) g[e] += c * ex[e];
+      ops.put(g, x.cols, [&](index_t e) { return c * ex[e]; });
     }
     return lse * lse;
   }

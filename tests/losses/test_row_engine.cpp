@@ -70,13 +70,11 @@ struct square_kernel {
   }
   bool wants_rows(bool) const { return true; }
   template <class Ops>
-  Acc row(index_t, const Acc* p, Acc* g, Ops&) const {
+  Acc row(index_t, const Acc* p, Acc* g, Ops& ops) const {
     Acc q = Acc(0);
     const Acc gc = static_cast<Acc>(2 * c * grad_scale) * inv_tv;
-    for (index_t e = 0; e < x.cols; ++e) {
-      q += p[e] * p[e];
-      if (g != nullptr) g[e] += gc * p[e];
-    }
+    for (index_t e = 0; e < x.cols; ++e) q += p[e] * p[e];
+    if (g != nullptr) ops.put(g, x.cols, [&](index_t e) { return gc * p[e]; });
     return q;
   }
   double finish(Acc rows) const { return static_cast<double>(static_cast<Acc>(c) * inv_tv * rows); }

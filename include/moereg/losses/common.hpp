@@ -48,9 +48,8 @@ struct per_column_rows {
 
   bool wants_rows(bool grad) const { return grad; }
   template <class Ops>
-  Acc row(index_t, const Acc*, Acc* g, Ops&) const {
-    if (g != nullptr)
-      for (std::size_t e = 0; e < coeff.size(); ++e) g[e] += coeff[e];
+  Acc row(index_t, const Acc*, Acc* g, Ops& ops) const {
+    if (g != nullptr) ops.put(g, static_cast<index_t>(coeff.size()), [&](index_t e) { return coeff[static_cast<std::size_t>(e)]; });
     return Acc(0);
   }
   double finish(Acc) const { return static_cast<double>(value); }

@@ -119,7 +119,7 @@ struct entropy_kernel {
       for (index_t e = 0; e < n; ++e) {
         const auto r = entropy_elem(p[e], tiny, log_tiny);
         sum -= r.plogp;
-        if (g != nullptr) g[e] += gc * r.dfactor;
+        if (g != nullptr) ops.put_at(g, e, gc * r.dfactor);
       }
       return sum;
     }
@@ -134,8 +134,7 @@ struct entropy_kernel {
       terms[e] = pe * lp;
       df[e] = -(lp + one);
     }
-    if (g != nullptr)
-      for (index_t e = 0; e < n; ++e) g[e] += gc * df[e];
+    if (g != nullptr) ops.put(g, n, [&](index_t e) { return gc * df[e]; });
     return -ops.sum(terms, n);
   }
   double finish(Acc rows) const { return static_cast<double>(static_cast<Acc>(eta) * inv_tv * rows); }

@@ -149,18 +149,41 @@ struct variance_kernel {
   }
   bool wants_rows(bool) const { return true; }
   template <class Ops>
-  Acc row(index_t, const Acc* s, Acc* g, Ops&) const {
+  Acc row(index_t, const Acc* s, Acc* g, Ops& ops) const {
     const index_t E = x.cols;
+    if (tokens()) return deviations(s, sbar.data(), g, ops);
     Acc mean = Acc(0);
-    if (!tokens()) {
-      for (index_t e = 0; e < E; ++e) mean += s[e];
-      mean /= static_cast<Acc>(E);
-    }
+    for (index_t e = 0; e < E; ++e) mean += s[e];
+    mean /= static_cast<Acc>(E);
+    return deviations(s, mean, g, ops);
+  }
+  /// sum_e d_e^2 and the gradient gc * d_e of d_e = s_e - center_e, in one loop (the sum's
+  /// latency hides the gradient's stores). center: the column means, or the row's mean.
+  template <class C, class Ops>
+  Acc deviations(const Acc* MOEREG_RESTRICT s, C center, Acc* MOEREG_RESTRICT g, Ops& ops) const {
+    const index_t E = x.cols;
+    const auto c = [&](index_t e) {
+      if constexpr (std::is_pointer_v<C>) return center[e];
+      else return center;
+    };
     Acc q = Acc(0);
-    for (index_t e = 0; e < E; ++e) {
-      const Acc d = s[e] - (tokens() ? sbar[static_cast<std::size_t>(e)] : mean);
-      q += d * d;
-      if (g != nullptr) g[e] += gc * d;
+    if (g == nullptr) {
+      for (index_t e = 0; e < E; ++e) {
+        const Acc d = s[e] - c(e);
+        q += d * d;
+      }
+    } else if (ops.assigning()) {
+      for (index_t e = 0; e < E; ++e) {
+        const Acc d = s[e] - c(e);
+        q += d * d;
+        g[e] = gc * d;
+      }
+    } else {
+      for (index_t e = 0; e < E; ++e) {
+        const Acc d = s[e] - c(e);
+        q += d * d;
+        g[e] += gc * d;
+      }
     }
     return q;
   }

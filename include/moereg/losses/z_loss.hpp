@@ -96,7 +96,7 @@ struct z_kernel {
     const Acc lse = ops.logsumexp(z, x.cols, ex, expsum);
     if (g != nullptr) {
       const Acc c = z_row_grad_coeff(gcoef, lse, expsum);
-      for (index_t e = 0; e < x.cols; ++e) g[e] += c * ex[e];
+      ops.put(g, x.cols, [&](index_t e) { return c * ex[e]; });
     }
     return lse * lse;
   }

@@ -25,12 +25,20 @@
 //   bool active;                             false: rows add nothing (set by prepare)
 //   bool wants_rows(bool grad) const;        whether the row pass is needed
 //   template <class Ops> Acc row(index_t t, const Acc* x, Acc* g, Ops& ops) const;
-//                                            one valid row: adds its gradient into g (null:
-//                                            none wanted), returns its term of the row sum
+//                                            one valid row: writes its gradient row into g
+//                                            through ops.put / ops.put_at, once per element
+//                                            (or itself, assigning or adding per
+//                                            ops.assigning())
+//                                            (null: none wanted), returns its term of the row sum
 //   double finish(Acc row_sum) const;        the value
 //
-// Ops is the engine's row toolkit (cpu_row_ops): aligned scratch rows and the vectorised
-// log-sum-exp, log and sum, so a kernel's row is written once and runs on Eigen's packets.
+// Ops is the engine's row toolkit (cpu_row_ops): aligned scratch rows, the vectorised
+// log-sum-exp, log and sum, so a kernel's row is written once and runs on Eigen's packets, and
+// put(g, n, v) / put_at(g, e, v), which assign or add v as the engine says: g is the caller's
+// gradient row itself when one kernel writes that gradient and it is contiguous in the
+// accumulator type (assigned in overwrite mode, added to in accumulate mode: the arithmetic of
+// a direct store), otherwise an engine buffer (the first kernel of the row assigns, the later
+// ones add, and the engine stores the sum once).
 //
 // Passes: pass 1 (only when a kernel needs it) reads each distinct matrix once per valid row;
 // the row pass reads each distinct matrix once and writes each distinct gradient once, the
@@ -114,6 +122,26 @@ class cpu_row_ops {
     sum = s;
     return lse;
   }
+  /// Writes a kernel's gradient row: g[e] = v(e) for e in [0, n), or g[e] += v(e) when the
+  /// engine says the row already holds a value (an earlier kernel's, or the caller's in
+  /// accumulate mode). Two plain loops, which the compiler vectorises.
+  template <class F>
+  MOEREG_FORCEINLINE void put(Acc* MOEREG_RESTRICT g, index_t n, F&& v) const {
+    if (assign_)
+      for (index_t e = 0; e < n; ++e) g[e] = v(e);
+    else
+      for (index_t e = 0; e < n; ++e) g[e] += v(e);
+  }
+  /// put() of one element, for kernels that form their row element by element.
+  MOEREG_FORCEINLINE void put_at(Acc* g, index_t e, Acc v) const {
+    if (assign_) g[e] = v;
+    else g[e] += v;
+  }
+  /// Whether put() assigns (true) or adds, for a kernel that writes its row itself.
+  bool assigning() const { return assign_; }
+  /// Set by the engine before each kernel's row(): whether put() assigns or adds.
+  void set_assign(bool assign) { assign_ = assign; }
+
   /// out[e] = log(x[e]) on packets (out aligned scratch); accurate for normal numbers.
   static void log(const Acc* x, index_t n, Acc* out) { scratch_array<Acc>(out, n) = row_array<Acc>(x, n).log(); }
   /// sum_e x[e] of aligned scratch, in the packets' fixed order.
@@ -123,6 +151,7 @@ class cpu_row_ops {
   static index_t padded(index_t width) { return aligned_width<Acc>(width); }
   index_t width_;
   row_scratch<Acc> buf_;
+  bool assign_ = true;
 };
 
 /// The same matrix for two kernels: one read serves both.
@@ -146,6 +175,12 @@ MOEREG_FORCEINLINE void store_grad_row(const matrix_view<T>& g, index_t t, const
   } else {
     for (index_t e = 0; e < n; ++e) put_grad(g(t, e), v[e], accumulate);
   }
+}
+
+/// Overwrites row t of a gradient with zeros, in the storage type.
+template <class T>
+MOEREG_FORCEINLINE void zero_grad_row(const matrix_view<T>& g, index_t t) {
+  for (index_t e = 0; e < g.cols; ++e) store(g(t, e), accumulator_t<T>(0));
 }
 
 /// f(integral_constant<I>) for I = 0, ..., N - 1, in order.
@@ -269,6 +304,18 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
   });
   std::array<std::vector<Acc>, N> part;
   for (auto& v : part) v.assign(static_cast<std::size_t>(any_rows ? nb : 0), Acc(0));
+  // A gradient that one kernel writes, contiguous in the accumulator type, is written in place
+  // (direct); the others through a row buffer that sums the kernels' contributions.
+  std::array<bool, N> direct{};
+  {
+    std::array<int, N> writers{};
+    each([&](auto i, auto&) {
+      if (on[i] && dst[i] >= 0) ++writers[static_cast<std::size_t>(dst[i])];
+    });
+    for (int d = 0; d < ndst; ++d)
+      direct[static_cast<std::size_t>(d)] = std::is_same<T, Acc>::value && writers[static_cast<std::size_t>(d)] == 1 &&
+                                            dsts[static_cast<std::size_t>(d)].contiguous_rows();
+  }
   if (any_rows) {
     parallel_blocks(be, rows, B, [&](index_t b, index_t r0, index_t r1) {
       row_scratch<Acc> conv(conv_size), gbuf(static_cast<std::size_t>(ndst * width));
@@ -279,8 +326,6 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
       for (index_t t = r0; t < r1; ++t) {
         xs.fill(nullptr);
         touched.fill(false);
-        for (int d = 0; d < ndst; ++d)
-          for (index_t e = 0; e < dsts[static_cast<std::size_t>(d)].cols; ++e) gbuf[static_cast<std::size_t>(d * width + e)] = Acc(0);
         each([&](auto i, auto& k) {
           if (!on[i] || !k.mask(t)) return;
           const auto s = static_cast<std::size_t>(src[i]);
@@ -288,15 +333,26 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
             xs[s] = acc_row(srcs[s], t, conv.data() + s * static_cast<std::size_t>(width));
           Acc* g = nullptr;
           if (dst[i] >= 0) {
-            g = gbuf.data() + static_cast<std::size_t>(dst[i] * width);
-            touched[static_cast<std::size_t>(dst[i])] = true;
+            const auto d = static_cast<std::size_t>(dst[i]);
+            if (direct[d]) {
+              g = reinterpret_cast<Acc*>(dsts[d].row(t));  // T is Acc here
+              ops.set_assign(!opts.accumulate);
+            } else {
+              g = gbuf.data() + d * static_cast<std::size_t>(width);
+              ops.set_assign(!touched[d]);
+            }
+            touched[d] = true;
           }
           acc[i] += k.row(t, k.reads_row ? xs[s] : nullptr, g, ops);
         });
-        for (int d = 0; d < ndst; ++d)
-          if (touched[static_cast<std::size_t>(d)] || !opts.accumulate)
-            store_grad_row(dsts[static_cast<std::size_t>(d)], t, gbuf.data() + static_cast<std::size_t>(d * width),
-                           opts.accumulate);
+        for (int d = 0; d < ndst; ++d) {
+          const auto du = static_cast<std::size_t>(d);
+          if (touched[du]) {
+            if (!direct[du]) store_grad_row(dsts[du], t, gbuf.data() + du * static_cast<std::size_t>(width), opts.accumulate);
+          } else if (!opts.accumulate) {
+            zero_grad_row(dsts[du], t);
+          }
+        }
       }
       for (std::size_t i = 0; i < N; ++i) part[i][static_cast<std::size_t>(b)] = acc[i];
     });
