@@ -1339,10 +1339,14 @@ MOEREG_NAMESPACE_END
 // in block order. The same inputs therefore give bitwise the same value and gradient for any
 // number of threads and on every run.
 
+// ---- begin moereg/backend/cpu/internal.hpp ----
+// Included first by every internal header of the CPU backend (no include guard: it checks at
+// each inclusion): refuses a direct inclusion of those headers, then brings the configuration.
 #ifndef MOEREG_DETAIL_CPU_BACKEND
 #error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
 #endif
 
+// ---- end moereg/backend/cpu/internal.hpp ----
 
 #include <algorithm>
 #include <type_traits>
@@ -1505,10 +1509,6 @@ MOEREG_NAMESPACE_END
 // own maps and strides). Overwrite mode writes zeros into every vector the grad layout holds
 // for a masked token, a dropped slot, or a token with fewer than 2 valid slots; accumulate
 // mode leaves those untouched. Storage the layout maps to no (token, slot) is never touched.
-
-#ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
-#endif
 
 
 #include <cstdint>
@@ -3078,10 +3078,6 @@ MOEREG_NAMESPACE_END
 // thread (see detail::cp_eigen_serial_blocks) into freshly allocated, aligned buffers, so the
 // result is bitwise the same for any number of moereg threads.
 
-#ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
-#endif
-
 
 #include <algorithm>
 #include <cmath>
@@ -3819,10 +3815,6 @@ MOEREG_NAMESPACE_END
 // cpu_block_rows rows run in parallel; each kernel's row terms are summed in row order inside
 // a block and pairwise over the blocks: bitwise the same for any thread count.
 
-#ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
-#endif
-
 
 #include <array>
 #include <cmath>
@@ -4408,10 +4400,6 @@ MOEREG_NAMESPACE_END
 // order, as on the row engine), and the sequences run in parallel; the value is the pairwise
 // sum of the sequences' values, so the result is bitwise the same for any thread count.
 // Include <moereg/backend/cpu.hpp>, not this file.
-
-#ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
-#endif
 
 
 #include <algorithm>

@@ -93,10 +93,6 @@
 //     which have the memory layout of __half and __nv_bfloat16; device loads convert through
 //     the raw bits). Arithmetic in float, or double for double.
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
 #if !defined(__CUDACC__)
 #error "moereg's CUDA backend must be compiled by nvcc: include <moereg/backend/cuda.hpp> from a .cu file"
 #endif
@@ -111,6 +107,14 @@
 #include <string>
 #include <type_traits>
 
+// ---- begin moereg/backend/cuda/internal.cuh ----
+// Included first by every internal header of the CUDA backend (no include guard: it checks at
+// each inclusion): refuses a direct inclusion of those headers, then brings the configuration.
+#ifndef MOEREG_DETAIL_CUDA_BACKEND
+#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
+#endif
+
+// ---- end moereg/backend/cuda/internal.cuh ----
 
 MOEREG_NAMESPACE_BEGIN
 
@@ -482,10 +486,6 @@ MOEREG_NAMESPACE_END
 //   4. finish2  one block: the values of z-loss, entropy and variance from those partials.
 // The per-element and per-expert arithmetic is math/router.hpp's (the CPU's expressions).
 // All sums run in fixed orders that depend only on T and E: bitwise reproducible.
-
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
 
 
 #include <cmath>
@@ -1165,10 +1165,6 @@ MOEREG_NAMESPACE_END
 // Device checks: top-k indices >= E or repeated in a row (token and log forms; the batch form
 // uses only the width k_l of each layer), reduced statistics not finite or a negative T_v.
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
 
 #include <algorithm>
 #include <cmath>
@@ -1648,10 +1644,6 @@ MOEREG_NAMESPACE_END
 // and global scopes every gradient entry is NaN (the counts are global), in the sequence
 // scope the rows of the sequences concerned.
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
 
 #include <cstdint>
 #include <limits>
@@ -1875,10 +1867,6 @@ MOEREG_NAMESPACE_END
 // slot_z (1), slot_entropy (2), slot_variance (3), slot_importance (4); the slots of absent
 // losses are not touched. A null be.value writes no value.
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
 
 #include <cstddef>
 
@@ -2073,10 +2061,6 @@ MOEREG_NAMESPACE_END
 // once yourself (cudaDeviceSetLimit(cudaLimitStackSize, 32 * 1024), or run one eager call).
 // The other Gram kernels need about 0.6 KB (float) to 1 KB (double) for k <= 8, and 1.5 KB to
 // 3.2 KB for 8 < k <= 16 (sm_90, nvcc 13); the router and coupling kernels under 0.1 KB.
-
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
 
 
 #include <cmath>
@@ -2660,10 +2644,6 @@ MOEREG_NAMESPACE_END
 // Note (LOSSES.md): the papers apply R_sp to the SwiGLU intermediate activations and L_o to
 // the expert outputs; fusing them requires one tensor for both, which is the caller's choice.
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
 
 #include <cstddef>
 
@@ -2784,10 +2764,6 @@ MOEREG_NAMESPACE_END
 //
 // Include <moereg/backend/cuda.hpp>, not this file; it comes after every loss's .cuh.
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
 
 #include <cstddef>
 #include <limits>
@@ -2843,10 +2819,6 @@ MOEREG_NAMESPACE_END
 // input, once for the fixed-order block sum of its mean and once for the store). A non-finite count is
 // reported as cuda_bad_stats in *be.status and leaves the bias untouched; the host validates
 // sizes and pointers first and throws moereg::error without launching anything.
-
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
 
 
 #include <type_traits>

@@ -8,11 +8,7 @@
 // number of threads and on every run.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.hpp"  // refuses direct inclusion; core/config.hpp
 
 #include <algorithm>
 #include <type_traits>

@@ -24,11 +24,7 @@
 // mode leaves those untouched. Storage the layout maps to no (token, slot) is never touched.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.hpp"  // refuses direct inclusion; core/config.hpp
 
 #include <cstdint>
 #include <type_traits>

@@ -16,11 +16,7 @@
 // result is bitwise the same for any number of moereg threads.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.hpp"  // refuses direct inclusion; core/config.hpp
 
 #include <algorithm>
 #include <cmath>

@@ -48,11 +48,7 @@
 // a block and pairwise over the blocks: bitwise the same for any thread count.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.hpp"  // refuses direct inclusion; core/config.hpp
 
 #include <array>
 #include <cmath>

@@ -6,11 +6,7 @@
 // Include <moereg/backend/cpu.hpp>, not this file.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.hpp"  // refuses direct inclusion; core/config.hpp
 
 #include <algorithm>
 #include <vector>

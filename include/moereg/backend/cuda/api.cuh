@@ -8,11 +8,7 @@
 // Include <moereg/backend/cuda.hpp>, not this file; it comes after every loss's .cuh.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.cuh"  // refuses direct inclusion; core/config.hpp
 
 #include <cstddef>
 #include <limits>

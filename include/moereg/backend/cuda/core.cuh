@@ -32,10 +32,6 @@
 //     the raw bits). Arithmetic in float, or double for double.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
 #if !defined(__CUDACC__)
 #error "moereg's CUDA backend must be compiled by nvcc: include <moereg/backend/cuda.hpp> from a .cu file"
 #endif
@@ -50,7 +46,7 @@
 #include <string>
 #include <type_traits>
 
-#include "../../core/config.hpp"
+#include "internal.cuh"  // refuses direct inclusion; core/config.hpp
 #include "../../core/error.hpp"
 #include "../../core/layouts.hpp"
 #include "../../core/types.hpp"

@@ -33,11 +33,7 @@
 // uses only the width k_l of each layer), reduced statistics not finite or a negative T_v.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.cuh"  // refuses direct inclusion; core/config.hpp
 
 #include <algorithm>
 #include <cmath>

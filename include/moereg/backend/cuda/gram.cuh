@@ -43,11 +43,7 @@
 // 3.2 KB for 8 < k <= 16 (sm_90, nvcc 13); the router and coupling kernels under 0.1 KB.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.cuh"  // refuses direct inclusion; core/config.hpp
 
 #include <cmath>
 #include <cstddef>

@@ -17,11 +17,7 @@
 // scope the rows of the sequences concerned.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.cuh"  // refuses direct inclusion; core/config.hpp
 
 #include <cstdint>
 #include <limits>

@@ -23,11 +23,7 @@
 // All sums run in fixed orders that depend only on T and E: bitwise reproducible.
 #pragma once
 
-#ifndef MOEREG_DETAIL_CUDA_BACKEND
-#error "moereg: this is an internal header of the CUDA backend; include <moereg/backend/cuda.hpp>"
-#endif
-
-#include "../../core/config.hpp"
+#include "internal.cuh"  // refuses direct inclusion; core/config.hpp
 
 #include <cmath>
 #include <cstddef>
