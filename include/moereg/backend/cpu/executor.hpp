@@ -105,6 +105,12 @@ MOEREG_FORCEINLINE const accumulator_t<T>* acc_row(const matrix_view<const T>& m
   return conv;
 }
 
+/// Overwrites row t of a gradient with zeros, in the storage type.
+template <class T>
+MOEREG_FORCEINLINE void zero_grad_row(const matrix_view<T>& g, index_t t) {
+  for (index_t e = 0; e < g.cols; ++e) store(g(t, e), accumulator_t<T>(0));
+}
+
 /// Writes row t of a gradient, c * v[e] for every column, per put_grad: a plain loop the
 /// compiler vectorises when the row is contiguous, strided stores otherwise.
 template <class T, class Acc>

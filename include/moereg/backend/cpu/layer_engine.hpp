@@ -43,12 +43,11 @@ namespace detail {
 template <class T>
 void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts) {
   if (grads == nullptr || opts.accumulate) return;
-  using Acc = accumulator_t<T>;
-  const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
+  const index_t T_ = in.probs[0].rows;
   parallel_blocks(be, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
     for (index_t l = 0; l < in.layers; ++l)
       for (index_t t = r0; t < r1; ++t)
-        for (index_t e = 0; e < E; ++e) put_grad(grads[l](t, e), Acc(0), false);
+        zero_grad_row(grads[l], t);
   });
 }
 
@@ -59,7 +58,7 @@ template <class T>
 double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double tv,
                         const matrix_view<T>* grads, grad_options opts) {
   using Acc = accumulator_t<T>;
-  const index_t L = in.layers, T_ = in.probs[0].rows, E = in.probs[0].cols;
+  const index_t L = in.layers, T_ = in.probs[0].rows;
   const bool is_log = loss.cfg.form == coupling_form::log;
   const Acc lam = static_cast<Acc>(loss.cfg.coef);
   const Acc eps = static_cast<Acc>(loss.cfg.eps);
@@ -74,7 +73,7 @@ double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling
       if (!in.mask(t)) {
         if (grads && !opts.accumulate)
           for (index_t l = 0; l < L; ++l)
-            for (index_t e = 0; e < E; ++e) put_grad(grads[l](t, e), Acc(0), false);
+            zero_grad_row(grads[l], t);
         continue;
       }
       for (index_t l = 0; l < L; ++l) {
@@ -100,7 +99,7 @@ double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling
         const auto& G = grads[l];
         const auto& I = in.topk[l];
         if (!opts.accumulate)
-          for (index_t e = 0; e < E; ++e) put_grad(G(t, e), Acc(0), false);
+          zero_grad_row(G, t);
         const Acc g = gc * dM[static_cast<std::size_t>(l)];
         for (index_t s = 0; s < I.k; ++s) {
           const index_t e = I(t, s);
@@ -287,7 +286,7 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
           for (index_t e = 0; e < E; ++e) put_grad(Gv(t, e), gc * G(i, e), opts.accumulate);
           ++i;
         } else if (!opts.accumulate) {
-          for (index_t e = 0; e < E; ++e) put_grad(Gv(t, e), Acc(0), false);
+          zero_grad_row(Gv, t);
         }
       }
     }

@@ -173,12 +173,6 @@ MOEREG_FORCEINLINE void store_grad_row(const matrix_view<T>& g, index_t t, const
   }
 }
 
-/// Overwrites row t of a gradient with zeros, in the storage type.
-template <class T>
-MOEREG_FORCEINLINE void zero_grad_row(const matrix_view<T>& g, index_t t) {
-  for (index_t e = 0; e < g.cols; ++e) store(g(t, e), accumulator_t<T>(0));
-}
-
 /// f(integral_constant<I>) for I = 0, ..., N - 1, in order.
 template <class F, std::size_t... I>
 MOEREG_FORCEINLINE void for_each_index(F&& f, std::index_sequence<I...>) {
