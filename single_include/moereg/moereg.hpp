@@ -2075,6 +2075,38 @@ using grad_arg_t = typename In::grad_type;
 template <class In>
 using grad_view_t = std::remove_const_t<std::remove_pointer_t<grad_arg_t<In>>>;
 
+/// The storage type of a view (its first template argument) and the same view over storage
+/// U: matrix_view<T> -> matrix_view<U>, activation_view<T, L> -> activation_view<U, L>.
+template <class V>
+struct view_storage {};
+template <template <class...> class V, class T, class... R>
+struct view_storage<V<T, R...>> {
+  using type = T;
+  template <class U>
+  using rebind = V<U, R...>;
+};
+
+/// True when G (a view, or a pointer to views where In takes one per layer) is a gradient for
+/// inputs In in another storage type than In's own: In::grad_type with only its storage type
+/// changed, to float, double, half or bfloat16 (mixed precision: a float gradient for bfloat16
+/// activations).
+template <class In, class G, class = void>
+struct is_mixed_grad : std::false_type {};
+template <class In, class G>
+struct is_mixed_grad<
+    In, G,
+    std::void_t<typename view_storage<std::remove_const_t<std::remove_pointer_t<G>>>::type,
+                typename view_storage<grad_view_t<In>>::type>> {
+  using own = view_storage<grad_view_t<In>>;
+  using view = std::remove_const_t<std::remove_pointer_t<G>>;
+  using U = typename view_storage<view>::type;
+  static constexpr bool value = std::is_pointer<G>::value == std::is_pointer<grad_arg_t<In>>::value &&
+                                is_storage_type_v<U> && !std::is_same<U, typename own::type>::value &&
+                                std::is_same<view, typename own::template rebind<U>>::value;
+};
+template <class In, class G>
+using enable_mixed_grad = std::enable_if_t<is_mixed_grad<In, G>::value, int>;
+
 /// Pointer to the gradient view(s) for execute(): the address of a view, or the caller's
 /// array of views (which must not be null).
 template <class G>
@@ -2088,14 +2120,15 @@ const G* grad_pointer(const char* who, const G* g) {
   return g;
 }
 
-/// True when a backend's execute() for Loss on In is declared (its header is included).
-template <class Backend, class Loss, class In, class = void>
+/// True when a backend's execute() for Loss on In, with gradient view GV, is declared (its
+/// header is included).
+template <class Backend, class Loss, class In, class GV = grad_view_t<In>, class = void>
 struct has_execute : std::false_type {};
-template <class Backend, class Loss, class In>
-struct has_execute<Backend, Loss, In,
+template <class Backend, class Loss, class In, class GV>
+struct has_execute<Backend, Loss, In, GV,
                    std::void_t<decltype(execute(std::declval<const Backend&>(), std::declval<const Loss&>(),
                                                 std::declval<const In&>(), stats_view{},
-                                                static_cast<const grad_view_t<In>*>(nullptr), grad_options{}))>>
+                                                static_cast<const GV*>(nullptr), grad_options{}))>>
     : std::true_type {};
 
 }  // namespace detail
@@ -2178,6 +2211,40 @@ struct loss_api {
                         const Backend& be = {}) const {
     static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
+  }
+
+  /// backward() into a gradient of another storage type than the input's (mixed precision:
+  /// a float gradient for bfloat16 or half inputs, the layout trainers keep). The values are
+  /// those of the same-type call before their one rounding into the input's type; in
+  /// accumulate mode they are added in the gradient's type. Every storage pair works on the
+  /// CPU; on CUDA the gradient has the input's storage type.
+  template <class In, class G, class Backend = cpu, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
+  void backward(const In& in, const G& grad, grad_options opts = {}, stats_view reduced = {},
+                const Backend& be = {}) const {
+    (void)value_and_grad(in, grad, opts, reduced, be);
+  }
+  /// value_and_grad() into a gradient of another storage type than the input's (see backward()).
+  template <class In, class G, class Backend = cpu, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
+  double value_and_grad(const In& in, const G& grad, grad_options opts = {}, stats_view reduced = {},
+                        const Backend& be = {}) const {
+    using GV = typename detail::is_mixed_grad<In, G>::view;
+    static_assert(detail::has_execute<Backend, Self, In, GV>::value, MOEREG_NO_BACKEND_MESSAGE);
+    const GV* g = nullptr;
+    if constexpr (std::is_pointer<G>::value) g = detail::grad_pointer(Self::name, static_cast<const GV*>(grad));
+    else g = &grad;
+    return execute(be, self(), in, reduced, g, opts);
+  }
+  /// The mixed-precision backward() with the options, reduced statistics and backend of a call
+  /// context.
+  template <class In, class G, class Backend, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
+  void backward(const In& in, const G& grad, const call_context<Backend>& c) const {
+    backward(in, grad, c.opts, c.reduced, c.backend);
+  }
+  /// The mixed-precision value_and_grad() with the options, reduced statistics and backend of a
+  /// call context.
+  template <class In, class G, class Backend, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
+  double value_and_grad(const In& in, const G& grad, const call_context<Backend>& c) const {
+    return value_and_grad(in, grad, c.opts, c.reduced, c.backend);
   }
 
   /// value() with the backend and reduced statistics of a call context (moereg::on(be)...).
@@ -2268,9 +2335,8 @@ void validate_config(const char*, const Loss&, const In&) {}
 /// Shape checks of a loss on one routing matrix and a mask (core/validate.hpp), every backend:
 /// its configuration, the matrix (E >= 1 unless T = 0), the mask, the gradient's shape and the
 /// size of the reduced statistics.
-template <class Loss, class In, detail::enable_matrix_inputs<In> = 0>
-void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced,
-                     const detail::grad_view_t<In>* grad) {
+template <class Loss, class In, class G, detail::enable_matrix_inputs<In> = 0>
+void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad) {
   validate_config(who, loss, in);
   const auto& m = in.matrix();
   detail::check_routing(who, In::matrix_name, m);
@@ -2280,13 +2346,13 @@ void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view
 }
 /// Content checks on the host: the reduced statistics are finite, their first
 /// Loss::stats_counts entries (counts) non-negative.
-template <class Loss, class In, detail::enable_matrix_inputs<In> = 0>
-void validate_contents(const char* who, const Loss&, const In&, stats_view reduced, const detail::grad_view_t<In>*) {
+template <class Loss, class In, class G, detail::enable_matrix_inputs<In> = 0>
+void validate_contents(const char* who, const Loss&, const In&, stats_view reduced, const G*) {
   detail::check_stats_values(who, reduced, Loss::stats_counts);
 }
 /// The memory of the call, by name, for a backend's pointer checks.
-template <class In, class F, detail::enable_matrix_inputs<In> = 0>
-void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
+template <class In, class G, class F, detail::enable_matrix_inputs<In> = 0>
+void for_each_buffer(const In& in, const G* grad, F&& f) {
   f(In::matrix_name, in.matrix().data);
   f("mask", in.mask.data);
   if (grad) f(In::grad_name, grad->data);
@@ -2306,9 +2372,9 @@ namespace detail {
 /// k <= E when E > 0 is given; the activation losses do not need E); the mask; the layouts'
 /// own shape checks, their [T, k] against topk and the gradient's against the activations; the
 /// size of the reduced statistics.
-template <class T, class Layout>
+template <class T, class Layout, class GT>
 void check_gram_shapes(const char* who, double coef, double eps, const activation_view<const T, Layout>& x,
-                       const topk_view& I, const mask_view& mask, index_t E, const activation_view<T, Layout>* grad,
+                       const topk_view& I, const mask_view& mask, index_t E, const activation_view<GT, Layout>* grad,
                        stats_view reduced) {
   static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
   require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
@@ -2336,9 +2402,9 @@ void check_gram_shapes(const char* who, double coef, double eps, const activatio
 /// Content checks on the host: the top-k ids (below E when E > 0, never one expert twice in a
 /// row), the layouts' maps (validate()), a vector for every valid slot in the activations and
 /// the gradient, and the reduced T_v (a count).
-template <class T, class Layout>
+template <class T, class Layout, class GT>
 void check_gram_contents(const char* who, const activation_view<const T, Layout>& x, const topk_view& I, index_t E,
-                         const activation_view<T, Layout>* grad, stats_view reduced) {
+                         const activation_view<GT, Layout>* grad, stats_view reduced) {
   check_topk_ids(who, "topk", I, E);
   check_layout_slots(who, "acts", x, I);
   if (grad) check_layout_slots(who, "grad", *grad, I);
@@ -2346,9 +2412,9 @@ void check_gram_contents(const char* who, const activation_view<const T, Layout>
 }
 
 /// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
-template <class T, class Layout, class F>
+template <class T, class Layout, class GT, class F>
 void gram_buffers(const activation_view<const T, Layout>& x, const topk_view& I, const mask_view& mask,
-                  const activation_view<T, Layout>* grad, F&& f) {
+                  const activation_view<GT, Layout>* grad, F&& f) {
   f("acts", x.data);
   f("topk", I.data);
   f("mask", mask.data);
@@ -2380,22 +2446,20 @@ using enable_gram_inputs = std::enable_if_t<is_gram_inputs<In>::value, int>;
 
 /// Shape checks of a Gram-based loss call (core/validate.hpp), for every backend: the loss's
 /// own configuration checks (validate_config), then check_gram_shapes.
-template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
-void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced,
-                     const detail::grad_view_t<In>* grad) {
+template <class Loss, class In, class G, detail::enable_gram_inputs<In> = 0>
+void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad) {
   validate_config(who, loss, in);
   detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
                             reduced);
 }
 /// Content checks of a Gram-based loss call on the host.
-template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
-void validate_contents(const char* who, const Loss&, const In& in, stats_view reduced,
-                       const detail::grad_view_t<In>* grad) {
+template <class Loss, class In, class G, detail::enable_gram_inputs<In> = 0>
+void validate_contents(const char* who, const Loss&, const In& in, stats_view reduced, const G* grad) {
   detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
 }
 /// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
-template <class In, class F, detail::enable_gram_inputs<In> = 0>
-void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
+template <class In, class G, class F, detail::enable_gram_inputs<In> = 0>
+void for_each_buffer(const In& in, const G* grad, F&& f) {
   detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
 }
 
@@ -2806,8 +2870,8 @@ MOEREG_FORCEINLINE void store_chunk(T* p, index_t stride, int rest, typename P::
 
 /// g_s (+)= sum_r Wm[s][r] x_r for N contiguous vectors. Stream (overwrite mode, every g_s
 /// aligned to a whole chunk): full chunks are written with non-temporal stores.
-template <int N, class P, bool Stream, class T>
-void apply_pass(const T* const* x, T* const* g, index_t d, const typename P::acc_type* Wm, bool accumulate,
+template <int N, class P, bool Stream, class T, class GT>
+void apply_pass(const T* const* x, GT* const* g, index_t d, const typename P::acc_type* Wm, bool accumulate,
                 const T* const* pf, int npf) {
   using Acc = typename P::acc_type;
   using reg = typename P::reg;
@@ -2842,8 +2906,8 @@ void apply_pass(const T* const* x, T* const* g, index_t d, const typename P::acc
 /// The run-time gradient pass: apply_pass for 1 <= n <= math::max_slots vectors, input and
 /// gradient elements xstride and gstride apart (1 when Contig). The outputs go in blocks of 4,
 /// each a sweep over the chunks with the inputs in order; block rows past n are not stored.
-template <class P, bool Contig, bool Stream, class T>
-void apply_pass_rt(int n, const T* const* x, T* const* g, index_t d, index_t xstride, index_t gstride,
+template <class P, bool Contig, bool Stream, class T, class GT>
+void apply_pass_rt(int n, const T* const* x, GT* const* g, index_t d, index_t xstride, index_t gstride,
                    const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
   using Acc = typename P::acc_type;
   using reg = typename P::reg;
@@ -2895,8 +2959,8 @@ void gram_dispatch(int n, const T* const* x, index_t d, index_t stride, typename
 }
 
 /// The gradient pass for n vectors, dispatched like gram_dispatch.
-template <class P, bool Contig, bool Stream, class T>
-void apply_dispatch(int n, const T* const* x, T* const* g, index_t d, index_t xs, index_t gs,
+template <class P, bool Contig, bool Stream, class T, class GT>
+void apply_dispatch(int n, const T* const* x, GT* const* g, index_t d, index_t xs, index_t gs,
                     const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
   static_assert(Contig || !Stream, "non-temporal stores need contiguous vectors");
   if constexpr (Contig) {
@@ -2917,7 +2981,7 @@ void apply_dispatch(int n, const T* const* x, T* const* g, index_t d, index_t xs
 /// Tuning of the CPU executor of the Gram-based losses, a plain struct (like CUB's policies);
 /// gram_loss_run takes another as its first template argument.
 struct gram_cpu_policy {
-  /// In overwrite mode, a gradient of at least this many bytes (T * k * d * sizeof(T)) is
+  /// In overwrite mode, a gradient of at least this many bytes (T * k * d elements of its storage type) is
   /// written with non-temporal stores (AVX-512 builds, contiguous vectors aligned to 64 bytes,
   /// or 32 for 16-bit types). They bypass the caches and so save the read-for-ownership of
   /// every gradient line, a third of the memory traffic, when the gradient is too large to stay
@@ -2930,9 +2994,9 @@ struct gram_cpu_policy {
 /// scale * grad_scale, the gradient pass. Returns scale * sum_t F_t, summed per block of
 /// cpu_block_rows tokens and then pairwise over blocks (thread-count independent). scale = 0
 /// (T_v = 0) gives 0 and, in overwrite mode, an all-zero gradient. Inputs must be validated.
-template <class Policy = gram_cpu_policy, class T, class Layout, class TokenFn>
+template <class Policy = gram_cpu_policy, class T, class Layout, class GT, class TokenFn>
 double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, const topk_view& I,
-                     const mask_view& mask, const activation_view<T, Layout>* grad, grad_options opts, double scale,
+                     const mask_view& mask, const activation_view<GT, Layout>* grad, grad_options opts, double scale,
                      TokenFn token_fn) {
   using Acc = accumulator_t<T>;
   using P = typename gram_pack<T>::type;
@@ -2948,8 +3012,8 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
   // the gradient pass would be the plain one, so it is not instantiated.
   constexpr bool can_stream = MOEREG_HAS_AVX512 != 0;
   const bool stream = can_stream && grad && !opts.accumulate && contig &&
-                      ntok * k * d * static_cast<index_t>(sizeof(T)) >= Policy::stream_min_bytes;
-  constexpr std::uintptr_t chunk_bytes = static_cast<std::uintptr_t>(P::width) * sizeof(T);
+                      ntok * k * d * static_cast<index_t>(sizeof(GT)) >= Policy::stream_min_bytes;
+  constexpr std::uintptr_t chunk_bytes = static_cast<std::uintptr_t>(P::width) * sizeof(GT);
 
   auto run = [&](auto contig_tag) {
     constexpr bool C = decltype(contig_tag)::value;
@@ -2958,7 +3022,7 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
       // prefetched while the current token is processed.
       const T* xbuf[2][K];
       int sbuf[2][K];
-      T* gv[K];
+      GT* gv[K];
       Acc G[K * K], Wm[K * K];
       Acc sum = Acc(0);
       auto collect = [&](index_t t, const T** xv, int* slot) {
@@ -3044,9 +3108,8 @@ using enable_gram_loss = std::enable_if_t<is_gram_loss<Loss, In>::value, int>;
 /// CPU backend of a Gram loss's value(), backward() and value_and_grad() (found by ADL):
 /// validates, runs the Gram engine with the loss's kernel, returns the value and, when `grad`
 /// is not null, writes the gradient per `opts`.
-template <class Loss, class In, detail::enable_gram_loss<Loss, In> = 0>
-double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const detail::grad_view_t<In>* grad,
-               grad_options opts) {
+template <class Loss, class In, class G, detail::enable_gram_loss<Loss, In> = 0>
+double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts) {
   detail::check_scalars(Loss::label, loss.cfg.coef, opts, be.threads);
   validate_on_host(Loss::label, loss, in, reduced, grad);
   return visit_gram_kernel(loss, in, detail::gram_tv(in.topk, in.mask, reduced), [&](double scale, auto kernel) {
@@ -3422,9 +3485,9 @@ struct coupling_loss : loss_api<coupling_loss, coupling_config> {
 };
 
 /// Shape checks of a coupling_loss call (core/validate.hpp), for every backend.
-template <class T>
+template <class T, class G>
 void validate_shapes(const char* who, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grads) {
+                     const matrix_view<G>* grads) {
   const auto form = loss.cfg.form;
   detail::require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
           ": unknown form ", static_cast<int>(form));
@@ -3452,16 +3515,16 @@ void validate_shapes(const char* who, const coupling_loss& loss, const coupling_
 }
 /// Content checks of a coupling_loss call on the host: every layer's top-k ids; T_v is a count
 /// (the batch form's co-occurrence sums are finite).
-template <class T>
+template <class T, class G>
 void validate_contents(const char* who, const coupling_loss&, const coupling_inputs<T>& in, stats_view reduced,
-                       const matrix_view<T>*) {
+                       const matrix_view<G>*) {
   for (index_t l = 0; l < in.layers; ++l)
     detail::check_topk_ids(who, detail::concat("topk[", l, "]").c_str(), in.topk[l], in.probs[0].cols);
   detail::check_stats_values(who, reduced, 1);
 }
 /// The memory of a coupling_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const coupling_inputs<T>& in, const matrix_view<T>* grads, F&& f) {
+template <class T, class G, class F>
+void for_each_buffer(const coupling_inputs<T>& in, const matrix_view<G>* grads, F&& f) {
   for (index_t l = 0; l < in.layers; ++l) {
     f(detail::concat("probs[", l, "]").c_str(), in.probs[l].data);
     f(detail::concat("topk[", l, "]").c_str(), in.topk[l].data);
@@ -3478,8 +3541,8 @@ MOEREG_NAMESPACE_BEGIN
 namespace detail {
 
 /// Writes zeros into every row of every layer's gradient (overwrite mode only).
-template <class T>
-void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts) {
+template <class T, class GT>
+void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_view<GT>* grads, grad_options opts) {
   if (grads == nullptr || opts.accumulate) return;
   const index_t T_ = in.probs[0].rows;
   parallel_blocks(be, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
@@ -3492,9 +3555,9 @@ void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_vie
 // ---------------------------------------------------------------------------------------
 // token and log forms: one pass, every token on its own.
 // ---------------------------------------------------------------------------------------
-template <class T>
+template <class T, class GT>
 double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double tv,
-                        const matrix_view<T>* grads, grad_options opts) {
+                        const matrix_view<GT>* grads, grad_options opts) {
   using Acc = accumulator_t<T>;
   const index_t L = in.layers, T_ = in.probs[0].rows;
   const bool is_log = loss.cfg.form == coupling_form::log;
@@ -3665,9 +3728,9 @@ void cp_joint_sums(const cpu& be, const coupling_inputs<T>& in, std::vector<accu
   for (index_t x : ptv) tv += x;
 }
 
-template <class T>
+template <class T, class GT>
 double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-                        const matrix_view<T>* grads, grad_options opts) {
+                        const matrix_view<GT>* grads, grad_options opts) {
   using Acc = accumulator_t<T>;
   const index_t T_ = in.probs[0].rows, E = in.probs[0].cols, L = in.layers, E2 = E * E;
   std::vector<Acc> U;
@@ -3753,9 +3816,9 @@ void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inpu
 
 /// CPU backend of coupling_loss's value(), backward() and value_and_grad() (found by ADL): validates,
 /// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
+template <class T, class GT>
 double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grads, grad_options opts) {
+               const matrix_view<GT>* grads, grad_options opts) {
   detail::check_scalars(coupling_loss::label, loss.cfg.coef, opts, be.threads);
   validate_on_host(coupling_loss::label, loss, in, reduced, grads);
   if (loss.cfg.form == coupling_form::batch) return detail::cp_execute_batch(be, loss, in, reduced, grads, opts);
@@ -4057,12 +4120,12 @@ MOEREG_FORCEINLINE void for_each_index(F&& f, std::index_sequence<I...>) {
 }
 
 /// One run of the engine over kernels ks (all on storage type T, all with the same number of
-/// rows). grads[i]: kernel i's gradient (null: none wanted). reduced[i]: its reduced
+/// rows). grads[i]: kernel i's gradient, storage type GT (null: none wanted). reduced[i]: its reduced
 /// statistics (empty: this call's). With stats_out, writes kernel i's local statistics to
 /// stats_out[i] (null: not wanted) and nothing else; otherwise values[i] receives kernel i's
 /// value. Validation is the caller's.
-template <class T, class... K>
-void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const matrix_view<T>*, sizeof...(K)>& grads,
+template <class T, class GT, class... K>
+void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const matrix_view<GT>*, sizeof...(K)>& grads,
                  const std::array<stats_view, sizeof...(K)>& reduced, grad_options opts, double* const* stats_out,
                  double* values) {
   using Acc = accumulator_t<T>;
@@ -4077,7 +4140,7 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
   // The distinct matrices (sources) and gradients (destinations): each is read, or written,
   // once per row for every kernel that shares it.
   std::array<matrix_view<const T>, N> srcs{};
-  std::array<matrix_view<T>, N> dsts{};
+  std::array<matrix_view<GT>, N> dsts{};
   std::array<int, N> src{}, dst{};
   int nsrc = 0, ndst = 0;
   index_t width = 1;
@@ -4180,7 +4243,7 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
       if (on[i] && dst[i] >= 0) ++writers[static_cast<std::size_t>(dst[i])];
     });
     for (int d = 0; d < ndst; ++d)
-      direct[static_cast<std::size_t>(d)] = std::is_same<T, Acc>::value && writers[static_cast<std::size_t>(d)] == 1 &&
+      direct[static_cast<std::size_t>(d)] = std::is_same<GT, Acc>::value && writers[static_cast<std::size_t>(d)] == 1 &&
                                             dsts[static_cast<std::size_t>(d)].contiguous_rows();
   }
   if (any_rows) {
@@ -4202,7 +4265,7 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
           if (dst[i] >= 0) {
             const auto d = static_cast<std::size_t>(dst[i]);
             if (direct[d]) {
-              g = reinterpret_cast<Acc*>(dsts[d].row(t));  // T is Acc here
+              g = reinterpret_cast<Acc*>(dsts[d].row(t));  // GT is Acc here
               ops.set_assign(!opts.accumulate);
             } else {
               g = gbuf.data() + d * static_cast<std::size_t>(width);
@@ -4262,15 +4325,15 @@ bool cpu_row_engine_runs(const Loss&) {
 /// CPU backend of a row loss's value(), backward() and value_and_grad() (found by ADL):
 /// validates, runs the row engine with the loss's kernel, returns the value and, when `grad`
 /// is not null, writes the gradient per `opts`.
-template <class Loss, class In, detail::enable_row_loss<Loss, In> = 0>
-double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const detail::grad_view_t<In>* grad,
-               grad_options opts) {
+template <class Loss, class In, class G, detail::enable_row_loss<Loss, In> = 0>
+double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts) {
   detail::check_scalars(Loss::label, loss.cfg.coef, opts, be.threads);
   validate_on_host(Loss::label, loss, in, reduced, grad);
   double value = 0;
   if (cpu_other_engine(be, loss, in, reduced, grad, opts, value)) return value;
   std::tuple<detail::row_kernel_t<Loss, In>> ks{make_row_kernel(loss, in, opts)};
-  detail::cpu_row_run<typename detail::row_kernel_t<Loss, In>::storage_type>(be, ks, {grad}, {reduced}, opts, nullptr, &value);
+  using T = typename detail::row_kernel_t<Loss, In>::storage_type;
+  detail::cpu_row_run<T, typename detail::view_storage<G>::type>(be, ks, {grad}, {reduced}, opts, nullptr, &value);
   return value;
 }
 
@@ -4283,7 +4346,8 @@ void execute_stats(const cpu& be, const Loss& loss, const In& in, double* out) {
   if (cpu_other_engine_stats(be, loss, in, out)) return;
   std::tuple<detail::row_kernel_t<Loss, In>> ks{make_row_kernel(loss, in, grad_options{})};
   double* outs[1] = {out};
-  detail::cpu_row_run<typename detail::row_kernel_t<Loss, In>::storage_type>(be, ks, {nullptr}, {stats_view{}}, grad_options{}, outs, nullptr);
+  using T = typename detail::row_kernel_t<Loss, In>::storage_type;
+  detail::cpu_row_run<T, T>(be, ks, {nullptr}, {stats_view{}}, grad_options{}, outs, nullptr);
 }
 
 namespace detail {
@@ -4311,7 +4375,9 @@ struct fused_traits<std::tuple<L...>, std::tuple<In...>> {
   using storage_type = typename std::tuple_element_t<0, kernels>::storage_type;
   static_assert((std::is_same<typename row_kernel_t<L, In>::storage_type, storage_type>::value && ...),
                 "moereg::fused: every fused loss must have the same storage type");
-  using grads = std::array<const matrix_view<storage_type>*, sizeof...(L)>;
+  /// The gradients' array, storage type GT (the inputs' own, or another for mixed precision).
+  template <class GT = storage_type>
+  using grads = std::array<const matrix_view<GT>*, sizeof...(L)>;
 
   /// Each loss's row kernel (`in`: a tuple of the inputs or of references to them).
   template <class Tuple>
@@ -4326,15 +4392,15 @@ struct fused_traits<std::tuple<L...>, std::tuple<In...>> {
   /// Every check of a fused call, before anything is read or written: each loss's own checks
   /// (its label names it), then what fusion adds (the row engine, the same rows, gradients
   /// that are either the same view or disjoint).
-  template <class Tuple>
+  template <class Tuple, class GT>
   static void validate(const cpu& be, const std::tuple<L...>& losses, const Tuple& in,
-                       const std::array<stats_view, sizeof...(L)>& reduced, const grads& g, grad_options opts,
+                       const std::array<stats_view, sizeof...(L)>& reduced, const grads<GT>& g, grad_options opts,
                        const kernels& ks) {
     validate(be, losses, in, reduced, g, opts, ks, std::index_sequence_for<L...>{});
   }
-  template <class Tuple, std::size_t... I>
+  template <class Tuple, class GT, std::size_t... I>
   static void validate(const cpu& be, const std::tuple<L...>& losses, const Tuple& in,
-                       const std::array<stats_view, sizeof...(L)>& reduced, const grads& g, grad_options opts,
+                       const std::array<stats_view, sizeof...(L)>& reduced, const grads<GT>& g, grad_options opts,
                        const kernels& ks, std::index_sequence<I...>) {
     const index_t rows = std::get<0>(ks).x.rows;
     const char* first = std::tuple_element_t<0, std::tuple<L...>>::label;
@@ -4370,13 +4436,16 @@ void execute_fused(const cpu& be, const fused<L...>& f, const std::tuple<In...>&
                    grad_options opts, double* values) {
   using traits = detail::fused_traits<std::tuple<L...>, std::tuple<std::decay_t<In>...>>;
   using T = typename traits::storage_type;
-  static_assert((std::is_same<G, matrix_view<T>>::value && ...),
-                "moereg::fused: each gradient is a matrix_view of the inputs' storage type");
-  const typename traits::grads g =
-      std::apply([](const auto*... p) { return typename traits::grads{p...}; }, grads);
+  using G0 = std::tuple_element_t<0, std::tuple<G...>>;
+  using GT = typename detail::view_storage<G0>::type;
+  static_assert(is_storage_type_v<GT> && (std::is_same<G, matrix_view<GT>>::value && ...),
+                "moereg::fused: the gradients are matrix_views of one storage type (the inputs' own, or "
+                "another for mixed precision: float gradients for bfloat16 inputs)");
+  const typename traits::template grads<GT> g =
+      std::apply([](const auto*... p) { return typename traits::template grads<GT>{p...}; }, grads);
   auto ks = traits::make(f.losses, in, opts);
   traits::validate(be, f.losses, in, reduced, g, opts, ks);
-  detail::cpu_row_run<T>(be, ks, g, reduced, opts, nullptr, values);
+  detail::cpu_row_run<T, GT>(be, ks, g, reduced, opts, nullptr, values);
 }
 
 /// CPU backend of fused<L...>::local_stats() (found by ADL): validates, then writes loss i's
@@ -4384,10 +4453,11 @@ void execute_fused(const cpu& be, const fused<L...>& f, const std::tuple<In...>&
 template <class... L, class... In>
 void execute_fused_stats(const cpu& be, const fused<L...>& f, const std::tuple<In...>& in, double* const* outs) {
   using traits = detail::fused_traits<std::tuple<L...>, std::tuple<std::decay_t<In>...>>;
-  const typename traits::grads g{};
+  using T = typename traits::storage_type;
+  const typename traits::template grads<T> g{};
   auto ks = traits::make(f.losses, in, grad_options{});
   traits::validate(be, f.losses, in, {}, g, grad_options{}, ks);
-  detail::cpu_row_run<typename traits::storage_type>(be, ks, g, {}, grad_options{}, outs, nullptr);
+  detail::cpu_row_run<T, T>(be, ks, g, {}, grad_options{}, outs, nullptr);
 }
 
 MOEREG_NAMESPACE_END
@@ -4486,9 +4556,9 @@ struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config
 };
 
 /// Shape checks of a load_balancing_loss call (core/validate.hpp), for every backend.
-template <class T>
+template <class T, class G>
 void validate_shapes(const char* who, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
-                     stats_view reduced, const matrix_view<T>* grad) {
+                     stats_view reduced, const matrix_view<G>* grad) {
   const auto& P = in.probs;
   const auto& c = loss.cfg;
   detail::check_matrix(who, "probs", P);
@@ -4513,10 +4583,9 @@ void validate_shapes(const char* who, const load_balancing_loss& loss, const loa
 }
 /// Content checks of a load_balancing_loss call on the host: the top-k ids, the sequence
 /// offsets (0, non-decreasing, ending at T) and the reduced statistics (all counts).
-template <class T>
+template <class T, class G>
 void validate_contents(const char* who, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
-                       stats_view reduced,
-                       const matrix_view<T>*) {
+                       stats_view reduced, const matrix_view<G>*) {
   detail::check_topk_ids(who, "topk", in.topk, in.probs.cols);
   if (loss.cfg.scope == lb_scope::sequence && loss.cfg.seq_len == 0) {
     const auto& o = in.cu_seqlens;
@@ -4529,8 +4598,8 @@ void validate_contents(const char* who, const load_balancing_loss& loss, const l
   detail::check_stats_values(who, reduced, loss.stats_size(in));
 }
 /// The memory of a load_balancing_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const load_balancing_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+template <class T, class G, class F>
+void for_each_buffer(const load_balancing_inputs<T>& in, const matrix_view<G>* grad, F&& f) {
   f("probs", in.probs.data);
   f("topk", in.topk.data);
   f("mask", in.mask.data);
@@ -4672,9 +4741,9 @@ bool cpu_other_engine_stats(const cpu&, const load_balancing_loss& loss, const l
 
 /// The sequence scope of load_balancing_loss's value and gradient (the row engine runs the
 /// other scopes); the call is validated.
-template <class T>
+template <class T, class G>
 bool cpu_other_engine(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
-                      stats_view reduced, const matrix_view<T>* grad, grad_options opts, double& value) {
+                      stats_view reduced, const matrix_view<G>* grad, grad_options opts, double& value) {
   if (loss.cfg.scope != lb_scope::sequence) return false;
   using Acc = accumulator_t<T>;
   const auto seq = detail::lb_sequences_of(loss, in);

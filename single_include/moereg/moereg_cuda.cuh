@@ -2791,10 +2791,13 @@ void execute_stats(const cuda& be, const Loss& loss, const In& in, double* out) 
 }
 
 /// The value into *be.value and, with `grad`, the gradient, enqueued on be.stream. Returns NaN:
-/// the value is on the device.
-template <class Loss, class In, detail::enable_cuda_entry<Loss, In> = 0>
-double execute(const cuda& be, const Loss& loss, const In& in, stats_view reduced,
-               const detail::grad_view_t<In>* grad, grad_options opts) {
+/// the value is on the device. The gradient has the input's storage type (mixed-precision
+/// gradients run on the CPU backend).
+template <class Loss, class In, class G, detail::enable_cuda_entry<Loss, In> = 0>
+double execute(const cuda& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts) {
+  static_assert(std::is_same<G, detail::grad_view_t<In>>::value,
+                "moereg: on the CUDA backend the gradient has the input's storage type; mixed-precision "
+                "gradients (a float gradient for bfloat16 inputs) run on the CPU backend");
   detail::cuda_run(be, loss, in, reduced, grad, opts, nullptr);
   return std::numeric_limits<double>::quiet_NaN();
 }

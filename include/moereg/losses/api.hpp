@@ -48,6 +48,38 @@ using grad_arg_t = typename In::grad_type;
 template <class In>
 using grad_view_t = std::remove_const_t<std::remove_pointer_t<grad_arg_t<In>>>;
 
+/// The storage type of a view (its first template argument) and the same view over storage
+/// U: matrix_view<T> -> matrix_view<U>, activation_view<T, L> -> activation_view<U, L>.
+template <class V>
+struct view_storage {};
+template <template <class...> class V, class T, class... R>
+struct view_storage<V<T, R...>> {
+  using type = T;
+  template <class U>
+  using rebind = V<U, R...>;
+};
+
+/// True when G (a view, or a pointer to views where In takes one per layer) is a gradient for
+/// inputs In in another storage type than In's own: In::grad_type with only its storage type
+/// changed, to float, double, half or bfloat16 (mixed precision: a float gradient for bfloat16
+/// activations).
+template <class In, class G, class = void>
+struct is_mixed_grad : std::false_type {};
+template <class In, class G>
+struct is_mixed_grad<
+    In, G,
+    std::void_t<typename view_storage<std::remove_const_t<std::remove_pointer_t<G>>>::type,
+                typename view_storage<grad_view_t<In>>::type>> {
+  using own = view_storage<grad_view_t<In>>;
+  using view = std::remove_const_t<std::remove_pointer_t<G>>;
+  using U = typename view_storage<view>::type;
+  static constexpr bool value = std::is_pointer<G>::value == std::is_pointer<grad_arg_t<In>>::value &&
+                                is_storage_type_v<U> && !std::is_same<U, typename own::type>::value &&
+                                std::is_same<view, typename own::template rebind<U>>::value;
+};
+template <class In, class G>
+using enable_mixed_grad = std::enable_if_t<is_mixed_grad<In, G>::value, int>;
+
 /// Pointer to the gradient view(s) for execute(): the address of a view, or the caller's
 /// array of views (which must not be null).
 template <class G>
@@ -61,14 +93,15 @@ const G* grad_pointer(const char* who, const G* g) {
   return g;
 }
 
-/// True when a backend's execute() for Loss on In is declared (its header is included).
-template <class Backend, class Loss, class In, class = void>
+/// True when a backend's execute() for Loss on In, with gradient view GV, is declared (its
+/// header is included).
+template <class Backend, class Loss, class In, class GV = grad_view_t<In>, class = void>
 struct has_execute : std::false_type {};
-template <class Backend, class Loss, class In>
-struct has_execute<Backend, Loss, In,
+template <class Backend, class Loss, class In, class GV>
+struct has_execute<Backend, Loss, In, GV,
                    std::void_t<decltype(execute(std::declval<const Backend&>(), std::declval<const Loss&>(),
                                                 std::declval<const In&>(), stats_view{},
-                                                static_cast<const grad_view_t<In>*>(nullptr), grad_options{}))>>
+                                                static_cast<const GV*>(nullptr), grad_options{}))>>
     : std::true_type {};
 
 }  // namespace detail
@@ -151,6 +184,40 @@ struct loss_api {
                         const Backend& be = {}) const {
     static_assert(detail::has_execute<Backend, Self, In>::value, MOEREG_NO_BACKEND_MESSAGE);
     return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
+  }
+
+  /// backward() into a gradient of another storage type than the input's (mixed precision:
+  /// a float gradient for bfloat16 or half inputs, the layout trainers keep). The values are
+  /// those of the same-type call before their one rounding into the input's type; in
+  /// accumulate mode they are added in the gradient's type. Every storage pair works on the
+  /// CPU; on CUDA the gradient has the input's storage type.
+  template <class In, class G, class Backend = cpu, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
+  void backward(const In& in, const G& grad, grad_options opts = {}, stats_view reduced = {},
+                const Backend& be = {}) const {
+    (void)value_and_grad(in, grad, opts, reduced, be);
+  }
+  /// value_and_grad() into a gradient of another storage type than the input's (see backward()).
+  template <class In, class G, class Backend = cpu, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
+  double value_and_grad(const In& in, const G& grad, grad_options opts = {}, stats_view reduced = {},
+                        const Backend& be = {}) const {
+    using GV = typename detail::is_mixed_grad<In, G>::view;
+    static_assert(detail::has_execute<Backend, Self, In, GV>::value, MOEREG_NO_BACKEND_MESSAGE);
+    const GV* g = nullptr;
+    if constexpr (std::is_pointer<G>::value) g = detail::grad_pointer(Self::name, static_cast<const GV*>(grad));
+    else g = &grad;
+    return execute(be, self(), in, reduced, g, opts);
+  }
+  /// The mixed-precision backward() with the options, reduced statistics and backend of a call
+  /// context.
+  template <class In, class G, class Backend, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
+  void backward(const In& in, const G& grad, const call_context<Backend>& c) const {
+    backward(in, grad, c.opts, c.reduced, c.backend);
+  }
+  /// The mixed-precision value_and_grad() with the options, reduced statistics and backend of a
+  /// call context.
+  template <class In, class G, class Backend, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
+  double value_and_grad(const In& in, const G& grad, const call_context<Backend>& c) const {
+    return value_and_grad(in, grad, c.opts, c.reduced, c.backend);
   }
 
   /// value() with the backend and reduced statistics of a call context (moereg::on(be)...).

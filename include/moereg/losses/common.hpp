@@ -74,9 +74,8 @@ void validate_config(const char*, const Loss&, const In&) {}
 /// Shape checks of a loss on one routing matrix and a mask (core/validate.hpp), every backend:
 /// its configuration, the matrix (E >= 1 unless T = 0), the mask, the gradient's shape and the
 /// size of the reduced statistics.
-template <class Loss, class In, detail::enable_matrix_inputs<In> = 0>
-void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced,
-                     const detail::grad_view_t<In>* grad) {
+template <class Loss, class In, class G, detail::enable_matrix_inputs<In> = 0>
+void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad) {
   validate_config(who, loss, in);
   const auto& m = in.matrix();
   detail::check_routing(who, In::matrix_name, m);
@@ -86,13 +85,13 @@ void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view
 }
 /// Content checks on the host: the reduced statistics are finite, their first
 /// Loss::stats_counts entries (counts) non-negative.
-template <class Loss, class In, detail::enable_matrix_inputs<In> = 0>
-void validate_contents(const char* who, const Loss&, const In&, stats_view reduced, const detail::grad_view_t<In>*) {
+template <class Loss, class In, class G, detail::enable_matrix_inputs<In> = 0>
+void validate_contents(const char* who, const Loss&, const In&, stats_view reduced, const G*) {
   detail::check_stats_values(who, reduced, Loss::stats_counts);
 }
 /// The memory of the call, by name, for a backend's pointer checks.
-template <class In, class F, detail::enable_matrix_inputs<In> = 0>
-void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
+template <class In, class G, class F, detail::enable_matrix_inputs<In> = 0>
+void for_each_buffer(const In& in, const G* grad, F&& f) {
   f(In::matrix_name, in.matrix().data);
   f("mask", in.mask.data);
   if (grad) f(In::grad_name, grad->data);

@@ -107,9 +107,9 @@ struct coupling_loss : loss_api<coupling_loss, coupling_config> {
 };
 
 /// Shape checks of a coupling_loss call (core/validate.hpp), for every backend.
-template <class T>
+template <class T, class G>
 void validate_shapes(const char* who, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-                     const matrix_view<T>* grads) {
+                     const matrix_view<G>* grads) {
   const auto form = loss.cfg.form;
   detail::require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
           ": unknown form ", static_cast<int>(form));
@@ -137,16 +137,16 @@ void validate_shapes(const char* who, const coupling_loss& loss, const coupling_
 }
 /// Content checks of a coupling_loss call on the host: every layer's top-k ids; T_v is a count
 /// (the batch form's co-occurrence sums are finite).
-template <class T>
+template <class T, class G>
 void validate_contents(const char* who, const coupling_loss&, const coupling_inputs<T>& in, stats_view reduced,
-                       const matrix_view<T>*) {
+                       const matrix_view<G>*) {
   for (index_t l = 0; l < in.layers; ++l)
     detail::check_topk_ids(who, detail::concat("topk[", l, "]").c_str(), in.topk[l], in.probs[0].cols);
   detail::check_stats_values(who, reduced, 1);
 }
 /// The memory of a coupling_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const coupling_inputs<T>& in, const matrix_view<T>* grads, F&& f) {
+template <class T, class G, class F>
+void for_each_buffer(const coupling_inputs<T>& in, const matrix_view<G>* grads, F&& f) {
   for (index_t l = 0; l < in.layers; ++l) {
     f(detail::concat("probs[", l, "]").c_str(), in.probs[l].data);
     f(detail::concat("topk[", l, "]").c_str(), in.topk[l].data);

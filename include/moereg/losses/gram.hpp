@@ -50,9 +50,9 @@ namespace detail {
 /// k <= E when E > 0 is given; the activation losses do not need E); the mask; the layouts'
 /// own shape checks, their [T, k] against topk and the gradient's against the activations; the
 /// size of the reduced statistics.
-template <class T, class Layout>
+template <class T, class Layout, class GT>
 void check_gram_shapes(const char* who, double coef, double eps, const activation_view<const T, Layout>& x,
-                       const topk_view& I, const mask_view& mask, index_t E, const activation_view<T, Layout>* grad,
+                       const topk_view& I, const mask_view& mask, index_t E, const activation_view<GT, Layout>* grad,
                        stats_view reduced) {
   static_assert(is_storage_type_v<T>, "activations must be float, double, moereg::half or moereg::bfloat16");
   require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
@@ -80,9 +80,9 @@ void check_gram_shapes(const char* who, double coef, double eps, const activatio
 /// Content checks on the host: the top-k ids (below E when E > 0, never one expert twice in a
 /// row), the layouts' maps (validate()), a vector for every valid slot in the activations and
 /// the gradient, and the reduced T_v (a count).
-template <class T, class Layout>
+template <class T, class Layout, class GT>
 void check_gram_contents(const char* who, const activation_view<const T, Layout>& x, const topk_view& I, index_t E,
-                         const activation_view<T, Layout>* grad, stats_view reduced) {
+                         const activation_view<GT, Layout>* grad, stats_view reduced) {
   check_topk_ids(who, "topk", I, E);
   check_layout_slots(who, "acts", x, I);
   if (grad) check_layout_slots(who, "grad", *grad, I);
@@ -90,9 +90,9 @@ void check_gram_contents(const char* who, const activation_view<const T, Layout>
 }
 
 /// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
-template <class T, class Layout, class F>
+template <class T, class Layout, class GT, class F>
 void gram_buffers(const activation_view<const T, Layout>& x, const topk_view& I, const mask_view& mask,
-                  const activation_view<T, Layout>* grad, F&& f) {
+                  const activation_view<GT, Layout>* grad, F&& f) {
   f("acts", x.data);
   f("topk", I.data);
   f("mask", mask.data);
@@ -124,22 +124,20 @@ using enable_gram_inputs = std::enable_if_t<is_gram_inputs<In>::value, int>;
 
 /// Shape checks of a Gram-based loss call (core/validate.hpp), for every backend: the loss's
 /// own configuration checks (validate_config), then check_gram_shapes.
-template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
-void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced,
-                     const detail::grad_view_t<In>* grad) {
+template <class Loss, class In, class G, detail::enable_gram_inputs<In> = 0>
+void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad) {
   validate_config(who, loss, in);
   detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
                             reduced);
 }
 /// Content checks of a Gram-based loss call on the host.
-template <class Loss, class In, detail::enable_gram_inputs<In> = 0>
-void validate_contents(const char* who, const Loss&, const In& in, stats_view reduced,
-                       const detail::grad_view_t<In>* grad) {
+template <class Loss, class In, class G, detail::enable_gram_inputs<In> = 0>
+void validate_contents(const char* who, const Loss&, const In& in, stats_view reduced, const G* grad) {
   detail::check_gram_contents(who, in.acts, in.topk, in.num_experts, grad, reduced);
 }
 /// The memory of a Gram-based loss call, by name, for a backend's pointer checks.
-template <class In, class F, detail::enable_gram_inputs<In> = 0>
-void for_each_buffer(const In& in, const detail::grad_view_t<In>* grad, F&& f) {
+template <class In, class G, class F, detail::enable_gram_inputs<In> = 0>
+void for_each_buffer(const In& in, const G* grad, F&& f) {
   detail::gram_buffers(in.acts, in.topk, in.mask, grad, f);
 }
 

@@ -88,9 +88,9 @@ struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config
 };
 
 /// Shape checks of a load_balancing_loss call (core/validate.hpp), for every backend.
-template <class T>
+template <class T, class G>
 void validate_shapes(const char* who, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
-                     stats_view reduced, const matrix_view<T>* grad) {
+                     stats_view reduced, const matrix_view<G>* grad) {
   const auto& P = in.probs;
   const auto& c = loss.cfg;
   detail::check_matrix(who, "probs", P);
@@ -115,10 +115,9 @@ void validate_shapes(const char* who, const load_balancing_loss& loss, const loa
 }
 /// Content checks of a load_balancing_loss call on the host: the top-k ids, the sequence
 /// offsets (0, non-decreasing, ending at T) and the reduced statistics (all counts).
-template <class T>
+template <class T, class G>
 void validate_contents(const char* who, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
-                       stats_view reduced,
-                       const matrix_view<T>*) {
+                       stats_view reduced, const matrix_view<G>*) {
   detail::check_topk_ids(who, "topk", in.topk, in.probs.cols);
   if (loss.cfg.scope == lb_scope::sequence && loss.cfg.seq_len == 0) {
     const auto& o = in.cu_seqlens;
@@ -131,8 +130,8 @@ void validate_contents(const char* who, const load_balancing_loss& loss, const l
   detail::check_stats_values(who, reduced, loss.stats_size(in));
 }
 /// The memory of a load_balancing_loss call, by name, for a backend's pointer checks.
-template <class T, class F>
-void for_each_buffer(const load_balancing_inputs<T>& in, const matrix_view<T>* grad, F&& f) {
+template <class T, class G, class F>
+void for_each_buffer(const load_balancing_inputs<T>& in, const matrix_view<G>* grad, F&& f) {
   f("probs", in.probs.data);
   f("topk", in.topk.data);
   f("mask", in.mask.data);

@@ -446,8 +446,8 @@ MOEREG_FORCEINLINE void store_chunk(T* p, index_t stride, int rest, typename P::
 
 /// g_s (+)= sum_r Wm[s][r] x_r for N contiguous vectors. Stream (overwrite mode, every g_s
 /// aligned to a whole chunk): full chunks are written with non-temporal stores.
-template <int N, class P, bool Stream, class T>
-void apply_pass(const T* const* x, T* const* g, index_t d, const typename P::acc_type* Wm, bool accumulate,
+template <int N, class P, bool Stream, class T, class GT>
+void apply_pass(const T* const* x, GT* const* g, index_t d, const typename P::acc_type* Wm, bool accumulate,
                 const T* const* pf, int npf) {
   using Acc = typename P::acc_type;
   using reg = typename P::reg;
@@ -482,8 +482,8 @@ void apply_pass(const T* const* x, T* const* g, index_t d, const typename P::acc
 /// The run-time gradient pass: apply_pass for 1 <= n <= math::max_slots vectors, input and
 /// gradient elements xstride and gstride apart (1 when Contig). The outputs go in blocks of 4,
 /// each a sweep over the chunks with the inputs in order; block rows past n are not stored.
-template <class P, bool Contig, bool Stream, class T>
-void apply_pass_rt(int n, const T* const* x, T* const* g, index_t d, index_t xstride, index_t gstride,
+template <class P, bool Contig, bool Stream, class T, class GT>
+void apply_pass_rt(int n, const T* const* x, GT* const* g, index_t d, index_t xstride, index_t gstride,
                    const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
   using Acc = typename P::acc_type;
   using reg = typename P::reg;
@@ -535,8 +535,8 @@ void gram_dispatch(int n, const T* const* x, index_t d, index_t stride, typename
 }
 
 /// The gradient pass for n vectors, dispatched like gram_dispatch.
-template <class P, bool Contig, bool Stream, class T>
-void apply_dispatch(int n, const T* const* x, T* const* g, index_t d, index_t xs, index_t gs,
+template <class P, bool Contig, bool Stream, class T, class GT>
+void apply_dispatch(int n, const T* const* x, GT* const* g, index_t d, index_t xs, index_t gs,
                     const typename P::acc_type* Wm, bool accumulate, const T* const* pf, int npf) {
   static_assert(Contig || !Stream, "non-temporal stores need contiguous vectors");
   if constexpr (Contig) {
@@ -557,7 +557,7 @@ void apply_dispatch(int n, const T* const* x, T* const* g, index_t d, index_t xs
 /// Tuning of the CPU executor of the Gram-based losses, a plain struct (like CUB's policies);
 /// gram_loss_run takes another as its first template argument.
 struct gram_cpu_policy {
-  /// In overwrite mode, a gradient of at least this many bytes (T * k * d * sizeof(T)) is
+  /// In overwrite mode, a gradient of at least this many bytes (T * k * d elements of its storage type) is
   /// written with non-temporal stores (AVX-512 builds, contiguous vectors aligned to 64 bytes,
   /// or 32 for 16-bit types). They bypass the caches and so save the read-for-ownership of
   /// every gradient line, a third of the memory traffic, when the gradient is too large to stay
@@ -570,9 +570,9 @@ struct gram_cpu_policy {
 /// scale * grad_scale, the gradient pass. Returns scale * sum_t F_t, summed per block of
 /// cpu_block_rows tokens and then pairwise over blocks (thread-count independent). scale = 0
 /// (T_v = 0) gives 0 and, in overwrite mode, an all-zero gradient. Inputs must be validated.
-template <class Policy = gram_cpu_policy, class T, class Layout, class TokenFn>
+template <class Policy = gram_cpu_policy, class T, class Layout, class GT, class TokenFn>
 double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, const topk_view& I,
-                     const mask_view& mask, const activation_view<T, Layout>* grad, grad_options opts, double scale,
+                     const mask_view& mask, const activation_view<GT, Layout>* grad, grad_options opts, double scale,
                      TokenFn token_fn) {
   using Acc = accumulator_t<T>;
   using P = typename gram_pack<T>::type;
@@ -588,8 +588,8 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
   // the gradient pass would be the plain one, so it is not instantiated.
   constexpr bool can_stream = MOEREG_HAS_AVX512 != 0;
   const bool stream = can_stream && grad && !opts.accumulate && contig &&
-                      ntok * k * d * static_cast<index_t>(sizeof(T)) >= Policy::stream_min_bytes;
-  constexpr std::uintptr_t chunk_bytes = static_cast<std::uintptr_t>(P::width) * sizeof(T);
+                      ntok * k * d * static_cast<index_t>(sizeof(GT)) >= Policy::stream_min_bytes;
+  constexpr std::uintptr_t chunk_bytes = static_cast<std::uintptr_t>(P::width) * sizeof(GT);
 
   auto run = [&](auto contig_tag) {
     constexpr bool C = decltype(contig_tag)::value;
@@ -598,7 +598,7 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
       // prefetched while the current token is processed.
       const T* xbuf[2][K];
       int sbuf[2][K];
-      T* gv[K];
+      GT* gv[K];
       Acc G[K * K], Wm[K * K];
       Acc sum = Acc(0);
       auto collect = [&](index_t t, const T** xv, int* slot) {
@@ -684,9 +684,8 @@ using enable_gram_loss = std::enable_if_t<is_gram_loss<Loss, In>::value, int>;
 /// CPU backend of a Gram loss's value(), backward() and value_and_grad() (found by ADL):
 /// validates, runs the Gram engine with the loss's kernel, returns the value and, when `grad`
 /// is not null, writes the gradient per `opts`.
-template <class Loss, class In, detail::enable_gram_loss<Loss, In> = 0>
-double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const detail::grad_view_t<In>* grad,
-               grad_options opts) {
+template <class Loss, class In, class G, detail::enable_gram_loss<Loss, In> = 0>
+double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts) {
   detail::check_scalars(Loss::label, loss.cfg.coef, opts, be.threads);
   validate_on_host(Loss::label, loss, in, reduced, grad);
   return visit_gram_kernel(loss, in, detail::gram_tv(in.topk, in.mask, reduced), [&](double scale, auto kernel) {

@@ -40,8 +40,8 @@ MOEREG_NAMESPACE_BEGIN
 namespace detail {
 
 /// Writes zeros into every row of every layer's gradient (overwrite mode only).
-template <class T>
-void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_view<T>* grads, grad_options opts) {
+template <class T, class GT>
+void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_view<GT>* grads, grad_options opts) {
   if (grads == nullptr || opts.accumulate) return;
   const index_t T_ = in.probs[0].rows;
   parallel_blocks(be, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
@@ -54,9 +54,9 @@ void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_vie
 // ---------------------------------------------------------------------------------------
 // token and log forms: one pass, every token on its own.
 // ---------------------------------------------------------------------------------------
-template <class T>
+template <class T, class GT>
 double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, double tv,
-                        const matrix_view<T>* grads, grad_options opts) {
+                        const matrix_view<GT>* grads, grad_options opts) {
   using Acc = accumulator_t<T>;
   const index_t L = in.layers, T_ = in.probs[0].rows;
   const bool is_log = loss.cfg.form == coupling_form::log;
@@ -227,9 +227,9 @@ void cp_joint_sums(const cpu& be, const coupling_inputs<T>& in, std::vector<accu
   for (index_t x : ptv) tv += x;
 }
 
-template <class T>
+template <class T, class GT>
 double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-                        const matrix_view<T>* grads, grad_options opts) {
+                        const matrix_view<GT>* grads, grad_options opts) {
   using Acc = accumulator_t<T>;
   const index_t T_ = in.probs[0].rows, E = in.probs[0].cols, L = in.layers, E2 = E * E;
   std::vector<Acc> U;
@@ -315,9 +315,9 @@ void execute_stats(const cpu& be, const coupling_loss& loss, const coupling_inpu
 
 /// CPU backend of coupling_loss's value(), backward() and value_and_grad() (found by ADL): validates,
 /// returns the value and, when `grad` is not null, writes the gradient per `opts`.
-template <class T>
+template <class T, class GT>
 double execute(const cpu& be, const coupling_loss& loss, const coupling_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grads, grad_options opts) {
+               const matrix_view<GT>* grads, grad_options opts) {
   detail::check_scalars(coupling_loss::label, loss.cfg.coef, opts, be.threads);
   validate_on_host(coupling_loss::label, loss, in, reduced, grads);
   if (loss.cfg.form == coupling_form::batch) return detail::cp_execute_batch(be, loss, in, reduced, grads, opts);

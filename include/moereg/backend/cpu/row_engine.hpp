@@ -180,12 +180,12 @@ MOEREG_FORCEINLINE void for_each_index(F&& f, std::index_sequence<I...>) {
 }
 
 /// One run of the engine over kernels ks (all on storage type T, all with the same number of
-/// rows). grads[i]: kernel i's gradient (null: none wanted). reduced[i]: its reduced
+/// rows). grads[i]: kernel i's gradient, storage type GT (null: none wanted). reduced[i]: its reduced
 /// statistics (empty: this call's). With stats_out, writes kernel i's local statistics to
 /// stats_out[i] (null: not wanted) and nothing else; otherwise values[i] receives kernel i's
 /// value. Validation is the caller's.
-template <class T, class... K>
-void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const matrix_view<T>*, sizeof...(K)>& grads,
+template <class T, class GT, class... K>
+void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const matrix_view<GT>*, sizeof...(K)>& grads,
                  const std::array<stats_view, sizeof...(K)>& reduced, grad_options opts, double* const* stats_out,
                  double* values) {
   using Acc = accumulator_t<T>;
@@ -200,7 +200,7 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
   // The distinct matrices (sources) and gradients (destinations): each is read, or written,
   // once per row for every kernel that shares it.
   std::array<matrix_view<const T>, N> srcs{};
-  std::array<matrix_view<T>, N> dsts{};
+  std::array<matrix_view<GT>, N> dsts{};
   std::array<int, N> src{}, dst{};
   int nsrc = 0, ndst = 0;
   index_t width = 1;
@@ -303,7 +303,7 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
       if (on[i] && dst[i] >= 0) ++writers[static_cast<std::size_t>(dst[i])];
     });
     for (int d = 0; d < ndst; ++d)
-      direct[static_cast<std::size_t>(d)] = std::is_same<T, Acc>::value && writers[static_cast<std::size_t>(d)] == 1 &&
+      direct[static_cast<std::size_t>(d)] = std::is_same<GT, Acc>::value && writers[static_cast<std::size_t>(d)] == 1 &&
                                             dsts[static_cast<std::size_t>(d)].contiguous_rows();
   }
   if (any_rows) {
@@ -325,7 +325,7 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
           if (dst[i] >= 0) {
             const auto d = static_cast<std::size_t>(dst[i]);
             if (direct[d]) {
-              g = reinterpret_cast<Acc*>(dsts[d].row(t));  // T is Acc here
+              g = reinterpret_cast<Acc*>(dsts[d].row(t));  // GT is Acc here
               ops.set_assign(!opts.accumulate);
             } else {
               g = gbuf.data() + d * static_cast<std::size_t>(width);
@@ -385,15 +385,15 @@ bool cpu_row_engine_runs(const Loss&) {
 /// CPU backend of a row loss's value(), backward() and value_and_grad() (found by ADL):
 /// validates, runs the row engine with the loss's kernel, returns the value and, when `grad`
 /// is not null, writes the gradient per `opts`.
-template <class Loss, class In, detail::enable_row_loss<Loss, In> = 0>
-double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const detail::grad_view_t<In>* grad,
-               grad_options opts) {
+template <class Loss, class In, class G, detail::enable_row_loss<Loss, In> = 0>
+double execute(const cpu& be, const Loss& loss, const In& in, stats_view reduced, const G* grad, grad_options opts) {
   detail::check_scalars(Loss::label, loss.cfg.coef, opts, be.threads);
   validate_on_host(Loss::label, loss, in, reduced, grad);
   double value = 0;
   if (cpu_other_engine(be, loss, in, reduced, grad, opts, value)) return value;
   std::tuple<detail::row_kernel_t<Loss, In>> ks{make_row_kernel(loss, in, opts)};
-  detail::cpu_row_run<typename detail::row_kernel_t<Loss, In>::storage_type>(be, ks, {grad}, {reduced}, opts, nullptr, &value);
+  using T = typename detail::row_kernel_t<Loss, In>::storage_type;
+  detail::cpu_row_run<T, typename detail::view_storage<G>::type>(be, ks, {grad}, {reduced}, opts, nullptr, &value);
   return value;
 }
 
@@ -406,7 +406,8 @@ void execute_stats(const cpu& be, const Loss& loss, const In& in, double* out) {
   if (cpu_other_engine_stats(be, loss, in, out)) return;
   std::tuple<detail::row_kernel_t<Loss, In>> ks{make_row_kernel(loss, in, grad_options{})};
   double* outs[1] = {out};
-  detail::cpu_row_run<typename detail::row_kernel_t<Loss, In>::storage_type>(be, ks, {nullptr}, {stats_view{}}, grad_options{}, outs, nullptr);
+  using T = typename detail::row_kernel_t<Loss, In>::storage_type;
+  detail::cpu_row_run<T, T>(be, ks, {nullptr}, {stats_view{}}, grad_options{}, outs, nullptr);
 }
 
 namespace detail {
@@ -434,7 +435,9 @@ struct fused_traits<std::tuple<L...>, std::tuple<In...>> {
   using storage_type = typename std::tuple_element_t<0, kernels>::storage_type;
   static_assert((std::is_same<typename row_kernel_t<L, In>::storage_type, storage_type>::value && ...),
                 "moereg::fused: every fused loss must have the same storage type");
-  using grads = std::array<const matrix_view<storage_type>*, sizeof...(L)>;
+  /// The gradients' array, storage type GT (the inputs' own, or another for mixed precision).
+  template <class GT = storage_type>
+  using grads = std::array<const matrix_view<GT>*, sizeof...(L)>;
 
   /// Each loss's row kernel (`in`: a tuple of the inputs or of references to them).
   template <class Tuple>
@@ -449,15 +452,15 @@ struct fused_traits<std::tuple<L...>, std::tuple<In...>> {
   /// Every check of a fused call, before anything is read or written: each loss's own checks
   /// (its label names it), then what fusion adds (the row engine, the same rows, gradients
   /// that are either the same view or disjoint).
-  template <class Tuple>
+  template <class Tuple, class GT>
   static void validate(const cpu& be, const std::tuple<L...>& losses, const Tuple& in,
-                       const std::array<stats_view, sizeof...(L)>& reduced, const grads& g, grad_options opts,
+                       const std::array<stats_view, sizeof...(L)>& reduced, const grads<GT>& g, grad_options opts,
                        const kernels& ks) {
     validate(be, losses, in, reduced, g, opts, ks, std::index_sequence_for<L...>{});
   }
-  template <class Tuple, std::size_t... I>
+  template <class Tuple, class GT, std::size_t... I>
   static void validate(const cpu& be, const std::tuple<L...>& losses, const Tuple& in,
-                       const std::array<stats_view, sizeof...(L)>& reduced, const grads& g, grad_options opts,
+                       const std::array<stats_view, sizeof...(L)>& reduced, const grads<GT>& g, grad_options opts,
                        const kernels& ks, std::index_sequence<I...>) {
     const index_t rows = std::get<0>(ks).x.rows;
     const char* first = std::tuple_element_t<0, std::tuple<L...>>::label;
@@ -493,13 +496,16 @@ void execute_fused(const cpu& be, const fused<L...>& f, const std::tuple<In...>&
                    grad_options opts, double* values) {
   using traits = detail::fused_traits<std::tuple<L...>, std::tuple<std::decay_t<In>...>>;
   using T = typename traits::storage_type;
-  static_assert((std::is_same<G, matrix_view<T>>::value && ...),
-                "moereg::fused: each gradient is a matrix_view of the inputs' storage type");
-  const typename traits::grads g =
-      std::apply([](const auto*... p) { return typename traits::grads{p...}; }, grads);
+  using G0 = std::tuple_element_t<0, std::tuple<G...>>;
+  using GT = typename detail::view_storage<G0>::type;
+  static_assert(is_storage_type_v<GT> && (std::is_same<G, matrix_view<GT>>::value && ...),
+                "moereg::fused: the gradients are matrix_views of one storage type (the inputs' own, or "
+                "another for mixed precision: float gradients for bfloat16 inputs)");
+  const typename traits::template grads<GT> g =
+      std::apply([](const auto*... p) { return typename traits::template grads<GT>{p...}; }, grads);
   auto ks = traits::make(f.losses, in, opts);
   traits::validate(be, f.losses, in, reduced, g, opts, ks);
-  detail::cpu_row_run<T>(be, ks, g, reduced, opts, nullptr, values);
+  detail::cpu_row_run<T, GT>(be, ks, g, reduced, opts, nullptr, values);
 }
 
 /// CPU backend of fused<L...>::local_stats() (found by ADL): validates, then writes loss i's
@@ -507,10 +513,11 @@ void execute_fused(const cpu& be, const fused<L...>& f, const std::tuple<In...>&
 template <class... L, class... In>
 void execute_fused_stats(const cpu& be, const fused<L...>& f, const std::tuple<In...>& in, double* const* outs) {
   using traits = detail::fused_traits<std::tuple<L...>, std::tuple<std::decay_t<In>...>>;
-  const typename traits::grads g{};
+  using T = typename traits::storage_type;
+  const typename traits::template grads<T> g{};
   auto ks = traits::make(f.losses, in, grad_options{});
   traits::validate(be, f.losses, in, {}, g, grad_options{}, ks);
-  detail::cpu_row_run<typename traits::storage_type>(be, ks, g, {}, grad_options{}, outs, nullptr);
+  detail::cpu_row_run<T, T>(be, ks, g, {}, grad_options{}, outs, nullptr);
 }
 
 MOEREG_NAMESPACE_END

@@ -81,9 +81,9 @@ bool cpu_other_engine_stats(const cpu&, const load_balancing_loss& loss, const l
 
 /// The sequence scope of load_balancing_loss's value and gradient (the row engine runs the
 /// other scopes); the call is validated.
-template <class T>
+template <class T, class G>
 bool cpu_other_engine(const cpu& be, const load_balancing_loss& loss, const load_balancing_inputs<T>& in,
-                      stats_view reduced, const matrix_view<T>* grad, grad_options opts, double& value) {
+                      stats_view reduced, const matrix_view<G>* grad, grad_options opts, double& value) {
   if (loss.cfg.scope != lb_scope::sequence) return false;
   using Acc = accumulator_t<T>;
   const auto seq = detail::lb_sequences_of(loss, in);
