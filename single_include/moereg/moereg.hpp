@@ -687,9 +687,28 @@ void require_distinct_keys(const char* who, const char* what, index_t tokens, in
 }
 }  // namespace detail
 
+namespace detail {
+/// The shape queries of a layout placed by a [T, k] map (expert_grouped, capacity_padded):
+/// T and k are the map's, d and the element stride the layout's `length` and `elem_stride`.
+template <class Derived>
+struct mapped_layout_shape {
+  /// T, the number of tokens.
+  index_t tokens() const { return self().slot_map().rows; }
+  /// k, the number of slots per token.
+  index_t slots() const { return self().slot_map().k; }
+  /// d, the length of one activation vector.
+  index_t dim() const { return self().length; }
+  /// Elements between two consecutive entries of one vector.
+  index_t stride() const { return self().elem_stride; }
+
+ private:
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+};
+}  // namespace detail
+
 /// Expert-grouped rows, the layout a grouped GEMM produces: a [num_rows, d] matrix whose
 /// rows are sorted by expert, and a map [T, k] from (token, slot) to row (negative = none).
-struct expert_grouped {
+struct expert_grouped : detail::mapped_layout_shape<expert_grouped> {
   topk_view row_of;  ///< [T, k] row of h_{t,s}; int32 or int64
   /// Rows of the grouped matrix, d, and its row and element strides (elements).
   ///@{
@@ -702,14 +721,8 @@ struct expert_grouped {
   expert_grouped(topk_view map, index_t rows, index_t d, index_t rs = -1, index_t es = 1)
       : row_of(map), num_rows(rows), length(d), row_stride(rs < 0 ? d : rs), elem_stride(es) {}
 
-  /// T, the number of tokens.
-  index_t tokens() const { return row_of.rows; }
-  /// k, the number of slots per token.
-  index_t slots() const { return row_of.k; }
-  /// d, the length of one activation vector.
-  index_t dim() const { return length; }
-  /// Elements between two consecutive entries of one vector.
-  index_t stride() const { return elem_stride; }
+  /// The map that gives T and k: row_of.
+  const topk_view& slot_map() const { return row_of; }
   /// Offset (elements) of the first entry of h_{t,s}; negative when the slot has no row.
   MOEREG_HOST_DEVICE index_t offset(index_t t, index_t s) const {
     const index_t r = row_of(t, s);
@@ -739,7 +752,7 @@ struct expert_grouped {
 
 /// Capacity-padded [E, C, d]: expert e keeps up to C tokens; slot s of token t sits at
 /// position pos(t, s) of expert expert(t, s)'s buffer (negative = dropped).
-struct capacity_padded {
+struct capacity_padded : detail::mapped_layout_shape<capacity_padded> {
   topk_view expert_of;    ///< [T, k] expert of each slot (usually the top-k indices)
   topk_view position_of;  ///< [T, k] position in that expert's buffer
   /// Shape [E, C, d] and the strides (elements) between experts, positions and elements.
@@ -755,14 +768,8 @@ struct capacity_padded {
       : expert_of(experts), position_of(positions), num_experts(e), capacity(c), length(d),
         expert_stride(c * d), row_stride(d), elem_stride(1) {}
 
-  /// T, the number of tokens.
-  index_t tokens() const { return expert_of.rows; }
-  /// k, the number of slots per token.
-  index_t slots() const { return expert_of.k; }
-  /// d, the length of one activation vector.
-  index_t dim() const { return length; }
-  /// Elements between two consecutive entries of one vector.
-  index_t stride() const { return elem_stride; }
+  /// The map that gives T and k: expert_of.
+  const topk_view& slot_map() const { return expert_of; }
   /// Offset (elements) of the first entry of h_{t,s}; negative when the slot is dropped.
   MOEREG_HOST_DEVICE index_t offset(index_t t, index_t s) const {
     const index_t e = expert_of(t, s);
@@ -1557,169 +1564,6 @@ MOEREG_NAMESPACE_END
 #include <type_traits>
 #include <utility>
 
-// ---- begin moereg/core/validate.hpp ----
-// The one validation layer. Every check runs before anything is written, so a call that throws
-// leaves the caller's buffers untouched. Two kinds:
-//
-// - shape checks: sizes, strides, null pointers, configurations. Host-side, O(1) (or O(k) for
-//   a layout), backend-neutral: each loss has one validate_shapes(who, loss, in, reduced, grad)
-//   in its header, which every backend calls before it dispatches.
-// - content checks: top-k ids, sequence offsets, reduced statistics, layout maps. They read the
-//   data, so the CPU backend runs them on the host and the CUDA backend in its kernels (reported
-//   through the status word).
-
-
-#include <cmath>
-
-
-MOEREG_NAMESPACE_BEGIN
-namespace detail {
-
-// ---------------------------------------------------------------------------------------
-// Shape checks
-// ---------------------------------------------------------------------------------------
-
-/// The one rule for the scalar arguments of every loss, checked before any input is read: a
-/// finite coefficient, a finite grad_scale and a thread count of at least 0 (0 = the OpenMP
-/// default, 1 = serial, n = n threads).
-inline void check_scalars(const char* who, double coef, const grad_options& opts, int threads) {
-  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
-  require(std::isfinite(opts.grad_scale), who, ": grad_scale = ", opts.grad_scale, " is not finite");
-  require(threads >= 0, who, ": cpu::threads = ", threads,
-          " is negative (0 = the OpenMP default, 1 = serial, n > 1 = n threads)");
-}
-
-/// local_stats(in, out, be) needs a buffer of `size` doubles (stats_size(in)).
-inline void check_stats_out(const char* who, const double* out, index_t size) {
-  require(out != nullptr || size == 0, who, "::local_stats: out is null but stats_size(in) = ", size);
-}
-
-template <class T>
-void check_matrix(const char* who, const char* name, const matrix_view<T>& m) {
-  require(m.rows >= 0 && m.cols >= 0, who, ": ", name, " has a negative size [", m.rows, ", ", m.cols, "]");
-  require(m.data != nullptr || m.rows * m.cols == 0, who, ": ", name, " is null but has size [", m.rows, ", ", m.cols,
-          "]");
-  require(m.row_stride >= 0 && m.col_stride >= 0, who, ": ", name, " has a negative stride");
-  require(m.is_unique(), who, ": ", name, " [", m.rows, ", ", m.cols, "] with row stride ", m.row_stride,
-          " and column stride ", m.col_stride, " has overlapping rows or columns; every element needs its own storage");
-}
-
-/// A routing matrix [T, E] of a router loss: sound, and E >= 1 unless it has no rows.
-template <class T>
-void check_routing(const char* who, const char* name, const matrix_view<T>& m) {
-  check_matrix(who, name, m);
-  require(m.cols >= 1 || m.rows == 0, who, ": ", name, " has E = 0 columns");
-}
-
-/// A gradient buffer must have the shape of its input; its strides are its own.
-template <class T, class U>
-void check_grad(const char* who, const char* name, const matrix_view<T>& g, const matrix_view<U>& in) {
-  check_matrix(who, name, g);
-  require(g.rows == in.rows && g.cols == in.cols, who, ": ", name, " is [", g.rows, ", ", g.cols,
-          "] but its input is [", in.rows, ", ", in.cols, "]");
-}
-
-/// topk [rows, k]: rows == T, 1 <= k <= E, a row stride of at least k.
-inline void check_topk_shape(const char* who, const char* name, const topk_view& I, index_t T, index_t E) {
-  require(I.rows >= 0 && I.k >= 0, who, ": ", name, " has a negative size [", I.rows, ", ", I.k, "]");
-  require(I.rows == T, who, ": ", name, " has ", I.rows, " rows but the routing matrix has ", T, " rows");
-  require(I.k >= 1, who, ": ", name, " has k = ", I.k, " columns; k must be at least 1");
-  require(I.k <= E, who, ": ", name, " has k = ", I.k, " columns but there are only E = ", E, " experts (k > E)");
-  require(I.data != nullptr || T == 0, who, ": ", name, " is null but has size [", I.rows, ", ", I.k, "]");
-  require(I.row_stride >= I.k || T <= 1, who, ": ", name, " row stride ", I.row_stride, " is smaller than k = ", I.k);
-}
-
-inline void check_mask(const char* who, const mask_view& m, index_t T) {
-  if (m.all_valid()) return;
-  require(m.size == T, who, ": mask has ", m.size, " entries but there are T = ", T, " tokens");
-  require(m.stride >= 0, who, ": mask has a negative stride");
-}
-
-/// Reduced statistics must have exactly the size this call's local_stats would have.
-inline void check_stats_shape(const char* who, const stats_view& s, index_t expected) {
-  if (s.empty()) return;
-  require(s.size == expected, who, ": reduced statistics have ", s.size, " entries but this call needs ", expected);
-}
-
-// ---------------------------------------------------------------------------------------
-// Content checks (host memory)
-// ---------------------------------------------------------------------------------------
-
-/// Every id of topk is below E (negative = dropped slot) and no row selects an expert twice;
-/// E <= 0 checks only the repeats.
-inline void check_topk_ids(const char* who, const char* name, const topk_view& I, index_t E) {
-  for (index_t t = 0; t < I.rows; ++t)
-    for (index_t s = 0; s < I.k; ++s) {
-      const index_t e = I(t, s);
-      if (e < 0) continue;
-      require(E <= 0 || e < E, who, ": ", name, "[", t, ", ", s, "] = ", e, " is out of range [0, ", E, ")");
-      for (index_t r = 0; r < s; ++r)
-        require(I(t, r) != e, who, ": ", name, " row ", t, " selects expert ", e, " twice (slots ", r, " and ", s, ")");
-    }
-}
-
-/// check_topk_shape() and check_topk_ids(): the host checks of a top-k view.
-inline void check_topk(const char* who, const char* name, const topk_view& I, index_t T, index_t E) {
-  check_topk_shape(who, name, I, T, E);
-  check_topk_ids(who, name, I, E);
-}
-
-/// The values of reduced statistics: every entry finite, and the first `counts` entries
-/// (the counts of the loss's statistics layout) non-negative.
-inline void check_stats_values(const char* who, const stats_view& s, index_t counts) {
-  if (s.empty()) return;
-  for (index_t i = 0; i < s.size; ++i) {
-    require(std::isfinite(s.data[i]), who, ": reduced statistics entry ", i, " is ", s.data[i],
-            "; statistics must be finite");
-    require(i >= counts || s.data[i] >= 0.0, who, ": reduced statistics entry ", i, " is ", s.data[i],
-            "; it is a count and must be non-negative");
-  }
-}
-
-/// Reduced statistics on the host: the size this call needs, then their values.
-inline void check_stats(const char* who, const stats_view& s, index_t expected, index_t counts) {
-  check_stats_shape(who, s, expected);
-  check_stats_values(who, s, counts);
-}
-
-/// A view in a layout holds a vector for every valid slot of topk: the layout's validate()
-/// (its maps included), then offset(t, s) >= 0 wherever I(t, s) >= 0, and a pointer unless no
-/// slot is valid or d = 0.
-template <class T, class Layout>
-void check_layout_slots(const char* who, const char* name, const activation_view<T, Layout>& h, const topk_view& I) {
-  h.layout.validate(who);
-  bool any = false;
-  for (index_t t = 0; t < I.rows; ++t)
-    for (index_t s = 0; s < I.k; ++s) {
-      if (I(t, s) < 0) continue;
-      any = true;
-      require(h.layout.offset(t, s) >= 0, who, ": ", name, " layout has no vector for the valid slot (", t, ", ", s,
-              ")");
-    }
-  require(h.data != nullptr || !any || h.layout.dim() == 0, who, ": ", name, " is null but has valid slots");
-}
-
-/// Activations on the host: [T, k] agrees with topk, d >= 0, and check_layout_slots().
-template <class T, class Layout>
-void check_activations(const char* who, const char* name, const activation_view<T, Layout>& h, const topk_view& I) {
-  require(h.layout.tokens() == I.rows && h.layout.slots() == I.k, who, ": ", name, " layout is [",
-          h.layout.tokens(), ", ", h.layout.slots(), ", ", h.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
-  require(h.layout.dim() >= 0, who, ": ", name, " has a negative length d = ", h.layout.dim());
-  check_layout_slots(who, name, h, I);
-}
-
-}  // namespace detail
-
-/// Every check of one call on the host (the CPU backend): the loss's validate_shapes(), then its
-/// validate_contents(), both found by argument-dependent lookup next to the loss.
-template <class Loss, class In, class G>
-void validate_on_host(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad) {
-  validate_shapes(who, loss, in, reduced, grad);
-  validate_contents(who, loss, in, reduced, grad);
-}
-
-MOEREG_NAMESPACE_END
-// ---- end moereg/core/validate.hpp ----
 // ---- begin moereg/math/pairwise.hpp ----
 // Per-token k x k math of the Gram-based activation losses (LOSSES.md sections 3 and 5).
 //
@@ -2030,6 +1874,182 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
 MOEREG_NAMESPACE_END
 
 // ---- end moereg/math/pairwise.hpp ----
+// ---- begin moereg/losses/common.hpp ----
+// What the loss descriptions share: the valid-token count, the statistics a row kernel is
+// prepared from, and the generic checks of the losses on one routing matrix (the checks
+// themselves are in core/validate.hpp). Every loss header includes this file: it brings the
+// core views, layouts, errors and checks and the one front end (api.hpp), so a loss header
+// adds only its own math/ header.
+
+
+#include <cmath>
+#include <cstddef>
+#include <type_traits>
+#include <vector>
+
+// ---- begin moereg/core/validate.hpp ----
+// The one validation layer. Every check runs before anything is written, so a call that throws
+// leaves the caller's buffers untouched. Two kinds:
+//
+// - shape checks: sizes, strides, null pointers, configurations. Host-side, O(1) (or O(k) for
+//   a layout), backend-neutral: each loss has one validate_shapes(who, loss, in, reduced, grad)
+//   in its header, which every backend calls before it dispatches.
+// - content checks: top-k ids, sequence offsets, reduced statistics, layout maps. They read the
+//   data, so the CPU backend runs them on the host and the CUDA backend in its kernels (reported
+//   through the status word).
+
+
+#include <cmath>
+
+
+MOEREG_NAMESPACE_BEGIN
+namespace detail {
+
+// ---------------------------------------------------------------------------------------
+// Shape checks
+// ---------------------------------------------------------------------------------------
+
+/// The one rule for the scalar arguments of every loss, checked before any input is read: a
+/// finite coefficient, a finite grad_scale and a thread count of at least 0 (0 = the OpenMP
+/// default, 1 = serial, n = n threads).
+inline void check_scalars(const char* who, double coef, const grad_options& opts, int threads) {
+  require(std::isfinite(coef), who, ": coefficient ", coef, " is not finite");
+  require(std::isfinite(opts.grad_scale), who, ": grad_scale = ", opts.grad_scale, " is not finite");
+  require(threads >= 0, who, ": cpu::threads = ", threads,
+          " is negative (0 = the OpenMP default, 1 = serial, n > 1 = n threads)");
+}
+
+/// local_stats(in, out, be) needs a buffer of `size` doubles (stats_size(in)).
+inline void check_stats_out(const char* who, const double* out, index_t size) {
+  require(out != nullptr || size == 0, who, "::local_stats: out is null but stats_size(in) = ", size);
+}
+
+template <class T>
+void check_matrix(const char* who, const char* name, const matrix_view<T>& m) {
+  require(m.rows >= 0 && m.cols >= 0, who, ": ", name, " has a negative size [", m.rows, ", ", m.cols, "]");
+  require(m.data != nullptr || m.rows * m.cols == 0, who, ": ", name, " is null but has size [", m.rows, ", ", m.cols,
+          "]");
+  require(m.row_stride >= 0 && m.col_stride >= 0, who, ": ", name, " has a negative stride");
+  require(m.is_unique(), who, ": ", name, " [", m.rows, ", ", m.cols, "] with row stride ", m.row_stride,
+          " and column stride ", m.col_stride, " has overlapping rows or columns; every element needs its own storage");
+}
+
+/// A routing matrix [T, E] of a router loss: sound, and E >= 1 unless it has no rows.
+template <class T>
+void check_routing(const char* who, const char* name, const matrix_view<T>& m) {
+  check_matrix(who, name, m);
+  require(m.cols >= 1 || m.rows == 0, who, ": ", name, " has E = 0 columns");
+}
+
+/// A gradient buffer must have the shape of its input; its strides are its own.
+template <class T, class U>
+void check_grad(const char* who, const char* name, const matrix_view<T>& g, const matrix_view<U>& in) {
+  check_matrix(who, name, g);
+  require(g.rows == in.rows && g.cols == in.cols, who, ": ", name, " is [", g.rows, ", ", g.cols,
+          "] but its input is [", in.rows, ", ", in.cols, "]");
+}
+
+/// topk [rows, k]: rows == T, 1 <= k <= E, a row stride of at least k.
+inline void check_topk_shape(const char* who, const char* name, const topk_view& I, index_t T, index_t E) {
+  require(I.rows >= 0 && I.k >= 0, who, ": ", name, " has a negative size [", I.rows, ", ", I.k, "]");
+  require(I.rows == T, who, ": ", name, " has ", I.rows, " rows but the routing matrix has ", T, " rows");
+  require(I.k >= 1, who, ": ", name, " has k = ", I.k, " columns; k must be at least 1");
+  require(I.k <= E, who, ": ", name, " has k = ", I.k, " columns but there are only E = ", E, " experts (k > E)");
+  require(I.data != nullptr || T == 0, who, ": ", name, " is null but has size [", I.rows, ", ", I.k, "]");
+  require(I.row_stride >= I.k || T <= 1, who, ": ", name, " row stride ", I.row_stride, " is smaller than k = ", I.k);
+}
+
+inline void check_mask(const char* who, const mask_view& m, index_t T) {
+  if (m.all_valid()) return;
+  require(m.size == T, who, ": mask has ", m.size, " entries but there are T = ", T, " tokens");
+  require(m.stride >= 0, who, ": mask has a negative stride");
+}
+
+/// Reduced statistics must have exactly the size this call's local_stats would have.
+inline void check_stats_shape(const char* who, const stats_view& s, index_t expected) {
+  if (s.empty()) return;
+  require(s.size == expected, who, ": reduced statistics have ", s.size, " entries but this call needs ", expected);
+}
+
+// ---------------------------------------------------------------------------------------
+// Content checks (host memory)
+// ---------------------------------------------------------------------------------------
+
+/// Every id of topk is below E (negative = dropped slot) and no row selects an expert twice;
+/// E <= 0 checks only the repeats.
+inline void check_topk_ids(const char* who, const char* name, const topk_view& I, index_t E) {
+  for (index_t t = 0; t < I.rows; ++t)
+    for (index_t s = 0; s < I.k; ++s) {
+      const index_t e = I(t, s);
+      if (e < 0) continue;
+      require(E <= 0 || e < E, who, ": ", name, "[", t, ", ", s, "] = ", e, " is out of range [0, ", E, ")");
+      for (index_t r = 0; r < s; ++r)
+        require(I(t, r) != e, who, ": ", name, " row ", t, " selects expert ", e, " twice (slots ", r, " and ", s, ")");
+    }
+}
+
+/// check_topk_shape() and check_topk_ids(): the host checks of a top-k view.
+inline void check_topk(const char* who, const char* name, const topk_view& I, index_t T, index_t E) {
+  check_topk_shape(who, name, I, T, E);
+  check_topk_ids(who, name, I, E);
+}
+
+/// The values of reduced statistics: every entry finite, and the first `counts` entries
+/// (the counts of the loss's statistics layout) non-negative.
+inline void check_stats_values(const char* who, const stats_view& s, index_t counts) {
+  if (s.empty()) return;
+  for (index_t i = 0; i < s.size; ++i) {
+    require(std::isfinite(s.data[i]), who, ": reduced statistics entry ", i, " is ", s.data[i],
+            "; statistics must be finite");
+    require(i >= counts || s.data[i] >= 0.0, who, ": reduced statistics entry ", i, " is ", s.data[i],
+            "; it is a count and must be non-negative");
+  }
+}
+
+/// Reduced statistics on the host: the size this call needs, then their values.
+inline void check_stats(const char* who, const stats_view& s, index_t expected, index_t counts) {
+  check_stats_shape(who, s, expected);
+  check_stats_values(who, s, counts);
+}
+
+/// A view in a layout holds a vector for every valid slot of topk: the layout's validate()
+/// (its maps included), then offset(t, s) >= 0 wherever I(t, s) >= 0, and a pointer unless no
+/// slot is valid or d = 0.
+template <class T, class Layout>
+void check_layout_slots(const char* who, const char* name, const activation_view<T, Layout>& h, const topk_view& I) {
+  h.layout.validate(who);
+  bool any = false;
+  for (index_t t = 0; t < I.rows; ++t)
+    for (index_t s = 0; s < I.k; ++s) {
+      if (I(t, s) < 0) continue;
+      any = true;
+      require(h.layout.offset(t, s) >= 0, who, ": ", name, " layout has no vector for the valid slot (", t, ", ", s,
+              ")");
+    }
+  require(h.data != nullptr || !any || h.layout.dim() == 0, who, ": ", name, " is null but has valid slots");
+}
+
+/// Activations on the host: [T, k] agrees with topk, d >= 0, and check_layout_slots().
+template <class T, class Layout>
+void check_activations(const char* who, const char* name, const activation_view<T, Layout>& h, const topk_view& I) {
+  require(h.layout.tokens() == I.rows && h.layout.slots() == I.k, who, ": ", name, " layout is [",
+          h.layout.tokens(), ", ", h.layout.slots(), ", ", h.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
+  require(h.layout.dim() >= 0, who, ": ", name, " has a negative length d = ", h.layout.dim());
+  check_layout_slots(who, name, h, I);
+}
+
+}  // namespace detail
+
+/// Every check of one call on the host (the CPU backend): the loss's validate_shapes(), then its
+/// validate_contents(), both found by argument-dependent lookup next to the loss.
+template <class Loss, class In, class G>
+void validate_on_host(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad) {
+  validate_shapes(who, loss, in, reduced, grad);
+  validate_contents(who, loss, in, reduced, grad);
+}
+
+MOEREG_NAMESPACE_END
+// ---- end moereg/core/validate.hpp ----
 // ---- begin moereg/losses/api.hpp ----
 // The front end every loss shares, written once (STYLE.md: views -> loss -> backend -> gradient
 // views). A loss is
@@ -2266,17 +2286,6 @@ struct loss_api {
 
 MOEREG_NAMESPACE_END
 // ---- end moereg/losses/api.hpp ----
-// ---- begin moereg/losses/common.hpp ----
-// What the loss descriptions share: the valid-token count, the statistics a row kernel is
-// prepared from, and the generic checks of the losses on one routing matrix (the checks
-// themselves are in core/validate.hpp).
-
-
-#include <cmath>
-#include <cstddef>
-#include <type_traits>
-#include <vector>
-
 
 MOEREG_NAMESPACE_BEGIN
 
@@ -2420,7 +2429,6 @@ void gram_buffers(const activation_view<const T, Layout>& x, const topk_view& I,
   f("mask", mask.data);
   if (grad) f("grad", grad->data);
 }
-
 
 /// T_v of a Gram loss call: the reduced statistics' when given, else this call's count.
 inline double gram_tv(const topk_view& I, const mask_view& mask, stats_view reduced) {
@@ -3439,7 +3447,6 @@ MOEREG_HOST_DEVICE inline void coupling_select_row(const Src* row, index_t E, in
 }  // namespace detail
 MOEREG_NAMESPACE_END
 // ---- end moereg/math/router.hpp ----
-
 
 MOEREG_NAMESPACE_BEGIN
 

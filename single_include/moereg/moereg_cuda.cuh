@@ -382,6 +382,23 @@ __device__ Acc block_sum_strided(const Acc* v, index_t n, index_t stride, Acc* s
   return block_sum(s, scratch);
 }
 
+/// A block's partials of N running sums, one set per warp: lane 0 of each warp puts its
+/// values v[0..N) in `part` (shared memory, [cuda_tuning::warps][N]); after a barrier, thread
+/// j < N writes the sum over the warps, in warp order, to out[j]. Called by every thread.
+template <int N, class Acc>
+__device__ void block_warp_partials(const Acc (&v)[N], Acc (*part)[N], Acc* out) {
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  if (lane == 0)
+    for (int j = 0; j < N; ++j) part[warp][j] = v[j];
+  __syncthreads();
+  if (threadIdx.x < N) {
+    const int j = static_cast<int>(threadIdx.x);
+    Acc s = part[0][j];
+    for (int u = 1; u < cuda_tuning::warps; ++u) s += part[u][j];
+    out[j] = s;
+  }
+}
+
 /// Column sums of a [n, width] row-major array of per-block partials, by one block: the
 /// threads form 32 columns x (threads / 32) lanes; lane l sums rows l, l + lanes, ... of its
 /// column in order (in Acc), then the lanes are added in lane order. out[j] for j < width.
@@ -818,13 +835,19 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     sc.flags_var = f;
   }
 
+  // A loss whose statistics are [T_v] (z-loss, entropy): its reduced T_v checked (flags
+  // returned), written out in stats mode, else the T_v its constants are formed from.
+  const auto tv_slot = [&](int slot, double& tv) {
+    const int f = p.red[slot] != nullptr ? block_check_stats(p.red[slot], 1, 1, &word) : 0;
+    if (p.stats_mode && p.stats[slot] != nullptr && tid == 0) p.stats[slot][0] = static_cast<double>(tv_local);
+    tv = p.red[slot] != nullptr ? p.red[slot][0] : static_cast<double>(tv_local);
+    return f;
+  };
+
   if (p.z) {
-    int f = 0;
-    if (p.red[slot_z] != nullptr) f |= block_check_stats(p.red[slot_z], 1, 1, &word);
-    if (p.stats_mode) {
-      if (p.stats[slot_z] != nullptr && tid == 0) p.stats[slot_z][0] = static_cast<double>(tv_local);
-    } else {
-      const double tv = p.red[slot_z] != nullptr ? p.red[slot_z][0] : static_cast<double>(tv_local);
+    double tv = 0;
+    const int f = tv_slot(slot_z, tv);
+    if (!p.stats_mode) {
       sc.z_inv_tv = tv > 0 ? static_cast<Acc>(1.0 / tv) : Acc(0);
       sc.z_gcoef = f != 0 ? acc_nan<Acc>() : p.z_gs * p.z_beta * Acc(2) * sc.z_inv_tv;
     }
@@ -832,12 +855,9 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
   }
 
   if (p.ent) {
-    int f = 0;
-    if (p.red[slot_ent] != nullptr) f |= block_check_stats(p.red[slot_ent], 1, 1, &word);
-    if (p.stats_mode) {
-      if (p.stats[slot_ent] != nullptr && tid == 0) p.stats[slot_ent][0] = static_cast<double>(tv_local);
-    } else {
-      const double tv = p.red[slot_ent] != nullptr ? p.red[slot_ent][0] : static_cast<double>(tv_local);
+    double tv = 0;
+    const int f = tv_slot(slot_ent, tv);
+    if (!p.stats_mode) {
       const bool any = tv > 0;
       sc.ent_any = any ? 1 : 0;
       sc.ent_inv_tv = any ? static_cast<Acc>(1.0 / tv) : Acc(0);
@@ -922,18 +942,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) rows_kernel(plan<T, Acc>
       }
     }
   }
-  if (lane == 0) {
-    warp_part[warp][0] = az;
-    warp_part[warp][1] = ae;
-    warp_part[warp][2] = av;
-  }
-  __syncthreads();
-  if (threadIdx.x < 3) {
-    const int j = static_cast<int>(threadIdx.x);
-    Acc sum = warp_part[0][j];
-    for (int v = 1; v < cuda_tuning::warps; ++v) sum += warp_part[v][j];
-    w.row_partials[static_cast<index_t>(blockIdx.x) * 3 + j] = sum;
-  }
+  const Acc sums[3] = {az, ae, av};
+  block_warp_partials(sums, warp_part, w.row_partials + static_cast<index_t>(blockIdx.x) * 3);
 }
 
 template <class T, class Acc>
@@ -1341,7 +1351,7 @@ template <class T, class Acc>
 __global__ void __launch_bounds__(cuda_tuning::threads)
     token_kernel(const layer_view<T>* layers, index_t L, index_t rows, index_t E, mask_view mask, bool is_log, Acc eps,
                  bool has_grad, bool accumulate, workspace<Acc> w) {
-  __shared__ Acc warp_part[cuda_tuning::warps];
+  __shared__ Acc warp_part[cuda_tuning::warps][1];
   __shared__ int s_flags;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
   if (threadIdx.x == 0) s_flags = 0;
@@ -1384,15 +1394,10 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
     }
     acc += val;
   }
-  if (lane == 0) warp_part[warp] = acc;
   if (flags != 0 && lane == 0) atomicOr(&s_flags, flags);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    Acc sum = warp_part[0];
-    for (int v = 1; v < cuda_tuning::warps; ++v) sum += warp_part[v];
-    w.partial[blockIdx.x] = sum;
-    if (s_flags != 0) atomicOr(&w.sc->flags, s_flags);
-  }
+  const Acc sums[1] = {acc};
+  block_warp_partials(sums, warp_part, w.partial + blockIdx.x);
+  if (threadIdx.x == 0 && s_flags != 0) atomicOr(&w.sc->flags, s_flags);
 }
 
 template <class Acc>
@@ -2398,18 +2403,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) tokens_kernel(plan<T, La
           for (index_t i = lane; i < p.d; i += 32) dput_grad(p.g.data + o + i * p.gstride, Acc(0), false);
       }
   }
-  if (lane == 0) {
-    part[warp][0] = f_acc[0];
-    part[warp][1] = f_acc[1];
-    if (flags != 0) atomicOr(&s_flags, flags);
-  }
-  __syncthreads();
-  if (threadIdx.x < 2) {
-    const int j = static_cast<int>(threadIdx.x);
-    Acc s = part[0][j];
-    for (int v = 1; v < cuda_tuning::warps; ++v) s += part[v][j];
-    w.partial[static_cast<index_t>(blockIdx.x) * 2 + j] = s;
-  }
+  if (lane == 0 && flags != 0) atomicOr(&s_flags, flags);
+  block_warp_partials(f_acc, part, w.partial + static_cast<index_t>(blockIdx.x) * 2);
   if (threadIdx.x == 0) w.err[blockIdx.x] = s_flags;
 }
 

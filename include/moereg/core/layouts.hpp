@@ -114,9 +114,28 @@ void require_distinct_keys(const char* who, const char* what, index_t tokens, in
 }
 }  // namespace detail
 
+namespace detail {
+/// The shape queries of a layout placed by a [T, k] map (expert_grouped, capacity_padded):
+/// T and k are the map's, d and the element stride the layout's `length` and `elem_stride`.
+template <class Derived>
+struct mapped_layout_shape {
+  /// T, the number of tokens.
+  index_t tokens() const { return self().slot_map().rows; }
+  /// k, the number of slots per token.
+  index_t slots() const { return self().slot_map().k; }
+  /// d, the length of one activation vector.
+  index_t dim() const { return self().length; }
+  /// Elements between two consecutive entries of one vector.
+  index_t stride() const { return self().elem_stride; }
+
+ private:
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+};
+}  // namespace detail
+
 /// Expert-grouped rows, the layout a grouped GEMM produces: a [num_rows, d] matrix whose
 /// rows are sorted by expert, and a map [T, k] from (token, slot) to row (negative = none).
-struct expert_grouped {
+struct expert_grouped : detail::mapped_layout_shape<expert_grouped> {
   topk_view row_of;  ///< [T, k] row of h_{t,s}; int32 or int64
   /// Rows of the grouped matrix, d, and its row and element strides (elements).
   ///@{
@@ -129,14 +148,8 @@ struct expert_grouped {
   expert_grouped(topk_view map, index_t rows, index_t d, index_t rs = -1, index_t es = 1)
       : row_of(map), num_rows(rows), length(d), row_stride(rs < 0 ? d : rs), elem_stride(es) {}
 
-  /// T, the number of tokens.
-  index_t tokens() const { return row_of.rows; }
-  /// k, the number of slots per token.
-  index_t slots() const { return row_of.k; }
-  /// d, the length of one activation vector.
-  index_t dim() const { return length; }
-  /// Elements between two consecutive entries of one vector.
-  index_t stride() const { return elem_stride; }
+  /// The map that gives T and k: row_of.
+  const topk_view& slot_map() const { return row_of; }
   /// Offset (elements) of the first entry of h_{t,s}; negative when the slot has no row.
   MOEREG_HOST_DEVICE index_t offset(index_t t, index_t s) const {
     const index_t r = row_of(t, s);
@@ -166,7 +179,7 @@ struct expert_grouped {
 
 /// Capacity-padded [E, C, d]: expert e keeps up to C tokens; slot s of token t sits at
 /// position pos(t, s) of expert expert(t, s)'s buffer (negative = dropped).
-struct capacity_padded {
+struct capacity_padded : detail::mapped_layout_shape<capacity_padded> {
   topk_view expert_of;    ///< [T, k] expert of each slot (usually the top-k indices)
   topk_view position_of;  ///< [T, k] position in that expert's buffer
   /// Shape [E, C, d] and the strides (elements) between experts, positions and elements.
@@ -182,14 +195,8 @@ struct capacity_padded {
       : expert_of(experts), position_of(positions), num_experts(e), capacity(c), length(d),
         expert_stride(c * d), row_stride(d), elem_stride(1) {}
 
-  /// T, the number of tokens.
-  index_t tokens() const { return expert_of.rows; }
-  /// k, the number of slots per token.
-  index_t slots() const { return expert_of.k; }
-  /// d, the length of one activation vector.
-  index_t dim() const { return length; }
-  /// Elements between two consecutive entries of one vector.
-  index_t stride() const { return elem_stride; }
+  /// The map that gives T and k: expert_of.
+  const topk_view& slot_map() const { return expert_of; }
   /// Offset (elements) of the first entry of h_{t,s}; negative when the slot is dropped.
   MOEREG_HOST_DEVICE index_t offset(index_t t, index_t s) const {
     const index_t e = expert_of(t, s);

@@ -1,6 +1,8 @@
 // What the loss descriptions share: the valid-token count, the statistics a row kernel is
 // prepared from, and the generic checks of the losses on one routing matrix (the checks
-// themselves are in core/validate.hpp).
+// themselves are in core/validate.hpp). Every loss header includes this file: it brings the
+// core views, layouts, errors and checks and the one front end (api.hpp), so a loss header
+// adds only its own math/ header.
 #pragma once
 
 #include "../core/config.hpp"

@@ -24,10 +24,6 @@
 #include <type_traits>
 
 #include "../math/router.hpp"
-#include "../core/error.hpp"
-#include "../core/types.hpp"
-#include "../core/views.hpp"
-#include "api.hpp"
 #include "common.hpp"
 
 MOEREG_NAMESPACE_BEGIN

@@ -30,13 +30,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "../core/error.hpp"
-#include "../core/layouts.hpp"
-#include "../core/types.hpp"
-#include "../core/validate.hpp"
-#include "../core/views.hpp"
 #include "../math/pairwise.hpp"
-#include "api.hpp"
 #include "common.hpp"
 
 MOEREG_NAMESPACE_BEGIN
@@ -98,7 +92,6 @@ void gram_buffers(const activation_view<const T, Layout>& x, const topk_view& I,
   f("mask", mask.data);
   if (grad) f("grad", grad->data);
 }
-
 
 /// T_v of a Gram loss call: the reduced statistics' when given, else this call's count.
 inline double gram_tv(const topk_view& I, const mask_view& mask, stats_view reduced) {

@@ -37,12 +37,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../core/error.hpp"
-#include "../core/types.hpp"
-#include "../core/views.hpp"
 #include "../math/reduce.hpp"
 #include "../math/router.hpp"
-#include "api.hpp"
 #include "common.hpp"
 
 MOEREG_NAMESPACE_BEGIN

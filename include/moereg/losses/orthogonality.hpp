@@ -47,12 +47,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../core/error.hpp"
-#include "../core/layouts.hpp"
-#include "../core/types.hpp"
-#include "../core/views.hpp"
 #include "../math/pairwise.hpp"
-#include "api.hpp"
 #include "common.hpp"
 #include "gram.hpp"
 

@@ -321,6 +321,23 @@ __device__ Acc block_sum_strided(const Acc* v, index_t n, index_t stride, Acc* s
   return block_sum(s, scratch);
 }
 
+/// A block's partials of N running sums, one set per warp: lane 0 of each warp puts its
+/// values v[0..N) in `part` (shared memory, [cuda_tuning::warps][N]); after a barrier, thread
+/// j < N writes the sum over the warps, in warp order, to out[j]. Called by every thread.
+template <int N, class Acc>
+__device__ void block_warp_partials(const Acc (&v)[N], Acc (*part)[N], Acc* out) {
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  if (lane == 0)
+    for (int j = 0; j < N; ++j) part[warp][j] = v[j];
+  __syncthreads();
+  if (threadIdx.x < N) {
+    const int j = static_cast<int>(threadIdx.x);
+    Acc s = part[0][j];
+    for (int u = 1; u < cuda_tuning::warps; ++u) s += part[u][j];
+    out[j] = s;
+  }
+}
+
 /// Column sums of a [n, width] row-major array of per-block partials, by one block: the
 /// threads form 32 columns x (threads / 32) lanes; lane l sums rows l, l + lanes, ... of its
 /// column in order (in Acc), then the lanes are added in lane order. out[j] for j < width.

@@ -212,7 +212,7 @@ template <class T, class Acc>
 __global__ void __launch_bounds__(cuda_tuning::threads)
     token_kernel(const layer_view<T>* layers, index_t L, index_t rows, index_t E, mask_view mask, bool is_log, Acc eps,
                  bool has_grad, bool accumulate, workspace<Acc> w) {
-  __shared__ Acc warp_part[cuda_tuning::warps];
+  __shared__ Acc warp_part[cuda_tuning::warps][1];
   __shared__ int s_flags;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
   if (threadIdx.x == 0) s_flags = 0;
@@ -255,15 +255,10 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
     }
     acc += val;
   }
-  if (lane == 0) warp_part[warp] = acc;
   if (flags != 0 && lane == 0) atomicOr(&s_flags, flags);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    Acc sum = warp_part[0];
-    for (int v = 1; v < cuda_tuning::warps; ++v) sum += warp_part[v];
-    w.partial[blockIdx.x] = sum;
-    if (s_flags != 0) atomicOr(&w.sc->flags, s_flags);
-  }
+  const Acc sums[1] = {acc};
+  block_warp_partials(sums, warp_part, w.partial + blockIdx.x);
+  if (threadIdx.x == 0 && s_flags != 0) atomicOr(&w.sc->flags, s_flags);
 }
 
 template <class Acc>

@@ -385,18 +385,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) tokens_kernel(plan<T, La
           for (index_t i = lane; i < p.d; i += 32) dput_grad(p.g.data + o + i * p.gstride, Acc(0), false);
       }
   }
-  if (lane == 0) {
-    part[warp][0] = f_acc[0];
-    part[warp][1] = f_acc[1];
-    if (flags != 0) atomicOr(&s_flags, flags);
-  }
-  __syncthreads();
-  if (threadIdx.x < 2) {
-    const int j = static_cast<int>(threadIdx.x);
-    Acc s = part[0][j];
-    for (int v = 1; v < cuda_tuning::warps; ++v) s += part[v][j];
-    w.partial[static_cast<index_t>(blockIdx.x) * 2 + j] = s;
-  }
+  if (lane == 0 && flags != 0) atomicOr(&s_flags, flags);
+  block_warp_partials(f_acc, part, w.partial + static_cast<index_t>(blockIdx.x) * 2);
   if (threadIdx.x == 0) w.err[blockIdx.x] = s_flags;
 }
 

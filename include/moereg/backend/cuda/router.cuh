@@ -361,13 +361,19 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     sc.flags_var = f;
   }
 
+  // A loss whose statistics are [T_v] (z-loss, entropy): its reduced T_v checked (flags
+  // returned), written out in stats mode, else the T_v its constants are formed from.
+  const auto tv_slot = [&](int slot, double& tv) {
+    const int f = p.red[slot] != nullptr ? block_check_stats(p.red[slot], 1, 1, &word) : 0;
+    if (p.stats_mode && p.stats[slot] != nullptr && tid == 0) p.stats[slot][0] = static_cast<double>(tv_local);
+    tv = p.red[slot] != nullptr ? p.red[slot][0] : static_cast<double>(tv_local);
+    return f;
+  };
+
   if (p.z) {
-    int f = 0;
-    if (p.red[slot_z] != nullptr) f |= block_check_stats(p.red[slot_z], 1, 1, &word);
-    if (p.stats_mode) {
-      if (p.stats[slot_z] != nullptr && tid == 0) p.stats[slot_z][0] = static_cast<double>(tv_local);
-    } else {
-      const double tv = p.red[slot_z] != nullptr ? p.red[slot_z][0] : static_cast<double>(tv_local);
+    double tv = 0;
+    const int f = tv_slot(slot_z, tv);
+    if (!p.stats_mode) {
       sc.z_inv_tv = tv > 0 ? static_cast<Acc>(1.0 / tv) : Acc(0);
       sc.z_gcoef = f != 0 ? acc_nan<Acc>() : p.z_gs * p.z_beta * Acc(2) * sc.z_inv_tv;
     }
@@ -375,12 +381,9 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
   }
 
   if (p.ent) {
-    int f = 0;
-    if (p.red[slot_ent] != nullptr) f |= block_check_stats(p.red[slot_ent], 1, 1, &word);
-    if (p.stats_mode) {
-      if (p.stats[slot_ent] != nullptr && tid == 0) p.stats[slot_ent][0] = static_cast<double>(tv_local);
-    } else {
-      const double tv = p.red[slot_ent] != nullptr ? p.red[slot_ent][0] : static_cast<double>(tv_local);
+    double tv = 0;
+    const int f = tv_slot(slot_ent, tv);
+    if (!p.stats_mode) {
       const bool any = tv > 0;
       sc.ent_any = any ? 1 : 0;
       sc.ent_inv_tv = any ? static_cast<Acc>(1.0 / tv) : Acc(0);
@@ -465,18 +468,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) rows_kernel(plan<T, Acc>
       }
     }
   }
-  if (lane == 0) {
-    warp_part[warp][0] = az;
-    warp_part[warp][1] = ae;
-    warp_part[warp][2] = av;
-  }
-  __syncthreads();
-  if (threadIdx.x < 3) {
-    const int j = static_cast<int>(threadIdx.x);
-    Acc sum = warp_part[0][j];
-    for (int v = 1; v < cuda_tuning::warps; ++v) sum += warp_part[v][j];
-    w.row_partials[static_cast<index_t>(blockIdx.x) * 3 + j] = sum;
-  }
+  const Acc sums[3] = {az, ae, av};
+  block_warp_partials(sums, warp_part, w.row_partials + static_cast<index_t>(blockIdx.x) * 3);
 }
 
 template <class T, class Acc>
