@@ -3,7 +3,7 @@
 # any is missing. Needs root (or sudo) only when something is missing. The fortunes packages
 # are the demo's training text and gnuplot draws its figure (examples/text_moe).
 set -euo pipefail
-pkgs=(g++ cmake ninja-build libeigen3-dev catch2 libomp-dev libopenmpi-dev openmpi-bin libbenchmark-dev python3 clang libclang-rt-14-dev doxygen pkg-config
+pkgs=(g++ cmake ninja-build libeigen3-dev catch2 libomp-dev libopenmpi-dev openmpi-bin libbenchmark-dev python3 clang clang-format clang-tidy libclang-rt-14-dev doxygen pkg-config
   fortunes fortunes-de fortunes-es fortunes-it fortunes-cs fortunes-pl fortunes-ru gnuplot-nox)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -253,8 +253,24 @@ TEST_CASE("a call context gives the positional call, for values, gradients and l
   const moereg::coupling_loss cp{};
   CHECK(cp.value_and_grad(cin, g_pos, {}, {}, moereg::cpu{2}) == cp.value_and_grad(cin, g_ctx, moereg::on(moereg::cpu{2})));
   CHECK(c1 == c2);
+  // An explicit value output (on CUDA the device pointer that replaces be.value): on the CPU
+  // the value is stored there and returned; nothing is stored when the call throws.
+  double out = -1, out2 = -1;
+  CHECK(lb.value(in, moereg::on(moereg::cpu{}).with_reduced(rv).value_into(&out)) == lb.value(in, rv));
+  CHECK(out == lb.value(in, rv));
+  std::vector<double> g5(static_cast<std::size_t>(cut * E));
+  const double v5 = lb.value_and_grad(in, moereg::matrix_view<double>(g5.data(), cut, E), moereg::on(moereg::cpu{}).value_into(&out2));
+  CHECK(out2 == v5);
+  CHECK(v5 != out);
+  std::vector<float> g6(g5.size());
+  out2 = -1;
+  lb.backward(in, moereg::matrix_view<float>(g6.data(), cut, E), moereg::on(moereg::cpu{}).value_into(&out2));  // mixed precision
+  CHECK(out2 == v5);
   // The checks are the same: a bad reduced statistics size is refused either way.
   const moereg::stats_view short_red{red.data(), 1};
+  out = -1;
+  CHECK(throws_moereg([&] { (void)lb.value(in, moereg::on(moereg::cpu{}).with_reduced(short_red).value_into(&out)); }));
+  CHECK(out == -1);
   CHECK(throws_moereg([&] { (void)lb.value(in, moereg::on(moereg::cpu{}).with_reduced(short_red)); }));
   CHECK(throws_moereg([&] { (void)lb.value(in, short_red); }));
 }

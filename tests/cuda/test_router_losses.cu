@@ -33,6 +33,22 @@ const std::vector<std::tuple<long long, long long>> sizes = {{1, 1}, {7, 5}, {30
 
 }  // namespace
 
+TEST_CASE("cuda: a call context's value output replaces be.value", "[cuda][context]") {
+  gpu_env env;
+  router_case<float> c(17, 300, 13, 1, 0.0, 0.2, false, 2.0);
+  moereg::entropy_loss loss{{0.3}};
+  moereg::entropy_inputs<float> hin{c.probs(false), c.mask(false)}, din{c.probs(true), c.mask(true)};
+  grad_pair<float> g(300, 13, 0);
+  const double v = loss.value_and_grad(hin, g.view(false));
+  const moereg::cuda be = env.backend(moereg::workspace_size(loss, din), 0, 2);
+  const double ret = loss.value_and_grad(din, g.view(true), moereg::on(be).value_into(env.values.get() + 5));
+  CHECK(std::isnan(ret));
+  CHECK(close(env.value(5), v, value_tol<float>(), 1e-30));
+  CHECK(env.value(2) == 0.0);  // be.value was not written
+  CHECK(rel_err(g.gpu(), g.cpu()) <= grad_tol<float>());
+  CHECK(env.read_status() == moereg::cuda_ok);
+}
+
 TEMPLATE_TEST_CASE("cuda entropy matches the CPU backend", "[cuda][entropy]", float, double, moereg::half,
                    moereg::bfloat16) {
   gpu_env env;

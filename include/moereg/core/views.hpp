@@ -245,6 +245,7 @@ struct grad_options {
 ///
 ///   lb.value_and_grad(in, grad, moereg::on(be).with_reduced(red).accumulating());
 ///   lb.value(in, moereg::on(moereg::cpu{2}));
+///   lb.value_and_grad(in, grad, moereg::on(cuda_be).value_into(d_value));  // device output
 ///
 /// The positional forms (opts, reduced, be) stay; both give the same call.
 template <class Backend>
@@ -252,6 +253,10 @@ struct call_context {
   Backend backend{};      ///< cpu{...}, or the CUDA backend with its stream and buffers
   stats_view reduced{};   ///< reduced statistics; empty = this call's own
   grad_options opts{};    ///< grad_scale and overwrite / accumulate (ignored by value())
+  /// Where the value is written, besides being returned: host memory on the CPU; device
+  /// memory on CUDA, in place of the backend's own value pointer (the call then returns NaN,
+  /// the value being on the device). Null: the backend's default.
+  double* value_out = nullptr;
 
   /// This context with reduced statistics `r`.
   call_context with_reduced(stats_view r) const {
@@ -271,6 +276,12 @@ struct call_context {
     c.opts.grad_scale = s;
     return c;
   }
+  /// This context writing the value to `out` (host memory on the CPU, device memory on CUDA).
+  call_context value_into(double* out) const {
+    call_context c = *this;
+    c.value_out = out;
+    return c;
+  }
   /// This context adding into the gradient buffer instead of overwriting it.
   call_context accumulating() const {
     call_context c = *this;
@@ -282,7 +293,7 @@ struct call_context {
 /// A call context on backend `be` (local statistics, default gradient options).
 template <class Backend>
 call_context<Backend> on(const Backend& be) {
-  return call_context<Backend>{be, stats_view{}, grad_options{}};
+  return call_context<Backend>{be, stats_view{}, grad_options{}, nullptr};
 }
 
 MOEREG_NAMESPACE_END

@@ -93,6 +93,26 @@ const G* grad_pointer(const char* who, const G* g) {
   return g;
 }
 
+/// The backend a call context runs on: a backend that writes its value to memory of its own
+/// (CUDA, be.value) is given the context's value output by value_destination() (found by
+/// argument-dependent lookup, backend/cuda/api.cuh); any other backend is used as it is.
+template <class Backend>
+Backend value_destination(const Backend& be, double*) {
+  return be;
+}
+/// Runs f(backend) for call context c and returns its value; on the CPU the value is also
+/// stored in c.value_out when it is given.
+template <class Backend, class F>
+double with_value_out(const call_context<Backend>& c, F&& f) {
+  if constexpr (is_cpu_backend_v<Backend>) {
+    const double v = f(c.backend);
+    if (c.value_out != nullptr) *c.value_out = v;
+    return v;
+  } else {
+    return f(c.value_out != nullptr ? value_destination(c.backend, c.value_out) : c.backend);
+  }
+}
+
 /// True when a backend's execute() for Loss on In, with gradient view GV, is declared (its
 /// header is included).
 template <class Backend, class Loss, class In, class GV = grad_view_t<In>, class = void>
@@ -211,29 +231,29 @@ struct loss_api {
   /// context.
   template <class In, class G, class Backend, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
   void backward(const In& in, const G& grad, const call_context<Backend>& c) const {
-    backward(in, grad, c.opts, c.reduced, c.backend);
+    (void)value_and_grad(in, grad, c);
   }
   /// The mixed-precision value_and_grad() with the options, reduced statistics and backend of a
   /// call context.
   template <class In, class G, class Backend, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
   double value_and_grad(const In& in, const G& grad, const call_context<Backend>& c) const {
-    return value_and_grad(in, grad, c.opts, c.reduced, c.backend);
+    return detail::with_value_out(c, [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
   }
 
   /// value() with the backend and reduced statistics of a call context (moereg::on(be)...).
   template <class In, class Backend, enable_for<In> = 0>
   double value(const In& in, const call_context<Backend>& c) const {
-    return value(in, c.reduced, c.backend);
+    return detail::with_value_out(c, [&](const Backend& be) { return value(in, c.reduced, be); });
   }
   /// backward() with the options, reduced statistics and backend of a call context.
   template <class In, class Backend, enable_for<In> = 0>
   void backward(const In& in, detail::grad_arg_t<In> grad, const call_context<Backend>& c) const {
-    backward(in, grad, c.opts, c.reduced, c.backend);
+    (void)value_and_grad(in, grad, c);
   }
   /// value_and_grad() with the options, reduced statistics and backend of a call context.
   template <class In, class Backend, enable_for<In> = 0>
   double value_and_grad(const In& in, detail::grad_arg_t<In> grad, const call_context<Backend>& c) const {
-    return value_and_grad(in, grad, c.opts, c.reduced, c.backend);
+    return detail::with_value_out(c, [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
   }
 };
 

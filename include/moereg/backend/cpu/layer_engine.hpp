@@ -259,10 +259,8 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
                     pairwise_sum(terms.data(), static_cast<index_t>(terms.size()));
   if (!grads) return static_cast<double>(value);
 
-  // S_l^T stored: both gradient products are then X * (row-major E x E), one GEMM
-  // instantiation instead of two (compile time).
-  std::vector<cp_rowmat<Acc>> St(S.size());
-  for (std::size_t l = 0; l < S.size(); ++l) St[l] = S[l].transpose();
+  // X * S^T through Eigen's transposed view, not a stored S^T: one more GEMM instantiation,
+  // 2-6% faster at 2 threads (E = 64 and 256, measured side by side).
   const Acc gc = static_cast<Acc>(-opts.grad_scale * loss.cfg.coef / tv);
   const index_t nb = num_blocks(T_, cpu_block_rows);
   cp_eigen_serial_blocks(be, 0, nb, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
@@ -274,7 +272,7 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
       const auto& Gv = grads[l];
       if (nv > 0) {
         if (l + 1 < L)
-          G.noalias() = blk.X[static_cast<std::size_t>(l + 1)] * St[static_cast<std::size_t>(l)];
+          G.noalias() = blk.X[static_cast<std::size_t>(l + 1)] * S[static_cast<std::size_t>(l)].transpose();
         else
           G.setZero();
         if (l > 0) G.noalias() += blk.X[static_cast<std::size_t>(l - 1)] * S[static_cast<std::size_t>(l - 1)];

@@ -23,6 +23,13 @@ template <class Loss, class In>
 using enable_cuda_entry = std::enable_if_t<std::is_same<typename In::loss_type, Loss>::value, int>;
 }  // namespace detail
 
+/// The CUDA backend of a call context with a value output (moereg::on(be).value_into(d)):
+/// `be` with its value pointer replaced by the device pointer `out`.
+inline cuda value_destination(cuda be, double* out) {
+  be.value = out;
+  return be;
+}
+
 /// Bytes of workspace every CUDA entry point of `loss` needs for these inputs (be.workspace,
 /// be.workspace_bytes; the CUB convention: ask first, allocate once).
 template <class Loss, class In, detail::enable_cuda_entry<Loss, In> = 0>
