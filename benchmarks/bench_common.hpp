@@ -24,7 +24,7 @@ namespace bench {
 /// Global run settings: smoke mode shrinks every size and runs one iteration per case.
 struct settings {
   bool smoke = false;
-  double rotation_bytes = 1024.0 * 1024.0 * 1024.0;  ///< target working set per case (1 GiB)
+  double rotation_bytes = 1024.0 * 1024.0 * 1024.0;        ///< target working set per case (1 GiB)
   double max_case_bytes = 3.0 * 1024.0 * 1024.0 * 1024.0;  ///< cap on one case's memory
 };
 
@@ -91,7 +91,8 @@ inline std::vector<std::int32_t> make_topk(long long T, long long k, long long E
   const long long step = std::max<long long>(1, E / k);
   for (long long t = 0; t < T; ++t) {
     const long long start = static_cast<long long>(r.next() % static_cast<std::uint64_t>(E));
-    for (long long s = 0; s < k; ++s) I[static_cast<std::size_t>(t * k + s)] = static_cast<std::int32_t>((start + s * step) % E);
+    for (long long s = 0; s < k; ++s)
+      I[static_cast<std::size_t>(t * k + s)] = static_cast<std::int32_t>((start + s * step) % E);
   }
   return I;
 }
@@ -120,7 +121,9 @@ inline void copy_kernel(const float* src, float* dst, long long n, int threads) 
 }
 
 /// Elements per array of the copy kernel (256 MiB each; 1 MiB in smoke mode).
-inline long long copy_elems() { return cfg().smoke ? (1ll << 18) : (1ll << 26); }
+inline long long copy_elems() {
+  return cfg().smoke ? (1ll << 18) : (1ll << 26);
+}
 
 /// Best copy bandwidth (bytes/s, read + write) over a few repetitions, with `threads` threads.
 inline double measure_copy_bandwidth(int threads) {

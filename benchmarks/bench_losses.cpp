@@ -32,11 +32,16 @@ using bench::cfg;
 enum class router_kind { load_balancing, z_loss, entropy, importance, variance };
 const char* name_of(router_kind k) {
   switch (k) {
-    case router_kind::load_balancing: return "load_balancing";
-    case router_kind::z_loss: return "z_loss";
-    case router_kind::entropy: return "entropy";
-    case router_kind::importance: return "importance";
-    default: return "variance";
+    case router_kind::load_balancing:
+      return "load_balancing";
+    case router_kind::z_loss:
+      return "z_loss";
+    case router_kind::entropy:
+      return "entropy";
+    case router_kind::importance:
+      return "importance";
+    default:
+      return "variance";
   }
 }
 
@@ -55,11 +60,17 @@ std::vector<T> convert(const std::vector<float>& v) {
 constexpr double MiB = 1024.0 * 1024.0;
 
 // Sizes (full / smoke).
-long long router_T() { return cfg().smoke ? 64 : 16384; }
-long long act_T() { return cfg().smoke ? 16 : 4096; }
-long long act_d(long long d) { return cfg().smoke ? d / 32 : d; }
-constexpr long long router_k = 8;   // top-k width of the router cases
-constexpr long long layers = 4;     // coupling L
+long long router_T() {
+  return cfg().smoke ? 64 : 16384;
+}
+long long act_T() {
+  return cfg().smoke ? 16 : 4096;
+}
+long long act_d(long long d) {
+  return cfg().smoke ? d / 32 : d;
+}
+constexpr long long router_k = 8;  // top-k width of the router cases
+constexpr long long layers = 4;    // coupling L
 
 // Common counters; `min_bytes` per iteration.
 void set_counters(benchmark::State& st, int threads, double min_bytes, long long tokens, double ws_bytes, int sets) {
@@ -98,11 +109,21 @@ void bm_router(benchmark::State& st, router_kind kind, long long E, int threads)
     const moereg::topk_view iv(I[s].data(), Tn, k);
     double v = 0;
     switch (kind) {
-      case router_kind::load_balancing: v = moereg::load_balancing_loss{}.value_and_grad(moereg::load_balancing_inputs<T>{pv, iv}, gv, {}, {}, be); break;
-      case router_kind::z_loss: v = moereg::z_loss{}.value_and_grad(moereg::z_loss_inputs<T>{pv}, gv, {}, {}, be); break;
-      case router_kind::entropy: v = moereg::entropy_loss{}.value_and_grad(moereg::entropy_inputs<T>{pv}, gv, {}, {}, be); break;
-      case router_kind::importance: v = moereg::importance_loss{}.value_and_grad(moereg::importance_inputs<T>{pv}, gv, {}, {}, be); break;
-      case router_kind::variance: v = moereg::variance_loss{}.value_and_grad(moereg::variance_inputs<T>{pv}, gv, {}, {}, be); break;
+      case router_kind::load_balancing:
+        v = moereg::load_balancing_loss{}.value_and_grad(moereg::load_balancing_inputs<T>{pv, iv}, gv, {}, {}, be);
+        break;
+      case router_kind::z_loss:
+        v = moereg::z_loss{}.value_and_grad(moereg::z_loss_inputs<T>{pv}, gv, {}, {}, be);
+        break;
+      case router_kind::entropy:
+        v = moereg::entropy_loss{}.value_and_grad(moereg::entropy_inputs<T>{pv}, gv, {}, {}, be);
+        break;
+      case router_kind::importance:
+        v = moereg::importance_loss{}.value_and_grad(moereg::importance_inputs<T>{pv}, gv, {}, {}, be);
+        break;
+      case router_kind::variance:
+        v = moereg::variance_loss{}.value_and_grad(moereg::variance_inputs<T>{pv}, gv, {}, {}, be);
+        break;
     }
     benchmark::DoNotOptimize(v);
     benchmark::ClobberMemory();
@@ -150,8 +171,8 @@ void bm_router5(benchmark::State& st, bool fused, long long E, int threads) {
     const moereg::variance_inputs<T> var_in{pv};
     double v = 0;
     if (fused) {
-      const auto r = f.value_and_grad(std::tie(lb_in, z_in, ent_in, imp_in, var_in), std::make_tuple(gp, gz, gp, gp, gp),
-                                      {}, {}, be);
+      const auto r = f.value_and_grad(std::tie(lb_in, z_in, ent_in, imp_in, var_in),
+                                      std::make_tuple(gp, gz, gp, gp, gp), {}, {}, be);
       v = r[0] + r[1] + r[2] + r[3] + r[4];
     } else {
       v = lb.value_and_grad(lb_in, gp, {}, {}, be) + zl.value_and_grad(z_in, gz, {}, {}, be) +
@@ -241,9 +262,11 @@ void bm_activation(benchmark::State& st, act_kind kind, long long k, long long d
     const moereg::topk_view iv(I[s].data(), Tn, k);
     double v = 0;
     if (kind == act_kind::specialization)
-      v = moereg::specialization_loss{}.value_and_grad(moereg::specialization_inputs<T, moereg::token_major>{hv, iv}, gv, {}, {}, be);
+      v = moereg::specialization_loss{}.value_and_grad(moereg::specialization_inputs<T, moereg::token_major>{hv, iv},
+                                                       gv, {}, {}, be);
     else
-      v = moereg::orthogonality_loss{}.value_and_grad(moereg::orthogonality_inputs<T, moereg::token_major>{hv, iv}, gv, {}, {}, be);
+      v = moereg::orthogonality_loss{}.value_and_grad(moereg::orthogonality_inputs<T, moereg::token_major>{hv, iv}, gv,
+                                                      {}, {}, be);
     benchmark::DoNotOptimize(v);
     benchmark::ClobberMemory();
     last = v;
@@ -270,11 +293,19 @@ void bm_copy(benchmark::State& st, int threads) {
 // ---------------------------------------------------------------------------------------------
 // Naive float64 reference, serial, at a reduced token count (compare per token).
 
-long long ref_router_T() { return cfg().smoke ? 32 : 2048; }
-long long ref_act_T() { return cfg().smoke ? 8 : 256; }
+long long ref_router_T() {
+  return cfg().smoke ? 32 : 2048;
+}
+long long ref_act_T() {
+  return cfg().smoke ? 8 : 256;
+}
 
-std::vector<long long> to_ll(const std::vector<std::int32_t>& v) { return {v.begin(), v.end()}; }
-std::vector<double> to_d(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+std::vector<long long> to_ll(const std::vector<std::int32_t>& v) {
+  return {v.begin(), v.end()};
+}
+std::vector<double> to_d(const std::vector<float>& v) {
+  return {v.begin(), v.end()};
+}
 
 void bm_ref_router(benchmark::State& st, router_kind kind, long long E) {
   const long long Tn = ref_router_T(), k = router_k;
@@ -284,11 +315,21 @@ void bm_ref_router(benchmark::State& st, router_kind kind, long long E) {
   for (auto _ : st) {
     moereg_ref::result r;
     switch (kind) {
-      case router_kind::load_balancing: r = moereg_ref::load_balancing(P, I, mask, Tn, E, k, 1e-2); break;
-      case router_kind::z_loss: r = moereg_ref::z_loss(P, mask, Tn, E, 1e-3); break;
-      case router_kind::entropy: r = moereg_ref::entropy(P, mask, Tn, E, 1e-3); break;
-      case router_kind::importance: r = moereg_ref::importance(P, mask, Tn, E, 1e-2); break;
-      case router_kind::variance: r = moereg_ref::variance(P, mask, Tn, E, 1e-3, "tokens", false); break;
+      case router_kind::load_balancing:
+        r = moereg_ref::load_balancing(P, I, mask, Tn, E, k, 1e-2);
+        break;
+      case router_kind::z_loss:
+        r = moereg_ref::z_loss(P, mask, Tn, E, 1e-3);
+        break;
+      case router_kind::entropy:
+        r = moereg_ref::entropy(P, mask, Tn, E, 1e-3);
+        break;
+      case router_kind::importance:
+        r = moereg_ref::importance(P, mask, Tn, E, 1e-2);
+        break;
+      case router_kind::variance:
+        r = moereg_ref::variance(P, mask, Tn, E, 1e-3, "tokens", false);
+        break;
     }
     benchmark::DoNotOptimize(r.value);
     benchmark::DoNotOptimize(r.grad.data());
@@ -342,55 +383,62 @@ void register_typed() {
     for (router_kind kind : {router_kind::load_balancing, router_kind::z_loss, router_kind::entropy,
                              router_kind::importance, router_kind::variance})
       for (long long E : {64ll, 256ll})
-        finish(benchmark::RegisterBenchmark(
-            (std::string(name_of(kind)) + "/" + tn + "/T:" + std::to_string(router_T()) + "/E:" + std::to_string(E) + ts).c_str(),
-            [=](benchmark::State& st) { bm_router<T>(st, kind, E, th); }));
+        finish(benchmark::RegisterBenchmark((std::string(name_of(kind)) + "/" + tn +
+                                             "/T:" + std::to_string(router_T()) + "/E:" + std::to_string(E) + ts)
+                                                .c_str(),
+                                            [=](benchmark::State& st) { bm_router<T>(st, kind, E, th); }));
     for (bool fused : {false, true})
       for (long long E : {64ll, 256ll})
-        finish(benchmark::RegisterBenchmark(
-            (std::string(fused ? "router5_fused" : "router5_separate") + "/" + tn + "/T:" + std::to_string(router_T()) +
-             "/E:" + std::to_string(E) + ts).c_str(),
-            [=](benchmark::State& st) { bm_router5<T>(st, fused, E, th); }));
+        finish(benchmark::RegisterBenchmark((std::string(fused ? "router5_fused" : "router5_separate") + "/" + tn +
+                                             "/T:" + std::to_string(router_T()) + "/E:" + std::to_string(E) + ts)
+                                                .c_str(),
+                                            [=](benchmark::State& st) { bm_router5<T>(st, fused, E, th); }));
     for (auto form : {moereg::coupling_form::token, moereg::coupling_form::batch})
       for (long long E : {64ll, 256ll})
         finish(benchmark::RegisterBenchmark(
             (std::string(form == moereg::coupling_form::token ? "coupling_token" : "coupling_batch") + "/" + tn +
-             "/T:" + std::to_string(router_T()) + "/E:" + std::to_string(E) + "/L:4" + ts).c_str(),
+             "/T:" + std::to_string(router_T()) + "/E:" + std::to_string(E) + "/L:4" + ts)
+                .c_str(),
             [=](benchmark::State& st) { bm_coupling<T>(st, form, E, th); }));
     for (act_kind kind : {act_kind::specialization, act_kind::orthogonality})
       for (long long k : {2ll, 8ll})
         for (long long d : {1024ll, 2048ll})
           finish(benchmark::RegisterBenchmark(
               (std::string(kind == act_kind::specialization ? "specialization" : "orthogonality") + "/" + tn +
-               "/T:" + std::to_string(act_T()) + "/k:" + std::to_string(k) + "/d:" + std::to_string(act_d(d)) + ts).c_str(),
+               "/T:" + std::to_string(act_T()) + "/k:" + std::to_string(k) + "/d:" + std::to_string(act_d(d)) + ts)
+                  .c_str(),
               [=](benchmark::State& st) { bm_activation<T>(st, kind, k, d, th); }));
   }
 }
 
 void register_all() {
   for (int th : {1, 2})
-    finish(benchmark::RegisterBenchmark(("copy/f32/MiB:" + std::to_string(bench::copy_elems() * 4 / (1 << 20)) +
-                                         "/threads:" + std::to_string(th)).c_str(),
-                                        [=](benchmark::State& st) { bm_copy(st, th); }));
+    finish(benchmark::RegisterBenchmark(
+        ("copy/f32/MiB:" + std::to_string(bench::copy_elems() * 4 / (1 << 20)) + "/threads:" + std::to_string(th))
+            .c_str(),
+        [=](benchmark::State& st) { bm_copy(st, th); }));
   register_typed<float>();
   register_typed<moereg::bfloat16>();
   for (router_kind kind : {router_kind::load_balancing, router_kind::z_loss, router_kind::entropy,
                            router_kind::importance, router_kind::variance})
     for (long long E : {64ll, 256ll})
       finish(benchmark::RegisterBenchmark(
-          (std::string("ref_") + name_of(kind) + "/f64/T:" + std::to_string(ref_router_T()) + "/E:" + std::to_string(E)).c_str(),
+          (std::string("ref_") + name_of(kind) + "/f64/T:" + std::to_string(ref_router_T()) + "/E:" + std::to_string(E))
+              .c_str(),
           [=](benchmark::State& st) { bm_ref_router(st, kind, E); }));
   for (const char* form : {"token", "batch"})
     for (long long E : {64ll, 256ll})
-      finish(benchmark::RegisterBenchmark(
-          (std::string("ref_coupling_") + form + "/f64/T:" + std::to_string(ref_router_T()) + "/E:" + std::to_string(E) + "/L:4").c_str(),
-          [=](benchmark::State& st) { bm_ref_coupling(st, form, E); }));
+      finish(benchmark::RegisterBenchmark((std::string("ref_coupling_") + form + "/f64/T:" +
+                                           std::to_string(ref_router_T()) + "/E:" + std::to_string(E) + "/L:4")
+                                              .c_str(),
+                                          [=](benchmark::State& st) { bm_ref_coupling(st, form, E); }));
   for (act_kind kind : {act_kind::specialization, act_kind::orthogonality})
     for (long long k : {2ll, 8ll})
       for (long long d : {1024ll, 2048ll})
         finish(benchmark::RegisterBenchmark(
             (std::string(kind == act_kind::specialization ? "ref_specialization" : "ref_orthogonality") +
-             "/f64/T:" + std::to_string(ref_act_T()) + "/k:" + std::to_string(k) + "/d:" + std::to_string(act_d(d))).c_str(),
+             "/f64/T:" + std::to_string(ref_act_T()) + "/k:" + std::to_string(k) + "/d:" + std::to_string(act_d(d)))
+                .c_str(),
             [=](benchmark::State& st) { bm_ref_activation(st, kind, k, d); }));
 }
 
@@ -400,7 +448,8 @@ int main(int argc, char** argv) {
   bench::parse_smoke(argc, argv);
   for (int th : {1, 2}) {
     bench::copy_bandwidth(th) = bench::measure_copy_bandwidth(th);
-    benchmark::AddCustomContext("copy_GBps_threads_" + std::to_string(th), std::to_string(bench::copy_bandwidth(th) * 1e-9));
+    benchmark::AddCustomContext("copy_GBps_threads_" + std::to_string(th),
+                                std::to_string(bench::copy_bandwidth(th) * 1e-9));
   }
   benchmark::AddCustomContext("smoke", cfg().smoke ? "1" : "0");
   register_all();

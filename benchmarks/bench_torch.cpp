@@ -19,9 +19,15 @@ namespace {
 
 using bench::cfg;
 
-long long router_T() { return cfg().smoke ? 64 : 16384; }
-long long act_T() { return cfg().smoke ? 16 : 4096; }
-long long act_d(long long d) { return cfg().smoke ? d / 32 : d; }
+long long router_T() {
+  return cfg().smoke ? 64 : 16384;
+}
+long long act_T() {
+  return cfg().smoke ? 16 : 4096;
+}
+long long act_d(long long d) {
+  return cfg().smoke ? d / 32 : d;
+}
 constexpr long long router_k = 8;
 constexpr long long layers = 4;
 
@@ -144,7 +150,7 @@ void bm_activation(benchmark::State& st, bool specialization, long long k, long 
     } else {
       // term_{j,s} = <h_j, h_s>^2 ||h_s||^2 / (||h_s||^2 + eps)^2, j != s
       auto G = torch::bmm(h, h.transpose(1, 2));
-      auto sq = torch::diagonal(G, 0, 1, 2);  // [T, k]
+      auto sq = torch::diagonal(G, 0, 1, 2);            // [T, k]
       auto w = (sq / (sq + 1e-6).pow(2)).unsqueeze(1);  // over s (the last index)
       auto terms = G.pow(2) * w;
       loss = 1e-4 / static_cast<double>(Tn) * (terms.sum() - torch::diagonal(terms, 0, 1, 2).sum());
@@ -170,19 +176,22 @@ void register_all() {
     for (const char* name : {"load_balancing", "z_loss", "entropy", "importance", "variance"})
       for (long long E : {64ll, 256ll})
         finish(benchmark::RegisterBenchmark(
-            (std::string("torch_") + name + "/f32/T:" + std::to_string(router_T()) + "/E:" + std::to_string(E) + ts).c_str(),
+            (std::string("torch_") + name + "/f32/T:" + std::to_string(router_T()) + "/E:" + std::to_string(E) + ts)
+                .c_str(),
             [=](benchmark::State& st) { bm_router(st, name, E, th); }));
     for (const char* form : {"token", "batch"})
       for (long long E : {64ll, 256ll})
-        finish(benchmark::RegisterBenchmark(
-            (std::string("torch_coupling_") + form + "/f32/T:" + std::to_string(router_T()) + "/E:" + std::to_string(E) + "/L:4" + ts).c_str(),
-            [=](benchmark::State& st) { bm_coupling(st, form, E, th); }));
+        finish(benchmark::RegisterBenchmark((std::string("torch_coupling_") + form + "/f32/T:" +
+                                             std::to_string(router_T()) + "/E:" + std::to_string(E) + "/L:4" + ts)
+                                                .c_str(),
+                                            [=](benchmark::State& st) { bm_coupling(st, form, E, th); }));
     for (bool sp : {true, false})
       for (long long k : {2ll, 8ll})
         for (long long d : {1024ll, 2048ll})
           finish(benchmark::RegisterBenchmark(
               (std::string(sp ? "torch_specialization" : "torch_orthogonality") + "/f32/T:" + std::to_string(act_T()) +
-               "/k:" + std::to_string(k) + "/d:" + std::to_string(act_d(d)) + ts).c_str(),
+               "/k:" + std::to_string(k) + "/d:" + std::to_string(act_d(d)) + ts)
+                  .c_str(),
               [=](benchmark::State& st) { bm_activation(st, sp, k, d, th); }));
   }
 }

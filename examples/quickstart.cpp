@@ -54,8 +54,8 @@ int main() {
   moereg::softmax_backward<double>(moereg::view(P), moereg::view(dP), moereg::view(dZ));
   const double v_z = zl.value_and_grad(moereg::z_loss_inputs<double>{moereg::view(Z), m}, moereg::view(dZ),
                                        moereg::grad_options{1.0, /*accumulate=*/true});
-  std::printf("moereg %d.%d.%d quickstart: T = %ld tokens (2 padded), E = %ld experts, top-%ld\n",
-              MOEREG_VERSION_MAJOR, MOEREG_VERSION_MINOR, MOEREG_VERSION_PATCH, T, E, k);
+  std::printf("moereg %d.%d.%d quickstart: T = %ld tokens (2 padded), E = %ld experts, top-%ld\n", MOEREG_VERSION_MAJOR,
+              MOEREG_VERSION_MINOR, MOEREG_VERSION_PATCH, T, E, k);
   std::printf("  load balancing  = %.10f\n  router z-loss   = %.10f\n", v_lb, v_z);
 
   // Finite-difference check of the total gradient with respect to the logits; the

@@ -22,14 +22,13 @@
 
 namespace {
 
-#define BENCH_CUDA(call)                                                                              \
-  do {                                                                                                \
-    const cudaError_t e_ = (call);                                                                    \
-    if (e_ != cudaSuccess) {                                                                          \
-      std::fprintf(stderr, "bench_cuda: %s failed: %s (%s:%d)\n", #call, cudaGetErrorString(e_), __FILE__, \
-                   __LINE__);                                                                         \
-      std::exit(2);                                                                                   \
-    }                                                                                                 \
+#define BENCH_CUDA(call)                                                                                              \
+  do {                                                                                                                \
+    const cudaError_t e_ = (call);                                                                                    \
+    if (e_ != cudaSuccess) {                                                                                          \
+      std::fprintf(stderr, "bench_cuda: %s failed: %s (%s:%d)\n", #call, cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(2);                                                                                                   \
+    }                                                                                                                 \
   } while (0)
 
 template <class T>
@@ -100,7 +99,8 @@ double bench_copy(reporter& rep, cudaStream_t stream, std::size_t mib, int reps)
   char* src = device_alloc<char>(n);
   char* dst = device_alloc<char>(n);
   BENCH_CUDA(cudaMemset(src, 1, n));
-  const double ms = time_ms(stream, reps, [&] { BENCH_CUDA(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream)); });
+  const double ms =
+      time_ms(stream, reps, [&] { BENCH_CUDA(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream)); });
   const double bytes = 2.0 * static_cast<double>(n);
   rep.copy_gbps = bytes / (ms * 1e-3) / 1e9;
   rep.line("copy", "bytes", std::to_string(mib) + " MiB", ms, bytes);
@@ -123,7 +123,8 @@ void bench_specialization(reporter& rep, cudaStream_t stream, long long T_, long
   upload(h, random_values<T>(n, 1.0, 1));
   std::vector<std::int32_t> topk(static_cast<std::size_t>(T_ * k));
   for (long long t = 0; t < T_; ++t)
-    for (long long s = 0; s < k; ++s) topk[static_cast<std::size_t>(t * k + s)] = static_cast<std::int32_t>((t + s * 5) % 64);
+    for (long long s = 0; s < k; ++s)
+      topk[static_cast<std::size_t>(t * k + s)] = static_cast<std::int32_t>((t + s * 5) % 64);
   std::int32_t* I = device_alloc<std::int32_t>(topk.size());
   upload(I, topk);
   const moereg::specialization_loss loss{};
@@ -139,7 +140,8 @@ void bench_specialization(reporter& rep, cudaStream_t stream, long long T_, long
   be.value = value;
   const moereg::activation_view<T, moereg::token_major> gv{g, moereg::token_major(T_, k, d)};
   const double ms = time_ms(stream, reps, [&] { (void)loss.value_and_grad(in, gv, {}, {}, be); });
-  const double bytes = 2.0 * static_cast<double>(n * sizeof(T)) + static_cast<double>(topk.size() * sizeof(std::int32_t));
+  const double bytes =
+      2.0 * static_cast<double>(n * sizeof(T)) + static_cast<double>(topk.size() * sizeof(std::int32_t));
   rep.line("specialization", dtype_name<T>(),
            "T=" + std::to_string(T_) + " k=" + std::to_string(k) + " d=" + std::to_string(d), ms, bytes);
   for (void* p : {static_cast<void*>(h), static_cast<void*>(g), static_cast<void*>(I), w, static_cast<void*>(value)})
@@ -162,14 +164,17 @@ void bench_router5(reporter& rep, cudaStream_t stream, long long T_, long long E
       std::vector<double> row(static_cast<std::size_t>(E));
       double s = 0;
       for (auto& x : row) s += (x = u(gen));
-      for (long long e = 0; e < E; ++e) hp[static_cast<std::size_t>(t * E + e)] = static_cast<T>(static_cast<float>(row[static_cast<std::size_t>(e)] / s));
+      for (long long e = 0; e < E; ++e)
+        hp[static_cast<std::size_t>(t * E + e)] =
+            static_cast<T>(static_cast<float>(row[static_cast<std::size_t>(e)] / s));
     }
   }
   upload(P, hp);
   upload(Z, random_values<T>(n, 2.0, 3));
   std::vector<std::int32_t> topk(static_cast<std::size_t>(T_ * k));
   for (long long t = 0; t < T_; ++t)
-    for (long long s = 0; s < k; ++s) topk[static_cast<std::size_t>(t * k + s)] = static_cast<std::int32_t>((t * 7 + s * 3) % E);
+    for (long long s = 0; s < k; ++s)
+      topk[static_cast<std::size_t>(t * k + s)] = static_cast<std::int32_t>((t * 7 + s * 3) % E);
   std::int32_t* I = device_alloc<std::int32_t>(topk.size());
   upload(I, topk);
   const moereg::load_balancing_loss lb{};
@@ -196,9 +201,10 @@ void bench_router5(reporter& rep, cudaStream_t stream, long long T_, long long E
     f.value_and_grad(in, moereg::matrix_view<T>(gP, T_, E), moereg::matrix_view<T>(gZ, T_, E), {}, {}, be);
   });
   // P and Z read once, both gradients written once, topk read once.
-  const double bytes = 4.0 * static_cast<double>(n * sizeof(T)) + static_cast<double>(topk.size() * sizeof(std::int32_t));
-  rep.line("router5_fused", dtype_name<T>(), "T=" + std::to_string(T_) + " E=" + std::to_string(E) + " k=" + std::to_string(k),
-           ms, bytes);
+  const double bytes =
+      4.0 * static_cast<double>(n * sizeof(T)) + static_cast<double>(topk.size() * sizeof(std::int32_t));
+  rep.line("router5_fused", dtype_name<T>(),
+           "T=" + std::to_string(T_) + " E=" + std::to_string(E) + " k=" + std::to_string(k), ms, bytes);
   for (void* p : {static_cast<void*>(P), static_cast<void*>(Z), static_cast<void*>(gP), static_cast<void*>(gZ),
                   static_cast<void*>(I), w, static_cast<void*>(values)})
     BENCH_CUDA(cudaFree(p));

@@ -47,7 +47,7 @@ torch::Tensor route(const torch::Tensor& P, const torch::Tensor& mask) {
   for (int64_t t = 0; t < T; ++t)
     if (valid[t])
       for (int64_t s = 0; s < k; ++s)
-      if (load[static_cast<std::size_t>(I[t][s])]++ >= capacity) I[t][s] = -1;
+        if (load[static_cast<std::size_t>(I[t][s])]++ >= capacity) I[t][s] = -1;
   return topk;
 }
 
@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
     const auto target = torch::tanh(x.matmul(teacher_a)).matmul(teacher_b);
 
     const auto P = torch::softmax(model.router->forward(x), 1);  // [T, E]
-    const auto topk = route(P, mask);                              // [T, k], -1 = dropped
+    const auto topk = route(P, mask);                            // [T, k], -1 = dropped
     const auto valid = topk.ge(0).to(torch::kFloat32) * m.unsqueeze(1);
     const auto idx = topk.clamp_min(0);
 
@@ -83,7 +83,8 @@ int main(int argc, char** argv) {
     const auto h_all = torch::silu(torch::einsum("td,edf->tef", {x, model.w_gate})) *
                        torch::einsum("td,edf->tef", {x, model.w_up});  // [T, E, d_ff]
     const auto h = h_all.gather(1, idx.unsqueeze(2).expand({T, k, d_ff}));
-    const auto y = torch::einsum("tkf,tkfo->tko", {h, model.w_down.index_select(0, idx.flatten()).view({T, k, d_ff, d_out})});
+    const auto y =
+        torch::einsum("tkf,tkfo->tko", {h, model.w_down.index_select(0, idx.flatten()).view({T, k, d_ff, d_out})});
     const auto gate = P.gather(1, idx) * valid;  // [T, k]
     const auto out = (gate.unsqueeze(2) * y).sum(1);
 

@@ -70,11 +70,16 @@ inline moereg::mask_view mask_of(const c10::optional<torch::Tensor>& m, const ch
   TORCH_CHECK(x.dim() == 1, who, ": mask must be 1-D [T] but has ", x.dim(), " dimensions");
   const auto n = static_cast<moereg::index_t>(x.size(0)), st = static_cast<moereg::index_t>(x.stride(0));
   switch (x.scalar_type()) {
-    case torch::kBool: return moereg::mask_view(x.data_ptr<bool>(), n, st);
-    case torch::kUInt8: return moereg::mask_view(x.data_ptr<std::uint8_t>(), n, st);
-    case torch::kInt32: return moereg::mask_view(x.data_ptr<std::int32_t>(), n, st);
-    case torch::kInt64: return moereg::mask_view(x.data_ptr<std::int64_t>(), n, st);
-    default: break;
+    case torch::kBool:
+      return moereg::mask_view(x.data_ptr<bool>(), n, st);
+    case torch::kUInt8:
+      return moereg::mask_view(x.data_ptr<std::uint8_t>(), n, st);
+    case torch::kInt32:
+      return moereg::mask_view(x.data_ptr<std::int32_t>(), n, st);
+    case torch::kInt64:
+      return moereg::mask_view(x.data_ptr<std::int64_t>(), n, st);
+    default:
+      break;
   }
   TORCH_CHECK(false, who, ": mask has dtype ", c10::toString(x.scalar_type()),
               "; bool, uint8, int32 or int64 is needed");
@@ -116,9 +121,10 @@ struct SpecializationFunction : torch::autograd::Function<SpecializationFunction
       using T = decltype(tag);
       // The tensor's own strides: the layout policy needs no copy even for a view.
       const moereg::token_major layout(x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2));
-      const moereg::specialization_inputs<T, moereg::token_major> in{
-          {x.data_ptr<T>(), layout}, detail::topk_of(I, who), detail::mask_of(m, who),
-          static_cast<moereg::index_t>(num_experts)};
+      const moereg::specialization_inputs<T, moereg::token_major> in{{x.data_ptr<T>(), layout},
+                                                                     detail::topk_of(I, who),
+                                                                     detail::mask_of(m, who),
+                                                                     static_cast<moereg::index_t>(num_experts)};
       if (!want_grad) return loss.value(in);
       grad = torch::empty_like(x, torch::MemoryFormat::Contiguous);
       const moereg::token_major glayout(grad.size(0), grad.size(1), grad.size(2), grad.stride(0), grad.stride(1),
@@ -132,8 +138,7 @@ struct SpecializationFunction : torch::autograd::Function<SpecializationFunction
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
     // One gradient per forward argument; the non-differentiable ones get none.
-    return {detail::chain(ctx, grad_outputs.at(0)), torch::Tensor(), torch::Tensor(), torch::Tensor(),
-            torch::Tensor()};
+    return {detail::chain(ctx, grad_outputs.at(0)), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -156,9 +161,13 @@ struct LoadBalancingFunction : torch::autograd::Function<LoadBalancingFunction> 
       detail::check_cpu(*offs, who, "cu_seqlens");
       TORCH_CHECK(offs->dim() == 1, who, ": cu_seqlens must be 1-D [B + 1]");
       const auto n = static_cast<moereg::index_t>(offs->size(0));
-      if (offs->scalar_type() == torch::kInt64) offsets = moereg::offsets_view(offs->data_ptr<std::int64_t>(), n);
-      else if (offs->scalar_type() == torch::kInt32) offsets = moereg::offsets_view(offs->data_ptr<std::int32_t>(), n);
-      else TORCH_CHECK(false, who, ": cu_seqlens has dtype ", c10::toString(offs->scalar_type()), "; int64 or int32 is needed");
+      if (offs->scalar_type() == torch::kInt64)
+        offsets = moereg::offsets_view(offs->data_ptr<std::int64_t>(), n);
+      else if (offs->scalar_type() == torch::kInt32)
+        offsets = moereg::offsets_view(offs->data_ptr<std::int32_t>(), n);
+      else
+        TORCH_CHECK(false, who, ": cu_seqlens has dtype ", c10::toString(offs->scalar_type()),
+                    "; int64 or int32 is needed");
     }
     const bool want_grad = probs.requires_grad();
 
@@ -171,8 +180,8 @@ struct LoadBalancingFunction : torch::autograd::Function<LoadBalancingFunction> 
           detail::topk_of(I, who), detail::mask_of(m, who), offsets};
       if (!want_grad) return loss.value(in);
       grad = torch::empty_like(P, torch::MemoryFormat::Contiguous);
-      return loss.value_and_grad(in, moereg::matrix_view<T>(grad.data_ptr<T>(), grad.size(0), grad.size(1),
-                                                            grad.stride(0), grad.stride(1)));
+      return loss.value_and_grad(
+          in, moereg::matrix_view<T>(grad.data_ptr<T>(), grad.size(0), grad.size(1), grad.stride(0), grad.stride(1)));
     });
     ctx->save_for_backward({grad});
     return torch::scalar_tensor(value, P.options());
@@ -180,8 +189,7 @@ struct LoadBalancingFunction : torch::autograd::Function<LoadBalancingFunction> 
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    return {detail::chain(ctx, grad_outputs.at(0)), torch::Tensor(), torch::Tensor(), torch::Tensor(),
-            torch::Tensor()};
+    return {detail::chain(ctx, grad_outputs.at(0)), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 

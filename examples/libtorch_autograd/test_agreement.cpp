@@ -154,28 +154,30 @@ int main() {
     const auto nv = (topk.ge(0) & mask_b.unsqueeze(1)).sum(1);
     single = nv.eq(1).sum().item<int64_t>();
     masked = mask_b.logical_not().sum().item<int64_t>();
-    std::printf("inputs: T = %lld, E = %lld, k = %lld, d = %lld; %lld padded tokens, %lld dropped slots, "
-                "%lld tokens with one valid slot\n",
-                static_cast<long long>(T), static_cast<long long>(E), static_cast<long long>(k),
-                static_cast<long long>(d), static_cast<long long>(masked), static_cast<long long>(dropped),
-                static_cast<long long>(single));
+    std::printf(
+        "inputs: T = %lld, E = %lld, k = %lld, d = %lld; %lld padded tokens, %lld dropped slots, "
+        "%lld tokens with one valid slot\n",
+        static_cast<long long>(T), static_cast<long long>(E), static_cast<long long>(k), static_cast<long long>(d),
+        static_cast<long long>(masked), static_cast<long long>(dropped), static_cast<long long>(single));
   }
 
   std::printf("specialization (LOSSES.md section 3), float64:\n");
   {
     const moereg::specialization_config cfg{};
-    compare("pairs = sum, bool mask", H,
-            [&](const torch::Tensor& x) { return moereg_torch::specialization(x, topk, mask_b, cfg, E); },
-            [&](const torch::Tensor& x) { return ref_specialization(x, topk, mask_b, cfg); });
+    compare(
+        "pairs = sum, bool mask", H,
+        [&](const torch::Tensor& x) { return moereg_torch::specialization(x, topk, mask_b, cfg, E); },
+        [&](const torch::Tensor& x) { return ref_specialization(x, topk, mask_b, cfg); });
   }
   {
     moereg::specialization_config cfg{};
     cfg.coef = 0.37;
     cfg.pairs = moereg::sp_pairs::mean;
     const auto mask_u8 = mask_b.to(torch::kUInt8);
-    compare("pairs = mean, coef 0.37, uint8 mask, upstream 2.5", H,
-            [&](const torch::Tensor& x) { return moereg_torch::specialization(x, topk, mask_u8, cfg); },
-            [&](const torch::Tensor& x) { return ref_specialization(x, topk, mask_u8, cfg); }, 2.5);
+    compare(
+        "pairs = mean, coef 0.37, uint8 mask, upstream 2.5", H,
+        [&](const torch::Tensor& x) { return moereg_torch::specialization(x, topk, mask_u8, cfg); },
+        [&](const torch::Tensor& x) { return ref_specialization(x, topk, mask_u8, cfg); }, 2.5);
   }
   {
     // A non-contiguous input (a permuted [k, T, d] buffer) goes through .contiguous().
@@ -197,15 +199,16 @@ int main() {
     const auto X = torch::randn({T, din}, torch::kFloat64);
     const auto W0 = torch::randn({din, k * d}, torch::kFloat64);
     const moereg::specialization_config cfg{};
-    compare("chained through a linear map (grad of W)", W0,
-            [&](const torch::Tensor& W) {
-              const auto h = torch::matmul(X, W).view({T, k, d});
-              return moereg_torch::specialization(h, topk, mask_b, cfg) + 1e-3 * h.pow(2).mean();
-            },
-            [&](const torch::Tensor& W) {
-              const auto h = torch::matmul(X, W).view({T, k, d});
-              return ref_specialization(h, topk, mask_b, cfg) + 1e-3 * h.pow(2).mean();
-            });
+    compare(
+        "chained through a linear map (grad of W)", W0,
+        [&](const torch::Tensor& W) {
+          const auto h = torch::matmul(X, W).view({T, k, d});
+          return moereg_torch::specialization(h, topk, mask_b, cfg) + 1e-3 * h.pow(2).mean();
+        },
+        [&](const torch::Tensor& W) {
+          const auto h = torch::matmul(X, W).view({T, k, d});
+          return ref_specialization(h, topk, mask_b, cfg) + 1e-3 * h.pow(2).mean();
+        });
   }
   {
     // Every token padded: value 0 and an all-zero gradient (T_v = 0 rule).
@@ -223,9 +226,10 @@ int main() {
     auto Ht = H.clone();
     Ht[3][1] *= 1e-10;
     const moereg::specialization_config cfg{};
-    compare("a vector shorter than eps", Ht,
-            [&](const torch::Tensor& x) { return moereg_torch::specialization(x, topk, mask_b, cfg); },
-            [&](const torch::Tensor& x) { return ref_specialization(x, topk, mask_b, cfg); });
+    compare(
+        "a vector shorter than eps", Ht,
+        [&](const torch::Tensor& x) { return moereg_torch::specialization(x, topk, mask_b, cfg); },
+        [&](const torch::Tensor& x) { return ref_specialization(x, topk, mask_b, cfg); });
   }
   {
     // Without requires_grad only the value is computed.
@@ -239,19 +243,21 @@ int main() {
   {
     const moereg::load_balancing_config cfg{};
     const auto mask_i64 = mask_b.to(torch::kInt64);
-    compare("micro, int64 mask", P,
-            [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, topk, mask_i64, cfg); },
-            [&](const torch::Tensor& x) { return ref_load_balancing(x, topk, mask_i64, cfg.coef, double(k)); });
+    compare(
+        "micro, int64 mask", P,
+        [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, topk, mask_i64, cfg); },
+        [&](const torch::Tensor& x) { return ref_load_balancing(x, topk, mask_i64, cfg.coef, double(k)); });
   }
   {
     moereg::load_balancing_config cfg{};
     cfg.coef = 0.3;
     cfg.k = k + 2;  // configured top-k wider than the columns given
     const auto topk32 = topk.to(torch::kInt32);
-    compare("micro, cfg.k = k + 2, int32 topk, no mask, upstream -1.7", P,
-            [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, topk32, c10::nullopt, cfg); },
-            [&](const torch::Tensor& x) { return ref_load_balancing(x, topk, c10::nullopt, cfg.coef, double(k + 2)); },
-            -1.7);
+    compare(
+        "micro, cfg.k = k + 2, int32 topk, no mask, upstream -1.7", P,
+        [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, topk32, c10::nullopt, cfg); },
+        [&](const torch::Tensor& x) { return ref_load_balancing(x, topk, c10::nullopt, cfg.coef, double(k + 2)); },
+        -1.7);
   }
   {
     // Sequence scope, fixed length: T = 35 = 5 sequences of 7, the second one fully padded.
@@ -264,9 +270,10 @@ int main() {
     cfg.seq_len = S;
     std::vector<int64_t> offs;
     for (int64_t b = 0; b <= Ts / S; ++b) offs.push_back(b * S);
-    compare("sequence, seq_len 7, one sequence fully padded", Ps,
-            [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, Is, ms, cfg); },
-            [&](const torch::Tensor& x) { return ref_load_balancing(x, Is, ms, cfg.coef, double(k), offs); });
+    compare(
+        "sequence, seq_len 7, one sequence fully padded", Ps,
+        [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, Is, ms, cfg); },
+        [&](const torch::Tensor& x) { return ref_load_balancing(x, Is, ms, cfg.coef, double(k), offs); });
   }
   {
     // Sequence scope, packed sequences of uneven lengths (cu_seqlens).
@@ -274,27 +281,31 @@ int main() {
     const auto cu = torch::tensor(offs, torch::kInt64);
     moereg::load_balancing_config cfg{};
     cfg.scope = moereg::lb_scope::sequence;
-    compare("sequence, cu_seqlens {0,5,6,19,30,37}", P,
-            [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, topk, mask_b, cfg, cu); },
-            [&](const torch::Tensor& x) { return ref_load_balancing(x, topk, mask_b, cfg.coef, double(k), offs); });
+    compare(
+        "sequence, cu_seqlens {0,5,6,19,30,37}", P,
+        [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, topk, mask_b, cfg, cu); },
+        [&](const torch::Tensor& x) { return ref_load_balancing(x, topk, mask_b, cfg.coef, double(k), offs); });
   }
   {
     // Chained: probabilities from a softmax over router logits, as in training.
     const auto Z0 = torch::randn({T, E}, torch::kFloat64);
-    compare("micro through softmax (grad of the logits)", Z0,
-            [&](const torch::Tensor& z) { return moereg_torch::load_balancing(torch::softmax(z, 1), topk, mask_b); },
-            [&](const torch::Tensor& z) {
-              return ref_load_balancing(torch::softmax(z, 1), topk, mask_b, 1e-2, double(k));
-            });
+    compare(
+        "micro through softmax (grad of the logits)", Z0,
+        [&](const torch::Tensor& z) { return moereg_torch::load_balancing(torch::softmax(z, 1), topk, mask_b); },
+        [&](const torch::Tensor& z) {
+          return ref_load_balancing(torch::softmax(z, 1), topk, mask_b, 1e-2, double(k));
+        });
   }
 
   std::printf("float32 tensors (against the float64 formula, tolerance %.0e):\n", tol32);
-  compare("specialization float32", H.to(torch::kFloat32),
-          [&](const torch::Tensor& x) { return moereg_torch::specialization(x, topk, mask_b); },
-          [&](const torch::Tensor& x) { return ref_specialization(x, topk, mask_b, {}); }, 1.0, true);
-  compare("load balancing float32", P.to(torch::kFloat32),
-          [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, topk, mask_b); },
-          [&](const torch::Tensor& x) { return ref_load_balancing(x, topk, mask_b, 1e-2, double(k)); }, 1.0, true);
+  compare(
+      "specialization float32", H.to(torch::kFloat32),
+      [&](const torch::Tensor& x) { return moereg_torch::specialization(x, topk, mask_b); },
+      [&](const torch::Tensor& x) { return ref_specialization(x, topk, mask_b, {}); }, 1.0, true);
+  compare(
+      "load balancing float32", P.to(torch::kFloat32),
+      [&](const torch::Tensor& x) { return moereg_torch::load_balancing(x, topk, mask_b); },
+      [&](const torch::Tensor& x) { return ref_load_balancing(x, topk, mask_b, 1e-2, double(k)); }, 1.0, true);
   {
     auto x = H.to(torch::kFloat32).requires_grad_(true);
     const auto v = moereg_torch::specialization(x, topk, mask_b);
@@ -339,8 +350,8 @@ int main() {
     expect(caught, "int32 activations: c10::Error from the dtype check");
   }
 
-  std::printf("worst relative error: float64 %.3e (limit %.0e), float32 %.3e (limit %.0e)\n", worst64, tol64,
-              worst32, tol32);
+  std::printf("worst relative error: float64 %.3e (limit %.0e), float32 %.3e (limit %.0e)\n", worst64, tol64, worst32,
+              tol32);
   if (failures > 0) {
     std::printf("FAILED: %d check(s)\n", failures);
     return 1;

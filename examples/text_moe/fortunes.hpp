@@ -36,15 +36,16 @@
 namespace text_moe {
 
 struct language {
-  const char* code;    ///< ISO 639-1
-  const char* folder;  ///< under the fortunes folder; "" = the top folder
-  const char* package; ///< the Debian package that installs it
+  const char* code;     ///< ISO 639-1
+  const char* folder;   ///< under the fortunes folder; "" = the top folder
+  const char* package;  ///< the Debian package that installs it
 };
 
 inline const std::vector<language>& languages() {
   static const std::vector<language> all = {
-      {"en", "", "fortunes"},   {"de", "de", "fortunes-de"}, {"es", "es", "fortunes-es"}, {"it", "it", "fortunes-it"},
-      {"cs", "cs", "fortunes-cs"}, {"pl", "pl", "fortunes-pl"}, {"ru", "ru", "fortunes-ru"},
+      {"en", "", "fortunes"},      {"de", "de", "fortunes-de"}, {"es", "es", "fortunes-es"},
+      {"it", "it", "fortunes-it"}, {"cs", "cs", "fortunes-cs"}, {"pl", "pl", "fortunes-pl"},
+      {"ru", "ru", "fortunes-ru"},
   };
   return all;
 }
@@ -111,10 +112,10 @@ inline std::vector<std::filesystem::path> fortune_files(const std::filesystem::p
 /// One set (training or held-out) as a padded byte buffer.
 struct corpus {
   std::int64_t window = 0;
-  std::vector<std::uint8_t> bytes;           ///< padding, fortune, padding, fortune, ...
-  std::vector<std::uint8_t> lang;            ///< language index of each byte, no_language for padding
-  std::vector<std::int64_t> text_bytes;      ///< per language
-  std::vector<std::int64_t> fortunes;        ///< per language
+  std::vector<std::uint8_t> bytes;                   ///< padding, fortune, padding, fortune, ...
+  std::vector<std::uint8_t> lang;                    ///< language index of each byte, no_language for padding
+  std::vector<std::int64_t> text_bytes;              ///< per language
+  std::vector<std::int64_t> fortunes;                ///< per language
   std::vector<std::vector<std::int64_t>> positions;  ///< per language: the target positions
 };
 
@@ -160,7 +161,8 @@ inline dataset load_fortunes(const std::string& root, std::int64_t window, std::
     c.window = window;
     std::int64_t cap = -1;
     for (auto& s : sets) {
-      std::sort(s.begin(), s.end(), [](const item& a, const item& b) { return a.hash < b.hash || (a.hash == b.hash && a.text < b.text); });
+      std::sort(s.begin(), s.end(),
+                [](const item& a, const item& b) { return a.hash < b.hash || (a.hash == b.hash && a.text < b.text); });
       std::int64_t n = 0;
       for (const auto& it : s) n += static_cast<std::int64_t>(it.text.size());
       cap = cap < 0 ? n : std::min(cap, n);

@@ -65,13 +65,20 @@ bool parse(int argc, char** argv, options& o) {
       dst = std::strtol(argv[++i], &end, 10);
       return end != nullptr && *end == '\0' && dst > 0;
     };
-    if (a == "--quick") o.quick = true;
-    else if (a == "--seeds") { if (!num(o.seeds)) return false; }
-    else if (a == "--steps") { if (!num(o.steps)) return false; }
-    else if (a == "--jobs") { if (!num(o.jobs)) return false; }
-    else if (a == "--data" && i + 1 < argc) o.data = argv[++i];
-    else if (a == "--out-dir" && i + 1 < argc) o.out_dir = argv[++i];
-    else return false;
+    if (a == "--quick")
+      o.quick = true;
+    else if (a == "--seeds") {
+      if (!num(o.seeds)) return false;
+    } else if (a == "--steps") {
+      if (!num(o.steps)) return false;
+    } else if (a == "--jobs") {
+      if (!num(o.jobs)) return false;
+    } else if (a == "--data" && i + 1 < argc)
+      o.data = argv[++i];
+    else if (a == "--out-dir" && i + 1 < argc)
+      o.out_dir = argv[++i];
+    else
+      return false;
   }
   return true;
 }
@@ -170,8 +177,8 @@ int main(int argc, char** argv) {
     os << "  language   files   fortunes      bytes  | train bytes (fortunes) | held-out bytes (fortunes)\n";
     for (std::size_t l = 0; l < langs.size(); ++l) {
       char buf[200];
-      std::snprintf(buf, sizeof buf, "  %-8s %7lld %10lld %10lld  | %11lld (%6lld)     | %9lld (%5lld)\n", langs[l].code,
-                    static_cast<long long>(ds.files[l]), static_cast<long long>(ds.raw_fortunes[l]),
+      std::snprintf(buf, sizeof buf, "  %-8s %7lld %10lld %10lld  | %11lld (%6lld)     | %9lld (%5lld)\n",
+                    langs[l].code, static_cast<long long>(ds.files[l]), static_cast<long long>(ds.raw_fortunes[l]),
                     static_cast<long long>(ds.raw_bytes[l]), static_cast<long long>(ds.train.text_bytes[l]),
                     static_cast<long long>(ds.train.fortunes[l]), static_cast<long long>(ds.heldout.text_bytes[l]),
                     static_cast<long long>(ds.heldout.fortunes[l]));
@@ -179,8 +186,8 @@ int main(int argc, char** argv) {
     }
     os << "model: previous " << mc.window << " bytes, embeddings " << mc.embed << " wide, mixed to D = " << mc.dim
        << "; " << mc.layers << " MoE layers x " << mc.experts << " SwiGLU experts (d_ff " << mc.hidden << "), top-"
-       << mc.top_k << ", softmax router, residual; softmax over 256 bytes ("
-       << text_moe::param_layout(mc).total << " parameters with padding)\n";
+       << mc.top_k << ", softmax router, residual; softmax over 256 bytes (" << text_moe::param_layout(mc).total
+       << " parameters with padding)\n";
     os << "training: " << trc.steps << " steps of " << trc.batch << " bytes, Adam lr " << trc.lr << ", float32; "
        << opt.seeds << " seeds per configuration\n";
     os << "held-out: " << heldout_per_lang << " bytes per language (" << heldout.size
@@ -190,11 +197,18 @@ int main(int argc, char** argv) {
 
   const double lb = 1e-2, sp = 2e-3, cp = 1e-3, orth = 1e-4, var = 1e-3;  // LOSSES.md defaults (the papers')
   std::vector<named_config> configs = {
-      {"baseline", {lb, 0, 0, 0, 0, 0}},       {"+spec", {lb, sp, 0, 0, 0, 0}},   {"+coup", {lb, 0, cp, 0, 0, 0}},
-      {"+Hu", {lb, sp, cp, 0, 0, 0}},          {"+orth", {lb, 0, 0, orth, 0, 0}}, {"+var", {lb, 0, 0, 0, var, 0}},
-      {"+Guo", {lb, 0, 0, orth, var, 0}},      {"all", {lb, sp, cp, orth, var, 0}},
-      {"+Hu x10", {lb, 10 * sp, 10 * cp, 0, 0, 0}},    {"+Hu x100", {lb, 100 * sp, 100 * cp, 0, 0, 0}},
-      {"+Guo x10", {lb, 0, 0, 10 * orth, 10 * var, 0}}, {"+Guo x100", {lb, 0, 0, 100 * orth, 100 * var, 0}},
+      {"baseline", {lb, 0, 0, 0, 0, 0}},
+      {"+spec", {lb, sp, 0, 0, 0, 0}},
+      {"+coup", {lb, 0, cp, 0, 0, 0}},
+      {"+Hu", {lb, sp, cp, 0, 0, 0}},
+      {"+orth", {lb, 0, 0, orth, 0, 0}},
+      {"+var", {lb, 0, 0, 0, var, 0}},
+      {"+Guo", {lb, 0, 0, orth, var, 0}},
+      {"all", {lb, sp, cp, orth, var, 0}},
+      {"+Hu x10", {lb, 10 * sp, 10 * cp, 0, 0, 0}},
+      {"+Hu x100", {lb, 100 * sp, 100 * cp, 0, 0, 0}},
+      {"+Guo x10", {lb, 0, 0, 10 * orth, 10 * var, 0}},
+      {"+Guo x100", {lb, 0, 0, 100 * orth, 100 * var, 0}},
   };
   const long S = opt.seeds, C = static_cast<long>(configs.size());
   std::printf("training %ld runs (%ld configurations x %ld seeds), %ld at a time\n", S * C, C, S, opt.jobs);
@@ -213,8 +227,8 @@ int main(int argc, char** argv) {
       text_moe::train_config tj = trc;
       tj.seed = static_cast<std::uint64_t>(1000 + s);
       auto& r = results[static_cast<std::size_t>(j)];
-      r = text_moe::train<float>(ds.train, mc, configs[static_cast<std::size_t>(c)].reg, tj, heldout, train_probe, nlang,
-                                 prefetch_k, &curve_batch);
+      r = text_moe::train<float>(ds.train, mc, configs[static_cast<std::size_t>(c)].reg, tj, heldout, train_probe,
+                                 nlang, prefetch_k, &curve_batch);
       const long d = ++done;
       const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       std::lock_guard<std::mutex> lk(print_mu);
@@ -267,8 +281,8 @@ int main(int argc, char** argv) {
   };
   for (text_moe::index_t l = 0; l < NLy; ++l) {
     const auto li = static_cast<std::size_t>(l);
-    extra.push_back({"", "majority_share_l" + std::to_string(l + 1), 4,
-                     [li](const rr& r) { return r.eval.majority_share[li]; }});
+    extra.push_back(
+        {"", "majority_share_l" + std::to_string(l + 1), 4, [li](const rr& r) { return r.eval.majority_share[li]; }});
     // Per expert: the share of its tokens in its majority language, and that language (the
     // index of the language in the order en de es it cs pl ru; -1 = the expert got no token).
     for (text_moe::index_t e = 0; e < mc.experts; ++e) {
@@ -334,7 +348,8 @@ int main(int argc, char** argv) {
 
   both("\nmean+-sample standard deviation over " + std::to_string(S) +
        " seeds; routing metrics are means over layers (pathway and prefetch over adjacent layer pairs);\n"
-       "uniform routing has entropy " + fixed(std::log(static_cast<double>(mc.experts)), 3) +
+       "uniform routing has entropy " +
+       fixed(std::log(static_cast<double>(mc.experts)), 3) +
        " nats; language MI is at most log 7 = 1.946 nats; a majority share of 1/7 = 0.143 is no specialization\n");
   both(table("Held-out loss and routing", routing, 15));
   both(table("Expert overlap (co-selected experts) and expert-language specialization", special, 15));
@@ -343,13 +358,15 @@ int main(int argc, char** argv) {
   // Timing: the only numbers that change from run to run; not in text_moe_table.txt.
   {
     std::ostringstream os;
-    os << table("Cost: median wall time of a training step and of the moereg loss calls in it; the run's training time", timing, 15);
+    os << table("Cost: median wall time of a training step and of the moereg loss calls in it; the run's training time",
+                timing, 15);
     const stat base = summarise(values(0, timing[0]));
     os << "ms/step relative to the baseline:";
     for (long c = 1; c < C; ++c)
       os << (c > 1 ? "," : "") << " " << configs[static_cast<std::size_t>(c)].name << " "
          << fixed(summarise(values(c, timing[0])).mean / base.mean, 2);
-    os << "\ntotal training wall time " << fixed(total, 1) << " s (" << S * C << " runs, " << opt.jobs << " at a time)\n";
+    os << "\ntotal training wall time " << fixed(total, 1) << " s (" << S * C << " runs, " << opt.jobs
+       << " at a time)\n";
     std::fputs(os.str().c_str(), stdout);
   }
 
@@ -459,8 +476,8 @@ int main(int argc, char** argv) {
     auto curves = [&](bool relative) {
       std::ostringstream os;
       for (long c = relative ? 1 : 0; c < C; ++c)
-        os << (c > (relative ? 1 : 0) ? ", " : "") << "'" << crv << "' using 1:"
-           << (relative ? "($" + std::to_string(2 + 2 * c) + "-$2)" : std::to_string(2 + 2 * c))
+        os << (c > (relative ? 1 : 0) ? ", " : "") << "'" << crv
+           << "' using 1:" << (relative ? "($" + std::to_string(2 + 2 * c) + "-$2)" : std::to_string(2 + 2 * c))
            << " with lines lw 1.5" << lc(c) << " title '" << configs[static_cast<std::size_t>(c)].name << "'";
       return os.str();
     };
@@ -471,7 +488,8 @@ int main(int argc, char** argv) {
       << ", 0 with lines lc rgb '#000000' dt 2 notitle\n";
     f << "unset multiplot\n";
   }
-  std::printf("wrote %s_table.txt, %s_results.csv, %s_runs.csv\n", base_path.c_str(), base_path.c_str(), base_path.c_str());
+  std::printf("wrote %s_table.txt, %s_results.csv, %s_runs.csv\n", base_path.c_str(), base_path.c_str(),
+              base_path.c_str());
   bool ok = true;
   if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) {
     std::fprintf(stderr, "text_moe: gnuplot is not installed (tools/install-deps.sh installs it); no PNG drawn\n");

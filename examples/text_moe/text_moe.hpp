@@ -64,23 +64,26 @@ using mat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <class S>
 using buffer = std::vector<S, Eigen::aligned_allocator<S>>;
 
-inline std::size_t uz(index_t i) { return static_cast<std::size_t>(i); }
+inline std::size_t uz(index_t i) {
+  return static_cast<std::size_t>(i);
+}
 
 /// A row-major map of a parameter block; const S gives a read-only map.
 template <class S>
 using map_of = Eigen::Map<std::conditional_t<std::is_const_v<S>, const mat<std::remove_const_t<S>>, mat<S>>>;
 template <class S>
-using row_map_of = Eigen::Map<std::conditional_t<std::is_const_v<S>, const Eigen::Matrix<std::remove_const_t<S>, 1, Eigen::Dynamic>,
-                                                 Eigen::Matrix<S, 1, Eigen::Dynamic>>>;
+using row_map_of =
+    Eigen::Map<std::conditional_t<std::is_const_v<S>, const Eigen::Matrix<std::remove_const_t<S>, 1, Eigen::Dynamic>,
+                                  Eigen::Matrix<S, 1, Eigen::Dynamic>>>;
 
 // ------------------------------------------------------------------------------------------
 // The model
 // ------------------------------------------------------------------------------------------
 
 struct model_config {
-  index_t vocab = 256;   ///< byte values
-  index_t window = 8;    ///< context bytes
-  index_t embed = 16;    ///< embedding width per context byte
+  index_t vocab = 256;  ///< byte values
+  index_t window = 8;   ///< context bytes
+  index_t embed = 16;   ///< embedding width per context byte
   index_t dim = 48, experts = 8, top_k = 2, hidden = 32, layers = 2;
 };
 
@@ -89,10 +92,10 @@ struct model_config {
 struct param_layout {
   static constexpr index_t align = 16;
   model_config c;
-  index_t emb = 0, mix_w = 0, mix_b = 0;                ///< [V, E_d], [n E_d, D], [D]
-  std::vector<index_t> router, w_gate, w_up, w_down;    ///< per layer: [D, E]; E x [D, F]; E x [D, F]; E x [F, D]
-  index_t expert_stride = 0;                            ///< elements between two experts' blocks
-  index_t out_w = 0, out_b = 0;                         ///< [D, V], [V]
+  index_t emb = 0, mix_w = 0, mix_b = 0;              ///< [V, E_d], [n E_d, D], [D]
+  std::vector<index_t> router, w_gate, w_up, w_down;  ///< per layer: [D, E]; E x [D, F]; E x [D, F]; E x [F, D]
+  index_t expert_stride = 0;                          ///< elements between two experts' blocks
+  index_t out_w = 0, out_b = 0;                       ///< [D, V], [V]
   index_t total = 0;
 
   static index_t round_up(index_t n) { return (n + align - 1) / align * align; }
@@ -182,7 +185,8 @@ buffer<S> init_params(const param_layout& pl, std::uint64_t seed) {
     for (index_t e = 0; e < c.experts; ++e) {
       fill(pl.w_gate[uz(l)] + e * pl.expert_stride, c.dim * c.hidden, 1.0 / std::sqrt(D));
       fill(pl.w_up[uz(l)] + e * pl.expert_stride, c.dim * c.hidden, 1.0 / std::sqrt(D));
-      fill(pl.w_down[uz(l)] + e * pl.expert_stride, c.hidden * c.dim, 1.0 / std::sqrt(F * 2.0 * static_cast<double>(c.layers)));
+      fill(pl.w_down[uz(l)] + e * pl.expert_stride, c.hidden * c.dim,
+           1.0 / std::sqrt(F * 2.0 * static_cast<double>(c.layers)));
     }
   }
   fill(pl.out_w, c.dim * c.vocab, 1.0 / std::sqrt(D));
@@ -203,13 +207,13 @@ struct reg_config {
 /// Everything one MoE layer keeps from the forward pass for its backward pass.
 template <class S>
 struct layer_cache {
-  mat<S> x;                              ///< input [T, D]
-  mat<S> logits, probs, scores;          ///< Z, P, S [T, E]
-  std::vector<std::int32_t> topk;        ///< I [T, k], -1 = dropped
-  std::vector<std::int32_t> row_of;      ///< [T, k] grouped row of (t, s), -1 = none
-  std::vector<index_t> first;            ///< [E + 1] first grouped row of each expert
-  std::vector<index_t> token_of, slot_of;///< [rows] token and slot of each grouped row
-  mat<S> a, b, h, o;                     ///< gate and up pre-activations, h, output: [rows, F|D]
+  mat<S> x;                                ///< input [T, D]
+  mat<S> logits, probs, scores;            ///< Z, P, S [T, E]
+  std::vector<std::int32_t> topk;          ///< I [T, k], -1 = dropped
+  std::vector<std::int32_t> row_of;        ///< [T, k] grouped row of (t, s), -1 = none
+  std::vector<index_t> first;              ///< [E + 1] first grouped row of each expert
+  std::vector<index_t> token_of, slot_of;  ///< [rows] token and slot of each grouped row
+  mat<S> a, b, h, o;                       ///< gate and up pre-activations, h, output: [rows, F|D]
 
   index_t rows() const { return static_cast<index_t>(token_of.size()); }
   moereg::topk_view topk_view(index_t k) const { return {topk.data(), x.rows(), k}; }
@@ -220,7 +224,7 @@ struct layer_cache {
 
 template <class S>
 struct forward_cache {
-  mat<S> xc;                    ///< concatenated context embeddings [T, n E_d]
+  mat<S> xc;  ///< concatenated context embeddings [T, n E_d]
   std::vector<layer_cache<S>> layers;
   mat<S> x_out, logits, probs;  ///< [T, D], [T, V], [T, V]
 };
@@ -281,8 +285,7 @@ forward_cache<S> forward(const param_layout& pl, const S* params, const batch& b
   fc.xc.resize(T, c.window * Ed);
   const auto emb = pl.embedding(p);
   for (index_t t = 0; t < T; ++t)
-    for (index_t j = 0; j < c.window; ++j)
-      fc.xc.row(t).segment(j * Ed, Ed) = emb.row(b.context[uz(t * c.window + j)]);
+    for (index_t j = 0; j < c.window; ++j) fc.xc.row(t).segment(j * Ed, Ed) = emb.row(b.context[uz(t * c.window + j)]);
   mat<S> x(T, D);
   x.noalias() = fc.xc * pl.mix(p);
   x.rowwise() += pl.mix_bias(p);
@@ -430,7 +433,8 @@ loss_terms objective(const param_layout& pl, const S* params, const batch& b, co
     if (reg.load_balancing != 0) {
       const moereg::load_balancing_loss lb{{reg.load_balancing}};
       const moereg::load_balancing_inputs<S> in{moereg::view(L.probs), I};
-      out.load_balancing += want ? lb.value_and_grad(in, moereg::view(dP[uz(l)]), moereg::on(be)) : lb.value(in, moereg::on(be));
+      out.load_balancing +=
+          want ? lb.value_and_grad(in, moereg::view(dP[uz(l)]), moereg::on(be)) : lb.value(in, moereg::on(be));
     }
     if (reg.z != 0) {
       const moereg::z_loss zl{{reg.z}};
@@ -440,7 +444,8 @@ loss_terms objective(const param_layout& pl, const S* params, const batch& b, co
     if (reg.variance != 0) {
       const moereg::variance_loss vl{{reg.variance}};
       const moereg::variance_inputs<S> in{moereg::view(L.scores)};
-      out.variance += want ? vl.value_and_grad(in, moereg::view(dS[uz(l)]), moereg::on(be)) : vl.value(in, moereg::on(be));
+      out.variance +=
+          want ? vl.value_and_grad(in, moereg::view(dS[uz(l)]), moereg::on(be)) : vl.value(in, moereg::on(be));
     }
     if (reg.specialization != 0) {
       const moereg::specialization_loss sp{{reg.specialization}};
@@ -535,8 +540,7 @@ loss_terms objective(const param_layout& pl, const S* params, const batch& b, co
   dxc.noalias() = dx * pl.mix(p).transpose();
   auto demb = pl.embedding(grad);
   for (index_t t = 0; t < T; ++t)
-    for (index_t j = 0; j < c.window; ++j)
-      demb.row(b.context[uz(t * c.window + j)]) += dxc.row(t).segment(j * Ed, Ed);
+    for (index_t j = 0; j < c.window; ++j) demb.row(b.context[uz(t * c.window + j)]) += dxc.row(t).segment(j * Ed, Ed);
   return out;
 }
 
@@ -548,11 +552,11 @@ struct train_config {
   index_t steps = 1200;
   index_t batch = 256;
   double lr = 3e-3;
-  index_t warmup = 30;       ///< linear warm-up steps, then cosine decay to lr_final * lr
+  index_t warmup = 30;  ///< linear warm-up steps, then cosine decay to lr_final * lr
   double lr_final = 0.1;
   double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
-  index_t eval_every = 0;    ///< > 0: record the held-out loss every so many steps (curves)
-  std::uint64_t seed = 1;    ///< model initialisation and the stream of training samples
+  index_t eval_every = 0;  ///< > 0: record the held-out loss every so many steps (curves)
+  std::uint64_t seed = 1;  ///< model initialisation and the stream of training samples
 };
 
 /// Mutual information (nats) of a joint table of counts [rows, cols].
@@ -617,16 +621,19 @@ inline double prefetch_hit_rate(const moereg::topk_view& from, const moereg::top
 /// What a trained model shows on the held-out set. Per-layer vectors have one entry per MoE
 /// layer, per-pair vectors one per adjacent layer pair; the scalars are their means.
 struct evaluation {
-  double bits_per_byte = 0;               ///< mean over the (stratified) held-out bytes
-  std::vector<double> bits_per_byte_lang; ///< per language
-  double accuracy = 0;                    ///< top-1 next-byte accuracy
+  double bits_per_byte = 0;                ///< mean over the (stratified) held-out bytes
+  std::vector<double> bits_per_byte_lang;  ///< per language
+  double accuracy = 0;                     ///< top-1 next-byte accuracy
   double maxvio = 0, cv = 0, entropy = 0, topk_mass = 0;
-  double overlap_h = 0, cos2_h = 0;       ///< co-selected SwiGLU intermediates h (R_sp's space)
-  double overlap_o = 0, cos2_o = 0;       ///< co-selected expert outputs o (L_o's space)
-  std::vector<double> lang_mi;            ///< per layer: MI(language; selected expert), nats
-  std::vector<double> majority_share;     ///< per layer: mean over experts of the share of its tokens in its majority language
-  std::vector<std::vector<double>> expert_share;  ///< [layer][expert]: share of the expert's tokens in its majority language (0 if unused)
-  std::vector<std::vector<int>> expert_language;  ///< [layer][expert]: that majority language (index into languages(); -1 if unused)
+  double overlap_h = 0, cos2_h = 0;  ///< co-selected SwiGLU intermediates h (R_sp's space)
+  double overlap_o = 0, cos2_o = 0;  ///< co-selected expert outputs o (L_o's space)
+  std::vector<double> lang_mi;       ///< per layer: MI(language; selected expert), nats
+  std::vector<double>
+      majority_share;  ///< per layer: mean over experts of the share of its tokens in its majority language
+  std::vector<std::vector<double>>
+      expert_share;  ///< [layer][expert]: share of the expert's tokens in its majority language (0 if unused)
+  std::vector<std::vector<int>>
+      expert_language;  ///< [layer][expert]: that majority language (index into languages(); -1 if unused)
   double lang_mi_mean = 0, majority_mean = 0;
   std::vector<double> pathway_pair, prefetch_pair, prefetch_chance_pair;
   double pathway = 0;          ///< pathway concentration (held-out)
@@ -668,7 +675,8 @@ evaluation evaluate(const param_layout& pl, const S* params, const batch& heldou
     sel.push_back(I);
     const auto m = moereg::measure_layer(moereg::view(L.probs), I, moereg::mask_view{}, {}, be);
     const auto oh = moereg::measure_overlap(
-        I, moereg::activation_view<const S, moereg::expert_grouped>{L.h.data(), L.grouped(c.top_k, c.hidden)}, {}, {}, be);
+        I, moereg::activation_view<const S, moereg::expert_grouped>{L.h.data(), L.grouped(c.top_k, c.hidden)}, {}, {},
+        be);
     const auto oo = moereg::measure_overlap(
         I, moereg::activation_view<const S, moereg::expert_grouped>{L.o.data(), L.grouped(c.top_k, c.dim)}, {}, {}, be);
     ev.maxvio += m.maxvio;
@@ -706,7 +714,8 @@ evaluation evaluate(const param_layout& pl, const S* params, const batch& heldou
     ev.majority_share.push_back(used > 0 ? share / static_cast<double>(used) : 0.0);
   }
   const double nl = static_cast<double>(c.layers);
-  for (double* v : {&ev.maxvio, &ev.cv, &ev.entropy, &ev.topk_mass, &ev.overlap_h, &ev.cos2_h, &ev.overlap_o, &ev.cos2_o})
+  for (double* v :
+       {&ev.maxvio, &ev.cv, &ev.entropy, &ev.topk_mass, &ev.overlap_h, &ev.cos2_h, &ev.overlap_o, &ev.cos2_o})
     *v /= nl;
   for (index_t l = 0; l < c.layers; ++l) {
     ev.lang_mi_mean += ev.lang_mi[uz(l)] / nl;
@@ -753,7 +762,7 @@ struct run_result {
   double median_reg = 0;   ///< median wall time of the moereg loss calls in one step
   index_t steps = 0;
   std::vector<curve_point> curve;
-  loss_terms last;         ///< the objective's terms at the last step
+  loss_terms last;  ///< the objective's terms at the last step
 };
 
 /// Trains a fresh model (Adam) with the regularisers of `reg` on bytes drawn from `train_set`
@@ -785,7 +794,8 @@ run_result train(const corpus& train_set, const model_config& mc, const reg_conf
     if (step <= tc.warmup) {
       lr *= static_cast<double>(step) / static_cast<double>(tc.warmup);
     } else {
-      const double prog = static_cast<double>(step - tc.warmup) / static_cast<double>(std::max<index_t>(tc.steps - tc.warmup, 1));
+      const double prog =
+          static_cast<double>(step - tc.warmup) / static_cast<double>(std::max<index_t>(tc.steps - tc.warmup, 1));
       lr *= tc.lr_final + (1.0 - tc.lr_final) * 0.5 * (1.0 + std::cos(3.14159265358979323846 * prog));
     }
     const double bc1 = 1.0 - std::pow(tc.beta1, static_cast<double>(step));

@@ -43,8 +43,9 @@ void check_chain_rule(const char* who, const char* in_name, const routing_view<T
 
 /// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
 template <class T>
-void softmax_backward(detail::nondeduced_t<routing_view<T>> probs, detail::nondeduced_t<matrix_view<const T>> grad_probs,
-                      matrix_view<T> grad_logits, grad_options opts = {}, const cpu& be = {}) {
+void softmax_backward(detail::nondeduced_t<routing_view<T>> probs,
+                      detail::nondeduced_t<matrix_view<const T>> grad_probs, matrix_view<T> grad_logits,
+                      grad_options opts = {}, const cpu& be = {}) {
   using Acc = accumulator_t<T>;
   detail::check_chain_rule("softmax_backward", "probs", probs, "grad_probs", grad_probs, grad_logits, opts, be);
   const Acc gs = static_cast<Acc>(opts.grad_scale);
@@ -72,7 +73,8 @@ void sigmoid_norm_backward(detail::nondeduced_t<routing_view<T>> logits,
                            detail::nondeduced_t<matrix_view<const T>> grad_scores, matrix_view<T> grad_logits,
                            grad_options opts = {}, const cpu& be = {}) {
   using Acc = accumulator_t<T>;
-  detail::check_chain_rule("sigmoid_norm_backward", "logits", logits, "grad_scores", grad_scores, grad_logits, opts, be);
+  detail::check_chain_rule("sigmoid_norm_backward", "logits", logits, "grad_scores", grad_scores, grad_logits, opts,
+                           be);
   const Acc gs = static_cast<Acc>(opts.grad_scale);
   const index_t E = logits.cols;
   detail::parallel_blocks(be, logits.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {

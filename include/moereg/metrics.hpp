@@ -62,21 +62,21 @@ struct metrics_config {
 struct overlap_metrics {
   double mean_abs_cos = 0.0;  ///< mean |c_{t,s,r}| over the pairs
   double mean_cos2 = 0.0;     ///< mean c_{t,s,r}^2 over the pairs
-  index_t pairs = 0;  ///< unordered valid slot pairs of valid tokens that were averaged
+  index_t pairs = 0;          ///< unordered valid slot pairs of valid tokens that were averaged
 };
 
 /// The section-8 metrics of one layer.
 struct layer_metrics {
-  index_t valid_tokens = 0;                ///< T_v
-  std::vector<double> tokens_per_expert;   ///< count_e, length E
-  std::vector<double> f;                   ///< count_e / (k T_v), length E
-  double maxvio = 0.0;  ///< MaxVio = max_e count_e / mean_e count_e - 1 (0 when nothing is routed)
-  double cv = 0.0;      ///< std_e(count) / mean_e(count), population std (0 when nothing is routed)
-  double mean_entropy = 0.0;               ///< nats
-  double mean_topk_mass = 0.0;             ///< (1/T_v) sum_t m_t sum_{s in A_t} P[t, I[t,s]]
-  double mean_abs_cos = 0.0;               ///< 0 when no activations were given
-  double mean_cos2 = 0.0;                  ///< 0 when no activations were given
-  index_t cos_pairs = 0;                   ///< co-selected pairs behind the two cosine means
+  index_t valid_tokens = 0;               ///< T_v
+  std::vector<double> tokens_per_expert;  ///< count_e, length E
+  std::vector<double> f;                  ///< count_e / (k T_v), length E
+  double maxvio = 0.0;                    ///< MaxVio = max_e count_e / mean_e count_e - 1 (0 when nothing is routed)
+  double cv = 0.0;                        ///< std_e(count) / mean_e(count), population std (0 when nothing is routed)
+  double mean_entropy = 0.0;              ///< nats
+  double mean_topk_mass = 0.0;            ///< (1/T_v) sum_t m_t sum_{s in A_t} P[t, I[t,s]]
+  double mean_abs_cos = 0.0;              ///< 0 when no activations were given
+  double mean_cos2 = 0.0;                 ///< 0 when no activations were given
+  index_t cos_pairs = 0;                  ///< co-selected pairs behind the two cosine means
 };
 
 /// The section-8 metrics of one adjacent layer pair.
@@ -85,11 +85,11 @@ struct pathway_metrics {
   ///@{
   index_t experts_from = 0, experts_to = 0;
   ///@}
-  std::vector<double> counts;                ///< count[e][nu], E_l x E_n row-major
-  std::vector<double> joint;                 ///< counts / total
-  double total = 0.0;                        ///< number of routed token pairs
-  double mutual_information = 0.0;           ///< nats
-  double pathway_concentration = 0.0;        ///< share of routed pairs in the k_n most frequent successors of each expert
+  std::vector<double> counts;          ///< count[e][nu], E_l x E_n row-major
+  std::vector<double> joint;           ///< counts / total
+  double total = 0.0;                  ///< number of routed token pairs
+  double mutual_information = 0.0;     ///< nats
+  double pathway_concentration = 0.0;  ///< share of routed pairs in the k_n most frequent successors of each expert
 };
 
 namespace detail {
@@ -104,9 +104,8 @@ inline std::vector<index_t> top_entries(const double* row, index_t cols, index_t
   std::vector<index_t> idx(static_cast<std::size_t>(cols));
   for (index_t i = 0; i < cols; ++i) idx[static_cast<std::size_t>(i)] = i;
   const auto m = static_cast<std::ptrdiff_t>(std::min(n, cols));
-  std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [row](index_t a, index_t b) {
-    return row[a] > row[b] || (row[a] == row[b] && a < b);
-  });
+  std::partial_sort(idx.begin(), idx.begin() + m, idx.end(),
+                    [row](index_t a, index_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
   idx.resize(static_cast<std::size_t>(m));
   return idx;
 }
@@ -230,7 +229,8 @@ layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, mask_v
   for (index_t b = 0; b < nb; ++b) {
     out.valid_tokens += ptv[static_cast<std::size_t>(b)];
     for (index_t e = 0; e < E; ++e)
-      out.tokens_per_expert[static_cast<std::size_t>(e)] += static_cast<double>(pcnt[static_cast<std::size_t>(b * E + e)]);
+      out.tokens_per_expert[static_cast<std::size_t>(e)] +=
+          static_cast<double>(pcnt[static_cast<std::size_t>(b * E + e)]);
   }
   if (out.valid_tokens == 0) return out;
   const double tv = static_cast<double>(out.valid_tokens);
@@ -336,7 +336,8 @@ inline pathway_metrics measure_pathways(const topk_view& topk_from, index_t expe
       const double c = out.counts[static_cast<std::size_t>(e * E2 + nu)];
       // joint / (row col) with the marginals as counts: c * total / (row_count * col_count)
       if (c > 0.0)
-        mi += (c / out.total) * std::log(c * out.total / (row[static_cast<std::size_t>(e)] * col[static_cast<std::size_t>(nu)]));
+        mi += (c / out.total) *
+              std::log(c * out.total / (row[static_cast<std::size_t>(e)] * col[static_cast<std::size_t>(nu)]));
     }
     for (index_t nu : detail::top_entries(out.counts.data() + e * E2, E2, topk_to.k))
       inside += out.counts[static_cast<std::size_t>(e * E2 + nu)];

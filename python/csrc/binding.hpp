@@ -34,8 +34,12 @@ using value_grad = std::tuple<at::Tensor, at::Tensor>;
 
 namespace detail {
 
-[[noreturn]] inline void raise_type(const std::string& msg) { throw pybind11::type_error(msg); }
-[[noreturn]] inline void raise_value(const std::string& msg) { throw pybind11::value_error(msg); }
+[[noreturn]] inline void raise_type(const std::string& msg) {
+  throw pybind11::type_error(msg);
+}
+[[noreturn]] inline void raise_value(const std::string& msg) {
+  throw pybind11::value_error(msg);
+}
 
 /// CUDA (or any non-CPU) tensors: this build runs moereg's CPU backend only.
 inline void check_cpu(const at::Tensor& x, const char* who, const char* name) {
@@ -63,11 +67,16 @@ inline index_t stride_of(const at::Tensor& x, int64_t dim, index_t natural) {
 template <class F>
 decltype(auto) dispatch_float(const at::Tensor& x, const char* who, const char* name, F&& f) {
   switch (x.scalar_type()) {
-    case at::kFloat: return f(float{});
-    case at::kDouble: return f(double{});
-    case at::kBFloat16: return f(moereg::bfloat16{});
-    case at::kHalf: return f(moereg::half{});
-    default: break;
+    case at::kFloat:
+      return f(float{});
+    case at::kDouble:
+      return f(double{});
+    case at::kBFloat16:
+      return f(moereg::bfloat16{});
+    case at::kHalf:
+      return f(moereg::half{});
+    default:
+      break;
   }
   raise_type(moereg::detail::concat("moereg_torch.", who, ": ", name, " has dtype ", c10::toString(x.scalar_type()),
                                     "; float32, float64, bfloat16 or float16 is needed"));
@@ -140,11 +149,16 @@ inline moereg::mask_view mask_of(const c10::optional<at::Tensor>& m, const char*
   check_dim(x, 1, who, "mask", "[T]");
   const index_t n = x.size(0), st = stride_of(x, 0, 1);
   switch (x.scalar_type()) {
-    case at::kBool: return moereg::mask_view(data_of<const bool>(x), n, st);
-    case at::kByte: return moereg::mask_view(data_of<const std::uint8_t>(x), n, st);
-    case at::kInt: return moereg::mask_view(data_of<const std::int32_t>(x), n, st);
-    case at::kLong: return moereg::mask_view(data_of<const std::int64_t>(x), n, st);
-    default: break;
+    case at::kBool:
+      return moereg::mask_view(data_of<const bool>(x), n, st);
+    case at::kByte:
+      return moereg::mask_view(data_of<const std::uint8_t>(x), n, st);
+    case at::kInt:
+      return moereg::mask_view(data_of<const std::int32_t>(x), n, st);
+    case at::kLong:
+      return moereg::mask_view(data_of<const std::int64_t>(x), n, st);
+    default:
+      break;
   }
   raise_type(moereg::detail::concat("moereg_torch.", who, ": mask has dtype ", c10::toString(x.scalar_type()),
                                     "; bool, uint8, int32 or int64 is needed"));
@@ -178,10 +192,14 @@ inline moereg::stats_view stats_of(const c10::optional<at::Tensor>& s, const cha
 }
 
 /// A new contiguous gradient of x's shape and dtype.
-inline at::Tensor grad_like(const at::Tensor& x) { return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous)); }
+inline at::Tensor grad_like(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
 
 /// The CPU backend with torch's intra-op thread count.
-inline moereg::cpu backend() { return moereg::cpu{at::get_num_threads()}; }
+inline moereg::cpu backend() {
+  return moereg::cpu{at::get_num_threads()};
+}
 
 /// Runs f() without the GIL; moereg::error becomes ValueError with moereg's message.
 template <class F>
@@ -247,8 +265,8 @@ value_grad orthogonality(const at::Tensor& outs, const at::Tensor& topk, const o
                          const opt_tensor& stats, bool want_grad);
 std::tuple<at::Tensor, std::vector<at::Tensor>> coupling(const std::vector<at::Tensor>& probs,
                                                          const std::vector<at::Tensor>& topk, const opt_tensor& mask,
-                                                         double coef, int64_t form, double eps,
-                                                         const opt_tensor& stats, bool want_grad);
+                                                         double coef, int64_t form, double eps, const opt_tensor& stats,
+                                                         bool want_grad);
 void bias_update(at::Tensor& bias, const at::Tensor& counts, double rate, bool center);
 
 /// The library's config defaults, for the Python side's test that its defaults agree.

@@ -7,8 +7,8 @@ using namespace detail;
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> coupling(const std::vector<at::Tensor>& probs,
                                                          const std::vector<at::Tensor>& topk, const opt_tensor& mask,
-                                                         double coef, int64_t form, double eps,
-                                                         const opt_tensor& stats, bool want_grad) {
+                                                         double coef, int64_t form, double eps, const opt_tensor& stats,
+                                                         bool want_grad) {
   const char* who = "coupling";
   if (probs.size() != topk.size())
     raise_value(moereg::detail::concat("moereg_torch.coupling: probs_list has ", probs.size(),
@@ -18,8 +18,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coupling(const std::vector<at::T
   for (const auto& p : probs)
     if (p.scalar_type() != probs[0].scalar_type())
       raise_type(moereg::detail::concat("moereg_torch.coupling: probs_list mixes dtypes ",
-                                        c10::toString(probs[0].scalar_type()), " and ",
-                                        c10::toString(p.scalar_type()), "; every layer needs the same dtype"));
+                                        c10::toString(probs[0].scalar_type()), " and ", c10::toString(p.scalar_type()),
+                                        "; every layer needs the same dtype"));
   keep kp;
   std::vector<moereg::topk_view> I;
   I.reserve(topk.size());
@@ -29,29 +29,30 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> coupling(const std::vector<at::T
   moereg::coupling_loss loss;
   loss.cfg.coef = coef;
   loss.cfg.eps = eps;
-  loss.cfg.form = form == 1 ? moereg::coupling_form::log : (form == 2 ? moereg::coupling_form::batch
-                                                                       : moereg::coupling_form::token);
+  loss.cfg.form = form == 1 ? moereg::coupling_form::log
+                            : (form == 2 ? moereg::coupling_form::batch : moereg::coupling_form::token);
   const auto L = static_cast<index_t>(probs.size());
-  return dispatch_float(probs[0], who, "probs_list[0]", [&](auto tag) -> std::tuple<at::Tensor, std::vector<at::Tensor>> {
-    using T = decltype(tag);
-    std::vector<moereg::matrix_view<const T>> P;
-    P.reserve(probs.size());
-    for (const auto& p : probs) P.push_back(matrix_of<T>(p));
-    const moereg::coupling_inputs<T> in{P.data(), I.data(), L, m};
-    std::vector<at::Tensor> grads;
-    double v;
-    if (want_grad) {
-      std::vector<moereg::matrix_view<T>> G;
-      for (const auto& p : probs) {
-        grads.push_back(grad_like(p));
-        G.push_back(mutable_matrix_of<T>(grads.back()));
-      }
-      v = run([&] { return loss.value_and_grad(in, G.data(), moereg::grad_options{}, red, backend()); });
-    } else {
-      v = run([&] { return loss.value(in, red, backend()); });
-    }
-    return {value_tensor(v, probs[0]), grads};
-  });
+  return dispatch_float(
+      probs[0], who, "probs_list[0]", [&](auto tag) -> std::tuple<at::Tensor, std::vector<at::Tensor>> {
+        using T = decltype(tag);
+        std::vector<moereg::matrix_view<const T>> P;
+        P.reserve(probs.size());
+        for (const auto& p : probs) P.push_back(matrix_of<T>(p));
+        const moereg::coupling_inputs<T> in{P.data(), I.data(), L, m};
+        std::vector<at::Tensor> grads;
+        double v;
+        if (want_grad) {
+          std::vector<moereg::matrix_view<T>> G;
+          for (const auto& p : probs) {
+            grads.push_back(grad_like(p));
+            G.push_back(mutable_matrix_of<T>(grads.back()));
+          }
+          v = run([&] { return loss.value_and_grad(in, G.data(), moereg::grad_options{}, red, backend()); });
+        } else {
+          v = run([&] { return loss.value(in, red, backend()); });
+        }
+        return {value_tensor(v, probs[0]), grads};
+      });
 }
 
 }  // namespace moereg_torch

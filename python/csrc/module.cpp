@@ -60,7 +60,8 @@ pybind11::dict defaults() {
     pybind11::dict o;
     o["coef"] = c.coef;
     o["eps"] = c.eps;
-    o["form"] = c.form == moereg::coupling_form::token ? "token" : (c.form == moereg::coupling_form::log ? "log" : "batch");
+    o["form"] =
+        c.form == moereg::coupling_form::token ? "token" : (c.form == moereg::coupling_form::log ? "log" : "batch");
     put("coupling", o);
   }
   {
@@ -90,6 +91,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("coupling", &coupling);
   m.def("bias_update", &bias_update);
   m.def("defaults", &defaults);
-  m.attr("version") = std::to_string(MOEREG_VERSION_MAJOR) + "." + std::to_string(MOEREG_VERSION_MINOR) + "." + std::to_string(MOEREG_VERSION_PATCH);
+  m.attr("version") = std::to_string(MOEREG_VERSION_MAJOR) + "." + std::to_string(MOEREG_VERSION_MINOR) + "." +
+                      std::to_string(MOEREG_VERSION_PATCH);
   m.attr("cuda") = false;
 }

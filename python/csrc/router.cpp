@@ -12,7 +12,8 @@ moereg::load_balancing_config lb_config(double coef, int64_t k, int64_t scope, i
   moereg::load_balancing_config cfg;
   cfg.coef = coef;
   cfg.k = k;
-  cfg.scope = scope == 1 ? moereg::lb_scope::sequence : (scope == 2 ? moereg::lb_scope::global : moereg::lb_scope::micro);
+  cfg.scope =
+      scope == 1 ? moereg::lb_scope::sequence : (scope == 2 ? moereg::lb_scope::global : moereg::lb_scope::micro);
   cfg.seq_len = seq_len;
   return cfg;
 }
@@ -143,12 +144,24 @@ void bias_update(at::Tensor& bias, const at::Tensor& counts, double rate, bool c
       run([&] { moereg::bias_update(cfg, cp, nc, bp, nb); });
     };
     switch (c.scalar_type()) {
-      case at::kFloat: go(float{}); break;
-      case at::kDouble: go(double{}); break;
-      case at::kInt: go(std::int32_t{}); break;
-      case at::kLong: go(std::int64_t{}); break;
-      case at::kByte: go(std::uint8_t{}); break;
-      case at::kShort: go(std::int16_t{}); break;
+      case at::kFloat:
+        go(float{});
+        break;
+      case at::kDouble:
+        go(double{});
+        break;
+      case at::kInt:
+        go(std::int32_t{});
+        break;
+      case at::kLong:
+        go(std::int64_t{});
+        break;
+      case at::kByte:
+        go(std::uint8_t{});
+        break;
+      case at::kShort:
+        go(std::int16_t{});
+        break;
       default:
         raise_type(moereg::detail::concat("moereg_torch.bias_update: counts has dtype ",
                                           c10::toString(counts.scalar_type()), "; a numeric dtype is needed"));

@@ -155,7 +155,7 @@ MOEREG_NAMESPACE_BEGIN
 /// argument at fault and the shapes involved, for example
 /// "load_balancing: topk has 7 rows but probs has 8 rows".
 class error : public std::invalid_argument {
-public:
+ public:
   /// An error whose what() is `what`.
   explicit error(const std::string& what) : std::invalid_argument(what) {}
 };
@@ -165,7 +165,7 @@ public:
 /// MPI_Init or after MPI_Finalize. Its message names the moereg function, the library call
 /// and the library's own error text.
 class backend_error : public std::runtime_error {
-public:
+ public:
   /// A backend error whose what() is `what`.
   explicit backend_error(const std::string& what) : std::runtime_error(what) {}
 };
@@ -267,7 +267,7 @@ MOEREG_NAMESPACE_BEGIN
 using index_t = std::int64_t;
 
 /// The 16-bit storage types. They are Eigen's, so Eigen matrices of them map without a copy.
-using half = Eigen::half;  ///< Eigen::half (IEEE binary16)
+using half = Eigen::half;          ///< Eigen::half (IEEE binary16)
 using bfloat16 = Eigen::bfloat16;  ///< Eigen::bfloat16 (8-bit exponent, 7-bit mantissa)
 
 /// The arithmetic type for a storage type T.
@@ -292,8 +292,9 @@ inline constexpr bool is_storage_type_v =
 
 /// The message of the static_assert every loss input and chain helper makes on its element
 /// type: integers, raw 16-bit patterns in uint16_t and other arithmetic types do not compile.
-#define MOEREG_STORAGE_TYPE_MESSAGE \
-  "moereg: the element type of probabilities, logits, scores and activations must be float, double, moereg::half or moereg::bfloat16"
+#define MOEREG_STORAGE_TYPE_MESSAGE                                                                                   \
+  "moereg: the element type of probabilities, logits, scores and activations must be float, double, moereg::half or " \
+  "moereg::bfloat16"
 
 /// Reads one element as its accumulator type.
 template <class T>
@@ -311,11 +312,16 @@ MOEREG_FORCEINLINE void store(T& dst, A v) {
 template <class T>
 constexpr const char* type_name() {
   using U = std::remove_cv_t<T>;
-  if constexpr (std::is_same_v<U, float>) return "float32";
-  else if constexpr (std::is_same_v<U, double>) return "float64";
-  else if constexpr (std::is_same_v<U, half>) return "float16";
-  else if constexpr (std::is_same_v<U, bfloat16>) return "bfloat16";
-  else return "unsupported";
+  if constexpr (std::is_same_v<U, float>)
+    return "float32";
+  else if constexpr (std::is_same_v<U, double>)
+    return "float64";
+  else if constexpr (std::is_same_v<U, half>)
+    return "float16";
+  else if constexpr (std::is_same_v<U, bfloat16>)
+    return "bfloat16";
+  else
+    return "unsupported";
 }
 
 MOEREG_NAMESPACE_END
@@ -381,9 +387,9 @@ inline bool strides_unique(int n, const index_t* extent, const index_t* stride) 
 /// A strided 2-D view. `T` may be const-qualified for inputs.
 template <class T>
 struct matrix_view {
-  T* data = nullptr;  ///< first element, (0, 0)
-  index_t rows = 0;  ///< number of rows
-  index_t cols = 0;  ///< number of columns
+  T* data = nullptr;       ///< first element, (0, 0)
+  index_t rows = 0;        ///< number of rows
+  index_t cols = 0;        ///< number of columns
   index_t row_stride = 0;  ///< elements between (i, j) and (i + 1, j)
   index_t col_stride = 1;  ///< elements between (i, j) and (i, j + 1)
 
@@ -438,11 +444,11 @@ enum class index_type : std::uint8_t { i32, i64 };
 
 /// Selected experts [T, k], int32 or int64. Negative = dropped slot.
 struct topk_view {
-  const void* data = nullptr;  ///< int32 or int64 entries, as `type` says; null = empty view
+  const void* data = nullptr;         ///< int32 or int64 entries, as `type` says; null = empty view
   index_type type = index_type::i32;  ///< element type of `data`
-  index_t rows = 0;  ///< T, the number of tokens
-  index_t k = 0;  ///< k, the number of slots per token
-  index_t row_stride = 0;  ///< elements between the rows of two consecutive tokens
+  index_t rows = 0;                   ///< T, the number of tokens
+  index_t k = 0;                      ///< k, the number of slots per token
+  index_t row_stride = 0;             ///< elements between the rows of two consecutive tokens
 
   /// An empty view (no tokens).
   constexpr topk_view() = default;
@@ -467,19 +473,23 @@ enum class mask_type : std::uint8_t { u8, boolean, i32, i64 };
 /// Token mask [T]: nonzero = real token, zero = padding. A default-constructed mask
 /// (null data) means every token is valid.
 struct mask_view {
-  const void* data = nullptr;  ///< entries of type `type`; null = every token valid
+  const void* data = nullptr;      ///< entries of type `type`; null = every token valid
   mask_type type = mask_type::u8;  ///< element type of `data`
-  index_t size = 0;  ///< T, the number of tokens
-  index_t stride = 1;  ///< elements between two consecutive tokens
+  index_t size = 0;                ///< T, the number of tokens
+  index_t stride = 1;              ///< elements between two consecutive tokens
 
   /// The all-valid mask (null data).
   constexpr mask_view() = default;
   /// A mask of n tokens (nonzero = valid) read every `st` elements from d.
   ///@{
-  constexpr mask_view(const std::uint8_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::u8), size(n), stride(st) {}
-  constexpr mask_view(const bool* d, index_t n, index_t st = 1) : data(d), type(mask_type::boolean), size(n), stride(st) {}
-  constexpr mask_view(const std::int32_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::i32), size(n), stride(st) {}
-  constexpr mask_view(const std::int64_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::i64), size(n), stride(st) {}
+  constexpr mask_view(const std::uint8_t* d, index_t n, index_t st = 1)
+      : data(d), type(mask_type::u8), size(n), stride(st) {}
+  constexpr mask_view(const bool* d, index_t n, index_t st = 1)
+      : data(d), type(mask_type::boolean), size(n), stride(st) {}
+  constexpr mask_view(const std::int32_t* d, index_t n, index_t st = 1)
+      : data(d), type(mask_type::i32), size(n), stride(st) {}
+  constexpr mask_view(const std::int64_t* d, index_t n, index_t st = 1)
+      : data(d), type(mask_type::i64), size(n), stride(st) {}
   ///@}
 
   /// True for the default (null) mask: every token is valid.
@@ -490,10 +500,14 @@ struct mask_view {
     if (data == nullptr) return true;
     const index_t o = t * stride;
     switch (type) {
-      case mask_type::u8: return static_cast<const std::uint8_t*>(data)[o] != 0;
-      case mask_type::boolean: return static_cast<const bool*>(data)[o];
-      case mask_type::i32: return static_cast<const std::int32_t*>(data)[o] != 0;
-      default: return static_cast<const std::int64_t*>(data)[o] != 0;
+      case mask_type::u8:
+        return static_cast<const std::uint8_t*>(data)[o] != 0;
+      case mask_type::boolean:
+        return static_cast<const bool*>(data)[o];
+      case mask_type::i32:
+        return static_cast<const std::int32_t*>(data)[o] != 0;
+      default:
+        return static_cast<const std::int64_t*>(data)[o] != 0;
     }
   }
 };
@@ -501,9 +515,9 @@ struct mask_view {
 /// Packed-sequence offsets (cu_seqlens) [B + 1], int32 or int64: sequence b holds rows
 /// [offsets[b], offsets[b + 1]).
 struct offsets_view {
-  const void* data = nullptr;  ///< int32 or int64 entries, as `type` says; null = no offsets
+  const void* data = nullptr;         ///< int32 or int64 entries, as `type` says; null = no offsets
   index_type type = index_type::i32;  ///< element type of `data`
-  index_t size = 0;  ///< B + 1
+  index_t size = 0;                   ///< B + 1
 
   /// An empty view (no packed sequences).
   constexpr offsets_view() = default;
@@ -525,7 +539,7 @@ struct offsets_view {
 /// Reduced statistics handed to a loss (LOSSES.md section 9). Empty = use this call's own.
 struct stats_view {
   const double* data = nullptr;  ///< the summed statistics; null = none given
-  index_t size = 0;  ///< number of doubles; must equal the loss's stats_size(inputs)
+  index_t size = 0;              ///< number of doubles; must equal the loss's stats_size(inputs)
   /// True when no statistics were given.
   constexpr bool empty() const { return data == nullptr; }
 };
@@ -545,7 +559,7 @@ namespace detail {
 /// with a device buffer is the form to use.
 template <class Backend>
 inline constexpr bool is_cpu_backend_v = std::is_same<Backend, cpu>::value;
-#define MOEREG_HOST_STATS_MESSAGE                                                                   \
+#define MOEREG_HOST_STATS_MESSAGE                                                                 \
   "moereg: this form returns host memory and runs on the CPU backend only; with another backend " \
   "pass a buffer on that backend's device to local_stats(in, double* out, be)"
 
@@ -570,9 +584,9 @@ struct grad_options {
 /// The positional forms (opts, reduced, be) stay; both give the same call.
 template <class Backend>
 struct call_context {
-  Backend backend{};      ///< cpu{...}, or the CUDA backend with its stream and buffers
-  stats_view reduced{};   ///< reduced statistics; empty = this call's own
-  grad_options opts{};    ///< grad_scale and overwrite / accumulate (ignored by value())
+  Backend backend{};     ///< cpu{...}, or the CUDA backend with its stream and buffers
+  stats_view reduced{};  ///< reduced statistics; empty = this call's own
+  grad_options opts{};   ///< grad_scale and overwrite / accumulate (ignored by value())
   /// Where the value is written, besides being returned: host memory on the CPU; device
   /// memory on CUDA, in place of the backend's own value pointer (the call then returns NaN,
   /// the value being on the device). Null: the backend's default.
@@ -677,8 +691,8 @@ namespace detail {
 inline void require_index_map(const char* who, const char* what, const topk_view& m) {
   require(m.rows >= 0 && m.k >= 0, who, ": ", what, " has a negative size [", m.rows, ", ", m.k, "]");
   require(m.data != nullptr || m.rows * m.k == 0, who, ": ", what, " is null but has size [", m.rows, ", ", m.k, "]");
-  require(m.row_stride >= m.k || m.rows <= 1, who, ": ", what, " row stride ", m.row_stride, " is smaller than k = ",
-          m.k);
+  require(m.row_stride >= m.k || m.rows <= 1, who, ": ", what, " row stride ", m.row_stride,
+          " is smaller than k = ", m.k);
 }
 
 // Checks that the valid entries of an index map are distinct keys in [0, n); key_of(t, s)
@@ -776,8 +790,14 @@ struct capacity_padded : detail::mapped_layout_shape<capacity_padded> {
   capacity_padded() = default;
   /// Contiguous [e, c, d] buffer; `experts` and `positions` [T, k] place each slot.
   capacity_padded(topk_view experts, topk_view positions, index_t e, index_t c, index_t d)
-      : expert_of(experts), position_of(positions), num_experts(e), capacity(c), length(d),
-        expert_stride(c * d), row_stride(d), elem_stride(1) {}
+      : expert_of(experts),
+        position_of(positions),
+        num_experts(e),
+        capacity(c),
+        length(d),
+        expert_stride(c * d),
+        row_stride(d),
+        elem_stride(1) {}
 
   /// The map that gives T and k: expert_of.
   const topk_view& slot_map() const { return expert_of; }
@@ -795,9 +815,9 @@ struct capacity_padded : detail::mapped_layout_shape<capacity_padded> {
   /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping storage or
   /// mismatched maps; reads no map entry.
   void validate_shape(const char* who) const {
-    detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
-                        elem_stride >= 1,
-                    who, ": capacity_padded layout has a negative size or stride");
+    detail::require(
+        num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 && elem_stride >= 1,
+        who, ": capacity_padded layout has a negative size or stride");
     detail::require(is_unique(), who, ": capacity_padded buffer [", num_experts, ", ", capacity, ", ", length,
                     "] with strides (", expert_stride, ", ", row_stride, ", ", elem_stride,
                     ") overlaps: two (expert, position, element) share storage");
@@ -839,8 +859,10 @@ struct has_validate_shape<Layout, std::void_t<decltype(std::declval<const Layout
 /// your own without it (its validate() runs wherever the map entries can be read).
 template <class Layout>
 void validate_layout_shape(const char* who, const Layout& l) {
-  if constexpr (has_validate_shape<Layout>::value) l.validate_shape(who);
-  else (void)who, (void)l;
+  if constexpr (has_validate_shape<Layout>::value)
+    l.validate_shape(who);
+  else
+    (void)who, (void)l;
 }
 }  // namespace detail
 
@@ -848,7 +870,7 @@ void validate_layout_shape(const char* who, const Layout& l) {
 template <class T, class Layout>
 struct activation_view {
   T* data = nullptr;  ///< base pointer the layout offsets are added to
-  Layout layout{};  ///< the layout policy (token_major, expert_grouped or capacity_padded)
+  Layout layout{};    ///< the layout policy (token_major, expert_grouped or capacity_padded)
 
   /// An empty view.
   constexpr activation_view() = default;
@@ -857,7 +879,8 @@ struct activation_view {
   /// A read-only view of a mutable one (like matrix_view's conversion), so that a gradient
   /// buffer's view also serves as an input.
   template <class U, std::enable_if_t<std::is_convertible<U*, T*>::value && !std::is_same<U, T>::value, int> = 0>
-  MOEREG_HOST_DEVICE constexpr activation_view(const activation_view<U, Layout>& o)  // NOLINT(google-explicit-constructor)
+  MOEREG_HOST_DEVICE constexpr activation_view(
+      const activation_view<U, Layout>& o)  // NOLINT(google-explicit-constructor)
       : data(o.data), layout(o.layout) {}
 
   /// Pointer to h_{t,s} (entries `layout.stride()` apart), or null when the slot has none.
@@ -875,15 +898,15 @@ struct activation_view {
 template <class Derived>
 auto grouped_view(const topk_view& row_map, Eigen::DenseBase<Derived>& m) {
   using S = std::remove_reference_t<decltype(*m.derived().data())>;
-  return activation_view<S, expert_grouped>{
-      m.derived().data(), expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
+  return activation_view<S, expert_grouped>{m.derived().data(),
+                                            expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
 }
 /// Read-only overload of grouped_view() for a const matrix or expression.
 template <class Derived>
 auto grouped_view(const topk_view& row_map, const Eigen::DenseBase<Derived>& m) {
   using S = const std::remove_const_t<std::remove_reference_t<decltype(*m.derived().data())>>;
-  return activation_view<S, expert_grouped>{
-      m.derived().data(), expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
+  return activation_view<S, expert_grouped>{m.derived().data(),
+                                            expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
 }
 
 /// Shorthand for a contiguous token-major [T, k, d] view.
@@ -900,9 +923,9 @@ MOEREG_NAMESPACE_BEGIN
 /// Where a non-finite value was found. For a matrix, (row, col) and elem = 0; for an
 /// activation view, (token, slot) in row/col and the element of the vector in elem.
 struct nonfinite_position {
-  index_t row = 0;  ///< row (matrix) or token (activations)
-  index_t col = 0;  ///< column (matrix) or slot (activations)
-  index_t elem = 0;  ///< element inside the vector h_{t,s} (0 for a matrix)
+  index_t row = 0;     ///< row (matrix) or token (activations)
+  index_t col = 0;     ///< column (matrix) or slot (activations)
+  index_t elem = 0;    ///< element inside the vector h_{t,s} (0 for a matrix)
   double value = 0.0;  ///< the offending value (NaN, +inf or -inf)
 };
 
@@ -923,7 +946,9 @@ void require_sound_matrix(const char* who, const char* name, const matrix_view<T
   require(m.row_stride >= 0 && m.col_stride >= 0, who, ": ", name, " has a negative stride");
 }
 
-inline const char* nonfinite_kind(double v) { return std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf"); }
+inline const char* nonfinite_kind(double v) {
+  return std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf");
+}
 
 }  // namespace detail
 
@@ -1036,7 +1061,7 @@ MOEREG_NAMESPACE_BEGIN
 /// Where one loss's statistics lie in a flat statistics buffer.
 struct stats_slice {
   index_t offset = 0;  ///< first double of the slice in the buffer
-  index_t size = 0;  ///< number of doubles (the loss's stats_size)
+  index_t size = 0;    ///< number of doubles (the loss's stats_size)
 
   /// The slice inside `buffer` (a buffer with the layout of the bundle that issued it).
   constexpr stats_view in(const double* buffer) const { return stats_view{buffer + offset, size}; }
@@ -1317,19 +1342,19 @@ MOEREG_NAMESPACE_END
 // declared with kw = `extern template`, defined with kw = `template`. The template arguments
 // are deduced, so the entry may be the row engine's generic one (backend/cpu/row_engine.hpp)
 // or a loss's own.
-#define MOEREG_DETAIL_ROUTER_ENTRY(T, kw, Loss, Inputs)                                                    \
+#define MOEREG_DETAIL_ROUTER_ENTRY(T, kw, Loss, Inputs)                                                          \
   kw double execute(const cpu&, const Loss&, const Inputs<T>&, stats_view, const matrix_view<T>*, grad_options); \
   kw void execute_stats(const cpu&, const Loss&, const Inputs<T>&, double*);
 
 // The CPU entry points of an activation loss (inputs Inputs<T, Layout>) for one layout, then
 // for the three layouts.
-#define MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, Layout)                                        \
-  kw double execute(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view,                          \
-                    const activation_view<T, Layout>*, grad_options);                                        \
+#define MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, Layout)                                                 \
+  kw double execute(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view, const activation_view<T, Layout>*, \
+                    grad_options);                                                                                    \
   kw void execute_stats(const cpu&, const Loss&, const Inputs<T, Layout>&, double*);
-#define MOEREG_DETAIL_ACTIVATION_ENTRY(T, kw, Loss, Inputs)                  \
-  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, token_major)        \
-  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, expert_grouped)     \
+#define MOEREG_DETAIL_ACTIVATION_ENTRY(T, kw, Loss, Inputs)             \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, token_major)    \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, expert_grouped) \
   MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, capacity_padded)
 
 // At the end of a loss header (inside the moereg namespace): the extern declarations, when
@@ -1361,7 +1386,8 @@ MOEREG_NAMESPACE_END
 // Included first by every internal header of the CPU backend (no include guard: it checks at
 // each inclusion): refuses a direct inclusion of those headers, then brings the configuration.
 #ifndef MOEREG_DETAIL_CPU_BACKEND
-#error "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
+#error \
+    "moereg: this is an internal header of the CPU backend; include <moereg/backend/cpu.hpp> (or <moereg/moereg.hpp>)"
 #endif
 
 // ---- end moereg/backend/cpu/internal.hpp ----
@@ -1409,7 +1435,9 @@ namespace detail {
 /// changes the rounding of sums (not their exactness).
 inline constexpr index_t cpu_block_rows = 256;
 
-inline index_t num_blocks(index_t n, index_t block) { return n <= 0 ? 0 : (n + block - 1) / block; }
+inline index_t num_blocks(index_t n, index_t block) {
+  return n <= 0 ? 0 : (n + block - 1) / block;
+}
 
 /// Calls f(b, begin, end) for every block b of [0, n), in parallel across blocks.
 template <class F>
@@ -1437,8 +1465,10 @@ void combine_blocks(const std::vector<Acc>& partials, index_t blocks, index_t wi
 /// Writes one gradient element: overwrite or accumulate, in the storage type.
 template <class T, class A>
 MOEREG_FORCEINLINE void put_grad(T& dst, A v, bool accumulate) {
-  if (accumulate) store(dst, load(dst) + v);
-  else store(dst, v);
+  if (accumulate)
+    store(dst, load(dst) + v);
+  else
+    store(dst, v);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1883,7 +1913,6 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
 
 }  // namespace math
 MOEREG_NAMESPACE_END
-
 // ---- end moereg/math/pairwise.hpp ----
 // ---- begin moereg/losses/common.hpp ----
 // What the loss descriptions share: the valid-token count, the statistics a row kernel is
@@ -2043,8 +2072,8 @@ void check_layout_slots(const char* who, const char* name, const activation_view
 /// Activations on the host: [T, k] agrees with topk, d >= 0, and check_layout_slots().
 template <class T, class Layout>
 void check_activations(const char* who, const char* name, const activation_view<T, Layout>& h, const topk_view& I) {
-  require(h.layout.tokens() == I.rows && h.layout.slots() == I.k, who, ": ", name, " layout is [",
-          h.layout.tokens(), ", ", h.layout.slots(), ", ", h.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
+  require(h.layout.tokens() == I.rows && h.layout.slots() == I.k, who, ": ", name, " layout is [", h.layout.tokens(),
+          ", ", h.layout.slots(), ", ", h.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
   require(h.layout.dim() >= 0, who, ": ", name, " has a negative length d = ", h.layout.dim());
   check_layout_slots(who, name, h, I);
 }
@@ -2124,10 +2153,9 @@ struct view_storage<V<T, R...>> {
 template <class In, class G, class = void>
 struct is_mixed_grad : std::false_type {};
 template <class In, class G>
-struct is_mixed_grad<
-    In, G,
-    std::void_t<typename view_storage<std::remove_const_t<std::remove_pointer_t<G>>>::type,
-                typename view_storage<grad_view_t<In>>::type>> {
+struct is_mixed_grad<In, G,
+                     std::void_t<typename view_storage<std::remove_const_t<std::remove_pointer_t<G>>>::type,
+                                 typename view_storage<grad_view_t<In>>::type>> {
   using own = view_storage<grad_view_t<In>>;
   using view = std::remove_const_t<std::remove_pointer_t<G>>;
   using U = typename view_storage<view>::type;
@@ -2176,11 +2204,10 @@ double with_value_out(const call_context<Backend>& c, F&& f) {
 template <class Backend, class Loss, class In, class GV = grad_view_t<In>, class = void>
 struct has_execute : std::false_type {};
 template <class Backend, class Loss, class In, class GV>
-struct has_execute<Backend, Loss, In, GV,
-                   std::void_t<decltype(execute(std::declval<const Backend&>(), std::declval<const Loss&>(),
-                                                std::declval<const In&>(), stats_view{},
-                                                static_cast<const GV*>(nullptr), grad_options{}))>>
-    : std::true_type {};
+struct has_execute<
+    Backend, Loss, In, GV,
+    std::void_t<decltype(execute(std::declval<const Backend&>(), std::declval<const Loss&>(), std::declval<const In&>(),
+                                 stats_view{}, static_cast<const GV*>(nullptr), grad_options{}))>> : std::true_type {};
 
 }  // namespace detail
 
@@ -2281,8 +2308,10 @@ struct loss_api {
     using GV = typename detail::is_mixed_grad<In, G>::view;
     static_assert(detail::has_execute<Backend, Self, In, GV>::value, MOEREG_NO_BACKEND_MESSAGE);
     const GV* g = nullptr;
-    if constexpr (std::is_pointer<G>::value) g = detail::grad_pointer(Self::name, static_cast<const GV*>(grad));
-    else g = &grad;
+    if constexpr (std::is_pointer<G>::value)
+      g = detail::grad_pointer(Self::name, static_cast<const GV*>(grad));
+    else
+      g = &grad;
     return execute(be, self(), in, reduced, g, opts);
   }
   /// The mixed-precision backward() with the options, reduced statistics and backend of a call
@@ -2295,7 +2324,8 @@ struct loss_api {
   /// call context.
   template <class In, class G, class Backend, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
   double value_and_grad(const In& in, const G& grad, const call_context<Backend>& c) const {
-    return detail::with_value_out(c, [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
+    return detail::with_value_out(c,
+                                  [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
   }
 
   /// value() with the backend and reduced statistics of a call context (moereg::on(be)...).
@@ -2311,7 +2341,8 @@ struct loss_api {
   /// value_and_grad() with the options, reduced statistics and backend of a call context.
   template <class In, class Backend, enable_for<In> = 0>
   double value_and_grad(const In& in, detail::grad_arg_t<In> grad, const call_context<Backend>& c) const {
-    return detail::with_value_out(c, [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
+    return detail::with_value_out(c,
+                                  [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
   }
 };
 
@@ -2324,9 +2355,9 @@ MOEREG_NAMESPACE_BEGIN
 /// valid-token count, the kernel's column sums (sum_width) and counts (count_width).
 template <class Acc>
 struct row_local {
-  index_t tv = 0;                     ///< valid tokens of this call
-  const Acc* sums = nullptr;          ///< the kernel's sum_width column sums
-  const index_t* counts = nullptr;    ///< the kernel's count_width counts
+  index_t tv = 0;                   ///< valid tokens of this call
+  const Acc* sums = nullptr;        ///< the kernel's sum_width column sums
+  const index_t* counts = nullptr;  ///< the kernel's count_width counts
 };
 namespace detail {
 
@@ -2350,7 +2381,8 @@ struct per_column_rows {
   bool wants_rows(bool grad) const { return grad; }
   template <class Ops>
   Acc row(index_t, const Acc*, Acc* g, Ops& ops) const {
-    if (g != nullptr) ops.put(g, static_cast<index_t>(coeff.size()), [&](index_t e) { return coeff[static_cast<std::size_t>(e)]; });
+    if (g != nullptr)
+      ops.put(g, static_cast<index_t>(coeff.size()), [&](index_t e) { return coeff[static_cast<std::size_t>(e)]; });
     return Acc(0);
   }
   double finish(Acc) const { return static_cast<double>(value); }
@@ -2467,7 +2499,9 @@ inline double gram_tv(const topk_view& I, const mask_view& mask, stats_view redu
 }
 
 /// coef / T_v, and 0 when no token is valid (the value 0, an all-zero gradient).
-MOEREG_HOST_DEVICE inline double per_valid_token(double coef, double tv) { return tv > 0 ? coef / tv : 0.0; }
+MOEREG_HOST_DEVICE inline double per_valid_token(double coef, double tv) {
+  return tv > 0 ? coef / tv : 0.0;
+}
 
 }  // namespace detail
 
@@ -2477,8 +2511,9 @@ namespace detail {
 template <class In, class = void>
 struct is_gram_inputs : std::false_type {};
 template <class In>
-struct is_gram_inputs<In, std::void_t<decltype(std::declval<const In&>().acts.layout),
-                                      decltype(std::declval<const In&>().num_experts)>> : std::true_type {};
+struct is_gram_inputs<
+    In, std::void_t<decltype(std::declval<const In&>().acts.layout), decltype(std::declval<const In&>().num_experts)>>
+    : std::true_type {};
 template <class In>
 using enable_gram_inputs = std::enable_if_t<is_gram_inputs<In>::value, int>;
 }  // namespace detail
@@ -2488,8 +2523,7 @@ using enable_gram_inputs = std::enable_if_t<is_gram_inputs<In>::value, int>;
 template <class Loss, class In, class G, detail::enable_gram_inputs<In> = 0>
 void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad) {
   validate_config(who, loss, in);
-  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
-                            reduced);
+  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad, reduced);
 }
 /// Content checks of a Gram-based loss call on the host.
 template <class Loss, class In, class G, detail::enable_gram_inputs<In> = 0>
@@ -2544,7 +2578,9 @@ struct pack_portable {
     std::memcpy(&r, p, sizeof(reg));
     return r;
   }
-  static MOEREG_FORCEINLINE void storeu(Acc* p, const reg& a) { std::memcpy(p, &a, sizeof(reg)); }
+  static MOEREG_FORCEINLINE void storeu(Acc* p, const reg& a) {
+    std::memcpy(p, &a, sizeof(reg));
+  }
   static MOEREG_FORCEINLINE reg fmadd(const reg& a, const reg& b, const reg& c) {
     reg r;
     for (int j = 0; j < parts; ++j) r.v[j] = a.v[j] * b.v[j] + c.v[j];
@@ -2629,7 +2665,7 @@ struct gram_pack<double> {
 #else
 template <class T>
 struct gram_pack {
-  using type = pack_portable<accumulator_t<T> >;
+  using type = pack_portable<accumulator_t<T>>;
 };
 #endif
 
@@ -2984,14 +3020,22 @@ void gram_dispatch(int n, const T* const* x, index_t d, index_t stride, typename
                    int npf) {
   if constexpr (Contig) {
     switch (n) {
-      case 2: return gram_pass<2, P>(x, d, G, pf, npf);
-      case 3: return gram_pass<3, P>(x, d, G, pf, npf);
-      case 4: return gram_pass<4, P>(x, d, G, pf, npf);
-      case 5: return gram_pass<5, P>(x, d, G, pf, npf);
-      case 6: return gram_pass<6, P>(x, d, G, pf, npf);
-      case 7: return gram_pass<7, P>(x, d, G, pf, npf);
-      case 8: return gram_pass<8, P>(x, d, G, pf, npf);
-      default: break;
+      case 2:
+        return gram_pass<2, P>(x, d, G, pf, npf);
+      case 3:
+        return gram_pass<3, P>(x, d, G, pf, npf);
+      case 4:
+        return gram_pass<4, P>(x, d, G, pf, npf);
+      case 5:
+        return gram_pass<5, P>(x, d, G, pf, npf);
+      case 6:
+        return gram_pass<6, P>(x, d, G, pf, npf);
+      case 7:
+        return gram_pass<7, P>(x, d, G, pf, npf);
+      case 8:
+        return gram_pass<8, P>(x, d, G, pf, npf);
+      default:
+        break;
     }
   }
   gram_pass_rt<P, Contig>(n, x, d, stride, G, pf, npf);
@@ -3004,14 +3048,22 @@ void apply_dispatch(int n, const T* const* x, GT* const* g, index_t d, index_t x
   static_assert(Contig || !Stream, "non-temporal stores need contiguous vectors");
   if constexpr (Contig) {
     switch (n) {
-      case 2: return apply_pass<2, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 3: return apply_pass<3, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 4: return apply_pass<4, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 5: return apply_pass<5, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 6: return apply_pass<6, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 7: return apply_pass<7, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 8: return apply_pass<8, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      default: break;
+      case 2:
+        return apply_pass<2, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 3:
+        return apply_pass<3, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 4:
+        return apply_pass<4, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 5:
+        return apply_pass<5, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 6:
+        return apply_pass<6, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 7:
+        return apply_pass<7, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 8:
+        return apply_pass<8, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      default:
+        break;
     }
   }
   apply_pass_rt<P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
@@ -3123,7 +3175,6 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
   return scale * static_cast<double>(pairwise_sum(partial.data(), nb));
 }
 
-
 /// A visitor for is_gram_loss's probe of visit_gram_kernel.
 struct gram_kernel_probe {
   template <class Kernel>
@@ -3166,7 +3217,6 @@ void execute_stats(const cpu& be, const Loss& loss, const In& in, double* out) {
 }
 
 MOEREG_NAMESPACE_END
-
 // ---- end moereg/backend/cpu/gram_engine.hpp ----
 // ---- begin moereg/backend/cpu/layer_engine.hpp ----
 // The CPU engine of the cross-layer coupling loss (losses/coupling.hpp): the L layers of a
@@ -3357,7 +3407,7 @@ struct lb_expert_result {
 /// gs = grad_scale.
 template <class Acc>
 MOEREG_HOST_DEVICE inline lb_expert_result<Acc> lb_expert(double count, double tv_f, double tv_p, Acc colsum, Acc k,
-                                                           Acc alpha_e, Acc gs) {
+                                                          Acc alpha_e, Acc gs) {
   const Acc f = tv_f > 0 ? static_cast<Acc>(count / tv_f) / k : Acc(0);
   const Acc inv_tvp = tv_p > 0 ? static_cast<Acc>(1.0 / tv_p) : Acc(0);
   return {f * colsum * inv_tvp, gs * alpha_e * f * inv_tvp};
@@ -3367,7 +3417,7 @@ MOEREG_HOST_DEVICE inline lb_expert_result<Acc> lb_expert(double count, double t
 /// sequence), inv_b = 1 / B; the gradient carries the 1/B of the mean over sequences.
 template <class Acc>
 MOEREG_HOST_DEVICE inline lb_expert_result<Acc> lb_seq_expert(Acc count, Acc inv_tv, Acc colsum, Acc k, Acc alpha_e,
-                                                               Acc gs, Acc inv_b) {
+                                                              Acc gs, Acc inv_b) {
   const Acc f = count * inv_tv / k;
   return {f * colsum * inv_tv, gs * alpha_e * inv_b * f * inv_tv};
 }
@@ -3420,7 +3470,7 @@ struct variance_constants {
 
 template <class Acc>
 MOEREG_HOST_DEVICE inline variance_constants<Acc> variance_scale(double coef, double grad_scale, double norm,
-                                                                double denom) {
+                                                                 double denom) {
   return {static_cast<Acc>(-coef * norm / denom), static_cast<Acc>(-grad_scale * coef * 2.0 * norm / denom)};
 }
 
@@ -3497,12 +3547,12 @@ struct coupling_loss;
 template <class T>
 struct coupling_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = coupling_loss;  ///< the loss these inputs are for
+  using loss_type = coupling_loss;          ///< the loss these inputs are for
   using grad_type = const matrix_view<T>*;  ///< what backward() writes
-  const routing_view<T>* probs = nullptr;     ///< `layers` views
-  const topk_view* topk = nullptr;            ///< `layers` views
-  index_t layers = 0;                         ///< L >= 2
-  mask_view mask{};                           ///< m [T], shared by every layer; empty = all valid
+  const routing_view<T>* probs = nullptr;   ///< `layers` views
+  const topk_view* topk = nullptr;          ///< `layers` views
+  index_t layers = 0;                       ///< L >= 2
+  mask_view mask{};                         ///< m [T], shared by every layer; empty = all valid
 };
 /// Deduces the storage type from the views: `coupling_inputs{view(x), ...}` needs no template argument.
 template <class T, class... Rest>
@@ -3512,7 +3562,7 @@ coupling_inputs(const routing_view<T>*, Rest...) -> coupling_inputs<T>;
 /// L = -lambda * (1 / T_v) sum_t m_t sum_l M^l_t M^{l+1}_t; gradient with respect to every P^l.
 struct coupling_loss : loss_api<coupling_loss, coupling_config> {
   static constexpr const char* name = "coupling_loss";  ///< in error messages
-  static constexpr const char* label = "coupling";     ///< prefix of the CPU backend's error messages
+  static constexpr const char* label = "coupling";      ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats writes: 1 (token, log) or 1 + (L-1) E^2 (batch).
   template <class T>
   index_t stats_size(const coupling_inputs<T>& in) const {
@@ -3528,21 +3578,21 @@ void validate_shapes(const char* who, const coupling_loss& loss, const coupling_
                      const matrix_view<G>* grads) {
   const auto form = loss.cfg.form;
   detail::require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
-          ": unknown form ", static_cast<int>(form));
+                  ": unknown form ", static_cast<int>(form));
   detail::require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
   detail::require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
   detail::require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
   detail::require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
-          " must be finite and non-negative");
+                  " must be finite and non-negative");
   const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
   for (index_t l = 0; l < in.layers; ++l) {
     const auto& P = in.probs[l];
     const std::string pn = detail::concat("probs[", l, "]"), tn = detail::concat("topk[", l, "]");
     detail::check_matrix(who, pn.c_str(), P);
     detail::require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
-            "; every layer routes the same tokens");
+                    "; every layer routes the same tokens");
     detail::require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
-            "; every layer needs the same number of experts");
+                    "; every layer needs the same number of experts");
     detail::check_topk_shape(who, tn.c_str(), in.topk[l], T_, E);
   }
   detail::check_mask(who, in.mask, T_);
@@ -3585,8 +3635,7 @@ void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_vie
   const index_t T_ = in.probs[0].rows;
   parallel_blocks(be, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
     for (index_t l = 0; l < in.layers; ++l)
-      for (index_t t = r0; t < r1; ++t)
-        zero_grad_row(grads[l], t);
+      for (index_t t = r0; t < r1; ++t) zero_grad_row(grads[l], t);
   });
 }
 
@@ -3611,8 +3660,7 @@ double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling
     for (index_t t = r0; t < r1; ++t) {
       if (!in.mask(t)) {
         if (grads && !opts.accumulate)
-          for (index_t l = 0; l < L; ++l)
-            zero_grad_row(grads[l], t);
+          for (index_t l = 0; l < L; ++l) zero_grad_row(grads[l], t);
         continue;
       }
       for (index_t l = 0; l < L; ++l) {
@@ -3637,8 +3685,7 @@ double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling
       for (index_t l = 0; l < L; ++l) {
         const auto& G = grads[l];
         const auto& I = in.topk[l];
-        if (!opts.accumulate)
-          zero_grad_row(G, t);
+        if (!opts.accumulate) zero_grad_row(G, t);
         const Acc g = gc * dM[static_cast<std::size_t>(l)];
         for (index_t s = 0; s < I.k; ++s) {
           const index_t e = I(t, s);
@@ -3700,7 +3747,8 @@ cp_cmap<Acc> cp_block(const routing_view<T>& P, const std::vector<index_t>& rows
                       cp_rowmat<Acc>& buf) {
   const index_t nv = static_cast<index_t>(rows.size()), E = P.cols;
   if constexpr (std::is_same_v<T, Acc>) {
-    if (P.col_stride == 1 && nv == r1 - r0 && nv > 0) return cp_cmap<Acc>(P.row(r0), nv, E, Eigen::OuterStride<>(P.row_stride));
+    if (P.col_stride == 1 && nv == r1 - r0 && nv > 0)
+      return cp_cmap<Acc>(P.row(r0), nv, E, Eigen::OuterStride<>(P.row_stride));
   }
   buf.resize(nv, E);
   for (index_t i = 0; i < nv; ++i) {
@@ -3753,8 +3801,10 @@ void cp_joint_sums(const cpu& be, const coupling_inputs<T>& in, std::vector<accu
       Acc* out = wave_part.data() + (b - b0) * W;
       cp_rowmat<Acc> Ub(E, E);  // fresh aligned destination: same alignment in every run
       for (index_t l = 0; l + 1 < L; ++l) {
-        if (blk.rows.empty()) Ub.setZero();
-        else Ub.noalias() = blk.X[static_cast<std::size_t>(l)].transpose() * blk.X[static_cast<std::size_t>(l + 1)];
+        if (blk.rows.empty())
+          Ub.setZero();
+        else
+          Ub.noalias() = blk.X[static_cast<std::size_t>(l)].transpose() * blk.X[static_cast<std::size_t>(l + 1)];
         std::copy(Ub.data(), Ub.data() + E2, out + l * E2);
       }
     });
@@ -3788,14 +3838,16 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
     Sl.resize(E, E);
     const index_t k = in.topk[l].k;
     for (index_t e = 0; e < E; ++e) {
-      if (reduced.empty()) coupling_select_row(U.data() + l * E2 + e * E, E, k, Sl.data() + e * E);
-      else coupling_select_row(reduced.data + 1 + l * E2 + e * E, E, k, Sl.data() + e * E);
+      if (reduced.empty())
+        coupling_select_row(U.data() + l * E2 + e * E, E, k, Sl.data() + e * E);
+      else
+        coupling_select_row(reduced.data + 1 + l * E2 + e * E, E, k, Sl.data() + e * E);
       for (index_t nu = 0; nu < E; ++nu)
         if (Sl(e, nu) != Acc(0)) terms.push_back(U[static_cast<std::size_t>(l * E2 + e * E + nu)]);
     }
   }
-  const Acc value = static_cast<Acc>(-loss.cfg.coef / tv) *
-                    pairwise_sum(terms.data(), static_cast<index_t>(terms.size()));
+  const Acc value =
+      static_cast<Acc>(-loss.cfg.coef / tv) * pairwise_sum(terms.data(), static_cast<index_t>(terms.size()));
   if (!grads) return static_cast<double>(value);
 
   // X * S^T through Eigen's transposed view, not a stored S^T: one more GEMM instantiation,
@@ -3965,7 +4017,7 @@ MOEREG_NAMESPACE_BEGIN
 /// A fusion of losses L... (make one with fuse()).
 template <class... L>
 struct fused {
-  static constexpr std::size_t size = sizeof...(L);  ///< the number of losses
+  static constexpr std::size_t size = sizeof...(L);   ///< the number of losses
   using values_type = std::array<double, size>;       ///< one value per loss, in order
   using reduced_type = std::array<stats_view, size>;  ///< one reduced statistics view per loss (empty: local)
   std::tuple<L...> losses;                            ///< the losses, each with its configuration
@@ -4106,8 +4158,10 @@ class cpu_row_ops {
   }
   /// put() of one element, for kernels that form their row element by element.
   MOEREG_FORCEINLINE void put_at(Acc* g, index_t e, Acc v) const {
-    if (assign_) g[e] = v;
-    else g[e] += v;
+    if (assign_)
+      g[e] = v;
+    else
+      g[e] += v;
   }
   /// Whether put() assigns (true) or adds, for a kernel that writes its row itself.
   bool assigning() const { return assign_; }
@@ -4129,8 +4183,8 @@ class cpu_row_ops {
 /// The same matrix for two kernels: one read serves both.
 template <class A, class B>
 bool same_matrix(const matrix_view<A>& a, const matrix_view<B>& b) {
-  return static_cast<const void*>(a.data) == static_cast<const void*>(b.data) && a.rows == b.rows &&
-         a.cols == b.cols && a.row_stride == b.row_stride && a.col_stride == b.col_stride;
+  return static_cast<const void*>(a.data) == static_cast<const void*>(b.data) && a.rows == b.rows && a.cols == b.cols &&
+         a.row_stride == b.row_stride && a.col_stride == b.col_stride;
 }
 
 /// Writes row t of a gradient from v (contiguous Acc): overwrite or add, in the storage type.
@@ -4235,7 +4289,8 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
       combine_blocks(sums[i], nb, k.sum_width, s.data());
       std::vector<index_t> c(static_cast<std::size_t>(k.count_width), 0);
       for (index_t b = 0; b < nb; ++b)
-        for (index_t j = 0; j < k.count_width; ++j) c[static_cast<std::size_t>(j)] += counts[i][static_cast<std::size_t>(b * k.count_width + j)];
+        for (index_t j = 0; j < k.count_width; ++j)
+          c[static_cast<std::size_t>(j)] += counts[i][static_cast<std::size_t>(b * k.count_width + j)];
       sums[i] = std::move(s);
       counts[i] = std::move(c);
     });
@@ -4314,7 +4369,8 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
         for (int d = 0; d < ndst; ++d) {
           const auto du = static_cast<std::size_t>(d);
           if (touched[du]) {
-            if (!direct[du]) store_grad_row(dsts[du], t, gbuf.data() + du * static_cast<std::size_t>(width), opts.accumulate);
+            if (!direct[du])
+              store_grad_row(dsts[du], t, gbuf.data() + du * static_cast<std::size_t>(width), opts.accumulate);
           } else if (!opts.accumulate) {
             zero_grad_row(dsts[du], t);
           }
@@ -4556,10 +4612,10 @@ enum class lb_scope { micro, sequence, global };
 
 /// Configuration of load_balancing_loss (LOSSES.md section 1).
 struct load_balancing_config {
-  double coef = 1e-2;               ///< alpha
+  double coef = 1e-2;                ///< alpha
   lb_scope scope = lb_scope::micro;  ///< micro (default), sequence or global
-  index_t seq_len = 0;              ///< sequence scope: fixed sequence length S (T = B*S); 0 = use cu_seqlens
-  index_t k = 0;                    ///< configured top-k width in f_e; 0 = the number of topk columns
+  index_t seq_len = 0;               ///< sequence scope: fixed sequence length S (T = B*S); 0 = use cu_seqlens
+  index_t k = 0;                     ///< configured top-k width in f_e; 0 = the number of topk columns
 };
 
 struct load_balancing_loss;
@@ -4569,11 +4625,11 @@ template <class T>
 struct load_balancing_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = load_balancing_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  routing_view<T> probs;            ///< P [T, E]
-  topk_view topk;                   ///< I [T, k]
-  mask_view mask{};                 ///< m [T], empty = all valid
-  offsets_view cu_seqlens{};        ///< sequence scope without seq_len: offsets [B + 1]
+  using grad_type = matrix_view<T>;       ///< what backward() writes
+  routing_view<T> probs;                  ///< P [T, E]
+  topk_view topk;                         ///< I [T, k]
+  mask_view mask{};                       ///< m [T], empty = all valid
+  offsets_view cu_seqlens{};              ///< sequence scope without seq_len: offsets [B + 1]
 };
 /// Deduces the storage type from the views: `load_balancing_inputs{view(x), ...}` needs no template argument.
 template <class U, class... Rest>
@@ -4583,7 +4639,7 @@ load_balancing_inputs(matrix_view<U>, Rest...) -> load_balancing_inputs<std::rem
 /// gradient with respect to the routing probabilities P.
 struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config> {
   static constexpr const char* name = "load_balancing_loss";  ///< in error messages
-  static constexpr const char* label = "load_balancing";  ///< prefix of the CPU backend's error messages
+  static constexpr const char* label = "load_balancing";      ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats writes for these inputs.
   template <class T>
   index_t stats_size(const load_balancing_inputs<T>& in) const {
@@ -4610,10 +4666,12 @@ void validate_shapes(const char* who, const load_balancing_loss& loss, const loa
     } else {
       detail::require(c.seq_len == 0, who, ": seq_len = ", c.seq_len, " is negative");
       detail::require(!in.cu_seqlens.empty(), who, ": sequence scope needs seq_len > 0 or cu_seqlens");
-      detail::require(in.cu_seqlens.size >= 1, who, ": cu_seqlens has ", in.cu_seqlens.size, " entries; it needs B + 1 >= 1");
+      detail::require(in.cu_seqlens.size >= 1, who, ": cu_seqlens has ", in.cu_seqlens.size,
+                      " entries; it needs B + 1 >= 1");
     }
   } else {
-    detail::require(in.cu_seqlens.empty() && c.seq_len == 0, who, ": seq_len and cu_seqlens apply only to the sequence scope");
+    detail::require(in.cu_seqlens.empty() && c.seq_len == 0, who,
+                    ": seq_len and cu_seqlens apply only to the sequence scope");
   }
   detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
@@ -4627,9 +4685,10 @@ void validate_contents(const char* who, const load_balancing_loss& loss, const l
     const auto& o = in.cu_seqlens;
     detail::require(o[0] == 0, who, ": cu_seqlens[0] = ", o[0], " but must be 0");
     for (index_t b = 1; b < o.size; ++b)
-      detail::require(o[b] >= o[b - 1], who, ": cu_seqlens is not increasing: cu_seqlens[", b, "] = ", o[b], " < cu_seqlens[",
-              b - 1, "] = ", o[b - 1]);
-    detail::require(o[o.size - 1] == in.probs.rows, who, ": cu_seqlens ends at ", o[o.size - 1], " but T = ", in.probs.rows);
+      detail::require(o[b] >= o[b - 1], who, ": cu_seqlens is not increasing: cu_seqlens[", b, "] = ", o[b],
+                      " < cu_seqlens[", b - 1, "] = ", o[b - 1]);
+    detail::require(o[o.size - 1] == in.probs.rows, who, ": cu_seqlens ends at ", o[o.size - 1],
+                    " but T = ", in.probs.rows);
   }
   detail::check_stats_values(who, reduced, loss.stats_size(in));
 }
@@ -4763,7 +4822,9 @@ void lb_block_sums(const load_balancing_inputs<T>& in, index_t r0, index_t r1, A
 }  // namespace detail
 
 /// The sequence scope of load_balancing_loss runs here, not on the row engine (so it is not fused).
-inline bool cpu_row_engine_runs(const load_balancing_loss& loss) { return loss.cfg.scope != lb_scope::sequence; }
+inline bool cpu_row_engine_runs(const load_balancing_loss& loss) {
+  return loss.cfg.scope != lb_scope::sequence;
+}
 
 /// The sequence scope of load_balancing_loss's statistics: [B] (the row engine runs the other
 /// scopes).
@@ -4868,12 +4929,12 @@ struct entropy_loss;
 template <class T>
 struct entropy_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = entropy_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  using loss_type = entropy_loss;                         ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;                       ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";     ///< the routing matrix, as errors name it
   static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
-  routing_view<T> probs;  ///< P [T, E]
-  mask_view mask{};       ///< m [T], empty = all valid
+  routing_view<T> probs;                                  ///< P [T, E]
+  mask_view mask{};                                       ///< m [T], empty = all valid
   /// The routing matrix (the generic checks of losses/common.hpp read it).
   const routing_view<T>& matrix() const { return probs; }
 };
@@ -4885,8 +4946,8 @@ entropy_inputs(matrix_view<U>, Rest...) -> entropy_inputs<std::remove_const_t<U>
 /// (LOSSES.md section 7), gradient with respect to P.
 struct entropy_loss : loss_api<entropy_loss, entropy_config> {
   static constexpr const char* name = "entropy_loss";  ///< in error messages
-  static constexpr const char* label = "entropy";  ///< prefix of the CPU backend's error messages
-  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
+  static constexpr const char* label = "entropy";      ///< prefix of the CPU backend's error messages
+  static constexpr index_t stats_counts = 1;           ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const entropy_inputs<T>&) const {
@@ -5022,12 +5083,12 @@ struct importance_loss;
 template <class T>
 struct importance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = importance_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  using loss_type = importance_loss;                      ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;                       ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";     ///< the routing matrix, as errors name it
   static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
-  routing_view<T> probs;  ///< P [T, E]
-  mask_view mask{};       ///< m [T], empty = all valid
+  routing_view<T> probs;                                  ///< P [T, E]
+  mask_view mask{};                                       ///< m [T], empty = all valid
   /// The routing matrix (the generic checks of losses/common.hpp read it).
   const routing_view<T>& matrix() const { return probs; }
 };
@@ -5039,8 +5100,8 @@ importance_inputs(matrix_view<U>, Rest...) -> importance_inputs<std::remove_cons
 /// section 7), gradient with respect to P.
 struct importance_loss : loss_api<importance_loss, importance_config> {
   static constexpr const char* name = "importance_loss";  ///< in error messages
-  static constexpr const char* label = "importance";  ///< prefix of the CPU backend's error messages
-  static constexpr index_t stats_counts = 0;  ///< leading entries of the statistics that are counts
+  static constexpr const char* label = "importance";      ///< prefix of the CPU backend's error messages
+  static constexpr index_t stats_counts = 0;              ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const importance_inputs<T>& in) const {
@@ -5089,7 +5150,8 @@ struct importance_kernel : per_column_rows<accumulator_t<T>> {
     const Acc mu2 = mu * mu, gw = static_cast<Acc>(grad_scale * w);
     this->value = static_cast<Acc>(w) * var / mu2;
     for (index_t e = 0; e < E; ++e)
-      this->coeff[static_cast<std::size_t>(e)] = importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
+      this->coeff[static_cast<std::size_t>(e)] =
+          importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
   }
 };
 
@@ -5174,11 +5236,11 @@ enum class ortho_reduction {
 
 /// Configuration of orthogonality_loss (LOSSES.md section 5).
 struct orthogonality_config {
-  double coef = 1e-4;  ///< beta
-  double eps = 1e-6;   ///< must be positive
-  ortho_variant variant = ortho_variant::pairwise;  ///< pairwise (default) or subspace
+  double coef = 1e-4;                                 ///< beta
+  double eps = 1e-6;                                  ///< must be positive
+  ortho_variant variant = ortho_variant::pairwise;    ///< pairwise (default) or subspace
   ortho_reduction reduction = ortho_reduction::mean;  ///< mean over T_v (default) or sum
-  index_t k = 0;  ///< subspace: the k of the 1/k; 0 = the number of topk columns
+  index_t k = 0;                                      ///< subspace: the k of the 1/k; 0 = the number of topk columns
 };
 
 struct orthogonality_loss;
@@ -5187,23 +5249,22 @@ struct orthogonality_loss;
 template <class T, class Layout>
 struct orthogonality_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = orthogonality_loss;  ///< the loss these inputs are for
+  using loss_type = orthogonality_loss;          ///< the loss these inputs are for
   using grad_type = activation_view<T, Layout>;  ///< what backward() writes
-  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
-  topk_view topk;                         ///< I [T, k]; negative = dropped slot
-  mask_view mask{};                       ///< m [T], empty = all valid
-  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
+  activation_view<const T, Layout> acts;         ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
+  topk_view topk;                                ///< I [T, k]; negative = dropped slot
+  mask_view mask{};                              ///< m [T], empty = all valid
+  index_t num_experts = 0;                       ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
 /// Deduces the storage type from the views: `orthogonality_inputs{view(x), ...}` needs no template argument.
 template <class U, class Layout, class... Rest>
-orthogonality_inputs(activation_view<U, Layout>, Rest...)
-    -> orthogonality_inputs<std::remove_const_t<U>, Layout>;
+orthogonality_inputs(activation_view<U, Layout>, Rest...) -> orthogonality_inputs<std::remove_const_t<U>, Layout>;
 
 /// Orthogonality loss L_o = beta * (1 / T_v) sum_t m_t sum_{j != s} term_{t,j,s} (Guo et al. 2025;
 /// LOSSES.md section 5), gradient with respect to the expert outputs h.
 struct orthogonality_loss : loss_api<orthogonality_loss, orthogonality_config> {
   static constexpr const char* name = "orthogonality_loss";  ///< in error messages
-  static constexpr const char* label = "orthogonality";     ///< prefix of the CPU backend's error messages
+  static constexpr const char* label = "orthogonality";      ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const orthogonality_inputs<T, Layout>&) const {
@@ -5314,8 +5375,8 @@ enum class sp_pairs {
 
 /// Configuration of specialization_loss (LOSSES.md section 3).
 struct specialization_config {
-  double coef = 2e-3;  ///< lambda
-  double eps = 1e-8;   ///< norm clamp; must be positive
+  double coef = 2e-3;              ///< lambda
+  double eps = 1e-8;               ///< norm clamp; must be positive
   sp_pairs pairs = sp_pairs::sum;  ///< sum over ordered pairs (default) or mean
 };
 
@@ -5325,23 +5386,22 @@ struct specialization_loss;
 template <class T, class Layout>
 struct specialization_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = specialization_loss;  ///< the loss these inputs are for
+  using loss_type = specialization_loss;         ///< the loss these inputs are for
   using grad_type = activation_view<T, Layout>;  ///< what backward() writes
-  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
-  topk_view topk;                         ///< I [T, k]; negative = dropped slot
-  mask_view mask{};                       ///< m [T], empty = all valid
-  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
+  activation_view<const T, Layout> acts;         ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
+  topk_view topk;                                ///< I [T, k]; negative = dropped slot
+  mask_view mask{};                              ///< m [T], empty = all valid
+  index_t num_experts = 0;                       ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
 /// Deduces the storage type from the views: `specialization_inputs{view(x), ...}` needs no template argument.
 template <class U, class Layout, class... Rest>
-specialization_inputs(activation_view<U, Layout>, Rest...)
-    -> specialization_inputs<std::remove_const_t<U>, Layout>;
+specialization_inputs(activation_view<U, Layout>, Rest...) -> specialization_inputs<std::remove_const_t<U>, Layout>;
 
 /// Intra-layer specialization loss L = lambda * (1 / T_v) sum_t m_t sum_{s != r} c_{t,s,r}^2
 /// (Hu et al. 2026, R_sp; LOSSES.md section 3), gradient with respect to the activations h.
 struct specialization_loss : loss_api<specialization_loss, specialization_config> {
   static constexpr const char* name = "specialization_loss";  ///< in error messages
-  static constexpr const char* label = "specialization";     ///< prefix of the CPU backend's error messages
+  static constexpr const char* label = "specialization";      ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const specialization_inputs<T, Layout>&) const {
@@ -5421,8 +5481,8 @@ enum class variance_reduction { mean, sum };
 
 /// Configuration of variance_loss (LOSSES.md section 6).
 struct variance_config {
-  double coef = 1e-3;                                   ///< gamma
-  variance_axis axis = variance_axis::tokens;  ///< tokens (the paper, default) or experts
+  double coef = 1e-3;                                       ///< gamma
+  variance_axis axis = variance_axis::tokens;               ///< tokens (the paper, default) or experts
   variance_reduction reduction = variance_reduction::mean;  ///< tokens axis: mean (default) or sum
 };
 
@@ -5432,12 +5492,12 @@ struct variance_loss;
 template <class T>
 struct variance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = variance_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "scores";  ///< the routing matrix, as errors name it
+  using loss_type = variance_loss;                         ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;                        ///< what backward() writes
+  static constexpr const char* matrix_name = "scores";     ///< the routing matrix, as errors name it
   static constexpr const char* grad_name = "grad_scores";  ///< its gradient, as errors name it
-  routing_view<T> scores;  ///< S [T, E]
-  mask_view mask{};        ///< m [T], empty = all valid
+  routing_view<T> scores;                                  ///< S [T, E]
+  mask_view mask{};                                        ///< m [T], empty = all valid
   /// The routing matrix (the generic checks of losses/common.hpp read it).
   const routing_view<T>& matrix() const { return scores; }
 };
@@ -5449,8 +5509,8 @@ variance_inputs(matrix_view<U>, Rest...) -> variance_inputs<std::remove_const_t<
 /// LOSSES.md section 6), gradient with respect to the routing scores S.
 struct variance_loss : loss_api<variance_loss, variance_config> {
   static constexpr const char* name = "variance_loss";  ///< in error messages
-  static constexpr const char* label = "variance";  ///< prefix of the CPU backend's error messages
-  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
+  static constexpr const char* label = "variance";      ///< prefix of the CPU backend's error messages
+  static constexpr index_t stats_counts = 1;            ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const variance_inputs<T>& in) const {
@@ -5529,8 +5589,10 @@ struct variance_kernel {
   Acc deviations(const Acc* MOEREG_RESTRICT s, C center, Acc* MOEREG_RESTRICT g, Ops& ops) const {
     const index_t E = x.cols;
     const auto c = [&](index_t e) {
-      if constexpr (std::is_pointer_v<C>) return center[e];
-      else return center;
+      if constexpr (std::is_pointer_v<C>)
+        return center[e];
+      else
+        return center;
     };
     Acc q = Acc(0);
     if (g == nullptr) {
@@ -5607,12 +5669,12 @@ struct z_loss;
 template <class T>
 struct z_loss_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = z_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "logits";  ///< the routing matrix, as errors name it
+  using loss_type = z_loss;                                ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;                        ///< what backward() writes
+  static constexpr const char* matrix_name = "logits";     ///< the routing matrix, as errors name it
   static constexpr const char* grad_name = "grad_logits";  ///< its gradient, as errors name it
-  routing_view<T> logits;  ///< Z [T, E]
-  mask_view mask{};        ///< m [T], empty = all valid
+  routing_view<T> logits;                                  ///< Z [T, E]
+  mask_view mask{};                                        ///< m [T], empty = all valid
   /// The routing matrix (the generic checks of losses/common.hpp read it).
   const routing_view<T>& matrix() const { return logits; }
 };
@@ -5623,9 +5685,9 @@ z_loss_inputs(matrix_view<U>, Rest...) -> z_loss_inputs<std::remove_const_t<U>>;
 /// Router z-loss L = beta * (1 / T_v) sum_t m_t lse_t^2 (ST-MoE; LOSSES.md section 2), gradient
 /// with respect to the router logits Z.
 struct z_loss : loss_api<z_loss, z_loss_config> {
-  static constexpr const char* name = "z_loss";  ///< in error messages
+  static constexpr const char* name = "z_loss";   ///< in error messages
   static constexpr const char* label = "z_loss";  ///< prefix of the CPU backend's error messages
-  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
+  static constexpr index_t stats_counts = 1;      ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const z_loss_inputs<T>&) const {
@@ -5738,8 +5800,9 @@ void check_chain_rule(const char* who, const char* in_name, const routing_view<T
 
 /// dZ = P * (dP - rowsum(P * dP)) for P = softmax(Z) row-wise.
 template <class T>
-void softmax_backward(detail::nondeduced_t<routing_view<T>> probs, detail::nondeduced_t<matrix_view<const T>> grad_probs,
-                      matrix_view<T> grad_logits, grad_options opts = {}, const cpu& be = {}) {
+void softmax_backward(detail::nondeduced_t<routing_view<T>> probs,
+                      detail::nondeduced_t<matrix_view<const T>> grad_probs, matrix_view<T> grad_logits,
+                      grad_options opts = {}, const cpu& be = {}) {
   using Acc = accumulator_t<T>;
   detail::check_chain_rule("softmax_backward", "probs", probs, "grad_probs", grad_probs, grad_logits, opts, be);
   const Acc gs = static_cast<Acc>(opts.grad_scale);
@@ -5767,7 +5830,8 @@ void sigmoid_norm_backward(detail::nondeduced_t<routing_view<T>> logits,
                            detail::nondeduced_t<matrix_view<const T>> grad_scores, matrix_view<T> grad_logits,
                            grad_options opts = {}, const cpu& be = {}) {
   using Acc = accumulator_t<T>;
-  detail::check_chain_rule("sigmoid_norm_backward", "logits", logits, "grad_scores", grad_scores, grad_logits, opts, be);
+  detail::check_chain_rule("sigmoid_norm_backward", "logits", logits, "grad_scores", grad_scores, grad_logits, opts,
+                           be);
   const Acc gs = static_cast<Acc>(opts.grad_scale);
   const index_t E = logits.cols;
   detail::parallel_blocks(be, logits.rows, detail::cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
@@ -5864,8 +5928,8 @@ void bias_update(const bias_update_config& cfg, const C* counts, index_t n_count
   std::vector<double> c(static_cast<std::size_t>(E));
   for (index_t e = 0; e < E; ++e) {
     c[static_cast<std::size_t>(e)] = static_cast<double>(counts[e]);
-    detail::require(std::isfinite(c[static_cast<std::size_t>(e)]), who, ": counts[", e, "] = ",
-                    c[static_cast<std::size_t>(e)], " is not finite");
+    detail::require(std::isfinite(c[static_cast<std::size_t>(e)]), who, ": counts[", e,
+                    "] = ", c[static_cast<std::size_t>(e)], " is not finite");
   }
   if (E == 0) return;
   const double mean_c = detail::pairwise_sum(c.data(), E) / static_cast<double>(E);
@@ -5945,21 +6009,21 @@ struct metrics_config {
 struct overlap_metrics {
   double mean_abs_cos = 0.0;  ///< mean |c_{t,s,r}| over the pairs
   double mean_cos2 = 0.0;     ///< mean c_{t,s,r}^2 over the pairs
-  index_t pairs = 0;  ///< unordered valid slot pairs of valid tokens that were averaged
+  index_t pairs = 0;          ///< unordered valid slot pairs of valid tokens that were averaged
 };
 
 /// The section-8 metrics of one layer.
 struct layer_metrics {
-  index_t valid_tokens = 0;                ///< T_v
-  std::vector<double> tokens_per_expert;   ///< count_e, length E
-  std::vector<double> f;                   ///< count_e / (k T_v), length E
-  double maxvio = 0.0;  ///< MaxVio = max_e count_e / mean_e count_e - 1 (0 when nothing is routed)
-  double cv = 0.0;      ///< std_e(count) / mean_e(count), population std (0 when nothing is routed)
-  double mean_entropy = 0.0;               ///< nats
-  double mean_topk_mass = 0.0;             ///< (1/T_v) sum_t m_t sum_{s in A_t} P[t, I[t,s]]
-  double mean_abs_cos = 0.0;               ///< 0 when no activations were given
-  double mean_cos2 = 0.0;                  ///< 0 when no activations were given
-  index_t cos_pairs = 0;                   ///< co-selected pairs behind the two cosine means
+  index_t valid_tokens = 0;               ///< T_v
+  std::vector<double> tokens_per_expert;  ///< count_e, length E
+  std::vector<double> f;                  ///< count_e / (k T_v), length E
+  double maxvio = 0.0;                    ///< MaxVio = max_e count_e / mean_e count_e - 1 (0 when nothing is routed)
+  double cv = 0.0;                        ///< std_e(count) / mean_e(count), population std (0 when nothing is routed)
+  double mean_entropy = 0.0;              ///< nats
+  double mean_topk_mass = 0.0;            ///< (1/T_v) sum_t m_t sum_{s in A_t} P[t, I[t,s]]
+  double mean_abs_cos = 0.0;              ///< 0 when no activations were given
+  double mean_cos2 = 0.0;                 ///< 0 when no activations were given
+  index_t cos_pairs = 0;                  ///< co-selected pairs behind the two cosine means
 };
 
 /// The section-8 metrics of one adjacent layer pair.
@@ -5968,11 +6032,11 @@ struct pathway_metrics {
   ///@{
   index_t experts_from = 0, experts_to = 0;
   ///@}
-  std::vector<double> counts;                ///< count[e][nu], E_l x E_n row-major
-  std::vector<double> joint;                 ///< counts / total
-  double total = 0.0;                        ///< number of routed token pairs
-  double mutual_information = 0.0;           ///< nats
-  double pathway_concentration = 0.0;        ///< share of routed pairs in the k_n most frequent successors of each expert
+  std::vector<double> counts;          ///< count[e][nu], E_l x E_n row-major
+  std::vector<double> joint;           ///< counts / total
+  double total = 0.0;                  ///< number of routed token pairs
+  double mutual_information = 0.0;     ///< nats
+  double pathway_concentration = 0.0;  ///< share of routed pairs in the k_n most frequent successors of each expert
 };
 
 namespace detail {
@@ -5987,9 +6051,8 @@ inline std::vector<index_t> top_entries(const double* row, index_t cols, index_t
   std::vector<index_t> idx(static_cast<std::size_t>(cols));
   for (index_t i = 0; i < cols; ++i) idx[static_cast<std::size_t>(i)] = i;
   const auto m = static_cast<std::ptrdiff_t>(std::min(n, cols));
-  std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [row](index_t a, index_t b) {
-    return row[a] > row[b] || (row[a] == row[b] && a < b);
-  });
+  std::partial_sort(idx.begin(), idx.begin() + m, idx.end(),
+                    [row](index_t a, index_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
   idx.resize(static_cast<std::size_t>(m));
   return idx;
 }
@@ -6113,7 +6176,8 @@ layer_metrics measure_layer(routing_view<T> probs, const topk_view& topk, mask_v
   for (index_t b = 0; b < nb; ++b) {
     out.valid_tokens += ptv[static_cast<std::size_t>(b)];
     for (index_t e = 0; e < E; ++e)
-      out.tokens_per_expert[static_cast<std::size_t>(e)] += static_cast<double>(pcnt[static_cast<std::size_t>(b * E + e)]);
+      out.tokens_per_expert[static_cast<std::size_t>(e)] +=
+          static_cast<double>(pcnt[static_cast<std::size_t>(b * E + e)]);
   }
   if (out.valid_tokens == 0) return out;
   const double tv = static_cast<double>(out.valid_tokens);
@@ -6219,7 +6283,8 @@ inline pathway_metrics measure_pathways(const topk_view& topk_from, index_t expe
       const double c = out.counts[static_cast<std::size_t>(e * E2 + nu)];
       // joint / (row col) with the marginals as counts: c * total / (row_count * col_count)
       if (c > 0.0)
-        mi += (c / out.total) * std::log(c * out.total / (row[static_cast<std::size_t>(e)] * col[static_cast<std::size_t>(nu)]));
+        mi += (c / out.total) *
+              std::log(c * out.total / (row[static_cast<std::size_t>(e)] * col[static_cast<std::size_t>(nu)]));
     }
     for (index_t nu : detail::top_entries(out.counts.data() + e * E2, E2, topk_to.k))
       inside += out.counts[static_cast<std::size_t>(e * E2 + nu)];
@@ -6274,19 +6339,19 @@ namespace testing {
 /// Tolerances and sampling of gradcheck(). An entry passes when
 /// |analytic - numeric| <= atol + noise + rtol * max(|analytic|, |numeric|).
 struct gradcheck_options {
-  double step = 1e-6;        ///< h
-  double rtol = 1e-6;  ///< relative tolerance
-  double atol = 1e-9;  ///< absolute tolerance
-  double noise_factor = 16;  ///< multiples of the difference quotient's rounding error allowed
-  index_t full_max = 2048;   ///< check every coordinate up to this size
-  int directions = 32;       ///< random directions above it
+  double step = 1e-6;          ///< h
+  double rtol = 1e-6;          ///< relative tolerance
+  double atol = 1e-9;          ///< absolute tolerance
+  double noise_factor = 16;    ///< multiples of the difference quotient's rounding error allowed
+  index_t full_max = 2048;     ///< check every coordinate up to this size
+  int directions = 32;         ///< random directions above it
   std::uint64_t seed = 12345;  ///< seed of the random directions
-  int keep_worst = 5;  ///< entries kept in gradcheck_report::worst
+  int keep_worst = 5;          ///< entries kept in gradcheck_report::worst
 };
 
 /// One checked coordinate or direction.
 struct gradcheck_entry {
-  index_t index = -1;        ///< coordinate, or -(direction + 1) for a directional check
+  index_t index = -1;  ///< coordinate, or -(direction + 1) for a directional check
   /// The analytic and central-difference derivatives, |analytic - numeric|, and
   /// score = abs_error / (atol + noise + rtol * scale) (> 1 fails).
   ///@{
@@ -6296,10 +6361,10 @@ struct gradcheck_entry {
 
 /// The result of gradcheck().
 struct gradcheck_report {
-  bool ok = true;  ///< every entry passed (NaN fails)
-  index_t checked = 0;  ///< coordinates or directions checked
-  double max_abs_error = 0;  ///< largest |analytic - numeric|
-  double max_rel_error = 0;  ///< abs_error / max(|analytic|, |numeric|) over entries above atol
+  bool ok = true;                      ///< every entry passed (NaN fails)
+  index_t checked = 0;                 ///< coordinates or directions checked
+  double max_abs_error = 0;            ///< largest |analytic - numeric|
+  double max_rel_error = 0;            ///< abs_error / max(|analytic|, |numeric|) over entries above atol
   std::vector<gradcheck_entry> worst;  ///< the keep_worst highest scores, worst first
 
   /// One line with the verdict and the largest errors, then one line per worst entry.
@@ -6308,8 +6373,8 @@ struct gradcheck_report {
     os << (ok ? "gradcheck passed" : "gradcheck FAILED") << ": " << checked << " checks, max abs error "
        << max_abs_error << ", max rel error " << max_rel_error;
     for (const auto& w : worst)
-      os << "\n  " << (w.index >= 0 ? "x[" : "direction[") << (w.index >= 0 ? w.index : -w.index - 1)
-         << "]: analytic " << w.analytic << ", numeric " << w.numeric << ", abs error " << w.abs_error;
+      os << "\n  " << (w.index >= 0 ? "x[" : "direction[") << (w.index >= 0 ? w.index : -w.index - 1) << "]: analytic "
+         << w.analytic << ", numeric " << w.numeric << ", abs error " << w.abs_error;
     return os.str();
   }
 };

@@ -161,7 +161,8 @@ inline std::string cuda_status_string(int status) {
 inline void cuda_clear_status(const cuda& be) {
   if (be.status == nullptr) return;
   const cudaError_t e = cudaMemsetAsync(be.status, 0, sizeof(int), be.stream);
-  if (e != cudaSuccess) throw backend_error(detail::concat("cuda_clear_status: cudaMemsetAsync failed: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess)
+    throw backend_error(detail::concat("cuda_clear_status: cudaMemsetAsync failed: ", cudaGetErrorString(e)));
 }
 
 /// Copies the status word to the host and waits for the stream: an explicit
@@ -198,10 +199,10 @@ static_assert(sizeof(bfloat16) == sizeof(__nv_bfloat16) && alignof(bfloat16) == 
 // in results except through that order.
 // ---------------------------------------------------------------------------------------
 struct cuda_tuning {
-  static constexpr int threads = 256;          ///< threads of every block
-  static constexpr int warps = threads / 32;   ///< warps of a block
+  static constexpr int threads = 256;             ///< threads of every block
+  static constexpr int warps = threads / 32;      ///< warps of a block
   static constexpr index_t rows_per_block = 256;  ///< rows of a column-sum block
-  static constexpr index_t rows_per_warp = 8;  ///< rows one warp handles in a row-wise block
+  static constexpr index_t rows_per_warp = 8;     ///< rows one warp handles in a row-wise block
 };
 
 /// Rows of one row-wise block (a warp per row): warps * rows_per_warp.
@@ -209,13 +210,15 @@ inline constexpr index_t cuda_row_block = cuda_tuning::warps * cuda_tuning::rows
 
 inline constexpr std::size_t cuda_alignment = 256;
 
-__host__ __device__ inline index_t cuda_blocks(index_t n, index_t per_block) { return n <= 0 ? 0 : (n + per_block - 1) / per_block; }
+__host__ __device__ inline index_t cuda_blocks(index_t n, index_t per_block) {
+  return n <= 0 ? 0 : (n + per_block - 1) / per_block;
+}
 
 // ---------------------------------------------------------------------------------------
 // Workspace: one function computes the layout for the size query and for the real call.
 // ---------------------------------------------------------------------------------------
 class workspace_carver {
-public:
+ public:
   /// `base` null: size query only.
   explicit workspace_carver(void* base) : base_(static_cast<char*>(base)) {
     if (base_ != nullptr) {
@@ -234,7 +237,7 @@ public:
   /// Bytes a caller must provide for everything taken so far (with slack for an unaligned base).
   std::size_t required() const { return used_ == 0 ? 0 : used_ + cuda_alignment - 1; }
 
-private:
+ private:
   char* base_ = nullptr;
   char* start_ = nullptr;
   std::size_t used_ = 0;
@@ -281,7 +284,8 @@ inline void cuda_check_pointer(const char* who, const char* name, const void* p,
   }
   const bool device_ok = attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ||
                          (attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr);
-  require(device_ok, who, ": ", name, " points to host memory; the CUDA backend needs device (or managed or mapped) memory");
+  require(device_ok, who, ": ", name,
+          " points to host memory; the CUDA backend needs device (or managed or mapped) memory");
 }
 
 /// The host checks of one CUDA call, which read no device memory: the loss's validate_shapes()
@@ -289,8 +293,7 @@ inline void cuda_check_pointer(const char* who, const char* name, const void* p,
 /// buffer its for_each_buffer() names and of the reduced statistics. The contents (top-k ids,
 /// offsets, statistics, layout maps) are checked by the kernels.
 template <class Loss, class In, class G>
-void cuda_validate(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad,
-                   const cuda& be) {
+void cuda_validate(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad, const cuda& be) {
   validate_shapes(who, loss, in, reduced, grad);
   for_each_buffer(in, grad, [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
   cuda_check_pointer(who, "reduced statistics", reduced.data, be);
@@ -334,8 +337,10 @@ __device__ __forceinline__ void dstore(T* p, accumulator_t<T> v) {
 /// Writes one gradient element: overwrite or accumulate, as the CPU backend's put_grad.
 template <class T>
 __device__ __forceinline__ void dput_grad(T* p, accumulator_t<T> v, bool accumulate) {
-  if (accumulate) dstore(p, dload(p) + v);
-  else dstore(p, v);
+  if (accumulate)
+    dstore(p, dload(p) + v);
+  else
+    dstore(p, v);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -437,7 +442,9 @@ __device__ inline int block_or(const int* err, index_t n, int* shared_word) {
 }
 
 /// True when x is a valid reduced statistic (a finite, non-negative sum).
-__device__ __forceinline__ bool stat_ok(double x) { return isfinite(x) && x >= 0.0; }
+__device__ __forceinline__ bool stat_ok(double x) {
+  return isfinite(x) && x >= 0.0;
+}
 
 /// Checks reduced[0..n) with one block: every entry finite, entries [0, nonneg) also
 /// non-negative (counts; column sums of scores may be negative). Returns cuda_bad_stats or 0
@@ -589,23 +596,27 @@ struct plan {
 
 template <class Acc>
 struct workspace {
-  Acc* colsum = nullptr;           // [nb1 * E] per-block column sums
-  int* counts = nullptr;           // [nb1 * E] per-block expert counts (load balancing)
-  long long* tv = nullptr;         // [nb1]
-  int* err = nullptr;              // [nb1] top-k flags
-  Acc* colsum_total = nullptr;     // [E]
+  Acc* colsum = nullptr;             // [nb1 * E] per-block column sums
+  int* counts = nullptr;             // [nb1 * E] per-block expert counts (load balancing)
+  long long* tv = nullptr;           // [nb1]
+  int* err = nullptr;                // [nb1] top-k flags
+  Acc* colsum_total = nullptr;       // [E]
   long long* count_total = nullptr;  // [E]
-  Acc* coeff = nullptr;            // [E] broadcast gradient coefficients (load balancing + importance)
-  Acc* lb_terms = nullptr;         // [E]
-  Acc* imp = nullptr;              // [E]
-  Acc* imp_tmp = nullptr;          // [E]
-  Acc* sbar = nullptr;             // [E]
-  scalars<Acc>* sc = nullptr;      // [1]
-  Acc* row_partials = nullptr;     // [nb3 * 3]: lse^2, -p log p, d^2
+  Acc* coeff = nullptr;              // [E] broadcast gradient coefficients (load balancing + importance)
+  Acc* lb_terms = nullptr;           // [E]
+  Acc* imp = nullptr;                // [E]
+  Acc* imp_tmp = nullptr;            // [E]
+  Acc* sbar = nullptr;               // [E]
+  scalars<Acc>* sc = nullptr;        // [1]
+  Acc* row_partials = nullptr;       // [nb3 * 3]: lse^2, -p log p, d^2
 };
 
-inline index_t colsum_blocks(index_t T) { return cuda_blocks(T, cuda_tuning::rows_per_block); }
-inline index_t row_blocks(index_t T) { return cuda_blocks(T, cuda_row_block); }
+inline index_t colsum_blocks(index_t T) {
+  return cuda_blocks(T, cuda_tuning::rows_per_block);
+}
+inline index_t row_blocks(index_t T) {
+  return cuda_blocks(T, cuda_row_block);
+}
 
 /// One layout for the size query and the run. Depends only on the losses present and the
 /// sizes (not on gradients or statistics being wanted), so workspace_size needs nothing else.
@@ -727,7 +738,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     tv_local = block_sum_strided(w.tv, nb1, 1, lscratch);
   } else {
     long long n = 0;
-    if (p.mask.data == nullptr) n = tid == 0 ? static_cast<long long>(p.rows) : 0;
+    if (p.mask.data == nullptr)
+      n = tid == 0 ? static_cast<long long>(p.rows) : 0;
     else
       for (index_t t = tid; t < p.rows; t += cuda_tuning::threads) n += p.mask(t) ? 1 : 0;
     tv_local = block_sum(n, lscratch);
@@ -741,7 +753,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     if (p.red[slot_lb] != nullptr) f |= block_check_stats(p.red[slot_lb], 1 + E, 1 + E, &word);
     if (p.stats_mode) {
       if (p.stats[slot_lb] != nullptr) {
-        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_lb][e + 1] = static_cast<double>(w.count_total[e]);
+        for (index_t e = tid; e < E; e += cuda_tuning::threads)
+          p.stats[slot_lb][e + 1] = static_cast<double>(w.count_total[e]);
         if (tid == 0) p.stats[slot_lb][0] = f != 0 ? nan : static_cast<double>(tv_local);
       }
     } else {
@@ -754,7 +767,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
         w.coeff[e] = f != 0 ? acc_nan<Acc>() : r.coeff;
       }
       __syncthreads();
-      if (tid == 0) publish(p.value[slot_lb], nullptr, static_cast<double>(p.lb_alpha_e * pairwise_sum(w.lb_terms, E)), f);
+      if (tid == 0)
+        publish(p.value[slot_lb], nullptr, static_cast<double>(p.lb_alpha_e * pairwise_sum(w.lb_terms, E)), f);
     }
     sc.flags_lb = f;
   }
@@ -764,7 +778,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     if (p.red[slot_imp] != nullptr) f |= block_check_stats(p.red[slot_imp], E, 0, &word);
     if (p.stats_mode) {
       if (p.stats[slot_imp] != nullptr)
-        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_imp][e] = static_cast<double>(w.colsum_total[e]);
+        for (index_t e = tid; e < E; e += cuda_tuning::threads)
+          p.stats[slot_imp][e] = static_cast<double>(w.colsum_total[e]);
     } else {
       for (index_t e = tid; e < E; e += cuda_tuning::threads)
         w.imp[e] = p.red[slot_imp] != nullptr ? static_cast<Acc>(p.red[slot_imp][e]) : w.colsum_total[e];
@@ -803,7 +818,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     if (p.stats_mode) {
       if (p.stats[slot_var] != nullptr) {
         if (p.var_tokens)
-          for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_var][e + 1] = static_cast<double>(w.colsum_total[e]);
+          for (index_t e = tid; e < E; e += cuda_tuning::threads)
+            p.stats[slot_var][e + 1] = static_cast<double>(w.colsum_total[e]);
         if (tid == 0) p.stats[slot_var][0] = static_cast<double>(tv_local);
       }
     } else {
@@ -954,9 +970,11 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish2_kernel(plan<T, A
   if (threadIdx.x != 0) return;
   const scalars<Acc> sc = *w.sc;
   if (p.z) publish(p.value[slot_z], nullptr, static_cast<double>(p.z_beta * sc.z_inv_tv * sums[0]), sc.flags_z);
-  if (p.ent) publish(p.value[slot_ent], nullptr, static_cast<double>(p.ent_eta * sc.ent_inv_tv * sums[1]), sc.flags_ent);
+  if (p.ent)
+    publish(p.value[slot_ent], nullptr, static_cast<double>(p.ent_eta * sc.ent_inv_tv * sums[1]), sc.flags_ent);
   if (p.var)
-    publish(p.value[slot_var], nullptr, sc.var_active != 0 ? static_cast<double>(sc.var_vc * sums[2]) : 0.0, sc.flags_var);
+    publish(p.value[slot_var], nullptr, sc.var_active != 0 ? static_cast<double>(sc.var_vc * sums[2]) : 0.0,
+            sc.flags_var);
 }
 
 /// Enqueues the run. Shapes were validated by the caller (each loss's own checks).
@@ -986,8 +1004,9 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
   p.var = rq.var != nullptr;
   p.imp = rq.imp != nullptr;
   p.need_counts = p.lb;
-  p.need_colsum = (p.lb && !rq.stats_mode) || (p.imp && (rq.stats_mode || rq.io[slot_imp].reduced.empty())) ||
-                  (p.var && rq.var->cfg.axis == variance_axis::tokens && (rq.stats_mode || rq.io[slot_var].reduced.empty()));
+  p.need_colsum =
+      (p.lb && !rq.stats_mode) || (p.imp && (rq.stats_mode || rq.io[slot_imp].reduced.empty())) ||
+      (p.var && rq.var->cfg.axis == variance_axis::tokens && (rq.stats_mode || rq.io[slot_var].reduced.empty()));
   p.coeff_any = p.lb || p.imp;
   const double gs = rq.opts.grad_scale;
   if (p.lb) {
@@ -1058,10 +1077,14 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
 /// The engine's slot of each router loss.
 template <class Loss>
 constexpr int slot_of() {
-  if constexpr (std::is_same<Loss, load_balancing_loss>::value) return slot_lb;
-  else if constexpr (std::is_same<Loss, z_loss>::value) return slot_z;
-  else if constexpr (std::is_same<Loss, entropy_loss>::value) return slot_ent;
-  else if constexpr (std::is_same<Loss, variance_loss>::value) return slot_var;
+  if constexpr (std::is_same<Loss, load_balancing_loss>::value)
+    return slot_lb;
+  else if constexpr (std::is_same<Loss, z_loss>::value)
+    return slot_z;
+  else if constexpr (std::is_same<Loss, entropy_loss>::value)
+    return slot_ent;
+  else if constexpr (std::is_same<Loss, variance_loss>::value)
+    return slot_var;
   else {
     static_assert(std::is_same<Loss, importance_loss>::value, "not a router loss");
     return slot_imp;
@@ -1076,11 +1099,16 @@ inline constexpr const char* slot_names[router_slots] = {"load_balancing (cuda)"
 template <class T, class Loss, class In>
 void bind(request<T>& rq, const Loss& l, const In& in) {
   rq.mask = in.mask;
-  if constexpr (std::is_same<Loss, load_balancing_loss>::value) rq.lb = &l, rq.probs = in.probs, rq.topk = in.topk;
-  else if constexpr (std::is_same<Loss, z_loss>::value) rq.z = &l, rq.logits = in.logits;
-  else if constexpr (std::is_same<Loss, entropy_loss>::value) rq.ent = &l, rq.probs = in.probs;
-  else if constexpr (std::is_same<Loss, variance_loss>::value) rq.var = &l, rq.probs = in.scores;
-  else rq.imp = &l, rq.probs = in.probs;
+  if constexpr (std::is_same<Loss, load_balancing_loss>::value)
+    rq.lb = &l, rq.probs = in.probs, rq.topk = in.topk;
+  else if constexpr (std::is_same<Loss, z_loss>::value)
+    rq.z = &l, rq.logits = in.logits;
+  else if constexpr (std::is_same<Loss, entropy_loss>::value)
+    rq.ent = &l, rq.probs = in.probs;
+  else if constexpr (std::is_same<Loss, variance_loss>::value)
+    rq.var = &l, rq.probs = in.scores;
+  else
+    rq.imp = &l, rq.probs = in.probs;
 }
 
 template <class M>
@@ -1107,8 +1135,10 @@ void run_single(const cuda& be, const Loss& loss, const In& in, stats_view reduc
   rq.io[slot_of<Loss>()] = router_io{reduced, be.value, stats_out};
   rq.stats_mode = stats_out != nullptr;
   if (grad != nullptr) {
-    if constexpr (std::is_same<Loss, z_loss>::value) rq.grad_logits = *grad, rq.want_grad_logits = true;
-    else rq.grad_probs = *grad, rq.want_grad_probs = true;
+    if constexpr (std::is_same<Loss, z_loss>::value)
+      rq.grad_logits = *grad, rq.want_grad_logits = true;
+    else
+      rq.grad_probs = *grad, rq.want_grad_probs = true;
   }
   rq.opts = opts;
   run(rq, be, slot_names[slot_of<Loss>()]);
@@ -1225,15 +1255,15 @@ inline index_t joint_chunk_rows(index_t T) {
 
 template <class Acc>
 struct workspace {
-  void* table = nullptr;   // [L] layer_view<T>
+  void* table = nullptr;  // [L] layer_view<T>
   scalars<Acc>* sc = nullptr;
   Acc* partial = nullptr;  // token forms: [nb] per-block value partials
   // batch form
-  Acc* chunks = nullptr;   // [nc * (L-1) * E^2]
-  Acc* U = nullptr;        // [(L-1) * E^2]
-  Acc* S = nullptr;        // [(L-1) * E^2] 0/1 selection
-  int* sel = nullptr;      // [(L-1) * E * kmax] selected nu per row, ascending
-  Acc* terms = nullptr;    // [sum_l E k_l]
+  Acc* chunks = nullptr;  // [nc * (L-1) * E^2]
+  Acc* U = nullptr;       // [(L-1) * E^2]
+  Acc* S = nullptr;       // [(L-1) * E^2] 0/1 selection
+  int* sel = nullptr;     // [(L-1) * E * kmax] selected nu per row, ascending
+  Acc* terms = nullptr;   // [sum_l E k_l]
 };
 
 template <class T>
@@ -1245,7 +1275,8 @@ template <class T>
 shape<T> shape_of(const coupling_inputs<T>& in) {
   shape<T> s;
   s.L = in.layers > 0 ? in.layers : 0;
-  if (in.probs != nullptr && s.L > 0) s.rows = std::max<index_t>(in.probs[0].rows, 0), s.E = std::max<index_t>(in.probs[0].cols, 0);
+  if (in.probs != nullptr && s.L > 0)
+    s.rows = std::max<index_t>(in.probs[0].rows, 0), s.E = std::max<index_t>(in.probs[0].cols, 0);
   if (in.topk != nullptr)
     for (index_t l = 0; l < s.L; ++l) {
       s.kmax = std::max(s.kmax, std::max<index_t>(in.topk[l].k, 0));
@@ -1291,7 +1322,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
   __shared__ long long scratch[cuda_tuning::threads];
   __shared__ int word;
   long long n = 0;
-  if (mask.data == nullptr) n = threadIdx.x == 0 ? static_cast<long long>(rows) : 0;
+  if (mask.data == nullptr)
+    n = threadIdx.x == 0 ? static_cast<long long>(rows) : 0;
   else
     for (index_t t = threadIdx.x; t < rows; t += cuda_tuning::threads) n += mask(t) ? 1 : 0;
   n = block_sum(n, scratch);
@@ -1479,8 +1511,10 @@ __global__ void select_kernel(const layer_view<T>* layers, index_t pairs, index_
   const index_t l = i / E, e = i % E, E2 = E * E;
   const index_t k = layers[l].I.k;
   Acc* S = w.S + l * E2 + e * E;
-  if (reduced != nullptr) coupling_select_row(reduced + 1 + l * E2 + e * E, E, k, S);
-  else coupling_select_row(w.U + l * E2 + e * E, E, k, S);
+  if (reduced != nullptr)
+    coupling_select_row(reduced + 1 + l * E2 + e * E, E, k, S);
+  else
+    coupling_select_row(w.U + l * E2 + e * E, E, k, S);
   index_t off = 0;
   for (index_t q = 0; q < l; ++q) off += E * layers[q].I.k;
   off += e * k;
@@ -1571,7 +1605,7 @@ void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T
   }
   const bool batch = loss.cfg.form == coupling_form::batch;
   count_kernel<Acc><<<1, block, 0, be.stream>>>(in.mask, s.rows, reduced.data, reduced.size, loss.cfg.coef,
-                                               opts.grad_scale, w.sc, stats_out);
+                                                opts.grad_scale, w.sc, stats_out);
   cuda_check_launch(who, "count kernel");
   const bool want_grad = grads != nullptr && stats_out == nullptr;
 
@@ -1599,8 +1633,8 @@ void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T
     cuda_check_launch(who, "joint kernel");
   }
   if (n > 0) {
-    reduce_kernel<Acc><<<static_cast<unsigned>(cuda_blocks(n, cuda_tuning::threads)), block, 0, be.stream>>>(w, nc, n,
-                                                                                                          stats_out);
+    reduce_kernel<Acc>
+        <<<static_cast<unsigned>(cuda_blocks(n, cuda_tuning::threads)), block, 0, be.stream>>>(w, nc, n, stats_out);
     cuda_check_launch(who, "reduce kernel");
   }
   if (stats_out != nullptr) return;  // [T_v, U^1, ...] written by the count and reduce kernels
@@ -1615,7 +1649,7 @@ void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T
   const index_t nb = cuda_blocks(s.rows, cuda_row_block);
   if (want_grad && nb > 0) {
     batch_grad_kernel<T, Acc><<<static_cast<unsigned>(nb), block, 0, be.stream>>>(table, s.L, s.rows, s.E, s.kmax,
-                                                                                 in.mask, opts.accumulate, w);
+                                                                                  in.mask, opts.accumulate, w);
     cuda_check_launch(who, "gradient kernel");
   }
 }
@@ -1688,11 +1722,10 @@ index_t sequences(const load_balancing_loss& loss, const load_balancing_inputs<T
   return in.cu_seqlens.size > 0 ? in.cu_seqlens.size - 1 : 0;
 }
 
-
 /// Host-side checks: every backend's shape checks and the device pointers (no device memory read).
 template <class T>
 void validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, const cuda& be) {
+              const matrix_view<T>* grad, const cuda& be) {
   const char* who = "load_balancing (cuda)";
   cuda_validate(who, loss, in, reduced, grad, be);
   require(sequences(loss, in) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
@@ -1824,15 +1857,14 @@ void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balanc
         in, ws, fixed, B, reduced.data, k, alpha_e, gs, g, grad != nullptr, opts.accumulate);
     cuda_check_launch(who, "sequence kernel");
   }
-  sequence_finish_kernel<T, Acc><<<1, block, 0, be.stream>>>(in, ws, fixed, B, reduced.data, be.value, be.status,
-                                                            stats_out);
+  sequence_finish_kernel<T, Acc>
+      <<<1, block, 0, be.stream>>>(in, ws, fixed, B, reduced.data, be.value, be.status, stats_out);
   cuda_check_launch(who, "sequence finish kernel");
 }
 
 template <class T>
 std::size_t cuda_workspace_bytes(const load_balancing_loss& loss, const load_balancing_inputs<T>& in) {
-  if (loss.cfg.scope != lb_scope::sequence)
-    return cuda_router::required_bytes(cuda_router::single_request(loss, in));
+  if (loss.cfg.scope != lb_scope::sequence) return cuda_router::required_bytes(cuda_router::single_request(loss, in));
   workspace_carver c(nullptr);
   const index_t B = cuda_lb::sequences(loss, in);
   (void)cuda_lb::carve_seq<accumulator_t<T>>(c, B > 0 ? B : 0, in.probs.cols > 0 ? in.probs.cols : 0);
@@ -1971,7 +2003,7 @@ struct router_fused {
     detail::cuda_router::run(rq, be, who);
   }
 
-private:
+ private:
   template <class T>
   detail::cuda_router::request<T> request(const router_fused_inputs<T>& in) const {
     detail::cuda_router::request<T> rq;
@@ -1992,9 +2024,9 @@ private:
   void validate(const router_fused_inputs<T>& in, const router_fused_reduced& reduced, const matrix_view<T>* gp,
                 const matrix_view<T>* gz, const cuda& be) const {
     const char* who = "router_fused (cuda)";
-    detail::require(load_balancing != nullptr || z != nullptr || entropy != nullptr || variance != nullptr ||
-                        importance != nullptr,
-                    who, ": no loss given");
+    detail::require(
+        load_balancing != nullptr || z != nullptr || entropy != nullptr || variance != nullptr || importance != nullptr,
+        who, ": no loss given");
     if (load_balancing != nullptr) {
       detail::require(load_balancing->cfg.scope != lb_scope::sequence, who,
                       ": sequence-scope load balancing is not fused; call the loss itself");
@@ -2011,7 +2043,8 @@ private:
     if (importance != nullptr)
       detail::cuda_validate("importance (cuda)", *importance, importance_inputs<T>{in.probs, in.mask},
                             reduced.importance, gp, be);
-    const bool p_losses = load_balancing != nullptr || entropy != nullptr || variance != nullptr || importance != nullptr;
+    const bool p_losses =
+        load_balancing != nullptr || entropy != nullptr || variance != nullptr || importance != nullptr;
     if (p_losses && gp != nullptr) detail::check_grad(who, "grad_probs", *gp, in.probs);
     if (p_losses && z != nullptr)
       detail::require(in.logits.rows == in.probs.rows, who, ": logits has ", in.logits.rows, " rows but probs has ",
@@ -2167,10 +2200,10 @@ __global__ void keys_kernel(Layout l, index_t rows, index_t k, int* seen, int* f
 
 template <class Acc>
 struct scalars {
-  int flags;           // reduced-statistics and key flags
-  double scale[2];     // per loss (0: specialization, 1: orthogonality): value = scale * sum F
-  Acc gcoef[2];        // (Acc)(scale * grad_scale)
-  int live[2];         // scale != 0
+  int flags;        // reduced-statistics and key flags
+  double scale[2];  // per loss (0: specialization, 1: orthogonality): value = scale * sum F
+  Acc gcoef[2];     // (Acc)(scale * grad_scale)
+  int live[2];      // scale != 0
 };
 
 template <class T, class Layout, class Acc>
@@ -2221,7 +2254,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) count_kernel(plan<T, Lay
   __shared__ long long scratch[cuda_tuning::threads];
   __shared__ int word;
   long long n = 0;
-  if (p.mask.data == nullptr) n = threadIdx.x == 0 ? static_cast<long long>(p.rows) : 0;
+  if (p.mask.data == nullptr)
+    n = threadIdx.x == 0 ? static_cast<long long>(p.rows) : 0;
   else
     for (index_t t = threadIdx.x; t < p.rows; t += cuda_tuning::threads) n += p.mask(t) ? 1 : 0;
   n = block_sum(n, scratch);
@@ -2314,7 +2348,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) tokens_kernel(plan<T, La
       // A bad slot: poison the usable vectors of this token.
       if (p.has_grad)
         for (int a = 0; a < n; ++a)
-          for (index_t i = lane; i < p.d; i += 32) dput_grad(p.g.data + go[a] + i * p.gstride, acc_nan<Acc>(), p.accumulate);
+          for (index_t i = lane; i < p.d; i += 32)
+            dput_grad(p.g.data + go[a] + i * p.gstride, acc_nan<Acc>(), p.accumulate);
     } else if (n > 0) {
       // Gram pass.
       Acc acc[pairs_of<MaxN>::value];
@@ -2354,8 +2389,10 @@ __global__ void __launch_bounds__(cuda_tuning::threads) tokens_kernel(plan<T, La
         if (p.use[1] && sc.live[1] != 0) {
           Acc* dst = p.has_grad ? (first ? W : tmp) : nullptr;
           Acc f;
-          if constexpr (Subspace) f = math::orthogonality_subspace_token(n, G, p.eps[1], dst);
-          else f = math::orthogonality_pairwise_token(n, G, p.eps[1], dst);
+          if constexpr (Subspace)
+            f = math::orthogonality_subspace_token(n, G, p.eps[1], dst);
+          else
+            f = math::orthogonality_pairwise_token(n, G, p.eps[1], dst);
           f_acc[1] += f;
           if (p.has_grad) {
             if (first)
@@ -2464,7 +2501,8 @@ void validate(const char* who, double coef, double eps, const request<T, Layout>
   const bool any = I.rows > 0 && rq.acts.layout.dim() > 0;  // the map entries are not read on the host
   require(rq.acts.data != nullptr || !any, who, ": acts is null");
   require(rq.grad == nullptr || rq.grad->data != nullptr || !any, who, ": grad is null");
-  gram_buffers(rq.acts, I, rq.mask, rq.grad, [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
+  gram_buffers(rq.acts, I, rq.mask, rq.grad,
+               [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
   cuda_check_pointer(who, "reduced statistics", reduced.data, be);
   require(cuda_blocks(I.rows, cuda_row_block) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
           ": too many tokens for one grid");
@@ -2528,11 +2566,13 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
       const index_t entries = p.rows * p.k;
       auto count_keys = [&](const Layout& l, int* seen) {
         const index_t nk = layout_keys<Layout>::num_keys(l);
-        if (nk > 0) cuda_require(cudaMemsetAsync(seen, 0, static_cast<std::size_t>(nk) * sizeof(int), be.stream), who,
-                                 "cudaMemsetAsync");
+        if (nk > 0)
+          cuda_require(cudaMemsetAsync(seen, 0, static_cast<std::size_t>(nk) * sizeof(int), be.stream), who,
+                       "cudaMemsetAsync");
         if (entries > 0) {
-          keys_kernel<Layout><<<static_cast<unsigned>(cuda_blocks(entries, cuda_tuning::threads)), block, 0, be.stream>>>(
-              l, p.rows, p.k, seen, &w.sc->flags);
+          keys_kernel<Layout>
+              <<<static_cast<unsigned>(cuda_blocks(entries, cuda_tuning::threads)), block, 0, be.stream>>>(
+                  l, p.rows, p.k, seen, &w.sc->flags);
           cuda_check_launch(who, "map check kernel");
         }
       };
@@ -2544,10 +2584,14 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
   cuda_check_launch(who, "count kernel");
   if (rq.stats_mode) return;
   if (nb > 0) {
-    if (p.k <= 2) launch_tokens<2>(p, w, nb, be.stream);
-    else if (p.k <= 4) launch_tokens<4>(p, w, nb, be.stream);
-    else if (p.k <= 8) launch_tokens<8>(p, w, nb, be.stream);
-    else launch_tokens<16>(p, w, nb, be.stream);
+    if (p.k <= 2)
+      launch_tokens<2>(p, w, nb, be.stream);
+    else if (p.k <= 4)
+      launch_tokens<4>(p, w, nb, be.stream);
+    else if (p.k <= 8)
+      launch_tokens<8>(p, w, nb, be.stream);
+    else
+      launch_tokens<16>(p, w, nb, be.stream);
     cuda_check_launch(who, "tokens kernel");
   }
   finish_kernel<T, Layout, Acc><<<1, block, 0, be.stream>>>(p, w, nb);
@@ -2558,7 +2602,8 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
 /// value slots) and the name its CUDA errors carry.
 template <class Loss>
 constexpr int slot_of() {
-  if constexpr (std::is_same<Loss, specialization_loss>::value) return 0;
+  if constexpr (std::is_same<Loss, specialization_loss>::value)
+    return 0;
   else {
     static_assert(std::is_same<Loss, orthogonality_loss>::value, "not a Gram loss");
     return 1;
@@ -2577,15 +2622,17 @@ struct view_types<activation_view<T, Layout>> {
 /// The request of `loss` alone on `in`, without outputs (all the workspace query needs).
 template <class Loss, class In, class G = grad_view_t<In>>
 request<typename view_types<G>::storage, typename view_types<G>::layout> single_request(const Loss& loss, const In& in,
-                                                                                       const G* grad) {
+                                                                                        const G* grad) {
   request<typename view_types<G>::storage, typename view_types<G>::layout> rq;
   rq.acts = in.acts;
   rq.topk = in.topk;
   rq.mask = in.mask;
   rq.num_experts = in.num_experts;
   rq.grad = grad;
-  if constexpr (slot_of<Loss>() == 0) rq.sp = &loss;
-  else rq.orth = &loss;
+  if constexpr (slot_of<Loss>() == 0)
+    rq.sp = &loss;
+  else
+    rq.orth = &loss;
   return rq;
 }
 
@@ -2703,7 +2750,7 @@ struct gram_fused {
         be);
   }
 
-private:
+ private:
   template <class T, class Layout>
   detail::cuda_gram::request<T, Layout> request(const specialization_inputs<T, Layout>& in,
                                                 const activation_view<T, Layout>* grad) const {
@@ -2725,7 +2772,8 @@ private:
     detail::require(specialization != nullptr || orthogonality != nullptr, who, ": no loss given");
     auto rq = request(in, grad);
     if (specialization != nullptr)
-      detail::cuda_gram::validate(who, specialization->cfg.coef, specialization->cfg.eps, rq, reduced.specialization, be);
+      detail::cuda_gram::validate(who, specialization->cfg.coef, specialization->cfg.eps, rq, reduced.specialization,
+                                  be);
     if (orthogonality != nullptr) {
       detail::check_ortho_config(who, orthogonality->cfg);
       detail::cuda_gram::validate(who, orthogonality->cfg.coef, orthogonality->cfg.eps, rq, reduced.orthogonality, be);
@@ -2886,8 +2934,8 @@ void bias_update(const bias_update_config& cfg, const C* counts, index_t n_count
   if (n_bias == 0) return;
   detail::cuda_check_pointer(who, "counts", counts, be);
   detail::cuda_check_pointer(who, "bias", bias, be);
-  detail::cuda_bias::update_kernel<C, B><<<1, detail::cuda_tuning::threads, 0, be.stream>>>(counts, bias, n_bias, cfg.rate,
-                                                                                    cfg.center, be.status);
+  detail::cuda_bias::update_kernel<C, B>
+      <<<1, detail::cuda_tuning::threads, 0, be.stream>>>(counts, bias, n_bias, cfg.rate, cfg.center, be.status);
   detail::cuda_check_launch(who, "update_kernel");
 }
 

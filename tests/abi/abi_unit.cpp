@@ -15,7 +15,8 @@
 abi_result ABI_UNIT_NAME() {
   // A fixed problem: T = 300 tokens (two CPU blocks), k = 4 slots, d = 37, every fifth token masked.
   const moereg::index_t T = 300, k = 4, d = 37, E = 8;
-  std::vector<float> h(static_cast<std::size_t>(T * k * d)), g(h.size()), P(static_cast<std::size_t>(T * E)), dP(P.size());
+  std::vector<float> h(static_cast<std::size_t>(T * k * d)), g(h.size()), P(static_cast<std::size_t>(T * E)),
+      dP(P.size());
   std::vector<std::int32_t> topk(static_cast<std::size_t>(T * k));
   std::vector<std::uint8_t> mask(static_cast<std::size_t>(T));
   std::uint32_t x = 12345;
@@ -28,7 +29,8 @@ abi_result ABI_UNIT_NAME() {
     float s = 0;
     for (moereg::index_t e = 0; e < E; ++e) s += (P[static_cast<std::size_t>(t * E + e)] = next() + 1.0f);
     for (moereg::index_t e = 0; e < E; ++e) P[static_cast<std::size_t>(t * E + e)] /= s;
-    for (moereg::index_t s2 = 0; s2 < k; ++s2) topk[static_cast<std::size_t>(t * k + s2)] = static_cast<std::int32_t>((t + 3 * s2) % E);
+    for (moereg::index_t s2 = 0; s2 < k; ++s2)
+      topk[static_cast<std::size_t>(t * k + s2)] = static_cast<std::int32_t>((t + 3 * s2) % E);
     mask[static_cast<std::size_t>(t)] = t % 5 != 0;
   }
   using lay = moereg::token_major;

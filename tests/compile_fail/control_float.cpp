@@ -23,8 +23,8 @@ int main() {
   const float h[8] = {1.f, 0.f, 0.f, 1.f, 1.f, 1.f, 0.f, 1.f};
   const int sp_ids[4] = {0, 1, 1, 0};
   const moereg::topk_view sp_topk(sp_ids, 2, 2);
-  const double sp =
-      moereg::specialization_loss{}.value(moereg::specialization_inputs{moereg::token_major_view<const float>(h, 2, 2, 2), sp_topk});
+  const double sp = moereg::specialization_loss{}.value(
+      moereg::specialization_inputs{moereg::token_major_view<const float>(h, 2, 2, 2), sp_topk});
   const moereg::routing_view<float> probs[2] = {moereg::routing_view<float>(p, 1, 2),
                                                 moereg::routing_view<float>(p + 2, 1, 2)};
   const moereg::topk_view cp_topk[2] = {moereg::topk_view(ids, 1, 1), moereg::topk_view(ids + 1, 1, 1)};

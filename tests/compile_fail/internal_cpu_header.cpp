@@ -2,4 +2,6 @@
 // <moereg/backend/cpu.hpp>; included directly, one says so.
 #include <moereg/backend/cpu/row_engine.hpp>
 
-int main() { return 0; }
+int main() {
+  return 0;
+}

@@ -2,4 +2,6 @@
 // <moereg/backend/cuda.hpp>; included directly, one says so (before anything needs nvcc).
 #include <moereg/backend/cuda/gram.cuh>
 
-int main() { return 0; }
+int main() {
+  return 0;
+}

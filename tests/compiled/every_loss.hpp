@@ -27,7 +27,8 @@ void run_type(std::vector<double>& out) {
     double z = 0;
     std::vector<double> row(static_cast<std::size_t>(E));
     for (auto& v : row) z += (v = 0.05 + next());
-    for (long e = 0; e < E; ++e) P[static_cast<std::size_t>(t * E + e)] = static_cast<T>(static_cast<float>(row[static_cast<std::size_t>(e)] / z));
+    for (long e = 0; e < E; ++e)
+      P[static_cast<std::size_t>(t * E + e)] = static_cast<T>(static_cast<float>(row[static_cast<std::size_t>(e)] / z));
     for (long j = 0; j < k; ++j)  // distinct experts, slot 1 dropped on every fifth token
       I[static_cast<std::size_t>(t * k + j)] = (j == 1 && t % 5 == 0) ? -1 : static_cast<std::int32_t>((t + 3 * j) % E);
     m[static_cast<std::size_t>(t)] = t % 7 != 3;

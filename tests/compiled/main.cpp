@@ -16,7 +16,8 @@ int main() {
   std::size_t bad = 0;
   for (std::size_t i = 0; i < a.size(); ++i)
     if (!(a[i] == b[i]) && !(a[i] != a[i] && b[i] != b[i])) {
-      if (bad++ < 10) std::fprintf(stderr, "compiled: result %zu is %.17g through the library, %.17g header-only\n", i, a[i], b[i]);
+      if (bad++ < 10)
+        std::fprintf(stderr, "compiled: result %zu is %.17g through the library, %.17g header-only\n", i, a[i], b[i]);
     }
   if (bad) {
     std::fprintf(stderr, "compiled: %zu of %zu results differ\n", bad, a.size());

@@ -105,8 +105,8 @@ TEST_CASE("shape checks read no content; the host checks add the content", "[fro
     std::vector<std::int32_t> cu = {0, 3, 2, 4};  // not increasing
     moereg::load_balancing_loss loss{};
     loss.cfg.scope = moereg::lb_scope::sequence;
-    const moereg::load_balancing_inputs<double> in{pv, moereg::topk_view(I.data(), T, k), {},
-                                                   moereg::offsets_view(cu.data(), 4)};
+    const moereg::load_balancing_inputs<double> in{
+        pv, moereg::topk_view(I.data(), T, k), {}, moereg::offsets_view(cu.data(), 4)};
     const moereg::matrix_view<double>* none = nullptr;
     CHECK_FALSE(throws_moereg([&] { validate_shapes("lb", loss, in, {}, none); }));
     CHECK(throws_moereg([&] { validate_on_host("lb", loss, in, {}, none); }));
@@ -124,8 +124,8 @@ TEST_CASE("shape checks read no content; the host checks add the content", "[fro
     // Importance's statistics are sums of P, not counts: a negative entry is allowed.
     const double imp_stats[3] = {-1.0, 2.0, 1.0};
     CHECK_FALSE(throws_moereg([&] {
-      validate_on_host("importance", moereg::importance_loss{}, moereg::importance_inputs<double>{pv},
-                       {imp_stats, 3}, none);
+      validate_on_host("importance", moereg::importance_loss{}, moereg::importance_inputs<double>{pv}, {imp_stats, 3},
+                       none);
     }));
   }
   SECTION("layout maps") {
@@ -150,8 +150,9 @@ TEST_CASE("for_each_buffer names every pointer of a call", "[front_end][validate
   std::vector<float> P(static_cast<std::size_t>(T * E), 0.5f), G(P.size());
   std::vector<std::int32_t> I = {0, 2}, cu = {0, 2};
   std::vector<std::uint8_t> mask = {1, 0};
-  moereg::load_balancing_inputs<float> in{moereg::routing_view<float>(P.data(), T, E), moereg::topk_view(I.data(), T, k),
-                                          moereg::mask_view(mask.data(), T), moereg::offsets_view(cu.data(), 2)};
+  moereg::load_balancing_inputs<float> in{moereg::routing_view<float>(P.data(), T, E),
+                                          moereg::topk_view(I.data(), T, k), moereg::mask_view(mask.data(), T),
+                                          moereg::offsets_view(cu.data(), 2)};
   const moereg::matrix_view<float> g(G.data(), T, E);
   const auto with_grad = buffers_of(in, &g);
   CHECK(with_grad.size() == 5);
@@ -182,8 +183,7 @@ TEST_CASE("template arguments are deduced from the views", "[front_end]") {
   const moereg::entropy_inputs ent_in{moereg::view(static_cast<const Eigen::MatrixXd&>(P))};
   static_assert(std::is_same<std::remove_const_t<decltype(ent_in)>, moereg::entropy_inputs<double>>::value, "");
   const moereg::load_balancing_inputs lb_in{moereg::view(P), tv};
-  static_assert(std::is_same<std::remove_const_t<decltype(lb_in)>, moereg::load_balancing_inputs<double>>::value,
-                "");
+  static_assert(std::is_same<std::remove_const_t<decltype(lb_in)>, moereg::load_balancing_inputs<double>>::value, "");
   std::vector<float> h(3 * 2 * 5, 0.5f);
   const moereg::specialization_inputs sp_in{moereg::token_major_view(h.data(), 3, 2, 5), tv};
   static_assert(std::is_same<std::remove_const_t<decltype(sp_in)>,
@@ -211,8 +211,10 @@ TEST_CASE("a call context gives the positional call, for values, gradients and l
   std::vector<std::uint8_t> m(static_cast<std::size_t>(T));
   for (index_t t = 0; t < T; ++t) {
     m[static_cast<std::size_t>(t)] = t % 7 != 3;
-    for (index_t e = 0; e < E; ++e) P[static_cast<std::size_t>(t * E + e)] = 1.0 / 6 + 0.01 * static_cast<double>((t * 5 + e * 3) % 11);
-    for (index_t s = 0; s < k; ++s) I[static_cast<std::size_t>(t * k + s)] = t % 13 == 5 && s == 1 ? -1 : static_cast<std::int32_t>((t + 2 * s) % E);
+    for (index_t e = 0; e < E; ++e)
+      P[static_cast<std::size_t>(t * E + e)] = 1.0 / 6 + 0.01 * static_cast<double>((t * 5 + e * 3) % 11);
+    for (index_t s = 0; s < k; ++s)
+      I[static_cast<std::size_t>(t * k + s)] = t % 13 == 5 && s == 1 ? -1 : static_cast<std::int32_t>((t + 2 * s) % E);
   }
   for (std::size_t i = 0; i < h.size(); ++i) h[i] = std::sin(0.37 * static_cast<double>(i));
   const moereg::mask_view mask(m.data(), T);
@@ -234,7 +236,8 @@ TEST_CASE("a call context gives the positional call, for values, gradients and l
   CHECK(g1 == g2);
   CHECK(g1 != std::vector<double>(g1.size(), 0.5));
   lb.backward(in, moereg::matrix_view<double>(g3.data(), cut, E), opts, rv);
-  lb.backward(in, moereg::matrix_view<double>(g4.data(), cut, E), moereg::on(moereg::cpu{}).with_opts(opts).with_reduced(rv));
+  lb.backward(in, moereg::matrix_view<double>(g4.data(), cut, E),
+              moereg::on(moereg::cpu{}).with_opts(opts).with_reduced(rv));
   CHECK(g3 == g4);
   CHECK(g3 == g1);
   // A Gram loss and the coupling loss (a gradient view per layer) take it as well.
@@ -242,7 +245,8 @@ TEST_CASE("a call context gives the positional call, for values, gradients and l
   const moereg::specialization_inputs sin{moereg::token_major_view<const double>(h.data(), T, k, d), topk, mask};
   std::vector<double> a(h.size()), b(h.size());
   CHECK(sp.value_and_grad(sin, moereg::token_major_view<double>(a.data(), T, k, d), {2.0, false}) ==
-        sp.value_and_grad(sin, moereg::token_major_view<double>(b.data(), T, k, d), moereg::on(moereg::cpu{}).with_grad_scale(2.0)));
+        sp.value_and_grad(sin, moereg::token_major_view<double>(b.data(), T, k, d),
+                          moereg::on(moereg::cpu{}).with_grad_scale(2.0)));
   CHECK(a == b);
   const moereg::routing_view<double> probs[2] = {{P.data(), T / 2, E}, {P.data() + T / 2 * E, T / 2, E}};
   const moereg::topk_view tks[2] = {{I.data(), T / 2, k}, {I.data() + T / 2 * k, T / 2, k}};
@@ -251,7 +255,8 @@ TEST_CASE("a call context gives the positional call, for values, gradients and l
   const moereg::matrix_view<double> g_pos[2] = {{c1.data(), T / 2, E}, {c1.data() + T / 2 * E, T / 2, E}};
   const moereg::matrix_view<double> g_ctx[2] = {{c2.data(), T / 2, E}, {c2.data() + T / 2 * E, T / 2, E}};
   const moereg::coupling_loss cp{};
-  CHECK(cp.value_and_grad(cin, g_pos, {}, {}, moereg::cpu{2}) == cp.value_and_grad(cin, g_ctx, moereg::on(moereg::cpu{2})));
+  CHECK(cp.value_and_grad(cin, g_pos, {}, {}, moereg::cpu{2}) ==
+        cp.value_and_grad(cin, g_ctx, moereg::on(moereg::cpu{2})));
   CHECK(c1 == c2);
   // An explicit value output (on CUDA the device pointer that replaces be.value): on the CPU
   // the value is stored there and returned; nothing is stored when the call throws.
@@ -259,12 +264,14 @@ TEST_CASE("a call context gives the positional call, for values, gradients and l
   CHECK(lb.value(in, moereg::on(moereg::cpu{}).with_reduced(rv).value_into(&out)) == lb.value(in, rv));
   CHECK(out == lb.value(in, rv));
   std::vector<double> g5(static_cast<std::size_t>(cut * E));
-  const double v5 = lb.value_and_grad(in, moereg::matrix_view<double>(g5.data(), cut, E), moereg::on(moereg::cpu{}).value_into(&out2));
+  const double v5 = lb.value_and_grad(in, moereg::matrix_view<double>(g5.data(), cut, E),
+                                      moereg::on(moereg::cpu{}).value_into(&out2));
   CHECK(out2 == v5);
   CHECK(v5 != out);
   std::vector<float> g6(g5.size());
   out2 = -1;
-  lb.backward(in, moereg::matrix_view<float>(g6.data(), cut, E), moereg::on(moereg::cpu{}).value_into(&out2));  // mixed precision
+  lb.backward(in, moereg::matrix_view<float>(g6.data(), cut, E),
+              moereg::on(moereg::cpu{}).value_into(&out2));  // mixed precision
   CHECK(out2 == v5);
   // The checks are the same: a bad reduced statistics size is refused either way.
   const moereg::stats_view short_red{red.data(), 1};

@@ -16,23 +16,25 @@ using namespace moereg_test;
 
 namespace {
 
-const std::int64_t* i64(const std::vector<long long>& v) { return reinterpret_cast<const std::int64_t*>(v.data()); }
+const std::int64_t* i64(const std::vector<long long>& v) {
+  return reinterpret_cast<const std::int64_t*>(v.data());
+}
 
 }  // namespace
 
 TEST_CASE("metrics: a hand-computed layer", "[metrics]") {
   // T = 4, E = 3, k = 2. Token 2 is padding; token 3 has its second slot dropped.
-  const double P[12] = {0.5, 0.3, 0.2,   //
-                        0.1, 0.6, 0.3,   //
-                        0.9, 0.05, 0.05, // padding
+  const double P[12] = {0.5,  0.3,  0.2,   //
+                        0.1,  0.6,  0.3,   //
+                        0.9,  0.05, 0.05,  // padding
                         0.25, 0.25, 0.5};
   const std::int32_t I[8] = {0, 1, 1, 2, 0, 1, 2, -1};
   const std::uint8_t m[4] = {1, 1, 0, 1};
   // Activations [T, k, d = 2]: token 0 orthogonal pair, token 1 at 45 degrees (cos = 1/sqrt 2).
-  const double H[16] = {1, 0, 0, 3,  //
-                        2, 0, 1, 1,  //
-                        5, 5, 5, 5,  // padding: ignored
-                        1, 2, 9, 9}; // dropped second slot: ignored
+  const double H[16] = {1, 0, 0, 3,   //
+                        2, 0, 1, 1,   //
+                        5, 5, 5, 5,   // padding: ignored
+                        1, 2, 9, 9};  // dropped second slot: ignored
   const moereg::topk_view tk(I, 4, 2);
   const auto acts = moereg::token_major_view(H, 4, 2, 2);
   const auto r = moereg::measure_layer(moereg::routing_view<double>(P, 4, 3), tk, moereg::mask_view(m, 4), acts);
@@ -71,7 +73,7 @@ TEST_CASE("metrics: balance over all E experts, including unused ones", "[metric
   const double P[8] = {0.4, 0.4, 0.1, 0.1, 0.4, 0.4, 0.1, 0.1};
   const std::int64_t I[4] = {0, 1, 1, 0};
   const double H[12] = {1, 2, 3, -2, -4, -6,  // anti-parallel: cos = -1
-                        0, 0, 0, 1, 1, 1};    // zero vector: norm clamped to eps, cos = 0
+                        0, 0, 0, 1,  1,  1};  // zero vector: norm clamped to eps, cos = 0
   const auto r = moereg::measure_layer(moereg::routing_view<double>(P, 2, 4), moereg::topk_view(I, 2, 2),
                                        moereg::token_major_view(H, 2, 2, 3));
   CHECK(r.maxvio == Approx(1.0));
@@ -132,7 +134,8 @@ TEST_CASE("metrics agree with the naive reference on random routing", "[metrics]
   struct shape {
     long long T, E, k, d;
   };
-  for (const shape sh : {shape{1, 1, 1, 1}, shape{7, 5, 2, 3}, shape{33, 8, 4, 5}, shape{600, 13, 3, 7}, shape{9, 3, 3, 1}}) {
+  for (const shape sh :
+       {shape{1, 1, 1, 1}, shape{7, 5, 2, 3}, shape{33, 8, 4, 5}, shape{600, 13, 3, 7}, shape{9, 3, 3, 1}}) {
     rng r(static_cast<std::uint64_t>(sh.T * 1009 + sh.E * 17 + sh.k));
     const auto P = random_probs(r, sh.T, sh.E);
     const auto I = random_topk(r, sh.T, sh.E, sh.k, 0.2);

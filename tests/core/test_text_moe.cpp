@@ -175,7 +175,7 @@ TEST_CASE("text_moe: fortunes split at % lines, whole fortunes per side, offensi
   const fake_fortunes ff("loader");
   const auto ds = text_moe::load_fortunes(ff.root.string(), 4, /*heldout_mod=*/2);
   CHECK(ds.files == std::vector<std::int64_t>{1, 1, 1, 1, 1, 1, 1});  // no .dat, .u8, link, off/, klasik-sk
-  CHECK(ds.raw_fortunes[5] == 2);  // the Polish duplicate once
+  CHECK(ds.raw_fortunes[5] == 2);                                     // the Polish duplicate once
   for (const auto* c : {&ds.train, &ds.heldout}) {
     REQUIRE(c->bytes.size() == c->lang.size());
     std::string text(c->bytes.begin(), c->bytes.end());
@@ -193,7 +193,8 @@ TEST_CASE("text_moe: fortunes split at % lines, whole fortunes per side, offensi
   // No fortune is on both sides: the hash decides.
   for (const auto& fo : {std::string("one\n"), std::string("two two\n"), std::string("three three three\n")}) {
     const bool held = text_moe::fnv1a(fo) % 2 == 0;
-    const std::string tr(ds.train.bytes.begin(), ds.train.bytes.end()), he(ds.heldout.bytes.begin(), ds.heldout.bytes.end());
+    const std::string tr(ds.train.bytes.begin(), ds.train.bytes.end()),
+        he(ds.heldout.bytes.begin(), ds.heldout.bytes.end());
     const std::string z(4, '\0');
     const bool in_train = tr.find(z + fo + z) != std::string::npos, in_held = he.find(z + fo + z) != std::string::npos;
     CHECK(!(in_train && in_held));

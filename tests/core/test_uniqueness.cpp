@@ -31,12 +31,12 @@ bool unique(std::vector<index_t> ext, std::vector<index_t> str) {
 }  // namespace
 
 TEST_CASE("strides_unique: the overlap test against the extents", "[views][unique]") {
-  CHECK(unique({3, 4}, {4, 1}));   // contiguous rows
-  CHECK(unique({3, 4}, {1, 3}));   // column-major
-  CHECK(unique({2, 3}, {1, 2}));   // interleaved rows: 0 2 4 / 1 3 5
-  CHECK(unique({3, 4}, {9, 2}));   // padded rows with an element stride
-  CHECK(unique({1, 4}, {0, 1}));   // one row: its stride does not matter
-  CHECK(unique({0, 4}, {0, 0}));   // no elements
+  CHECK(unique({3, 4}, {4, 1}));        // contiguous rows
+  CHECK(unique({3, 4}, {1, 3}));        // column-major
+  CHECK(unique({2, 3}, {1, 2}));        // interleaved rows: 0 2 4 / 1 3 5
+  CHECK(unique({3, 4}, {9, 2}));        // padded rows with an element stride
+  CHECK(unique({1, 4}, {0, 1}));        // one row: its stride does not matter
+  CHECK(unique({0, 4}, {0, 0}));        // no elements
   CHECK_FALSE(unique({3, 4}, {0, 1}));  // every row on row 0
   CHECK_FALSE(unique({3, 8}, {4, 1}));  // rows overlap by half
   CHECK_FALSE(unique({3, 4}, {4, 0}));  // every column on column 0
@@ -62,7 +62,8 @@ TEST_CASE("2-D views: overlapping rows are refused for inputs and gradients", "[
   for (int t = 0; t < 3; ++t)
     for (int e = 0; e < 8; ++e) Zc(t, e) = static_cast<float>(t - e) * 0.25f;
   Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Zr = Zc;
-  CHECK(zl.value(moereg::z_loss_inputs<float>{moereg::view(Zc)}) == zl.value(moereg::z_loss_inputs<float>{moereg::view(Zr)}));
+  CHECK(zl.value(moereg::z_loss_inputs<float>{moereg::view(Zc)}) ==
+        zl.value(moereg::z_loss_inputs<float>{moereg::view(Zr)}));
 }
 
 TEST_CASE("activation layouts: overlapping storage is refused", "[layouts][unique]") {
@@ -83,16 +84,17 @@ TEST_CASE("activation layouts: overlapping storage is refused", "[layouts][uniqu
   std::vector<std::int64_t> rows{0, 1, 2, 3, 4, 5, 6, 7};
   const moereg::topk_view map(rows.data(), T, k);
   using eg = moereg::expert_grouped;
-  CHECK_THROWS_WITH(sp.backward(moereg::specialization_inputs<float, eg>{{h.data(), eg(map, 8, d)}, I},
-                                {g.data(), eg(map, 8, d, 3)}),
-                    Catch::Contains("expert_grouped rows [8, 6] with row stride 3 and element stride 1 overlap"));
+  CHECK_THROWS_WITH(
+      sp.backward(moereg::specialization_inputs<float, eg>{{h.data(), eg(map, 8, d)}, I}, {g.data(), eg(map, 8, d, 3)}),
+      Catch::Contains("expert_grouped rows [8, 6] with row stride 3 and element stride 1 overlap"));
   for (float x : g) CHECK(x == 7.0f);
   // capacity_padded: positions of one expert overlapping.
   std::vector<std::int64_t> pos{0, 0, 1, 0, 1, 0, 1, 1};
   const moereg::topk_view P(pos.data(), T, k);
   moereg::capacity_padded cp(I, P, 4, 2, d);
   cp.row_stride = 2;
-  CHECK_THROWS_WITH(cp.validate("test"), Catch::Contains("capacity_padded buffer [4, 2, 6] with strides (12, 2, 1) overlaps"));
+  CHECK_THROWS_WITH(cp.validate("test"),
+                    Catch::Contains("capacity_padded buffer [4, 2, 6] with strides (12, 2, 1) overlaps"));
 }
 
 TEST_CASE("grouped_view reads a column-major Eigen matrix with its real strides", "[layouts][unique]") {
@@ -114,8 +116,9 @@ TEST_CASE("grouped_view reads a column-major Eigen matrix with its real strides"
   using eg = moereg::expert_grouped;
   Eigen::MatrixXd Gc = Eigen::MatrixXd::Constant(N, d, 7.0);
   Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> Gr = Gc;
-  const double vc = sp.value_and_grad(moereg::specialization_inputs<double, eg>{moereg::grouped_view(map, std::as_const(Hc)), I},
-                                      moereg::grouped_view(map, Gc));
+  const double vc =
+      sp.value_and_grad(moereg::specialization_inputs<double, eg>{moereg::grouped_view(map, std::as_const(Hc)), I},
+                        moereg::grouped_view(map, Gc));
   const double vr = sp.value_and_grad(moereg::specialization_inputs<double, eg>{{Hr.data(), eg(map, N, d)}, I},
                                       {Gr.data(), eg(map, N, d)});
   CHECK(vc == vr);

@@ -56,7 +56,8 @@ TEST_CASE("index views read int32 and int64, masks read every dtype", "[views]")
   const bool mb[3] = {true, false, true};
   const std::int32_t m32[3] = {-1, 0, 1};
   const std::int64_t m64[3] = {5, 0, 1};
-  for (const auto& m : {moereg::mask_view(mu, 3), moereg::mask_view(mb, 3), moereg::mask_view(m32, 3), moereg::mask_view(m64, 3)}) {
+  for (const auto& m :
+       {moereg::mask_view(mu, 3), moereg::mask_view(mb, 3), moereg::mask_view(m32, 3), moereg::mask_view(m64, 3)}) {
     CHECK(m(0));
     CHECK(!m(1));
     CHECK(m(2));
@@ -91,11 +92,13 @@ TEST_CASE("layout policies place vectors and validate their maps", "[layouts]") 
   CHECK(cp.offset(1, 1) < 0);
   CHECK_NOTHROW(cp.validate("test"));
   const std::int64_t pos_bad[4] = {0, 0, 3, 0};
-  CHECK_THROWS_WITH(moereg::capacity_padded(moereg::topk_view(ex, 2, 2), moereg::topk_view(pos_bad, 2, 2), 2, 3, 4).validate("test"),
-                    Catch::Contains("position at (1, 0) is 3"));
+  CHECK_THROWS_WITH(
+      moereg::capacity_padded(moereg::topk_view(ex, 2, 2), moereg::topk_view(pos_bad, 2, 2), 2, 3, 4).validate("test"),
+      Catch::Contains("position at (1, 0) is 3"));
   const std::int64_t pos_dup[4] = {1, 0, 1, 0};
-  CHECK_THROWS_WITH(moereg::capacity_padded(moereg::topk_view(ex, 2, 2), moereg::topk_view(pos_dup, 2, 2), 2, 3, 4).validate("test"),
-                    Catch::Contains("already used"));
+  CHECK_THROWS_WITH(
+      moereg::capacity_padded(moereg::topk_view(ex, 2, 2), moereg::topk_view(pos_dup, 2, 2), 2, 3, 4).validate("test"),
+      Catch::Contains("already used"));
 
   // The layouts' own index maps get the shape checks of a top-k view before any entry is read
   // (found by fuzz_views: a position map whose rows overlapped or ran backwards was read

@@ -20,17 +20,17 @@
 
 namespace moereg_cuda_test {
 
-#define MOEREG_CUDA_REQUIRE(call)                                   \
-  do {                                                              \
-    const cudaError_t moereg_e_ = (call);                           \
-    INFO(#call << ": " << cudaGetErrorString(moereg_e_));           \
-    REQUIRE(moereg_e_ == cudaSuccess);                              \
+#define MOEREG_CUDA_REQUIRE(call)                         \
+  do {                                                    \
+    const cudaError_t moereg_e_ = (call);                 \
+    INFO(#call << ": " << cudaGetErrorString(moereg_e_)); \
+    REQUIRE(moereg_e_ == cudaSuccess);                    \
   } while (0)
 
 /// An owning device array (cudaMalloc; the tests may allocate, the library never does).
 template <class T>
 class device_buffer {
-public:
+ public:
   device_buffer() = default;
   explicit device_buffer(std::size_t n) { allocate(n); }
   explicit device_buffer(const std::vector<T>& h) {
@@ -71,7 +71,7 @@ public:
   T* get() const { return p_; }
   std::size_t size() const { return n_; }
 
-private:
+ private:
   T* p_ = nullptr;
   std::size_t n_ = 0;
 };
@@ -149,10 +149,14 @@ double value_tol() {
 /// differs in its last bits to neighbouring 16-bit values).
 template <class T>
 double grad_tol() {
-  if constexpr (std::is_same_v<T, double>) return 1e-11;
-  else if constexpr (std::is_same_v<T, float>) return 2e-5;
-  else if constexpr (std::is_same_v<T, moereg::half>) return 2.5e-3;
-  else return 2e-2;
+  if constexpr (std::is_same_v<T, double>)
+    return 1e-11;
+  else if constexpr (std::is_same_v<T, float>)
+    return 2e-5;
+  else if constexpr (std::is_same_v<T, moereg::half>)
+    return 2.5e-3;
+  else
+    return 2e-2;
 }
 
 /// max_i |a_i - b_i| / max(max_i |b_i|, floor); NaN anywhere gives infinity.
@@ -178,7 +182,9 @@ template <class T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
-inline bool same_bits(double a, double b) { return std::memcmp(&a, &b, sizeof(double)) == 0; }
+inline bool same_bits(double a, double b) {
+  return std::memcmp(&a, &b, sizeof(double)) == 0;
+}
 
 inline bool all_nan(const std::vector<double>& v) {
   return std::all_of(v.begin(), v.end(), [](double x) { return std::isnan(x); });

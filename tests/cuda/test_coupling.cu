@@ -97,7 +97,8 @@ TEMPLATE_TEST_CASE("cuda coupling matches the CPU backend in every form", "[cuda
                    moereg::half, moereg::bfloat16) {
   gpu_env env;
   for (auto form : {moereg::coupling_form::token, moereg::coupling_form::log, moereg::coupling_form::batch}) {
-    for (const auto& ks : {std::vector<long long>{2, 2}, std::vector<long long>{1, 3, 2}, std::vector<long long>{4, 4, 4, 4, 4}}) {
+    for (const auto& ks :
+         {std::vector<long long>{2, 2}, std::vector<long long>{1, 3, 2}, std::vector<long long>{4, 4, 4, 4, 4}}) {
       for (auto [T, E] : {std::tuple<long long, long long>{1, 4}, {37, 6}, {700, 40}}) {
         layers_case<TestType> c(static_cast<std::uint64_t>(T * 3 + E + static_cast<long long>(ks.size())), T, E, ks);
         moereg::coupling_loss loss{{0.3, form}};

@@ -67,19 +67,27 @@ struct gram_case {
   // Storage size and element offset of h_{t,s}[i] in each layout.
   std::size_t size(lay l) const {
     switch (l) {
-      case lay::token_major: return static_cast<std::size_t>(T_ * k * d);
-      case lay::strided: return static_cast<std::size_t>(T_ * k * (2 * d + 1));
-      case lay::grouped: return static_cast<std::size_t>(std::max<long long>(rows, 1) * d);
-      default: return static_cast<std::size_t>(E * C * d);
+      case lay::token_major:
+        return static_cast<std::size_t>(T_ * k * d);
+      case lay::strided:
+        return static_cast<std::size_t>(T_ * k * (2 * d + 1));
+      case lay::grouped:
+        return static_cast<std::size_t>(std::max<long long>(rows, 1) * d);
+      default:
+        return static_cast<std::size_t>(E * C * d);
     }
   }
   long long offset(lay l, long long t, long long s) const {
     const std::size_t i = static_cast<std::size_t>(t * k + s);
     switch (l) {
-      case lay::token_major: return (t * k + s) * d;
-      case lay::strided: return (t * k + s) * (2 * d + 1);
-      case lay::grouped: return row_of[i] < 0 ? -1 : row_of[i] * d;
-      default: return I[i] < 0 ? -1 : (I[i] * C + pos_of[i]) * d;
+      case lay::token_major:
+        return (t * k + s) * d;
+      case lay::strided:
+        return (t * k + s) * (2 * d + 1);
+      case lay::grouped:
+        return row_of[i] < 0 ? -1 : row_of[i] * d;
+      default:
+        return I[i] < 0 ? -1 : (I[i] * C + pos_of[i]) * d;
     }
   }
   long long elem_stride(lay l) const { return l == lay::strided ? 2 : 1; }
@@ -91,7 +99,8 @@ struct gram_case {
         const long long o = offset(l, t, s);
         if (o < 0) continue;
         for (long long i = 0; i < d; ++i)
-          out[static_cast<std::size_t>(o + i * elem_stride(l))] = static_cast<T>(H[static_cast<std::size_t>((t * k + s) * d + i)]);
+          out[static_cast<std::size_t>(o + i * elem_stride(l))] =
+              static_cast<T>(H[static_cast<std::size_t>((t * k + s) * d + i)]);
       }
     return out;
   }
@@ -173,8 +182,13 @@ void compare_gram(gpu_env& env, const Loss& loss, const gram_case<T>& c, moereg:
 TEMPLATE_TEST_CASE("cuda specialization matches the CPU backend in every layout", "[cuda][specialization]", float,
                    double, moereg::half, moereg::bfloat16) {
   gpu_env env;
-  for (auto [T, k, d] : {std::tuple<long long, long long, long long>{1, 2, 5}, {70, 3, 33}, {9, 8, 64}, {130, 5, 17},
-                         {40, 16, 40}, {20, 1, 8}, {66, 12, 3}}) {
+  for (auto [T, k, d] : {std::tuple<long long, long long, long long>{1, 2, 5},
+                         {70, 3, 33},
+                         {9, 8, 64},
+                         {130, 5, 17},
+                         {40, 16, 40},
+                         {20, 1, 8},
+                         {66, 12, 3}}) {
     gram_case<TestType> c(static_cast<std::uint64_t>(T * 100 + k * 10 + d), T, k, d);
     for (auto pairs : {moereg::sp_pairs::sum, moereg::sp_pairs::mean}) {
       moereg::specialization_loss loss{{0.7, 1e-8, pairs}};
@@ -189,13 +203,18 @@ TEMPLATE_TEST_CASE("cuda specialization matches the CPU backend in every layout"
 TEMPLATE_TEST_CASE("cuda orthogonality matches the CPU backend in every variant and layout", "[cuda][orthogonality]",
                    float, double, moereg::half, moereg::bfloat16) {
   gpu_env env;
-  for (auto [T, k, d] : {std::tuple<long long, long long, long long>{1, 2, 5}, {70, 3, 33}, {9, 8, 64}, {130, 5, 17},
-                         {40, 16, 40}, {20, 1, 8}}) {
+  for (auto [T, k, d] : {std::tuple<long long, long long, long long>{1, 2, 5},
+                         {70, 3, 33},
+                         {9, 8, 64},
+                         {130, 5, 17},
+                         {40, 16, 40},
+                         {20, 1, 8}}) {
     gram_case<TestType> c(static_cast<std::uint64_t>(T * 101 + k * 11 + d), T, k, d);
     for (auto variant : {moereg::ortho_variant::pairwise, moereg::ortho_variant::subspace})
       for (auto red : {moereg::ortho_reduction::mean, moereg::ortho_reduction::sum}) {
         // eps large enough that the subspace systems are well conditioned in float.
-        moereg::orthogonality_loss loss{{0.3, 1e-2, variant, red, variant == moereg::ortho_variant::subspace ? k + 1 : 0}};
+        moereg::orthogonality_loss loss{
+            {0.3, 1e-2, variant, red, variant == moereg::ortho_variant::subspace ? k + 1 : 0}};
         INFO("T=" << T << " k=" << k << " d=" << d << " variant " << static_cast<int>(variant) << " reduction "
                   << static_cast<int>(red));
         compare_gram(env, loss, c, {}, 0, red == moereg::ortho_reduction::mean);
@@ -212,10 +231,10 @@ TEST_CASE("cuda specialization and orthogonality: statistics and reduced statist
   device_buffer<double> dX(X);
   moereg::specialization_loss sp{{0.1}};
   moereg::orthogonality_loss orth{{0.2}};
-  const moereg::specialization_inputs<double, moereg::token_major> hin{{X.data(), c.tm_layout(lay::token_major)},
-                                                                       c.topk(false), c.mask(false), c.E};
-  const moereg::specialization_inputs<double, moereg::token_major> din{{dX.get(), c.tm_layout(lay::token_major)},
-                                                                       c.topk(true), c.mask(true), c.E};
+  const moereg::specialization_inputs<double, moereg::token_major> hin{
+      {X.data(), c.tm_layout(lay::token_major)}, c.topk(false), c.mask(false), c.E};
+  const moereg::specialization_inputs<double, moereg::token_major> din{
+      {dX.get(), c.tm_layout(lay::token_major)}, c.topk(true), c.mask(true), c.E};
   const auto st = sp.local_stats(hin);
   device_buffer<double> dst(1);
   sp.local_stats(din, dst.get(), env.backend(moereg::workspace_size(sp, din)));
@@ -224,12 +243,10 @@ TEST_CASE("cuda specialization and orthogonality: statistics and reduced statist
   // Rows 50..199 with the whole batch's T_v.
   const long long r0 = 50, n = 150;
   const moereg::token_major part_layout(n, c.k, c.d);
-  const moereg::specialization_inputs<double, moereg::token_major> hp{{X.data() + r0 * c.k * c.d, part_layout},
-                                                                      {c.I.data() + r0 * c.k, n, c.k},
-                                                                      {c.m.data() + r0, n}, c.E};
-  const moereg::specialization_inputs<double, moereg::token_major> dp{{dX.get() + r0 * c.k * c.d, part_layout},
-                                                                      {c.dI.get() + r0 * c.k, n, c.k},
-                                                                      {c.dm.get() + r0, n}, c.E};
+  const moereg::specialization_inputs<double, moereg::token_major> hp{
+      {X.data() + r0 * c.k * c.d, part_layout}, {c.I.data() + r0 * c.k, n, c.k}, {c.m.data() + r0, n}, c.E};
+  const moereg::specialization_inputs<double, moereg::token_major> dp{
+      {dX.get() + r0 * c.k * c.d, part_layout}, {c.dI.get() + r0 * c.k, n, c.k}, {c.dm.get() + r0, n}, c.E};
   std::vector<double> gh(static_cast<std::size_t>(n * c.k * c.d));
   device_buffer<double> gd(gh.size());
   const double v = sp.value_and_grad(hp, {gh.data(), part_layout}, {}, {st.data(), 1});
@@ -255,8 +272,10 @@ TEMPLATE_TEST_CASE("cuda fused specialization + orthogonality equal the two sepa
   const auto L = c.tm_layout(lay::token_major);
   const moereg::specialization_loss sp{{0.5, 1e-8, moereg::sp_pairs::mean}};
   const moereg::orthogonality_loss orth{{0.25, 1e-3, moereg::ortho_variant::subspace}};
-  const moereg::specialization_inputs<TestType, moereg::token_major> hin{{X.data(), L}, c.topk(false), c.mask(false), c.E};
-  const moereg::orthogonality_inputs<TestType, moereg::token_major> ohin{{X.data(), L}, c.topk(false), c.mask(false), c.E};
+  const moereg::specialization_inputs<TestType, moereg::token_major> hin{
+      {X.data(), L}, c.topk(false), c.mask(false), c.E};
+  const moereg::orthogonality_inputs<TestType, moereg::token_major> ohin{
+      {X.data(), L}, c.topk(false), c.mask(false), c.E};
   std::vector<TestType> g1(X.size()), g2(X.size());
   const moereg::grad_options opts{0.8, false};
   const double v1 = sp.value_and_grad(hin, {g1.data(), L}, opts);
@@ -297,10 +316,11 @@ TEST_CASE("cuda Gram losses check top-k ids and layout maps on the device", "[cu
     for (std::size_t i = 0; i < Xg.size() && i < X.size(); ++i) Xg[i] = X[i];
     device_buffer<float> dX(Xg), gd(Xg.size());
     gd.fill_bytes(0);
-    const moereg::specialization_inputs<float, moereg::expert_grouped> in{{dX.get(), c.grouped_layout(true)},
-                                                                         c.topk(true), c.mask(true), c.E};
+    const moereg::specialization_inputs<float, moereg::expert_grouped> in{
+        {dX.get(), c.grouped_layout(true)}, c.topk(true), c.mask(true), c.E};
     env.clear_status();
-    (void)sp.value_and_grad(in, {gd.get(), c.grouped_layout(true)}, {}, {}, env.backend(moereg::workspace_size(sp, in)));
+    (void)sp.value_and_grad(in, {gd.get(), c.grouped_layout(true)}, {}, {},
+                            env.backend(moereg::workspace_size(sp, in)));
     grad = to_double(gd.download());
     return env.read_status();
   };

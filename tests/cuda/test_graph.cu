@@ -52,7 +52,9 @@ struct step_data {
   moereg::gram_fused_inputs<float, moereg::token_major> gram_in() const {
     return {{acts.get(), moereg::token_major(T, k, d)}, router.topk(true), router.mask(true), E};
   }
-  moereg::load_balancing_inputs<float> seq_in() const { return {router.probs(true), router.topk(true), router.mask(true)}; }
+  moereg::load_balancing_inputs<float> seq_in() const {
+    return {router.probs(true), router.topk(true), router.mask(true)};
+  }
 
   std::size_t workspace_bytes() const {
     std::size_t n = fused().workspace_size(router_in());

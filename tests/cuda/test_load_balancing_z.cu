@@ -49,8 +49,12 @@ void check_close(const lb_out& cpu_r, const lb_out& gpu_r) {
 TEMPLATE_TEST_CASE("cuda load balancing matches the CPU backend (micro and global scopes)", "[cuda][load_balancing]",
                    float, double, moereg::half, moereg::bfloat16) {
   gpu_env env;
-  for (auto [T, E, k] : {std::tuple<long long, long long, long long>{1, 1, 1}, {7, 5, 2}, {300, 13, 3},
-                         {1000, 70, 8}, {513, 33, 4}, {256, 64, 6}}) {
+  for (auto [T, E, k] : {std::tuple<long long, long long, long long>{1, 1, 1},
+                         {7, 5, 2},
+                         {300, 13, 3},
+                         {1000, 70, 8},
+                         {513, 33, 4},
+                         {256, 64, 6}}) {
     router_case<TestType> c(static_cast<std::uint64_t>(T * 7 + E), T, E, k);
     for (auto scope : {moereg::lb_scope::micro, moereg::lb_scope::global}) {
       moereg::load_balancing_loss loss{{0.7, scope}};
@@ -95,7 +99,8 @@ TEMPLATE_TEST_CASE("cuda load balancing matches the CPU backend (sequence scope)
   CHECK(env.read_status() == moereg::cuda_ok);
 }
 
-TEST_CASE("cuda load balancing statistics and reduced statistics match the CPU backend", "[cuda][load_balancing][stats]") {
+TEST_CASE("cuda load balancing statistics and reduced statistics match the CPU backend",
+          "[cuda][load_balancing][stats]") {
   gpu_env env;
   router_case<float> c(21, 900, 16, 4);
   for (auto scope : {moereg::lb_scope::micro, moereg::lb_scope::global}) {
@@ -112,10 +117,10 @@ TEST_CASE("cuda load balancing statistics and reduced statistics match the CPU b
 
     // A part (rows 100..599) with the whole batch's statistics, on both backends.
     const long long r0 = 100, n = 500;
-    moereg::load_balancing_inputs<float> hpart{{c.P.data() + r0 * c.E, n, c.E}, {c.I.data() + r0 * c.k, n, c.k},
-                                               {c.m.data() + r0, n}};
-    moereg::load_balancing_inputs<float> dpart{{c.dP.get() + r0 * c.E, n, c.E}, {c.dI.get() + r0 * c.k, n, c.k},
-                                               {c.dm.get() + r0, n}};
+    moereg::load_balancing_inputs<float> hpart{
+        {c.P.data() + r0 * c.E, n, c.E}, {c.I.data() + r0 * c.k, n, c.k}, {c.m.data() + r0, n}};
+    moereg::load_balancing_inputs<float> dpart{
+        {c.dP.get() + r0 * c.E, n, c.E}, {c.dI.get() + r0 * c.k, n, c.k}, {c.dm.get() + r0, n}};
     grad_pair<float> g(n, c.E);
     const moereg::stats_view hred{whole.data(), static_cast<index_t>(whole.size())};
     const moereg::stats_view dred{dstats.get(), static_cast<index_t>(whole.size())};
@@ -142,7 +147,8 @@ TEST_CASE("cuda load balancing reads strided and column-major views", "[cuda][lo
   // P with padded rows, gradient column-major.
   std::vector<double> Ppad(static_cast<std::size_t>(T * (E + pad)), std::nan(""));
   for (long long t = 0; t < T; ++t)
-    for (long long e = 0; e < E; ++e) Ppad[static_cast<std::size_t>(t * (E + pad) + e)] = c.P[static_cast<std::size_t>(t * E + e)];
+    for (long long e = 0; e < E; ++e)
+      Ppad[static_cast<std::size_t>(t * (E + pad) + e)] = c.P[static_cast<std::size_t>(t * E + e)];
   device_buffer<double> dPpad(Ppad);
   moereg::load_balancing_loss loss{{0.2}};
   moereg::load_balancing_inputs<double> hin{c.probs(false), c.topk(false), c.mask(false)};
@@ -194,8 +200,11 @@ TEST_CASE("cuda load balancing and z-loss: empty and fully padded batches give 0
 TEMPLATE_TEST_CASE("cuda z-loss matches the CPU backend", "[cuda][z_loss]", float, double, moereg::half,
                    moereg::bfloat16) {
   gpu_env env;
-  for (auto [T, E, scale] : {std::tuple<long long, long long, double>{1, 1, 1.0}, {7, 5, 3.0}, {300, 13, 1.0},
-                             {1000, 70, 5.0}, {129, 33, 0.5}}) {
+  for (auto [T, E, scale] : {std::tuple<long long, long long, double>{1, 1, 1.0},
+                             {7, 5, 3.0},
+                             {300, 13, 1.0},
+                             {1000, 70, 5.0},
+                             {129, 33, 0.5}}) {
     router_case<TestType> c(static_cast<std::uint64_t>(T + 31 * E), T, E, 1, 0.0, 0.25, true, scale);
     moereg::z_loss loss{{0.01}};
     for (int variant = 0; variant < 2; ++variant) {
@@ -217,7 +226,8 @@ TEMPLATE_TEST_CASE("cuda z-loss stays finite for logits of magnitude 1e4", "[cud
                    moereg::bfloat16) {
   gpu_env env;
   router_case<TestType> c(77, 64, 16, 1, 0.0, 0.0, true, 1.0);
-  for (std::size_t i = 0; i < c.P.size(); ++i) c.P[i] = static_cast<TestType>(i % 3 == 0 ? 1e4 : -1e4 + 3.0 * double(i % 5));
+  for (std::size_t i = 0; i < c.P.size(); ++i)
+    c.P[i] = static_cast<TestType>(i % 3 == 0 ? 1e4 : -1e4 + 3.0 * double(i % 5));
   c.upload();
   moereg::z_loss loss{{1e-3}};
   moereg::z_loss_inputs<TestType> hin{c.probs(false), c.mask(false)};
@@ -333,8 +343,8 @@ TEST_CASE("cuda load balancing reports bad top-k indices, offsets and statistics
                             std::vector<std::int64_t>{1, 50, 300}}) {
       device_buffer<std::int64_t> doff(off);
       moereg::load_balancing_loss seq{{0.1, moereg::lb_scope::sequence}};
-      moereg::load_balancing_inputs<float> in{c.probs(true), c.topk(true), c.mask(true),
-                                              {doff.get(), static_cast<index_t>(off.size())}};
+      moereg::load_balancing_inputs<float> in{
+          c.probs(true), c.topk(true), c.mask(true), {doff.get(), static_cast<index_t>(off.size())}};
       CHECK(run_status(seq, in, {}, grad) == moereg::cuda_bad_offsets);
       CHECK(std::isnan(env.value()));
     }

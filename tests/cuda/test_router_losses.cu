@@ -21,7 +21,8 @@ void compare(gpu_env& env, const Loss& loss, const Inputs& hin, const Inputs& di
              moereg::stats_view dred = {}) {
   grad_pair<T> g(rows, cols, grad_seed);
   const double v = loss.value_and_grad(hin, g.view(false), opts, hred);
-  const double ret = loss.value_and_grad(din, g.view(true), opts, dred, env.backend(moereg::workspace_size(loss, din), 3));
+  const double ret =
+      loss.value_and_grad(din, g.view(true), opts, dred, env.backend(moereg::workspace_size(loss, din), 3));
   CHECK(std::isnan(ret));
   const double vg = env.value();
   INFO("cpu value " << v << " gpu value " << vg);
@@ -164,8 +165,8 @@ TEST_CASE("cuda entropy, variance and importance: empty, fully padded and degene
   (void)ent.value_and_grad(moereg::entropy_inputs<float>{p.probs(true), p.mask(true)}, g.view(true), {}, {},
                            env.backend(moereg::workspace_size(ent, moereg::entropy_inputs<float>{p.probs(true)})));
   CHECK(env.value() == 0.0);
-  (void)imp.value_and_grad(moereg::importance_inputs<float>{p.probs(true), p.mask(true)}, g.view(true), {1.0, true},
-                           {}, env.backend(moereg::workspace_size(imp, moereg::importance_inputs<float>{p.probs(true)})));
+  (void)imp.value_and_grad(moereg::importance_inputs<float>{p.probs(true), p.mask(true)}, g.view(true), {1.0, true}, {},
+                           env.backend(moereg::workspace_size(imp, moereg::importance_inputs<float>{p.probs(true)})));
   CHECK(env.value() == 0.0);
   (void)var.value_and_grad(moereg::variance_inputs<float>{p.probs(true), p.mask(true)}, g.view(true), {1.0, true}, {},
                            env.backend(moereg::workspace_size(var, moereg::variance_inputs<float>{p.probs(true)})));
@@ -181,7 +182,8 @@ TEST_CASE("cuda router losses report bad reduced statistics", "[cuda][status]") 
   device_buffer<double> dbad(bad);
   grad_pair<float> g(64, 4);
   moereg::entropy_loss ent;
-  (void)ent.value_and_grad(moereg::entropy_inputs<float>{c.probs(true), c.mask(true)}, g.view(true), {}, {dbad.get(), 1},
+  (void)ent.value_and_grad(moereg::entropy_inputs<float>{c.probs(true), c.mask(true)}, g.view(true), {},
+                           {dbad.get(), 1},
                            env.backend(moereg::workspace_size(ent, moereg::entropy_inputs<float>{c.probs(true)})));
   CHECK(std::isnan(env.value()));
   CHECK(env.read_status() == moereg::cuda_bad_stats);
@@ -222,29 +224,32 @@ TEMPLATE_TEST_CASE("cuda fused router losses equal the separate CPU losses", "[c
     };
     {
       grad_pair<TestType> g(T, E);
-      values[0] = lb.value_and_grad(moereg::load_balancing_inputs<TestType>{c.probs(false), c.topk(false), c.mask(false)},
-                                    g.view(false), opts);
+      values[0] = lb.value_and_grad(
+          moereg::load_balancing_inputs<TestType>{c.probs(false), c.topk(false), c.mask(false)}, g.view(false), opts);
       add(dP, g);
     }
     {
       grad_pair<TestType> g(T, E);
-      values[1] = zl.value_and_grad(moereg::z_loss_inputs<TestType>{z.probs(false), c.mask(false)}, g.view(false), opts);
+      values[1] =
+          zl.value_and_grad(moereg::z_loss_inputs<TestType>{z.probs(false), c.mask(false)}, g.view(false), opts);
       add(dZ, g);
     }
     {
       grad_pair<TestType> g(T, E);
-      values[2] = ent.value_and_grad(moereg::entropy_inputs<TestType>{c.probs(false), c.mask(false)}, g.view(false), opts);
+      values[2] =
+          ent.value_and_grad(moereg::entropy_inputs<TestType>{c.probs(false), c.mask(false)}, g.view(false), opts);
       add(dP, g);
     }
     {
       grad_pair<TestType> g(T, E);
-      values[3] = var.value_and_grad(moereg::variance_inputs<TestType>{c.probs(false), c.mask(false)}, g.view(false), opts);
+      values[3] =
+          var.value_and_grad(moereg::variance_inputs<TestType>{c.probs(false), c.mask(false)}, g.view(false), opts);
       add(dP, g);
     }
     {
       grad_pair<TestType> g(T, E);
-      values[4] = imp.value_and_grad(moereg::importance_inputs<TestType>{c.probs(false), c.mask(false)}, g.view(false),
-                                     opts);
+      values[4] =
+          imp.value_and_grad(moereg::importance_inputs<TestType>{c.probs(false), c.mask(false)}, g.view(false), opts);
       add(dP, g);
     }
     // GPU: one fused call.
@@ -261,7 +266,8 @@ TEMPLATE_TEST_CASE("cuda fused router losses equal the separate CPU losses", "[c
     const auto vg = env.values.download();
     INFO("T=" << T << " E=" << E);
     for (int i = 0; i < 5; ++i) {
-      INFO("slot " << i << " cpu " << values[static_cast<std::size_t>(i)] << " gpu " << vg[static_cast<std::size_t>(i)]);
+      INFO("slot " << i << " cpu " << values[static_cast<std::size_t>(i)] << " gpu "
+                   << vg[static_cast<std::size_t>(i)]);
       CHECK(close(vg[static_cast<std::size_t>(i)], values[static_cast<std::size_t>(i)], value_tol<TestType>()));
     }
     // The fused gradient rounds the sum once, the CPU reference rounds each term: allow one
@@ -303,9 +309,7 @@ TEST_CASE("cuda fused router statistics and reduced statistics match the separat
   const moereg::topk_view hI(c.I.data() + r0 * c.k, n, c.k), dI(c.dI.get() + r0 * c.k, n, c.k);
   const moereg::mask_view hm(c.m.data() + r0, n), dm(c.dm.get() + r0, n);
   auto sv = [](const std::vector<double>& s) { return moereg::stats_view{s.data(), static_cast<index_t>(s.size())}; };
-  auto dv = [](const device_buffer<double>& s) {
-    return moereg::stats_view{s.get(), static_cast<index_t>(s.size())};
-  };
+  auto dv = [](const device_buffer<double>& s) { return moereg::stats_view{s.get(), static_cast<index_t>(s.size())}; };
   std::vector<double> dP(static_cast<std::size_t>(n * c.E), 0.0), values(5, 0.0);
   auto add = [&](const std::vector<double>& g) {
     for (std::size_t i = 0; i < dP.size(); ++i) dP[i] += g[i];

@@ -103,7 +103,7 @@ int main(int argc, char** argv) {
     MPI_Error_string(MPI_ERR_COMM, text, &len);
     const std::string expected(text, static_cast<std::size_t>(len));
     check(throws_with<moereg::backend_error>([&] { moereg::dist::allreduce_sum(&x, 1, MPI_COMM_NULL); },
-                      "MPI_Allreduce of 1 doubles failed: " + expected),
+                                             "MPI_Allreduce of 1 doubles failed: " + expected),
           "an MPI error code is thrown with its MPI_Error_string");
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_ARE_FATAL);
   }

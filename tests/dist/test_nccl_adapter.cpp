@@ -55,8 +55,9 @@ int main() {
         "negative count throws");
   check(throws_with([&] { moereg::dist::allreduce(nullptr, 4, nullptr, nullptr); }, "device buffer is null"),
         "null buffer throws");
-  check(throws_with<moereg::backend_error>([&] { moereg::dist::allreduce_sum(&host, 1, nullptr, nullptr); },
-                                           std::string("ncclAllReduce of 1 doubles failed: ") + ncclGetErrorString(ncclInvalidArgument)),
+  check(throws_with<moereg::backend_error>(
+            [&] { moereg::dist::allreduce_sum(&host, 1, nullptr, nullptr); },
+            std::string("ncclAllReduce of 1 doubles failed: ") + ncclGetErrorString(ncclInvalidArgument)),
         "a null communicator is reported with ncclGetErrorString's text");
 
   int devices = 0;

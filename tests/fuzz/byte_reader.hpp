@@ -25,13 +25,20 @@ class byte_reader {
   double number() {
     const std::uint8_t b = byte();
     switch (b) {
-      case 250: return 0.0;
-      case 251: return 1.0;
-      case 252: return 1e4;
-      case 253: return -1e4;
-      case 254: return __builtin_inf();
-      case 255: return __builtin_nan("");
-      default: return (static_cast<double>(b) - 125.0) / 31.0;
+      case 250:
+        return 0.0;
+      case 251:
+        return 1.0;
+      case 252:
+        return 1e4;
+      case 253:
+        return -1e4;
+      case 254:
+        return __builtin_inf();
+      case 255:
+        return __builtin_nan("");
+      default:
+        return (static_cast<double>(b) - 125.0) / 31.0;
     }
   }
   bool empty() const { return p_ >= end_; }

@@ -324,12 +324,24 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   byte_reader in(data, size);
   const int which = static_cast<int>(in.range(0, 5));
   switch (which) {
-    case 0: run_load_balancing<float>(in); break;
-    case 1: run_load_balancing<double>(in); break;
-    case 2: run_z_loss<float>(in); break;
-    case 3: run_z_loss<moereg::bfloat16>(in); break;
-    case 4: run_specialization<float>(in); break;
-    default: run_specialization<double>(in); break;
+    case 0:
+      run_load_balancing<float>(in);
+      break;
+    case 1:
+      run_load_balancing<double>(in);
+      break;
+    case 2:
+      run_z_loss<float>(in);
+      break;
+    case 3:
+      run_z_loss<moereg::bfloat16>(in);
+      break;
+    case 4:
+      run_specialization<float>(in);
+      break;
+    default:
+      run_specialization<double>(in);
+      break;
   }
   return 0;
 }

@@ -35,6 +35,8 @@ template <class T>
 bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
-inline bool bitwise_equal(double a, double b) { return std::memcmp(&a, &b, sizeof(double)) == 0; }
+inline bool bitwise_equal(double a, double b) {
+  return std::memcmp(&a, &b, sizeof(double)) == 0;
+}
 
 }  // namespace moereg_hardening

@@ -35,14 +35,16 @@ void check_close(const std::vector<double>& got, const std::vector<double>& want
   }
 }
 
-std::vector<long long> as_ll(const std::vector<std::int64_t>& v) { return std::vector<long long>(v.begin(), v.end()); }
+std::vector<long long> as_ll(const std::vector<std::int64_t>& v) {
+  return std::vector<long long>(v.begin(), v.end());
+}
 
 template <class S>
 void z_loss_huge_logits(double rtol_value, double rtol_grad) {
   // Rows mixing +-1e4 with ordinary values, a row of only -1e4 and one of only +1e4; the
   // 16-bit storage is rounded first and the reference sees the rounded values.
   const long long T = 5, E = 4;
-  const std::vector<double> raw = {1e4, -1e4, 0.0,  3.0,  -1e4, -1e4, -1e4, -1e4, 1e4, 1e4,
+  const std::vector<double> raw = {1e4, -1e4, 0.0,  3.0, -1e4, -1e4,   -1e4, -1e4, 1e4, 1e4,
                                    1e4, 1e4,  -1e4, 1e4, -5.0, 9999.0, 0.5,  -1e4, 1e4, -0.5};
   std::vector<S> z(raw.size());
   std::vector<double> zd(raw.size());
@@ -65,9 +67,15 @@ void z_loss_huge_logits(double rtol_value, double rtol_grad) {
 }  // namespace
 
 TEST_CASE("z-loss stays finite and exact for logits of magnitude 1e4", "[hardening][edge]") {
-  SECTION("float") { z_loss_huge_logits<float>(1e-5, 1e-5); }
-  SECTION("bfloat16") { z_loss_huge_logits<moereg::bfloat16>(1e-5, 1e-2); }
-  SECTION("double") { z_loss_huge_logits<double>(1e-13, 1e-13); }
+  SECTION("float") {
+    z_loss_huge_logits<float>(1e-5, 1e-5);
+  }
+  SECTION("bfloat16") {
+    z_loss_huge_logits<moereg::bfloat16>(1e-5, 1e-2);
+  }
+  SECTION("double") {
+    z_loss_huge_logits<double>(1e-13, 1e-13);
+  }
 }
 
 TEST_CASE("entropy with probabilities exactly 0 and 1", "[hardening][edge]") {
@@ -108,9 +116,11 @@ TEST_CASE("all-zero activation vectors give finite values and gradients", "[hard
     for (bool mean : {false, true}) {
       moereg::specialization_loss loss{};
       loss.cfg.pairs = mean ? moereg::sp_pairs::mean : moereg::sp_pairs::sum;
-      const double v = loss.value_and_grad(moereg::specialization_inputs<double, moereg::token_major>{layout, topk, {}, c.E},
-                                           moereg::token_major_view<double>(g.data(), c.T, c.k, c.d));
-      const auto ref = moereg_ref::specialization(H, as_ll(c.I), mask, c.T, c.k, c.d, loss.cfg.coef, mean, loss.cfg.eps);
+      const double v =
+          loss.value_and_grad(moereg::specialization_inputs<double, moereg::token_major>{layout, topk, {}, c.E},
+                              moereg::token_major_view<double>(g.data(), c.T, c.k, c.d));
+      const auto ref =
+          moereg_ref::specialization(H, as_ll(c.I), mask, c.T, c.k, c.d, loss.cfg.coef, mean, loss.cfg.eps);
       REQUIRE(std::isfinite(v));
       REQUIRE(all_finite(g));
       CHECK(v == Approx(ref.value).epsilon(1e-12));
@@ -122,11 +132,12 @@ TEST_CASE("all-zero activation vectors give finite values and gradients", "[hard
     for (auto variant : {moereg::ortho_variant::pairwise, moereg::ortho_variant::subspace}) {
       moereg::orthogonality_loss loss{};
       loss.cfg.variant = variant;
-      const double v = loss.value_and_grad(moereg::orthogonality_inputs<double, moereg::token_major>{layout, topk, {}, c.E},
-                                           moereg::token_major_view<double>(g.data(), c.T, c.k, c.d));
-      const auto ref = moereg_ref::orthogonality(H, as_ll(c.I), mask, c.T, c.k, c.d, loss.cfg.coef, false,
-                                                 variant == moereg::ortho_variant::pairwise ? "pairwise" : "subspace",
-                                                 loss.cfg.eps);
+      const double v =
+          loss.value_and_grad(moereg::orthogonality_inputs<double, moereg::token_major>{layout, topk, {}, c.E},
+                              moereg::token_major_view<double>(g.data(), c.T, c.k, c.d));
+      const auto ref =
+          moereg_ref::orthogonality(H, as_ll(c.I), mask, c.T, c.k, c.d, loss.cfg.coef, false,
+                                    variant == moereg::ortho_variant::pairwise ? "pairwise" : "subspace", loss.cfg.eps);
       REQUIRE(std::isfinite(v));
       REQUIRE(all_finite(g));
       CHECK(v == Approx(ref.value).epsilon(1e-10));
@@ -227,8 +238,11 @@ TEST_CASE("k = E: every expert selected by every token", "[hardening][edge]") {
   std::vector<double> gh(H.size());
   const moereg::specialization_loss sp{};
   const double vs = sp.value_and_grad(
-      moereg::specialization_inputs<double, moereg::token_major>{moereg::token_major_view<const double>(H.data(), T, k, d),
-                                                                {I.data(), T, k}, moereg::mask_view(m8.data(), T), E},
+      moereg::specialization_inputs<double, moereg::token_major>{
+          moereg::token_major_view<const double>(H.data(), T, k, d),
+          {I.data(), T, k},
+          moereg::mask_view(m8.data(), T),
+          E},
       moereg::token_major_view<double>(gh.data(), T, k, d));
   const auto rs = moereg_ref::specialization(H, as_ll(I), mask, T, k, d, sp.cfg.coef, false, sp.cfg.eps);
   CHECK(vs == Approx(rs.value).epsilon(1e-12));
@@ -261,7 +275,8 @@ TEST_CASE("E = 1: a single expert", "[hardening][edge]") {
     const double v =
         moereg_test::checked_matrix_into(g, loss, moereg::z_loss_inputs<double>{{Z.data(), T, E}, mv}, T, E);
     double want = 0;
-    for (long long t = 0; t < T; ++t) want += m8[static_cast<std::size_t>(t)] ? Z[static_cast<std::size_t>(t)] * Z[static_cast<std::size_t>(t)] : 0.0;
+    for (long long t = 0; t < T; ++t)
+      want += m8[static_cast<std::size_t>(t)] ? Z[static_cast<std::size_t>(t)] * Z[static_cast<std::size_t>(t)] : 0.0;
     want *= loss.cfg.coef / tv;
     CHECK(v == Approx(want).epsilon(1e-13));
     const auto ref = moereg_ref::z_loss(Z, mask, T, E, loss.cfg.coef);

@@ -43,7 +43,7 @@ template <class Loss, class Inputs>
 void add_matrix_cases(std::vector<bad_case>& out, const std::string& name, std::vector<float> world::*input,
                       bool stats_are_counts = true) {
   auto run = [](world& w, moereg::grad_options o, moereg::routing_view<float> x, moereg::mask_view m,
-                     moereg::matrix_view<float> g, moereg::stats_view st) {
+                moereg::matrix_view<float> g, moereg::stats_view st) {
     (void)w;
     Loss{}.value_and_grad(Inputs{x, m}, g, o, st);
   };
@@ -102,14 +102,14 @@ std::vector<bad_case> load_balancing_cases() {
   using In = moereg::load_balancing_inputs<float>;
   auto call = [](world& w, moereg::grad_options o, const L& loss, In in, index_t grad_rows = -1,
                  moereg::stats_view st = {}) {
-    loss.value_and_grad(in, moereg::matrix_view<float>(w.grad.data() + 1, grad_rows < 0 ? w.T : grad_rows, w.E), o,
-                        st);
+    loss.value_and_grad(in, moereg::matrix_view<float>(w.grad.data() + 1, grad_rows < 0 ? w.T : grad_rows, w.E), o, st);
   };
   auto base = [](world& w) {
     return In{{w.P.data(), w.T, w.E}, {w.I.data(), w.T, w.k}, moereg::mask_view(w.mask.data(), w.T)};
   };
   const std::string n = "load_balancing";
-  out.push_back({n, "grad rows differ from probs", [=](world& w, moereg::grad_options o) { call(w, o, L{}, base(w), w.T + 1); }});
+  out.push_back(
+      {n, "grad rows differ from probs", [=](world& w, moereg::grad_options o) { call(w, o, L{}, base(w), w.T + 1); }});
   out.push_back({n, "topk has fewer rows than probs", [=](world& w, moereg::grad_options o) {
                    auto in = base(w);
                    in.topk.rows = w.T - 1;
@@ -278,34 +278,36 @@ void add_activation_cases(std::vector<bad_case>& out, const std::string& n) {
   out.push_back({n, "reduced statistics of the wrong size", [=](world& w, moereg::grad_options o) {
                    call(Loss{}, base(w), grad(w), o, moereg::stats_view{w.stats_good.data(), 2});
                  }});
-  out.push_back({n, "expert_grouped: two slots map to the same row", [=](world& w, moereg::grad_options o) {
-                   std::vector<std::int32_t> rows(static_cast<std::size_t>(w.T * w.k));
-                   for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int32_t>(i);
-                   rows[7] = 3;
-                   const moereg::topk_view map(rows.data(), w.T, w.k);
-                   const moereg::expert_grouped lay(map, w.T * w.k, w.d);
-                   Inputs<float, moereg::expert_grouped> in{{w.H.data(), lay}, moereg::topk_view(w.I.data(), w.T, w.k),
-                                                            {}, w.E};
-                   Loss{}.value_and_grad(in, moereg::activation_view<float, moereg::expert_grouped>{w.grad.data(), lay}, o);
-                 }});
-  out.push_back({n, "expert_grouped: a row index past the end", [=](world& w, moereg::grad_options o) {
-                   std::vector<std::int64_t> rows(static_cast<std::size_t>(w.T * w.k));
-                   for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int64_t>(i);
-                   const moereg::topk_view map(rows.data(), w.T, w.k);
-                   const moereg::expert_grouped lay(map, w.T * w.k - 1, w.d);
-                   Inputs<float, moereg::expert_grouped> in{{w.H.data(), lay}, moereg::topk_view(w.I.data(), w.T, w.k),
-                                                            {}, w.E};
-                   Loss{}.value_and_grad(in, moereg::activation_view<float, moereg::expert_grouped>{w.grad.data(), lay}, o);
-                 }});
-  out.push_back({n, "capacity_padded: a position >= capacity", [=](world& w, moereg::grad_options o) {
-                   std::vector<std::int64_t> pos(static_cast<std::size_t>(w.T * w.k));
-                   for (std::size_t i = 0; i < pos.size(); ++i) pos[i] = static_cast<std::int64_t>(i / static_cast<std::size_t>(w.k));
-                   pos[4] = w.T;  // capacity below is T
-                   const moereg::topk_view I(w.I.data(), w.T, w.k), P(pos.data(), w.T, w.k);
-                   const moereg::capacity_padded lay(I, P, w.E, w.T, 1);
-                   Inputs<float, moereg::capacity_padded> in{{w.H.data(), lay}, I, {}, w.E};
-                   Loss{}.value_and_grad(in, moereg::activation_view<float, moereg::capacity_padded>{w.grad.data(), lay}, o);
-                 }});
+  out.push_back(
+      {n, "expert_grouped: two slots map to the same row", [=](world& w, moereg::grad_options o) {
+         std::vector<std::int32_t> rows(static_cast<std::size_t>(w.T * w.k));
+         for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int32_t>(i);
+         rows[7] = 3;
+         const moereg::topk_view map(rows.data(), w.T, w.k);
+         const moereg::expert_grouped lay(map, w.T * w.k, w.d);
+         Inputs<float, moereg::expert_grouped> in{{w.H.data(), lay}, moereg::topk_view(w.I.data(), w.T, w.k), {}, w.E};
+         Loss{}.value_and_grad(in, moereg::activation_view<float, moereg::expert_grouped>{w.grad.data(), lay}, o);
+       }});
+  out.push_back(
+      {n, "expert_grouped: a row index past the end", [=](world& w, moereg::grad_options o) {
+         std::vector<std::int64_t> rows(static_cast<std::size_t>(w.T * w.k));
+         for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<std::int64_t>(i);
+         const moereg::topk_view map(rows.data(), w.T, w.k);
+         const moereg::expert_grouped lay(map, w.T * w.k - 1, w.d);
+         Inputs<float, moereg::expert_grouped> in{{w.H.data(), lay}, moereg::topk_view(w.I.data(), w.T, w.k), {}, w.E};
+         Loss{}.value_and_grad(in, moereg::activation_view<float, moereg::expert_grouped>{w.grad.data(), lay}, o);
+       }});
+  out.push_back(
+      {n, "capacity_padded: a position >= capacity", [=](world& w, moereg::grad_options o) {
+         std::vector<std::int64_t> pos(static_cast<std::size_t>(w.T * w.k));
+         for (std::size_t i = 0; i < pos.size(); ++i)
+           pos[i] = static_cast<std::int64_t>(i / static_cast<std::size_t>(w.k));
+         pos[4] = w.T;  // capacity below is T
+         const moereg::topk_view I(w.I.data(), w.T, w.k), P(pos.data(), w.T, w.k);
+         const moereg::capacity_padded lay(I, P, w.E, w.T, 1);
+         Inputs<float, moereg::capacity_padded> in{{w.H.data(), lay}, I, {}, w.E};
+         Loss{}.value_and_grad(in, moereg::activation_view<float, moereg::capacity_padded>{w.grad.data(), lay}, o);
+       }});
 }
 
 std::vector<bad_case> coupling_cases() {
@@ -375,7 +377,8 @@ TEST_CASE("every loss leaves the gradient buffer bitwise unchanged when it throw
   for (const auto& bc : cases)
     for (int fill = 0; fill < 2; ++fill)
       for (int acc = 0; acc < 2; ++acc) {
-        INFO(bc.loss << ": " << bc.what << (fill ? " (sentinel-filled" : " (NaN-poisoned") << (acc ? ", accumulate)" : ", overwrite)"));
+        INFO(bc.loss << ": " << bc.what << (fill ? " (sentinel-filled" : " (NaN-poisoned")
+                     << (acc ? ", accumulate)" : ", overwrite)"));
         world w;
         if (fill == 0) {
           // A NaN with a recognisable payload: a write of any computed value would change the bits.

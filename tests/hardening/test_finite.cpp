@@ -48,16 +48,25 @@ void matrix_check_for() {
   std::vector<S> cm(6, static_cast<S>(1.0));
   cm[1] = static_cast<S>(nan_v);  // (row 1, col 0) of a 2 x 3 column-major matrix
   cm[4] = static_cast<S>(inf_v);  // (row 0, col 2)
-  CHECK_THROWS_WITH(moereg::check_finite("s", moereg::matrix_view<const S>(cm.data(), 2, 3, 1, 2)), Contains("s[0, 2] is inf"));
+  CHECK_THROWS_WITH(moereg::check_finite("s", moereg::matrix_view<const S>(cm.data(), 2, 3, 1, 2)),
+                    Contains("s[0, 2] is inf"));
 }
 
 }  // namespace
 
 TEST_CASE("check_finite on matrices names the input and the first bad entry", "[hardening][finite]") {
-  SECTION("float") { matrix_check_for<float>(); }
-  SECTION("double") { matrix_check_for<double>(); }
-  SECTION("half") { matrix_check_for<moereg::half>(); }
-  SECTION("bfloat16") { matrix_check_for<moereg::bfloat16>(); }
+  SECTION("float") {
+    matrix_check_for<float>();
+  }
+  SECTION("double") {
+    matrix_check_for<double>();
+  }
+  SECTION("half") {
+    matrix_check_for<moereg::half>();
+  }
+  SECTION("bfloat16") {
+    matrix_check_for<moereg::bfloat16>();
+  }
   SECTION("a malformed view is an error, not a read") {
     CHECK_THROWS_AS(moereg::check_finite("p", moereg::matrix_view<const float>(nullptr, 2, 2)), moereg::error);
     CHECK_THROWS_AS(moereg::check_finite("p", moereg::matrix_view<const float>(nullptr, -1, 2)), moereg::error);
@@ -126,8 +135,10 @@ TEST_CASE("by default NaN and Inf propagate into the value and gradient without 
     for (index_t t = 0; t < T; ++t)
       for (index_t e = 0; e < E; ++e) {
         const double x = g[static_cast<std::size_t>(t * E + e)];
-        if (t == static_cast<index_t>(bad_row)) CHECK(std::isnan(x));
-        else CHECK(std::isfinite(x));
+        if (t == static_cast<index_t>(bad_row))
+          CHECK(std::isnan(x));
+        else
+          CHECK(std::isfinite(x));
       }
   }
   SECTION("z-loss: +inf logit gives an infinite or NaN value, no crash") {
@@ -174,7 +185,8 @@ TEST_CASE("by default NaN and Inf propagate into the value and gradient without 
     for (index_t s = 0; s < c.k; ++s)
       if (c.I[bad_row * static_cast<std::size_t>(c.k) + static_cast<std::size_t>(s)] >= 0) slot = s;
     if (slot < 0) return;  // never for this seed; keeps the test honest if the data changes
-    H[(bad_row * static_cast<std::size_t>(c.k) + static_cast<std::size_t>(slot)) * static_cast<std::size_t>(c.d)] = nan_v;
+    H[(bad_row * static_cast<std::size_t>(c.k) + static_cast<std::size_t>(slot)) * static_cast<std::size_t>(c.d)] =
+        nan_v;
     std::vector<double> g(H.size());
     const double v = moereg::specialization_loss{}.value_and_grad(
         moereg::specialization_inputs<double, moereg::token_major>{

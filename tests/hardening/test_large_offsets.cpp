@@ -59,7 +59,7 @@ TEST_CASE("router losses over rows more than 2^31 elements apart", "[hardening][
   float* P = region.at<float>(0);
   float* Z = region.at<float>(64);
   float* G = region.at<float>(128);
-  auto* I = region.at<std::int32_t>(192);  // int32 topk at the same byte stride as the rows
+  auto* I = region.at<std::int32_t>(192);   // int32 topk at the same byte stride as the rows
   auto* M = region.at<std::uint8_t>(1024);  // mask: one byte per token, 2^32 + 1 bytes apart
   const index_t mask_stride = (index_t(1) << 32) + 1;
   REQUIRE(static_cast<std::size_t>(2 * mask_stride + 1024) < sparse_region::bytes);
@@ -67,7 +67,8 @@ TEST_CASE("router losses over rows more than 2^31 elements apart", "[hardening][
   std::vector<std::int32_t> Ic(c.I.begin(), c.I.end());
   std::vector<std::uint8_t> Mc = {1, 0, 1};
   for (index_t t = 0; t < T; ++t) {
-    for (index_t e = 0; e < E; ++e) P[t * rs + e] = Pc[static_cast<std::size_t>(t * E + e)], Z[t * rs + e] = Zc[static_cast<std::size_t>(t * E + e)];
+    for (index_t e = 0; e < E; ++e)
+      P[t * rs + e] = Pc[static_cast<std::size_t>(t * E + e)], Z[t * rs + e] = Zc[static_cast<std::size_t>(t * E + e)];
     for (index_t s = 0; s < k; ++s) I[t * rs + s] = Ic[static_cast<std::size_t>(t * k + s)];
     M[t * mask_stride] = Mc[static_cast<std::size_t>(t)];
   }
@@ -125,8 +126,8 @@ TEST_CASE("specialization over activation layouts with offsets beyond 2^31", "[h
   std::vector<float> gc(Hc.size());
   const moereg::specialization_loss loss{};
   const double vc = loss.value_and_grad(
-      moereg::specialization_inputs<float, moereg::token_major>{moereg::token_major_view<const float>(Hc.data(), T, k, d),
-                                                               topk, {}, E},
+      moereg::specialization_inputs<float, moereg::token_major>{
+          moereg::token_major_view<const float>(Hc.data(), T, k, d), topk, {}, E},
       moereg::token_major_view<float>(gc.data(), T, k, d));
   REQUIRE(vc != 0.0);
 
@@ -139,13 +140,14 @@ TEST_CASE("specialization over activation layouts with offsets beyond 2^31", "[h
     for (index_t t = 0; t < T; ++t)
       for (index_t s = 0; s < k; ++s)
         for (index_t i = 0; i < d; ++i) x[lay.offset(t, s) + i] = Hc[static_cast<std::size_t>((t * k + s) * d + i)];
-    const double vb = loss.value_and_grad(
-        moereg::specialization_inputs<float, moereg::token_major>{{x, lay}, topk, {}, E},
-        moereg::activation_view<float, moereg::token_major>{g, lay});
+    const double vb =
+        loss.value_and_grad(moereg::specialization_inputs<float, moereg::token_major>{{x, lay}, topk, {}, E},
+                            moereg::activation_view<float, moereg::token_major>{g, lay});
     CHECK(bitwise_equal(vb, vc));
     for (index_t t = 0; t < T; ++t)
       for (index_t s = 0; s < k; ++s)
-        for (index_t i = 0; i < d; ++i) CHECK(g[lay.offset(t, s) + i] == gc[static_cast<std::size_t>((t * k + s) * d + i)]);
+        for (index_t i = 0; i < d; ++i)
+          CHECK(g[lay.offset(t, s) + i] == gc[static_cast<std::size_t>((t * k + s) * d + i)]);
   }
   SECTION("expert_grouped with a row stride above 2^29 and an element stride of 2") {
     const std::vector<std::int64_t> rows = {5, 0, 3, 1, 4, 2};  // row 5 lies past 2^31 elements
@@ -157,9 +159,9 @@ TEST_CASE("specialization over activation layouts with offsets beyond 2^31", "[h
     for (index_t t = 0; t < T; ++t)
       for (index_t s = 0; s < k; ++s)
         for (index_t i = 0; i < d; ++i) x[lay.offset(t, s) + 2 * i] = Hc[static_cast<std::size_t>((t * k + s) * d + i)];
-    const double vb = loss.value_and_grad(
-        moereg::specialization_inputs<float, moereg::expert_grouped>{{x, lay}, topk, {}, E},
-        moereg::activation_view<float, moereg::expert_grouped>{g, lay});
+    const double vb =
+        loss.value_and_grad(moereg::specialization_inputs<float, moereg::expert_grouped>{{x, lay}, topk, {}, E},
+                            moereg::activation_view<float, moereg::expert_grouped>{g, lay});
     CHECK(bitwise_equal(vb, vc));
     for (index_t t = 0; t < T; ++t)
       for (index_t s = 0; s < k; ++s)
@@ -180,12 +182,13 @@ TEST_CASE("specialization over activation layouts with offsets beyond 2^31", "[h
     for (index_t t = 0; t < T; ++t)
       for (index_t s = 0; s < k; ++s)
         for (index_t i = 0; i < d; ++i) x[lay.offset(t, s) + i] = Hc[static_cast<std::size_t>((t * k + s) * d + i)];
-    const double vb = loss.value_and_grad(
-        moereg::specialization_inputs<float, moereg::capacity_padded>{{x, lay}, topk, {}, E},
-        moereg::activation_view<float, moereg::capacity_padded>{g, lay});
+    const double vb =
+        loss.value_and_grad(moereg::specialization_inputs<float, moereg::capacity_padded>{{x, lay}, topk, {}, E},
+                            moereg::activation_view<float, moereg::capacity_padded>{g, lay});
     CHECK(bitwise_equal(vb, vc));
     for (index_t t = 0; t < T; ++t)
       for (index_t s = 0; s < k; ++s)
-        for (index_t i = 0; i < d; ++i) CHECK(g[lay.offset(t, s) + i] == gc[static_cast<std::size_t>((t * k + s) * d + i)]);
+        for (index_t i = 0; i < d; ++i)
+          CHECK(g[lay.offset(t, s) + i] == gc[static_cast<std::size_t>((t * k + s) * d + i)]);
   }
 }

@@ -40,7 +40,8 @@ struct fixture {
   std::vector<std::int32_t> ids;
   fixture() : P(T * E), H(T * k * d), g(T * k * d, 7.0f), ids(T * k) {
     for (index_t t = 0; t < T; ++t) {
-      for (index_t e = 0; e < E; ++e) P[static_cast<std::size_t>(t * E + e)] = 0.1f + 0.2f * static_cast<float>((t + e) % E);
+      for (index_t e = 0; e < E; ++e)
+        P[static_cast<std::size_t>(t * E + e)] = 0.1f + 0.2f * static_cast<float>((t + e) % E);
       float s = 0;
       for (index_t e = 0; e < E; ++e) s += P[static_cast<std::size_t>(t * E + e)];
       for (index_t e = 0; e < E; ++e) P[static_cast<std::size_t>(t * E + e)] /= s;
@@ -72,66 +73,85 @@ TEST_CASE("scalar rule: every loss refuses a non-finite coefficient or grad_scal
           "[hardening][validation]") {
   fixture f;
   SECTION("load_balancing") {
-    check_rule([&](double c, moereg::grad_options o, moereg::cpu be) {
-      moereg::load_balancing_loss l{};
-      l.cfg.coef = c;
-      l.backward(moereg::load_balancing_inputs<float>{f.probs(), f.topk()}, f.grad_rows(), o, {}, be);
-    }, f);
+    check_rule(
+        [&](double c, moereg::grad_options o, moereg::cpu be) {
+          moereg::load_balancing_loss l{};
+          l.cfg.coef = c;
+          l.backward(moereg::load_balancing_inputs<float>{f.probs(), f.topk()}, f.grad_rows(), o, {}, be);
+        },
+        f);
   }
   SECTION("z_loss") {
-    check_rule([&](double c, moereg::grad_options o, moereg::cpu be) {
-      moereg::z_loss l{};
-      l.cfg.coef = c;
-      l.backward(moereg::z_loss_inputs<float>{f.probs()}, f.grad_rows(), o, {}, be);
-    }, f);
+    check_rule(
+        [&](double c, moereg::grad_options o, moereg::cpu be) {
+          moereg::z_loss l{};
+          l.cfg.coef = c;
+          l.backward(moereg::z_loss_inputs<float>{f.probs()}, f.grad_rows(), o, {}, be);
+        },
+        f);
   }
   SECTION("entropy") {
-    check_rule([&](double c, moereg::grad_options o, moereg::cpu be) {
-      moereg::entropy_loss l{};
-      l.cfg.coef = c;
-      l.backward(moereg::entropy_inputs<float>{f.probs()}, f.grad_rows(), o, {}, be);
-    }, f);
+    check_rule(
+        [&](double c, moereg::grad_options o, moereg::cpu be) {
+          moereg::entropy_loss l{};
+          l.cfg.coef = c;
+          l.backward(moereg::entropy_inputs<float>{f.probs()}, f.grad_rows(), o, {}, be);
+        },
+        f);
   }
   SECTION("importance") {
-    check_rule([&](double c, moereg::grad_options o, moereg::cpu be) {
-      moereg::importance_loss l{};
-      l.cfg.coef = c;
-      l.backward(moereg::importance_inputs<float>{f.probs()}, f.grad_rows(), o, {}, be);
-    }, f);
+    check_rule(
+        [&](double c, moereg::grad_options o, moereg::cpu be) {
+          moereg::importance_loss l{};
+          l.cfg.coef = c;
+          l.backward(moereg::importance_inputs<float>{f.probs()}, f.grad_rows(), o, {}, be);
+        },
+        f);
   }
   SECTION("variance") {
-    check_rule([&](double c, moereg::grad_options o, moereg::cpu be) {
-      moereg::variance_loss l{};
-      l.cfg.coef = c;
-      l.backward(moereg::variance_inputs<float>{f.probs()}, f.grad_rows(), o, {}, be);
-    }, f);
+    check_rule(
+        [&](double c, moereg::grad_options o, moereg::cpu be) {
+          moereg::variance_loss l{};
+          l.cfg.coef = c;
+          l.backward(moereg::variance_inputs<float>{f.probs()}, f.grad_rows(), o, {}, be);
+        },
+        f);
   }
   SECTION("coupling") {
-    check_rule([&](double c, moereg::grad_options o, moereg::cpu be) {
-      moereg::coupling_loss l{};
-      l.cfg.coef = c;
-      const moereg::routing_view<float> pv[2] = {f.probs(), f.probs()};
-      const moereg::topk_view tv[2] = {f.topk(), f.topk()};
-      const moereg::matrix_view<float> gv[2] = {f.grad_rows(), {f.g.data() + fixture::T * fixture::E, fixture::T, fixture::E}};
-      l.backward(moereg::coupling_inputs<float>{pv, tv, 2}, gv, o, {}, be);
-    }, f);
+    check_rule(
+        [&](double c, moereg::grad_options o, moereg::cpu be) {
+          moereg::coupling_loss l{};
+          l.cfg.coef = c;
+          const moereg::routing_view<float> pv[2] = {f.probs(), f.probs()};
+          const moereg::topk_view tv[2] = {f.topk(), f.topk()};
+          const moereg::matrix_view<float> gv[2] = {f.grad_rows(),
+                                                    {f.g.data() + fixture::T * fixture::E, fixture::T, fixture::E}};
+          l.backward(moereg::coupling_inputs<float>{pv, tv, 2}, gv, o, {}, be);
+        },
+        f);
   }
   using lay = moereg::token_major;
   SECTION("specialization") {
-    check_rule([&](double c, moereg::grad_options o, moereg::cpu be) {
-      moereg::specialization_loss l{};
-      l.cfg.coef = c;
-      l.backward(moereg::specialization_inputs<float, lay>{{f.H.data(), lay(fixture::T, fixture::k, fixture::d)}, f.topk()},
-                 {f.g.data(), lay(fixture::T, fixture::k, fixture::d)}, o, {}, be);
-    }, f);
+    check_rule(
+        [&](double c, moereg::grad_options o, moereg::cpu be) {
+          moereg::specialization_loss l{};
+          l.cfg.coef = c;
+          l.backward(moereg::specialization_inputs<float, lay>{{f.H.data(), lay(fixture::T, fixture::k, fixture::d)},
+                                                               f.topk()},
+                     {f.g.data(), lay(fixture::T, fixture::k, fixture::d)}, o, {}, be);
+        },
+        f);
   }
   SECTION("orthogonality") {
-    check_rule([&](double c, moereg::grad_options o, moereg::cpu be) {
-      moereg::orthogonality_loss l{};
-      l.cfg.coef = c;
-      l.backward(moereg::orthogonality_inputs<float, lay>{{f.H.data(), lay(fixture::T, fixture::k, fixture::d)}, f.topk()},
-                 {f.g.data(), lay(fixture::T, fixture::k, fixture::d)}, o, {}, be);
-    }, f);
+    check_rule(
+        [&](double c, moereg::grad_options o, moereg::cpu be) {
+          moereg::orthogonality_loss l{};
+          l.cfg.coef = c;
+          l.backward(
+              moereg::orthogonality_inputs<float, lay>{{f.H.data(), lay(fixture::T, fixture::k, fixture::d)}, f.topk()},
+              {f.g.data(), lay(fixture::T, fixture::k, fixture::d)}, o, {}, be);
+        },
+        f);
   }
 }
 
@@ -140,11 +160,17 @@ TEST_CASE("scalar rule: the chain helpers refuse a non-finite grad_scale and neg
   fixture f;
   const std::vector<float> before = f.g;
   const moereg::matrix_view<const float> dP(f.P.data(), fixture::T, fixture::E);
-  refused([&] { moereg::softmax_backward(f.probs(), dP, f.grad_rows(), {nan_v, false}); }, f.g, before,
-          "grad_scale = nan is not finite");
+  refused(
+      [&] {
+        moereg::softmax_backward(f.probs(), dP, f.grad_rows(), {nan_v, false});
+      },
+      f.g, before, "grad_scale = nan is not finite");
   refused([&] { moereg::softmax_backward(f.probs(), dP, f.grad_rows(), {}, moereg::cpu{-1}); }, f.g, before,
           "cpu::threads = -1 is negative");
-  refused([&] { moereg::sigmoid_norm_backward(f.probs(), dP, f.grad_rows(), {inf_v, false}); }, f.g, before,
-          "grad_scale = inf is not finite");
+  refused(
+      [&] {
+        moereg::sigmoid_norm_backward(f.probs(), dP, f.grad_rows(), {inf_v, false});
+      },
+      f.g, before, "grad_scale = inf is not finite");
   CHECK_NOTHROW(moereg::softmax_backward(f.probs(), dP, f.grad_rows()));
 }

@@ -39,10 +39,12 @@ struct router_data {
   router_data() : P(T * E), H(T * k * d), ids(T * k) {
     for (index_t t = 0; t < T; ++t) {
       float s = 0;
-      for (index_t e = 0; e < E; ++e) s += P[static_cast<std::size_t>(t * E + e)] = 0.2f + static_cast<float>((t * 3 + e) % E);
+      for (index_t e = 0; e < E; ++e)
+        s += P[static_cast<std::size_t>(t * E + e)] = 0.2f + static_cast<float>((t * 3 + e) % E);
       for (index_t e = 0; e < E; ++e) P[static_cast<std::size_t>(t * E + e)] /= s;
       ids[static_cast<std::size_t>(t * k)] = static_cast<std::int32_t>(t % E);
-      ids[static_cast<std::size_t>(t * k + 1)] = t == 3 ? -1 : static_cast<std::int32_t>((t + 2) % E);  // one dropped slot
+      ids[static_cast<std::size_t>(t * k + 1)] =
+          t == 3 ? -1 : static_cast<std::int32_t>((t + 2) % E);  // one dropped slot
     }
     for (std::size_t i = 0; i < H.size(); ++i) H[i] = std::cos(static_cast<float>(i) * 0.9f);
   }
@@ -89,8 +91,8 @@ TEST_CASE("local_stats refuses a null output buffer for every loss", "[hardening
   }
   SECTION("specialization") {
     const moereg::specialization_loss l{};
-    const moereg::specialization_inputs<float, lay> in{{r.H.data(), lay(router_data::T, router_data::k, router_data::d)},
-                                                       r.topk()};
+    const moereg::specialization_inputs<float, lay> in{
+        {r.H.data(), lay(router_data::T, router_data::k, router_data::d)}, r.topk()};
     refused_null([&](double* o) { l.local_stats(in, o); }, l.stats_size(in));
   }
   SECTION("orthogonality") {

@@ -93,13 +93,15 @@ TEMPLATE_TEST_CASE("bias_update in 16-bit and float storage", "[bias_update][hal
   for (auto& b : bias) b = static_cast<double>(static_cast<float>(static_cast<B>(b)));
   for (bool center : {false, true}) {
     std::vector<B> got(static_cast<std::size_t>(E));
-    for (long long e = 0; e < E; ++e) got[static_cast<std::size_t>(e)] = static_cast<B>(bias[static_cast<std::size_t>(e)]);
+    for (long long e = 0; e < E; ++e)
+      got[static_cast<std::size_t>(e)] = static_cast<B>(bias[static_cast<std::size_t>(e)]);
     moereg::bias_update({0.0625, center}, counts, got);
     const vec want = moereg_ref::bias_update(bias, counts, 0.0625, center);
     const double tol = std::is_same<B, float>::value ? 1e-6 : std::is_same<B, moereg::half>::value ? 1e-3 : 8e-3;
     for (long long e = 0; e < E; ++e)
       CHECK(std::abs(static_cast<double>(static_cast<float>(got[static_cast<std::size_t>(e)])) -
-                     want[static_cast<std::size_t>(e)]) <= tol * std::max(1.0, std::abs(want[static_cast<std::size_t>(e)])));
+                     want[static_cast<std::size_t>(e)]) <=
+            tol * std::max(1.0, std::abs(want[static_cast<std::size_t>(e)])));
   }
 }
 
@@ -107,8 +109,10 @@ TEST_CASE("bias_update rejects bad input and leaves the bias untouched", "[bias_
   vec bias = {0.1, 0.2, 0.3};
   const vec before = bias;
   CHECK_THROWS_AS(moereg::bias_update({}, vec{1.0, 2.0}, bias), moereg::error);
-  CHECK_THROWS_AS(moereg::bias_update({}, vec{1.0, std::numeric_limits<double>::quiet_NaN(), 2.0}, bias), moereg::error);
-  CHECK_THROWS_AS(moereg::bias_update({std::numeric_limits<double>::infinity()}, vec{1.0, 2.0, 3.0}, bias), moereg::error);
+  CHECK_THROWS_AS(moereg::bias_update({}, vec{1.0, std::numeric_limits<double>::quiet_NaN(), 2.0}, bias),
+                  moereg::error);
+  CHECK_THROWS_AS(moereg::bias_update({std::numeric_limits<double>::infinity()}, vec{1.0, 2.0, 3.0}, bias),
+                  moereg::error);
   const double c3[] = {1.0, 2.0, 3.0};
   CHECK_THROWS_AS(moereg::bias_update({}, static_cast<const double*>(nullptr), 3, bias.data(), 3), moereg::error);
   CHECK_THROWS_AS(moereg::bias_update({}, c3, 3, static_cast<double*>(nullptr), 3), moereg::error);

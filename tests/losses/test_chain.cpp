@@ -24,7 +24,8 @@ vec sigmoid_norm(const vec& Z, long long T, long long E) {
   vec S(Z.size());
   for (long long t = 0; t < T; ++t) {
     double sum = 0;
-    for (long long e = 0; e < E; ++e) sum += (S[static_cast<std::size_t>(t * E + e)] = 1.0 / (1.0 + std::exp(-Z[static_cast<std::size_t>(t * E + e)])));
+    for (long long e = 0; e < E; ++e)
+      sum += (S[static_cast<std::size_t>(t * E + e)] = 1.0 / (1.0 + std::exp(-Z[static_cast<std::size_t>(t * E + e)])));
     for (long long e = 0; e < E; ++e) S[static_cast<std::size_t>(t * E + e)] /= sum;
   }
   return S;
@@ -35,7 +36,8 @@ vec softmax(const vec& Z, long long T, long long E) {
   for (long long t = 0; t < T; ++t) {
     double mx = -1e300, sum = 0;
     for (long long e = 0; e < E; ++e) mx = std::max(mx, Z[static_cast<std::size_t>(t * E + e)]);
-    for (long long e = 0; e < E; ++e) sum += (P[static_cast<std::size_t>(t * E + e)] = std::exp(Z[static_cast<std::size_t>(t * E + e)] - mx));
+    for (long long e = 0; e < E; ++e)
+      sum += (P[static_cast<std::size_t>(t * E + e)] = std::exp(Z[static_cast<std::size_t>(t * E + e)] - mx));
     for (long long e = 0; e < E; ++e) P[static_cast<std::size_t>(t * E + e)] /= sum;
   }
   return P;
@@ -53,18 +55,23 @@ vec from(const std::vector<S>& v) {
   for (std::size_t i = 0; i < v.size(); ++i) out[i] = static_cast<double>(static_cast<float>(v[i]));
   return out;
 }
-vec from(const vec& v) { return v; }
+vec from(const vec& v) {
+  return v;
+}
 
 /// Runs sigmoid_norm_backward on row-major data (logits col-major when asked).
 template <class S>
-vec run_sigmoid(const vec& Z, const vec& dS, long long T, long long E, moereg::grad_options opts = {},
-                vec init = {}, bool col_major = false, moereg::cpu be = {}) {
+vec run_sigmoid(const vec& Z, const vec& dS, long long T, long long E, moereg::grad_options opts = {}, vec init = {},
+                bool col_major = false, moereg::cpu be = {}) {
   std::vector<S> z(Z.size()), ds = to<S>(dS), dz = init.empty() ? std::vector<S>(Z.size(), S(0.0f)) : to<S>(init);
   for (long long t = 0; t < T; ++t)
     for (long long e = 0; e < E; ++e)
-      z[static_cast<std::size_t>(col_major ? e * T + t : t * E + e)] = static_cast<S>(Z[static_cast<std::size_t>(t * E + e)]);
-  const moereg::routing_view<S> zv = col_major ? moereg::routing_view<S>(z.data(), T, E, 1, T) : moereg::routing_view<S>(z.data(), T, E);
-  moereg::sigmoid_norm_backward(zv, moereg::matrix_view<const S>(ds.data(), T, E), moereg::matrix_view<S>(dz.data(), T, E), opts, be);
+      z[static_cast<std::size_t>(col_major ? e * T + t : t * E + e)] =
+          static_cast<S>(Z[static_cast<std::size_t>(t * E + e)]);
+  const moereg::routing_view<S> zv =
+      col_major ? moereg::routing_view<S>(z.data(), T, E, 1, T) : moereg::routing_view<S>(z.data(), T, E);
+  moereg::sigmoid_norm_backward(zv, moereg::matrix_view<const S>(ds.data(), T, E),
+                                moereg::matrix_view<S>(dz.data(), T, E), opts, be);
   return from(dz);
 }
 
@@ -128,9 +135,11 @@ TEST_CASE("sigmoid_norm_backward stays finite for extreme logits", "[chain]") {
       om[static_cast<std::size_t>(e)] = x / (1.0 + x);
       sum += sig[static_cast<std::size_t>(e)];
     }
-    for (long long e = 0; e < E; ++e) dot += sig[static_cast<std::size_t>(e)] / sum * dS[static_cast<std::size_t>(t * E + e)];
+    for (long long e = 0; e < E; ++e)
+      dot += sig[static_cast<std::size_t>(e)] / sum * dS[static_cast<std::size_t>(t * E + e)];
     for (long long e = 0; e < E; ++e) {
-      const double want_e = sig[static_cast<std::size_t>(e)] / sum * om[static_cast<std::size_t>(e)] * (dS[static_cast<std::size_t>(t * E + e)] - dot);
+      const double want_e = sig[static_cast<std::size_t>(e)] / sum * om[static_cast<std::size_t>(e)] *
+                            (dS[static_cast<std::size_t>(t * E + e)] - dot);
       const double got_e = gp[static_cast<std::size_t>(t * E + e)];
       CHECK(std::isfinite(got_e));
       CHECK(std::abs(got_e - want_e) <= 1e-12 * std::abs(want_e));
@@ -153,7 +162,8 @@ TEST_CASE("sigmoid_norm_backward grad_scale, accumulate and in place", "[chain]"
   CHECK(moereg_test::rel_diff(run_sigmoid<double>(Z, dS, T, E, {gs, false}, init), want) < 1e-12);
   // grad_scores and grad_logits the same buffer (overwrite mode)
   vec buf = dS;
-  moereg::sigmoid_norm_backward(moereg::routing_view<double>(Z.data(), T, E), moereg::matrix_view<const double>(buf.data(), T, E),
+  moereg::sigmoid_norm_backward(moereg::routing_view<double>(Z.data(), T, E),
+                                moereg::matrix_view<const double>(buf.data(), T, E),
                                 moereg::matrix_view<double>(buf.data(), T, E), {gs, false});
   CHECK(moereg_test::rel_diff(buf, want) < 1e-12);
 }
@@ -190,14 +200,17 @@ TEST_CASE("sigmoid_norm_backward rejects bad shapes and leaves the buffer untouc
   std::memcpy(before.data(), dz.data(), before.size());
   using moereg::matrix_view;
   CHECK_THROWS_AS(moereg::sigmoid_norm_backward(moereg::routing_view<double>(Z.data(), T, E),
-                                                matrix_view<const double>(dS.data(), T - 1, E), matrix_view<double>(dz.data(), T, E)),
+                                                matrix_view<const double>(dS.data(), T - 1, E),
+                                                matrix_view<double>(dz.data(), T, E)),
                   moereg::error);
   CHECK_THROWS_AS(moereg::sigmoid_norm_backward(moereg::routing_view<double>(Z.data(), T, E),
-                                                matrix_view<const double>(dS.data(), T, E), matrix_view<double>(dz.data(), T, E - 1)),
+                                                matrix_view<const double>(dS.data(), T, E),
+                                                matrix_view<double>(dz.data(), T, E - 1)),
                   moereg::error);
-  CHECK_THROWS_AS(moereg::sigmoid_norm_backward(moereg::routing_view<double>(nullptr, T, E),
-                                                matrix_view<const double>(dS.data(), T, E), matrix_view<double>(dz.data(), T, E)),
-                  moereg::error);
+  CHECK_THROWS_AS(
+      moereg::sigmoid_norm_backward(moereg::routing_view<double>(nullptr, T, E),
+                                    matrix_view<const double>(dS.data(), T, E), matrix_view<double>(dz.data(), T, E)),
+      moereg::error);
   CHECK(std::memcmp(before.data(), dz.data(), before.size()) == 0);
 }
 
@@ -207,7 +220,8 @@ TEST_CASE("softmax_backward matches the reference and finite differences", "[cha
   const vec Z = moereg_test::random_normal(r, T * E, 2.0), w = moereg_test::random_normal(r, T * E);
   const vec P = softmax(Z, T, E);
   vec dz(T * E);
-  moereg::softmax_backward(moereg::routing_view<double>(P.data(), T, E), moereg::matrix_view<const double>(w.data(), T, E),
+  moereg::softmax_backward(moereg::routing_view<double>(P.data(), T, E),
+                           moereg::matrix_view<const double>(w.data(), T, E),
                            moereg::matrix_view<double>(dz.data(), T, E));
   CHECK(moereg_test::rel_diff(dz, moereg_ref::softmax_backward(P, w, T, E)) < 1e-12);
   auto f = [&](const double* z) {

@@ -27,10 +27,10 @@ const char* form_name(coupling_form f) {
 
 struct problem {
   long long T = 0, E = 0;
-  std::vector<long long> k;           // per layer
-  std::vector<vec> P;                 // per layer, [T, E] row-major
+  std::vector<long long> k;               // per layer
+  std::vector<vec> P;                     // per layer, [T, E] row-major
   std::vector<std::vector<long long>> I;  // per layer, [T, k_l]
-  std::vector<std::uint8_t> mask;     // empty = all valid
+  std::vector<std::uint8_t> mask;         // empty = all valid
   std::size_t layers() const { return P.size(); }
 };
 
@@ -64,8 +64,8 @@ problem slice(const problem& pb, long long r0, long long r1) {
 
 std::pair<double, std::vector<vec>> reference(const problem& pb, double lambda, coupling_form form,
                                               double eps = 1e-12) {
-  return moereg_ref::coupling(pb.P, pb.I, pb.k, moereg_test::to_int_mask(pb.mask), pb.T, pb.E, lambda,
-                              form_name(form), eps);
+  return moereg_ref::coupling(pb.P, pb.I, pb.k, moereg_test::to_int_mask(pb.mask), pb.T, pb.E, lambda, form_name(form),
+                              eps);
 }
 
 enum class layout { row_major, padded, col_major };
@@ -92,14 +92,16 @@ struct lib_call {
       Pbuf.emplace_back(n, S(-7.0f));  // padding holds garbage that must not be read
       Gbuf.emplace_back(n, S(0.0f));
       for (long long t = 0; t < T; ++t)
-        for (long long e = 0; e < E; ++e) Pbuf[l2][off(t, e)] = static_cast<S>(pb.P[l2][static_cast<std::size_t>(t * E + e)]);
+        for (long long e = 0; e < E; ++e)
+          Pbuf[l2][off(t, e)] = static_cast<S>(pb.P[l2][static_cast<std::size_t>(t * E + e)]);
       I32.push_back(moereg_test::cast<std::int32_t>(pb.I[l2]));
       I64.push_back(moereg_test::cast<std::int64_t>(pb.I[l2]));
     }
     for (std::size_t l2 = 0; l2 < pb.layers(); ++l2) {
       pv.push_back(view(Pbuf[l2].data()));
       gv.push_back(view(Gbuf[l2].data()));
-      kv.push_back(int32 ? moereg::topk_view(I32[l2].data(), T, pb.k[l2]) : moereg::topk_view(I64[l2].data(), T, pb.k[l2]));
+      kv.push_back(int32 ? moereg::topk_view(I32[l2].data(), T, pb.k[l2])
+                         : moereg::topk_view(I64[l2].data(), T, pb.k[l2]));
     }
     in.probs = pv.data();
     in.topk = kv.data();
@@ -109,17 +111,23 @@ struct lib_call {
   long long layout_size() const { return lay == layout::padded ? pb.T * (pb.E + 3) : pb.T * pb.E; }
   std::size_t off(long long t, long long e) const {
     switch (lay) {
-      case layout::padded: return static_cast<std::size_t>(t * (pb.E + 3) + e);
-      case layout::col_major: return static_cast<std::size_t>(e * pb.T + t);
-      default: return static_cast<std::size_t>(t * pb.E + e);
+      case layout::padded:
+        return static_cast<std::size_t>(t * (pb.E + 3) + e);
+      case layout::col_major:
+        return static_cast<std::size_t>(e * pb.T + t);
+      default:
+        return static_cast<std::size_t>(t * pb.E + e);
     }
   }
   template <class U>
   moereg::matrix_view<U> view(U* d) const {
     switch (lay) {
-      case layout::padded: return moereg::matrix_view<U>(d, pb.T, pb.E, pb.E + 3, 1);
-      case layout::col_major: return moereg::matrix_view<U>(d, pb.T, pb.E, 1, pb.T);
-      default: return moereg::matrix_view<U>(d, pb.T, pb.E);
+      case layout::padded:
+        return moereg::matrix_view<U>(d, pb.T, pb.E, pb.E + 3, 1);
+      case layout::col_major:
+        return moereg::matrix_view<U>(d, pb.T, pb.E, 1, pb.T);
+      default:
+        return moereg::matrix_view<U>(d, pb.T, pb.E);
     }
   }
   /// value_and_grad through moereg_test::checked_grad (support/grad_buffers.hpp) on one flat
@@ -153,14 +161,17 @@ struct lib_call {
     for (std::size_t l = 0; l < pb.layers(); ++l) {
       vec g(static_cast<std::size_t>(pb.T * pb.E));
       for (long long t = 0; t < pb.T; ++t)
-        for (long long e = 0; e < pb.E; ++e) g[static_cast<std::size_t>(t * pb.E + e)] = static_cast<double>(Gbuf[l][off(t, e)]);
+        for (long long e = 0; e < pb.E; ++e)
+          g[static_cast<std::size_t>(t * pb.E + e)] = static_cast<double>(Gbuf[l][off(t, e)]);
       out.push_back(g);
     }
     return out;
   }
 };
 
-double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
+double rel(double a, double b) {
+  return std::abs(a - b) / std::max(std::abs(b), 1e-300);
+}
 
 double max_rel(const std::vector<vec>& a, const std::vector<vec>& b) {
   vec fa, fb;
@@ -183,9 +194,9 @@ TEST_CASE("coupling matches the reference in double", "[coupling]") {
     bool int32;
   };
   const std::vector<shape> shapes = {
-      {37, 6, {2, 3}, true, layout::row_major, false},  {41, 7, {2, 3, 1}, true, layout::padded, true},
+      {37, 6, {2, 3}, true, layout::row_major, false},        {41, 7, {2, 3, 1}, true, layout::padded, true},
       {300, 5, {2, 2, 2, 2}, true, layout::col_major, false}, {600, 8, {3, 1, 8}, false, layout::row_major, true},
-      {19, 4, {4, 4}, false, layout::padded, false},    {1, 3, {1, 2}, false, layout::row_major, false},
+      {19, 4, {4, 4}, false, layout::padded, false},          {1, 3, {1, 2}, false, layout::row_major, false},
       {9, 1, {1, 1, 1}, true, layout::row_major, false}};
   std::uint64_t seed = 11;
   for (const auto& sh : shapes)
@@ -505,18 +516,21 @@ TEST_CASE("coupling rejects bad input and leaves the gradients untouched", "[cou
       c.in.mask = moereg::mask_view(good.mask.data(), 12);
       std::vector<double> st = loss.local_stats(c.in);
       st.push_back(1.0);
-      CHECK_THROWS_AS(loss.value_and_grad(c.in, c.gv.data(), {}, moereg::stats_view{st.data(), static_cast<index_t>(st.size())}),
-                      moereg::error);
+      CHECK_THROWS_AS(
+          loss.value_and_grad(c.in, c.gv.data(), {}, moereg::stats_view{st.data(), static_cast<index_t>(st.size())}),
+          moereg::error);
       st.pop_back();
       st.back() = std::numeric_limits<double>::infinity();
-      CHECK_THROWS_AS(loss.value_and_grad(c.in, c.gv.data(), {}, moereg::stats_view{st.data(), static_cast<index_t>(st.size())}),
-                      moereg::error);
+      CHECK_THROWS_AS(
+          loss.value_and_grad(c.in, c.gv.data(), {}, moereg::stats_view{st.data(), static_cast<index_t>(st.size())}),
+          moereg::error);
       CHECK(untouched(c, b));
     }
     {  // null pointers
       lib_call<double> c(good);
       const auto b = poisoned(c);
-      CHECK_THROWS_AS(loss.value_and_grad(c.in, static_cast<const moereg::matrix_view<double>*>(nullptr)), moereg::error);
+      CHECK_THROWS_AS(loss.value_and_grad(c.in, static_cast<const moereg::matrix_view<double>*>(nullptr)),
+                      moereg::error);
       auto in = c.in;
       in.topk = nullptr;
       CHECK_THROWS_AS(loss.value_and_grad(in, c.gv.data()), moereg::error);

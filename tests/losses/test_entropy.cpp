@@ -49,7 +49,9 @@ struct call1 {
   call1(const call1&) = delete;  // views point into the buffers
   call1(call1&&) noexcept = default;
   std::size_t off(long long t, long long e) const {
-    return static_cast<std::size_t>(lay == layout::padded ? t * (E + 2) + e : lay == layout::col_major ? e * T + t : t * E + e);
+    return static_cast<std::size_t>(lay == layout::padded      ? t * (E + 2) + e
+                                    : lay == layout::col_major ? e * T + t
+                                                               : t * E + e);
   }
   template <class U>
   moereg::matrix_view<U> view(U* d) const {
@@ -84,15 +86,19 @@ struct call1 {
   }
 };
 
-double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
+double rel(double a, double b) {
+  return std::abs(a - b) / std::max(std::abs(b), 1e-300);
+}
 
 /// Softmax probabilities with a few exact zeros and values below tiny = 1e-30.
 vec probs_with_zeros(moereg_test::rng& r, long long T, long long E) {
   vec p = moereg_test::random_probs(r, T, E, 2.0);
   for (auto& x : p) {
     const double u = r.uniform();
-    if (u < 0.05) x = 0.0;
-    else if (u < 0.08) x = 1e-40;
+    if (u < 0.05)
+      x = 0.0;
+    else if (u < 0.08)
+      x = 1e-40;
   }
   return p;
 }
@@ -109,8 +115,10 @@ TEST_CASE("entropy matches the reference in double", "[entropy]") {
     bool mask;
     layout lay;
   };
-  const std::vector<shape> shapes = {{37, 6, true, layout::row_major}, {300, 8, true, layout::padded},
-                                     {513, 5, false, layout::col_major}, {1, 3, false, layout::row_major},
+  const std::vector<shape> shapes = {{37, 6, true, layout::row_major},
+                                     {300, 8, true, layout::padded},
+                                     {513, 5, false, layout::col_major},
+                                     {1, 3, false, layout::row_major},
                                      {20, 1, true, layout::row_major}};
   std::uint64_t seed = 121;
   for (const auto& sh : shapes) {

@@ -89,11 +89,13 @@ reference overlap_ref(const std::vector<double>& x, const std::vector<long long>
     if (m[static_cast<std::size_t>(t)] == 0) continue;
     for (long long s = 0; s < k; ++s)
       for (long long q = 0; q < k; ++q) {
-        if (s == q || I[static_cast<std::size_t>(t * k + s)] < 0 || I[static_cast<std::size_t>(t * k + q)] < 0) continue;
+        if (s == q || I[static_cast<std::size_t>(t * k + s)] < 0 || I[static_cast<std::size_t>(t * k + q)] < 0)
+          continue;
         double g = 0;
         for (long long i = 0; i < d; ++i) g += at(t, s)[i] * at(t, q)[i];
         r.value += c * g * g / tv;
-        for (long long i = 0; i < d; ++i) r.grad[static_cast<std::size_t>((t * k + s) * d + i)] += 4 * c * g * at(t, q)[i] / tv;
+        for (long long i = 0; i < d; ++i)
+          r.grad[static_cast<std::size_t>((t * k + s) * d + i)] += 4 * c * g * at(t, q)[i] / tv;
       }
   }
   return r;
@@ -124,13 +126,13 @@ TEST_CASE("Gram engine: a loss described outside the library, against its refere
           "[gram_engine]") {
   // k = 2..8 takes the specialised contiguous passes, k = 11 the run-time pass; d = 19 leaves a
   // tail chunk in every pack width.
-  for (const auto& shape : {std::array<long long, 3>{0, 2, 3}, {1, 1, 4}, {9, 2, 19}, {300, 4, 19}, {40, 8, 33},
-                            {30, 11, 7}}) {
+  for (const auto& shape :
+       {std::array<long long, 3>{0, 2, 3}, {1, 1, 4}, {9, 2, 19}, {300, 4, 19}, {40, 8, 33}, {30, 11, 7}}) {
     const long long T = shape[0], k = shape[1], d = shape[2];
     CAPTURE(T, k, d);
     const acts_batch b(T, k, d, static_cast<std::uint64_t>(97 * T + 7 * k + d));
-    const outside::overlap_inputs<double, moereg::token_major> in{moereg::token_major_view<const double>(b.x.data(), T, k, d),
-                                                                  b.topk(), b.mask(), 2 * k};
+    const outside::overlap_inputs<double, moereg::token_major> in{
+        moereg::token_major_view<const double>(b.x.data(), T, k, d), b.topk(), b.mask(), 2 * k};
     std::vector<double> g;
     const double v = checked_acts_into(g, ov, in, T, k, d);
     const auto ref = overlap_ref(b.x, b.I, b.m, T, k, d, 0.25);
@@ -164,9 +166,8 @@ TEST_CASE("Gram engine: strided vectors, thread counts and reduced statistics fo
   const long long T = 600, k = 5, d = 13, cut = 257;
   const acts_batch b(T, k, d, 11);
   const auto in_at = [&](const double* x, long long r0, long long n) {
-    return outside::overlap_inputs<double, moereg::token_major>{moereg::token_major_view<const double>(x + r0 * k * d, n, k, d),
-                                                                b.topk(r0, n),
-                                                                {b.m.data() + r0, n}};
+    return outside::overlap_inputs<double, moereg::token_major>{
+        moereg::token_major_view<const double>(x + r0 * k * d, n, k, d), b.topk(r0, n), {b.m.data() + r0, n}};
   };
   std::vector<double> g(static_cast<std::size_t>(T * k * d));
   const double v = ov.value_and_grad(in_at(b.x.data(), 0, T), moereg::token_major_view<double>(g.data(), T, k, d), {},
@@ -175,9 +176,9 @@ TEST_CASE("Gram engine: strided vectors, thread counts and reduced statistics fo
   std::vector<double> xs(b.x.size() * 3, 0.0), gs(g.size() * 3, 0.0);
   for (std::size_t i = 0; i < b.x.size(); ++i) xs[3 * i] = b.x[i];
   const moereg::token_major strided(T, k, d, k * d * 3, d * 3, 3);
-  const double vs = ov.value_and_grad(
-      outside::overlap_inputs<double, moereg::token_major>{{xs.data(), strided}, b.topk(), b.mask()},
-      moereg::activation_view<double, moereg::token_major>{gs.data(), strided});
+  const double vs =
+      ov.value_and_grad(outside::overlap_inputs<double, moereg::token_major>{{xs.data(), strided}, b.topk(), b.mask()},
+                        moereg::activation_view<double, moereg::token_major>{gs.data(), strided});
   CHECK(vs == v);
   bool same = true;
   for (std::size_t i = 0; i < g.size(); ++i) same = same && gs[3 * i] == g[i];
@@ -214,8 +215,8 @@ TEST_CASE("Gram engine: the outside loss is checked like the library's Gram loss
   CHECK_THROWS_WITH(ov.value_and_grad(bad_shape, moereg::token_major_view<double>(g.data(), T, k - 1, d)),
                     Catch::Contains("overlap") && Catch::Contains("acts layout"));
   const outside::overlap_loss nan_coef{{std::nan("")}};
-  const outside::overlap_inputs<double, moereg::token_major> in{moereg::token_major_view<const double>(b.x.data(), T, k, d),
-                                                                b.topk(), b.mask()};
+  const outside::overlap_inputs<double, moereg::token_major> in{
+      moereg::token_major_view<const double>(b.x.data(), T, k, d), b.topk(), b.mask()};
   CHECK_THROWS_WITH(nan_coef.value_and_grad(in, gv), Catch::Contains("coefficient"));
   for (double e : g) CHECK(e == -7.0);
 }

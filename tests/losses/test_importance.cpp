@@ -49,7 +49,9 @@ struct call1 {
   call1(const call1&) = delete;  // views point into the buffers
   call1(call1&&) noexcept = default;
   std::size_t off(long long t, long long e) const {
-    return static_cast<std::size_t>(lay == layout::padded ? t * (E + 2) + e : lay == layout::col_major ? e * T + t : t * E + e);
+    return static_cast<std::size_t>(lay == layout::padded      ? t * (E + 2) + e
+                                    : lay == layout::col_major ? e * T + t
+                                                               : t * E + e);
   }
   template <class U>
   moereg::matrix_view<U> view(U* d) const {
@@ -84,7 +86,9 @@ struct call1 {
   }
 };
 
-double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
+double rel(double a, double b) {
+  return std::abs(a - b) / std::max(std::abs(b), 1e-300);
+}
 
 moereg_ref::result reference(const vec& P, const mask_t& mask, long long T, long long E, double w) {
   return moereg_ref::importance(P, moereg_test::to_int_mask(mask), T, E, w);
@@ -102,8 +106,10 @@ TEST_CASE("importance matches the reference in double", "[importance]") {
     bool mask;
     layout lay;
   };
-  const std::vector<shape> shapes = {{37, 6, true, layout::row_major}, {300, 8, true, layout::padded},
-                                     {513, 5, false, layout::col_major}, {1, 3, false, layout::row_major},
+  const std::vector<shape> shapes = {{37, 6, true, layout::row_major},
+                                     {300, 8, true, layout::padded},
+                                     {513, 5, false, layout::col_major},
+                                     {1, 3, false, layout::row_major},
                                      {20, 2, true, layout::row_major}};
   std::uint64_t seed = 221;
   for (const auto& sh : shapes) {

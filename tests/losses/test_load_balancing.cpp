@@ -33,8 +33,8 @@ struct lb_case {
     m = random_mask(r, T, pad);
   }
   moereg::load_balancing_inputs<double> inputs(const double* p = nullptr) const {
-    return {moereg::routing_view<double>(p ? p : P.data(), T, E), moereg::topk_view(reinterpret_cast<const std::int64_t*>(I.data()), T, k),
-            moereg::mask_view(m.data(), T)};
+    return {moereg::routing_view<double>(p ? p : P.data(), T, E),
+            moereg::topk_view(reinterpret_cast<const std::int64_t*>(I.data()), T, k), moereg::mask_view(m.data(), T)};
   }
 };
 
@@ -50,7 +50,8 @@ double run(const moereg::load_balancing_loss& loss, const moereg::load_balancing
 }  // namespace
 
 TEST_CASE("load balancing agrees with the naive reference and finite differences", "[load_balancing]") {
-  for (auto [T, E, k] : {std::tuple<long long, long long, long long>{1, 1, 1}, {7, 5, 2}, {33, 8, 8}, {300, 13, 3}, {2, 3, 1}}) {
+  for (auto [T, E, k] :
+       {std::tuple<long long, long long, long long>{1, 1, 1}, {7, 5, 2}, {33, 8, 8}, {300, 13, 3}, {2, 3, 1}}) {
     lb_case c(static_cast<std::uint64_t>(T * 131 + E), T, E, k);
     const moereg::load_balancing_loss loss{{0.7}};
     std::vector<double> g;
@@ -110,7 +111,8 @@ TEST_CASE("load balancing: sequence scope with a fixed length and with packed of
   CHECK(rep.ok);
 }
 
-TEST_CASE("load balancing: statistics of uneven parts reproduce the whole batch (micro scope)", "[load_balancing][stats]") {
+TEST_CASE("load balancing: statistics of uneven parts reproduce the whole batch (micro scope)",
+          "[load_balancing][stats]") {
   lb_case c(5, 101, 9, 3);
   const moereg::load_balancing_loss loss{{0.05}};
   std::vector<double> g_all;
@@ -184,7 +186,8 @@ TEST_CASE("load balancing: grad_scale, accumulate and padding rows", "[load_bala
 
 TEST_CASE("load balancing: empty and fully padded batches give 0 and a zero gradient", "[load_balancing]") {
   const moereg::load_balancing_loss loss{};
-  const moereg::load_balancing_inputs<float> empty{{static_cast<const float*>(nullptr), 0, 4}, {static_cast<const std::int32_t*>(nullptr), 0, 2}};
+  const moereg::load_balancing_inputs<float> empty{{static_cast<const float*>(nullptr), 0, 4},
+                                                   {static_cast<const std::int32_t*>(nullptr), 0, 2}};
   CHECK(loss.value(empty) == 0.0);
   lb_case c(3, 6, 4, 2);
   std::fill(c.m.begin(), c.m.end(), 0);
@@ -194,8 +197,8 @@ TEST_CASE("load balancing: empty and fully padded batches give 0 and a zero grad
   for (auto x : loss.local_stats(c.inputs())) CHECK(x == 0.0);
 }
 
-TEMPLATE_TEST_CASE("load balancing in 16- and 32-bit storage matches the double result", "[load_balancing][types]", float,
-                   moereg::half, moereg::bfloat16) {
+TEMPLATE_TEST_CASE("load balancing in 16- and 32-bit storage matches the double result", "[load_balancing][types]",
+                   float, moereg::half, moereg::bfloat16) {
   lb_case c(31, 77, 16, 4);
   const moereg::load_balancing_loss loss{{1.0}};
   std::vector<double> gd;
@@ -238,7 +241,8 @@ TEST_CASE("load balancing is bitwise identical for 1 and 2 threads and across ru
   }
 }
 
-TEST_CASE("load balancing accepts column-major Eigen matrices and strided rows without a copy", "[load_balancing][views]") {
+TEST_CASE("load balancing accepts column-major Eigen matrices and strided rows without a copy",
+          "[load_balancing][views]") {
   lb_case c(51, 20, 7, 3);
   Eigen::MatrixXd Pc(c.T, c.E);  // column-major
   for (long long t = 0; t < c.T; ++t)
@@ -259,7 +263,8 @@ TEST_CASE("load balancing rejects bad input with a named error and writes nothin
   const moereg::load_balancing_loss loss{};
   std::vector<double> g(c.P.size(), std::numeric_limits<double>::quiet_NaN());
   auto expect_error = [&](const moereg::load_balancing_inputs<double>& in, const char* needle,
-                          const moereg::load_balancing_loss& l, moereg::matrix_view<double> gv, moereg::stats_view st = {}) {
+                          const moereg::load_balancing_loss& l, moereg::matrix_view<double> gv,
+                          moereg::stats_view st = {}) {
     const std::vector<double> before(g);
     std::string msg;
     try {
@@ -301,8 +306,10 @@ TEST_CASE("load balancing rejects bad input with a named error and writes nothin
   expect_error(in, "probs has a negative size", loss, gv);
   const double st[3] = {1, 2, 3};
   expect_error(c.inputs(), "reduced statistics have 3 entries", loss, gv, {st, 3});
-  expect_error(c.inputs(), "not a multiple of seq_len", moereg::load_balancing_loss{{1, moereg::lb_scope::sequence, 4}}, gv);
-  expect_error(c.inputs(), "needs seq_len > 0 or cu_seqlens", moereg::load_balancing_loss{{1, moereg::lb_scope::sequence}}, gv);
+  expect_error(c.inputs(), "not a multiple of seq_len", moereg::load_balancing_loss{{1, moereg::lb_scope::sequence, 4}},
+               gv);
+  expect_error(c.inputs(), "needs seq_len > 0 or cu_seqlens",
+               moereg::load_balancing_loss{{1, moereg::lb_scope::sequence}}, gv);
   const std::int64_t bad_cu[3] = {0, 4, 3};
   in = c.inputs();
   in.cu_seqlens = moereg::offsets_view(bad_cu, 3);

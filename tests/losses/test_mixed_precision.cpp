@@ -144,9 +144,15 @@ TEMPLATE_LIST_TEST_CASE("mixed precision: router losses on the row engine", "[mi
       return g == nullptr ? loss.value(in) : loss.value_and_grad(in, grad(g), o);
     });
   };
-  SECTION("z_loss") { run(moereg::z_loss{{0.6}}, moereg::z_loss_inputs<T>{zv, m}); }
-  SECTION("entropy") { run(moereg::entropy_loss{}, moereg::entropy_inputs<T>{pv, m}); }
-  SECTION("importance") { run(moereg::importance_loss{}, moereg::importance_inputs<T>{pv, m}); }
+  SECTION("z_loss") {
+    run(moereg::z_loss{{0.6}}, moereg::z_loss_inputs<T>{zv, m});
+  }
+  SECTION("entropy") {
+    run(moereg::entropy_loss{}, moereg::entropy_inputs<T>{pv, m});
+  }
+  SECTION("importance") {
+    run(moereg::importance_loss{}, moereg::importance_inputs<T>{pv, m});
+  }
   SECTION("variance, both axes") {
     moereg::variance_loss v{};
     run(v, moereg::variance_inputs<T>{pv, m});
@@ -205,7 +211,7 @@ TEMPLATE_LIST_TEST_CASE("mixed precision: fused router losses, one gradient shar
     using S = std::remove_pointer_t<decltype(g)>;
     const auto in = std::tie(lb_in, ent_in, var_in);
     if (g == nullptr) return f.value(in)[0];
-    const moereg::matrix_view<S> gv(g, d.T, d.E);  // every loss adds into the same view
+    const moereg::matrix_view<S> gv(g, d.T, d.E);                    // every loss adds into the same view
     return f.value_and_grad(in, std::make_tuple(gv, gv, gv), o)[0];  // the others are checked below
   });
   // every value of the fused call is the same-type call's

@@ -333,7 +333,8 @@ TEST_CASE("fuse: reduced statistics per loss, and any thread count, as the separ
   const std::size_t n = static_cast<std::size_t>(T * E);
   std::vector<double> a(n), z(n), s(n);
   const auto mv = [&](std::vector<double>& g) { return moereg::matrix_view<double>(g.data(), T, E); };
-  const std::array<double, 3> sep{lbg.value_and_grad(lb_in, mv(a), {}, red[0]), zl.value_and_grad(z_in, mv(z), {}, red[1]),
+  const std::array<double, 3> sep{lbg.value_and_grad(lb_in, mv(a), {}, red[0]),
+                                  zl.value_and_grad(z_in, mv(z), {}, red[1]),
                                   var.value_and_grad(var_in, mv(s), {}, red[2])};
   for (const int threads : {1, 2, 3}) {
     CAPTURE(threads);
@@ -371,8 +372,8 @@ TEST_CASE("fuse: bad input throws before anything is written", "[row_engine][fus
   // One loss's own checks (a top-k id out of range) stop the whole call.
   std::vector<long long> bad = b.I;
   bad[3] = E;
-  const moereg::load_balancing_inputs<double> lb_bad{P, {reinterpret_cast<const std::int64_t*>(bad.data()), T, b.k},
-                                                     b.mask()};
+  const moereg::load_balancing_inputs<double> lb_bad{
+      P, {reinterpret_cast<const std::int64_t*>(bad.data()), T, b.k}, b.mask()};
   CHECK_THROWS_WITH(moereg::fuse(zl, lb).value_and_grad(std::tie(z_in, lb_bad), std::make_tuple(G2, G1)),
                     Catch::Contains("load_balancing"));
   // A non-finite coefficient, named by its loss.

@@ -51,7 +51,9 @@ struct call1 {
   call1(const call1&) = delete;  // views point into the buffers
   call1(call1&&) noexcept = default;
   std::size_t off(long long t, long long e) const {
-    return static_cast<std::size_t>(lay == layout::padded ? t * (E + 2) + e : lay == layout::col_major ? e * T + t : t * E + e);
+    return static_cast<std::size_t>(lay == layout::padded      ? t * (E + 2) + e
+                                    : lay == layout::col_major ? e * T + t
+                                                               : t * E + e);
   }
   template <class U>
   moereg::matrix_view<U> view(U* d) const {
@@ -102,13 +104,15 @@ vec topk_scores(moereg_test::rng& r, long long T, long long E, long long k) {
   return s;
 }
 
-double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
+double rel(double a, double b) {
+  return std::abs(a - b) / std::max(std::abs(b), 1e-300);
+}
 
 const variance_axis axes[] = {variance_axis::tokens, variance_axis::experts};
 const variance_reduction reductions[] = {variance_reduction::mean, variance_reduction::sum};
 
-moereg_ref::result reference(const vec& S, const mask_t& mask, long long T, long long E, double gamma,
-                             variance_axis a, variance_reduction red) {
+moereg_ref::result reference(const vec& S, const mask_t& mask, long long T, long long E, double gamma, variance_axis a,
+                             variance_reduction red) {
   return moereg_ref::variance(S, moereg_test::to_int_mask(mask), T, E, gamma,
                               a == variance_axis::tokens ? "tokens" : "experts", red == variance_reduction::sum);
 }
@@ -121,21 +125,25 @@ TEST_CASE("variance matches the reference in double", "[variance]") {
     bool mask, sparse;
     layout lay;
   };
-  const std::vector<shape> shapes = {{37, 6, true, true, layout::row_major},  {300, 8, true, false, layout::padded},
-                                     {513, 5, false, true, layout::col_major}, {40, 2, true, false, layout::row_major},
+  const std::vector<shape> shapes = {{37, 6, true, true, layout::row_major},
+                                     {300, 8, true, false, layout::padded},
+                                     {513, 5, false, true, layout::col_major},
+                                     {40, 2, true, false, layout::row_major},
                                      {1, 4, false, false, layout::row_major}};
   std::uint64_t seed = 21;
   for (const auto& sh : shapes)
     for (auto a : axes)
       for (auto red : reductions) {
         moereg_test::rng r(seed++);
-        const vec S = sh.sparse ? topk_scores(r, sh.T, sh.E, 2) : moereg_test::random_normal(r, static_cast<std::size_t>(sh.T * sh.E));
+        const vec S = sh.sparse ? topk_scores(r, sh.T, sh.E, 2)
+                                : moereg_test::random_normal(r, static_cast<std::size_t>(sh.T * sh.E));
         const mask_t mask = sh.mask ? moereg_test::random_mask(r, sh.T) : mask_t{};
         const auto ref = reference(S, mask, sh.T, sh.E, 0.43, a, red);
         call1<double> c(S, mask, sh.T, sh.E, sh.lay);
         const moereg::variance_loss loss{{0.43, a, red}};
         const double v = c.checked(loss);
-        INFO("T " << sh.T << " E " << sh.E << " axis " << static_cast<int>(a) << " reduction " << static_cast<int>(red));
+        INFO("T " << sh.T << " E " << sh.E << " axis " << static_cast<int>(a) << " reduction "
+                  << static_cast<int>(red));
         CHECK(rel(v, ref.value) < 1e-12);
         CHECK(moereg_test::rel_diff(c.grad(), ref.grad) < 1e-12);
         CHECK(rel(loss.value(c.in()), ref.value) < 1e-12);

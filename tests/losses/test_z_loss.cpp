@@ -18,7 +18,8 @@ using moereg::index_t;
 using namespace moereg_test;
 
 namespace {
-moereg::z_loss_inputs<double> zin(const std::vector<double>& Z, const std::vector<std::uint8_t>& m, long long T, long long E) {
+moereg::z_loss_inputs<double> zin(const std::vector<double>& Z, const std::vector<std::uint8_t>& m, long long T,
+                                  long long E) {
   return {{Z.data(), T, E}, m.empty() ? moereg::mask_view{} : moereg::mask_view(m.data(), T)};
 }
 }  // namespace
@@ -38,7 +39,9 @@ TEST_CASE("z-loss agrees with the naive reference and finite differences", "[z_l
     CHECK(v == Approx(ref.value).epsilon(1e-12));
     CHECK(rel_diff(g, ref.grad) < 1e-12);
     if (T * E <= 700) {
-      auto f = [&](const double* z) { return loss.value(moereg::z_loss_inputs<double>{{z, T, E}, zin(Z, m, T, E).mask}); };
+      auto f = [&](const double* z) {
+        return loss.value(moereg::z_loss_inputs<double>{{z, T, E}, zin(Z, m, T, E).mask});
+      };
       const auto rep = moereg::testing::gradcheck(f, Z, g);
       INFO(rep.summary());
       CHECK(rep.ok);
@@ -46,7 +49,8 @@ TEST_CASE("z-loss agrees with the naive reference and finite differences", "[z_l
   }
 }
 
-TEMPLATE_TEST_CASE("z-loss stays finite for logits of magnitude 1e4", "[z_loss][edge]", float, double, moereg::bfloat16) {
+TEMPLATE_TEST_CASE("z-loss stays finite for logits of magnitude 1e4", "[z_loss][edge]", float, double,
+                   moereg::bfloat16) {
   const long long T = 4, E = 3;
   const double vals[T * E] = {1e4, -1e4, 0, -1e4, -1e4, -1e4, 1e4, 1e4, 1e4, 3, -1e4, 1e4};
   std::vector<TestType> Z(T * E);
@@ -82,7 +86,8 @@ TEST_CASE("z-loss: statistics split, grad_scale, accumulate, padding", "[z_loss]
   const long long cuts[4] = {0, 1, 31, 50};
   double tot = 0, v_sum = 0;
   for (int p = 0; p < 3; ++p) {
-    const moereg::z_loss_inputs<double> in{{Z.data() + cuts[p] * E, cuts[p + 1] - cuts[p], E}, {m.data() + cuts[p], cuts[p + 1] - cuts[p]}};
+    const moereg::z_loss_inputs<double> in{{Z.data() + cuts[p] * E, cuts[p + 1] - cuts[p], E},
+                                           {m.data() + cuts[p], cuts[p + 1] - cuts[p]}};
     tot += loss.local_stats(in)[0];
   }
   for (int p = 0; p < 3; ++p) {
@@ -133,10 +138,12 @@ TEST_CASE("z-loss rejects bad input and writes nothing", "[z_loss][errors]") {
   CHECK_THROWS_WITH(loss.value_and_grad(moereg::z_loss_inputs<double>{{Z.data(), 4, 3}, {m.data(), 5}},
                                         moereg::matrix_view<double>(g.data(), 4, 3)),
                     Catch::Contains("mask has 5 entries but there are T = 4"));
-  CHECK_THROWS_WITH(loss.value_and_grad(moereg::z_loss_inputs<double>{{Z.data(), 4, 3}}, moereg::matrix_view<double>(g.data(), 3, 4)),
-                    Catch::Contains("grad_logits is [3, 4] but its input is [4, 3]"));
+  CHECK_THROWS_WITH(
+      loss.value_and_grad(moereg::z_loss_inputs<double>{{Z.data(), 4, 3}}, moereg::matrix_view<double>(g.data(), 3, 4)),
+      Catch::Contains("grad_logits is [3, 4] but its input is [4, 3]"));
   const double two[2] = {1, 1};
-  CHECK_THROWS_WITH(loss.value_and_grad(moereg::z_loss_inputs<double>{{Z.data(), 4, 3}}, moereg::matrix_view<double>(g.data(), 4, 3), {}, {two, 2}),
+  CHECK_THROWS_WITH(loss.value_and_grad(moereg::z_loss_inputs<double>{{Z.data(), 4, 3}},
+                                        moereg::matrix_view<double>(g.data(), 4, 3), {}, {two, 2}),
                     Catch::Contains("reduced statistics have 2 entries"));
   for (double x : g) CHECK(std::isnan(x));
 }

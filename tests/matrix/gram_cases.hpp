@@ -31,8 +31,13 @@ struct act_case {
 
 inline act_case make(std::uint64_t seed, long long T, long long k, long long d) {
   moereg_test::rng r(seed);
-  act_case c{T, k, d, moereg_test::random_normal(r, static_cast<std::size_t>(T * k * d)),
-             moereg_test::random_topk(r, T, k + 3, k, 0.2), {}, {}};
+  act_case c{T,
+             k,
+             d,
+             moereg_test::random_normal(r, static_cast<std::size_t>(T * k * d)),
+             moereg_test::random_topk(r, T, k + 3, k, 0.2),
+             {},
+             {}};
   // A few vectors below the norm clamp, so the derivative with a constant norm is exercised.
   for (long long t = 0; t < T; t += 7)
     for (long long i = 0; i < d; ++i) c.H[static_cast<std::size_t>((t * k) * d + i)] *= 1e-9;
@@ -45,10 +50,14 @@ enum class which { sp_sum, sp_mean, orth_pairwise, orth_subspace };
 
 inline const char* name(which w) {
   switch (w) {
-    case which::sp_sum: return "specialization, pairs sum";
-    case which::sp_mean: return "specialization, pairs mean";
-    case which::orth_pairwise: return "orthogonality, pairwise";
-    default: return "orthogonality, subspace";
+    case which::sp_sum:
+      return "specialization, pairs sum";
+    case which::sp_mean:
+      return "specialization, pairs mean";
+    case which::orth_pairwise:
+      return "orthogonality, pairwise";
+    default:
+      return "orthogonality, subspace";
   }
 }
 
@@ -68,8 +77,8 @@ inline moereg_ref::result reference(which w, const act_case& c, const std::vecto
 
 // Runs loss w in any layout: x and g are views of one policy type.
 template <class T, class Layout>
-double run(which w, const act_case& c, moereg::activation_view<const T, Layout> x,
-           moereg::activation_view<T, Layout> g, double eps) {
+double run(which w, const act_case& c, moereg::activation_view<const T, Layout> x, moereg::activation_view<T, Layout> g,
+           double eps) {
   const moereg::topk_view I(c.ids.data(), c.T, c.k);
   const moereg::mask_view m(c.mask.data(), c.T);
   if (w == which::sp_sum || w == which::sp_mean) {
@@ -118,7 +127,8 @@ void check_layouts(const act_case& c, which w) {
     std::vector<std::pair<long long, long long>> order;  // (expert, t * k + s)
     for (long long t = 0; t < T_; ++t)
       for (long long s = 0; s < k; ++s)
-        if (c.I[static_cast<std::size_t>(t * k + s)] >= 0) order.emplace_back(c.I[static_cast<std::size_t>(t * k + s)], t * k + s);
+        if (c.I[static_cast<std::size_t>(t * k + s)] >= 0)
+          order.emplace_back(c.I[static_cast<std::size_t>(t * k + s)], t * k + s);
     std::sort(order.begin(), order.end());
     const long long rows = static_cast<long long>(order.size()) + 2;
     std::vector<std::int64_t> row_of(static_cast<std::size_t>(T_ * k), -1);
@@ -126,7 +136,8 @@ void check_layouts(const act_case& c, which w) {
     for (std::size_t r = 0; r < order.size(); ++r) {
       const long long ts = order[r].second, row = static_cast<long long>(r) + (r >= order.size() / 2 ? 1 : 0);
       row_of[static_cast<std::size_t>(ts)] = row;
-      for (long long i = 0; i < d; ++i) Hg[static_cast<std::size_t>(row * d + i)] = H[static_cast<std::size_t>(ts * d + i)];
+      for (long long i = 0; i < d; ++i)
+        Hg[static_cast<std::size_t>(row * d + i)] = H[static_cast<std::size_t>(ts * d + i)];
     }
     const moereg::topk_view map(row_of.data(), T_, k);
     const moereg::expert_grouped L(map, rows, d);
@@ -139,11 +150,13 @@ void check_layouts(const act_case& c, which w) {
       const long long row = row_of[static_cast<std::size_t>(ts)];
       if (row < 0) continue;
       mapped[static_cast<std::size_t>(row)] = true;
-      for (long long i = 0; i < d; ++i) g[static_cast<std::size_t>(ts * d + i)] = gg[static_cast<std::size_t>(row * d + i)];
+      for (long long i = 0; i < d; ++i)
+        g[static_cast<std::size_t>(ts * d + i)] = gg[static_cast<std::size_t>(row * d + i)];
     }
     for (long long row = 0; row < rows; ++row)
       if (!mapped[static_cast<std::size_t>(row)])
-        for (long long i = 0; i < d; ++i) REQUIRE(std::isnan(static_cast<double>(moereg::load(gg[static_cast<std::size_t>(row * d + i)]))));
+        for (long long i = 0; i < d; ++i)
+          REQUIRE(std::isnan(static_cast<double>(moereg::load(gg[static_cast<std::size_t>(row * d + i)]))));
     compare(v, g, want.value, want.grad);
   }
 }
@@ -154,7 +167,9 @@ void check_gram_losses() {
   for (long long k = 1; k <= 9; ++k) {
     const act_case c = make(static_cast<std::uint64_t>(100 + k), 40, k, k % 2 ? 33 : 16);
     for (which w : {which::sp_sum, which::sp_mean, which::orth_pairwise, which::orth_subspace}) {
-      DYNAMIC_SECTION("k = " << k << ", " << name(w)) { check_layouts<T>(c, w); }
+      DYNAMIC_SECTION("k = " << k << ", " << name(w)) {
+        check_layouts<T>(c, w);
+      }
     }
   }
 }

@@ -2,6 +2,10 @@
 #include "matrix/gram_cases.hpp"
 
 TEST_CASE("matrix: Gram-based losses against the reference, bfloat16 and half", "[matrix][gram]") {
-  SECTION("bfloat16") { moereg_matrix::check_gram_losses<moereg::bfloat16>(); }
-  SECTION("half") { moereg_matrix::check_gram_losses<moereg::half>(); }
+  SECTION("bfloat16") {
+    moereg_matrix::check_gram_losses<moereg::bfloat16>();
+  }
+  SECTION("half") {
+    moereg_matrix::check_gram_losses<moereg::half>();
+  }
 }

@@ -74,8 +74,8 @@ void check_router(const router_case& c) {
     moereg::load_balancing_loss lb{};
     lb.cfg.scope = moereg::lb_scope::sequence;
     auto g = nan_buffer<T>(n);
-    const double v = lb.value_and_grad(moereg::load_balancing_inputs<T>{Pv, I, m, moereg::offsets_view(cu.data(), 2)},
-                                       grad_view(g));
+    const double v =
+        lb.value_and_grad(moereg::load_balancing_inputs<T>{Pv, I, m, moereg::offsets_view(cu.data(), 2)}, grad_view(g));
     const auto want = moereg_ref::load_balancing_seq(Pd, c.I, mk, T_, E, c.k, lb.cfg.coef, {0, T_});
     compare(v, g, want.value, want.grad);
   }
@@ -137,7 +137,9 @@ void check_router(const router_case& c) {
       std::vector<moereg::matrix_view<T>> gv;
       for (auto& g : gs) gv.push_back(grad_view(g));
       const double v = cp.value_and_grad(moereg::coupling_inputs<T>{pv.data(), tv.data(), 3, m}, gv.data());
-      const char* fname = form == moereg::coupling_form::token ? "token" : form == moereg::coupling_form::log ? "log" : "batch";
+      const char* fname = form == moereg::coupling_form::token ? "token"
+                          : form == moereg::coupling_form::log ? "log"
+                                                               : "batch";
       const auto want = moereg_ref::coupling(Pds, Is, {c.k, c.k, c.k}, mk, T_, E, cp.cfg.coef, fname, cp.cfg.eps);
       INFO("form " << fname);
       for (int l = 0; l < 3; ++l)
@@ -159,9 +161,15 @@ TEST_CASE("matrix: router losses against the reference", "[matrix][router]") {
   for (const auto& s : shapes) {
     const router_case c = make(static_cast<std::uint64_t>(s[0] * 1000 + s[1]), s[0], s[1], s[2]);
     DYNAMIC_SECTION("T = " << s[0] << ", E = " << s[1] << ", k = " << s[2]) {
-      SECTION("double") { check_router<double>(c); }
-      SECTION("float") { check_router<float>(c); }
-      SECTION("bfloat16") { check_router<moereg::bfloat16>(c); }
+      SECTION("double") {
+        check_router<double>(c);
+      }
+      SECTION("float") {
+        check_router<float>(c);
+      }
+      SECTION("bfloat16") {
+        check_router<moereg::bfloat16>(c);
+      }
     }
   }
 }

@@ -34,115 +34,117 @@
 namespace moereg_ref {
 
 struct result {
-    double value = 0.0;
-    std::vector<double> grad;
+  double value = 0.0;
+  std::vector<double> grad;
 };
 
 namespace detail {
 
-inline std::size_t uz(long long v) { return static_cast<std::size_t>(v); }
+inline std::size_t uz(long long v) {
+  return static_cast<std::size_t>(v);
+}
 
 inline void require(bool cond, const std::string& msg) {
-    if (!cond) throw std::invalid_argument("moereg_ref: " + msg);
+  if (!cond) throw std::invalid_argument("moereg_ref: " + msg);
 }
 
 inline void check_mask(const std::vector<int>& mask, long long T) {
-    require(mask.empty() || mask.size() == uz(T), "mask must be empty or have length T");
+  require(mask.empty() || mask.size() == uz(T), "mask must be empty or have length T");
 }
 
 // m_t in {0, 1}
 inline double m(const std::vector<int>& mask, long long t) {
-    return (mask.empty() || mask[uz(t)] != 0) ? 1.0 : 0.0;
+  return (mask.empty() || mask[uz(t)] != 0) ? 1.0 : 0.0;
 }
 
 // T_v = sum_t m_t
 inline double valid_tokens(const std::vector<int>& mask, long long T) {
-    double tv = 0.0;
-    for (long long t = 0; t < T; ++t) tv += m(mask, t);
-    return tv;
+  double tv = 0.0;
+  for (long long t = 0; t < T; ++t) tv += m(mask, t);
+  return tv;
 }
 
 // I has T*k entries, each either < 0 (dropped) or in [0, E), distinct within a row.
 inline void check_topk(const std::vector<long long>& I, long long T, long long k, long long E) {
-    require(k >= 1 && k <= E, "k must satisfy 1 <= k <= E");
-    require(I.size() == uz(T * k), "top-k indices must have T*k entries");
-    for (long long t = 0; t < T; ++t) {
-        for (long long s = 0; s < k; ++s) {
-            const long long e = I[uz(t * k + s)];
-            require(e < E, "top-k index out of range [0, E)");
-            if (e < 0) continue;
-            for (long long r = 0; r < s; ++r)
-                require(I[uz(t * k + r)] != e, "top-k indices must be distinct within a row");
-        }
+  require(k >= 1 && k <= E, "k must satisfy 1 <= k <= E");
+  require(I.size() == uz(T * k), "top-k indices must have T*k entries");
+  for (long long t = 0; t < T; ++t) {
+    for (long long s = 0; s < k; ++s) {
+      const long long e = I[uz(t * k + s)];
+      require(e < E, "top-k index out of range [0, E)");
+      if (e < 0) continue;
+      for (long long r = 0; r < s; ++r) require(I[uz(t * k + r)] != e, "top-k indices must be distinct within a row");
     }
+  }
 }
 
 // A_t: the valid slots of token t.
 inline std::vector<long long> valid_slots(const std::vector<long long>& I, long long t, long long k) {
-    std::vector<long long> a;
-    for (long long s = 0; s < k; ++s)
-        if (I[uz(t * k + s)] >= 0) a.push_back(s);
-    return a;
+  std::vector<long long> a;
+  for (long long s = 0; s < k; ++s)
+    if (I[uz(t * k + s)] >= 0) a.push_back(s);
+  return a;
 }
 
 inline double dot(const double* a, const double* b, long long d) {
-    double acc = 0.0;
-    for (long long i = 0; i < d; ++i) acc += a[i] * b[i];
-    return acc;
+  double acc = 0.0;
+  for (long long i = 0; i < d; ++i) acc += a[i] * b[i];
+  return acc;
 }
 
 // Solves (A) x = rhs for a small symmetric positive definite n x n matrix A
 // (row-major) with a hand-written Cholesky factorisation A = L L^T.
-inline std::vector<double> cholesky_solve(const std::vector<double>& A, const std::vector<double>& rhs,
-                                          std::size_t n) {
-    std::vector<double> L(n * n, 0.0);
-    for (std::size_t i = 0; i < n; ++i) {
-        for (std::size_t j = 0; j <= i; ++j) {
-            double s = A[i * n + j];
-            for (std::size_t p = 0; p < j; ++p) s -= L[i * n + p] * L[j * n + p];
-            if (i == j) {
-                if (!(s > 0.0)) throw std::runtime_error("moereg_ref: matrix not positive definite");
-                L[i * n + i] = std::sqrt(s);
-            } else {
-                L[i * n + j] = s / L[j * n + j];
-            }
-        }
+inline std::vector<double> cholesky_solve(const std::vector<double>& A, const std::vector<double>& rhs, std::size_t n) {
+  std::vector<double> L(n * n, 0.0);
+  for (std::size_t i = 0; i < n; ++i) {
+    for (std::size_t j = 0; j <= i; ++j) {
+      double s = A[i * n + j];
+      for (std::size_t p = 0; p < j; ++p) s -= L[i * n + p] * L[j * n + p];
+      if (i == j) {
+        if (!(s > 0.0)) throw std::runtime_error("moereg_ref: matrix not positive definite");
+        L[i * n + i] = std::sqrt(s);
+      } else {
+        L[i * n + j] = s / L[j * n + j];
+      }
     }
-    std::vector<double> y(n, 0.0), x(n, 0.0);
-    for (std::size_t i = 0; i < n; ++i) {  // L y = rhs
-        double s = rhs[i];
-        for (std::size_t p = 0; p < i; ++p) s -= L[i * n + p] * y[p];
-        y[i] = s / L[i * n + i];
-    }
-    for (std::size_t i = n; i-- > 0;) {  // L^T x = y
-        double s = y[i];
-        for (std::size_t p = i + 1; p < n; ++p) s -= L[p * n + i] * x[p];
-        x[i] = s / L[i * n + i];
-    }
-    return x;
+  }
+  std::vector<double> y(n, 0.0), x(n, 0.0);
+  for (std::size_t i = 0; i < n; ++i) {  // L y = rhs
+    double s = rhs[i];
+    for (std::size_t p = 0; p < i; ++p) s -= L[i * n + p] * y[p];
+    y[i] = s / L[i * n + i];
+  }
+  for (std::size_t i = n; i-- > 0;) {  // L^T x = y
+    double s = y[i];
+    for (std::size_t p = i + 1; p < n; ++p) s -= L[p * n + i] * x[p];
+    x[i] = s / L[i * n + i];
+  }
+  return x;
 }
 
 // -p log max(p, tiny) and its derivative (max(p, tiny) is constant where p <= tiny).
 constexpr double entropy_tiny = 1e-30;
-inline double neg_plogp(double p) { return -p * std::log(std::max(p, entropy_tiny)); }
+inline double neg_plogp(double p) {
+  return -p * std::log(std::max(p, entropy_tiny));
+}
 inline double neg_plogp_grad(double p) {
-    return p > entropy_tiny ? -(std::log(p) + 1.0) : -std::log(entropy_tiny);
+  return p > entropy_tiny ? -(std::log(p) + 1.0) : -std::log(entropy_tiny);
 }
 
 // Indices of the n largest entries of row[0..E), ties to the lower index.
 inline std::vector<long long> topn_lower_index(const double* row, long long E, long long n) {
-    std::vector<char> taken(uz(E), 0);
-    std::vector<long long> out;
-    for (long long c = 0; c < n; ++c) {
-        long long best = -1;
-        for (long long e = 0; e < E; ++e) {
-            if (taken[uz(e)]) continue;
-            if (best < 0 || row[e] > row[best]) best = e;  // strict >: earlier index wins ties
-        }
-        taken[uz(best)] = 1;
-        out.push_back(best);
+  std::vector<char> taken(uz(E), 0);
+  std::vector<long long> out;
+  for (long long c = 0; c < n; ++c) {
+    long long best = -1;
+    for (long long e = 0; e < E; ++e) {
+      if (taken[uz(e)]) continue;
+      if (best < 0 || row[e] > row[best]) best = e;  // strict >: earlier index wins ties
     }
-    return out;
+    taken[uz(best)] = 1;
+    out.push_back(best);
+  }
+  return out;
 }
 
 }  // namespace detail
@@ -155,37 +157,36 @@ inline std::vector<long long> topn_lower_index(const double* row, long long E, l
 //   dL/dP[t,e] = alpha * E * f_e * m_t / T_v
 // ---------------------------------------------------------------------------
 inline result load_balancing(const std::vector<double>& P, const std::vector<long long>& I,
-                             const std::vector<int>& mask, long long T, long long E, long long k,
-                             double alpha) {
-    using namespace detail;
-    require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
-    require(P.size() == uz(T * E), "P must have T*E entries");
-    check_topk(I, T, k, E);
-    check_mask(mask, T);
-    result r;
-    r.grad.assign(P.size(), 0.0);
-    const double tv = valid_tokens(mask, T);
-    if (tv == 0.0) return r;
+                             const std::vector<int>& mask, long long T, long long E, long long k, double alpha) {
+  using namespace detail;
+  require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
+  require(P.size() == uz(T * E), "P must have T*E entries");
+  check_topk(I, T, k, E);
+  check_mask(mask, T);
+  result r;
+  r.grad.assign(P.size(), 0.0);
+  const double tv = valid_tokens(mask, T);
+  if (tv == 0.0) return r;
 
-    std::vector<double> f(uz(E), 0.0), pbar(uz(E), 0.0);
-    for (long long t = 0; t < T; ++t) {
-        for (long long s = 0; s < k; ++s) {
-            const long long e = I[uz(t * k + s)];
-            if (e >= 0) f[uz(e)] += m(mask, t);
-        }
-        for (long long e = 0; e < E; ++e) pbar[uz(e)] += m(mask, t) * P[uz(t * E + e)];
+  std::vector<double> f(uz(E), 0.0), pbar(uz(E), 0.0);
+  for (long long t = 0; t < T; ++t) {
+    for (long long s = 0; s < k; ++s) {
+      const long long e = I[uz(t * k + s)];
+      if (e >= 0) f[uz(e)] += m(mask, t);
     }
-    for (long long e = 0; e < E; ++e) {
-        f[uz(e)] /= static_cast<double>(k) * tv;
-        pbar[uz(e)] /= tv;
-    }
-    double sum = 0.0;
-    for (long long e = 0; e < E; ++e) sum += f[uz(e)] * pbar[uz(e)];
-    r.value = alpha * static_cast<double>(E) * sum;
-    for (long long t = 0; t < T; ++t)
-        for (long long e = 0; e < E; ++e)
-            r.grad[uz(t * E + e)] = alpha * static_cast<double>(E) * f[uz(e)] * m(mask, t) / tv;
-    return r;
+    for (long long e = 0; e < E; ++e) pbar[uz(e)] += m(mask, t) * P[uz(t * E + e)];
+  }
+  for (long long e = 0; e < E; ++e) {
+    f[uz(e)] /= static_cast<double>(k) * tv;
+    pbar[uz(e)] /= tv;
+  }
+  double sum = 0.0;
+  for (long long e = 0; e < E; ++e) sum += f[uz(e)] * pbar[uz(e)];
+  r.value = alpha * static_cast<double>(E) * sum;
+  for (long long t = 0; t < T; ++t)
+    for (long long e = 0; e < E; ++e)
+      r.grad[uz(t * E + e)] = alpha * static_cast<double>(E) * f[uz(e)] * m(mask, t) / tv;
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -198,49 +199,48 @@ inline result load_balancing(const std::vector<double>& P, const std::vector<lon
 //   A fixed sequence length S is the offsets 0, S, 2S, ..., T.
 // ---------------------------------------------------------------------------
 inline result load_balancing_seq(const std::vector<double>& P, const std::vector<long long>& I,
-                                 const std::vector<int>& mask, long long T, long long E, long long k,
-                                 double alpha, const std::vector<long long>& cu_seqlens) {
-    using namespace detail;
-    require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
-    require(P.size() == uz(T * E), "P must have T*E entries");
-    check_topk(I, T, k, E);
-    check_mask(mask, T);
-    require(!cu_seqlens.empty() && cu_seqlens.front() == 0 && cu_seqlens.back() == T,
-            "cu_seqlens must start at 0 and end at T");
-    for (std::size_t b = 0; b + 1 < cu_seqlens.size(); ++b)
-        require(cu_seqlens[b] <= cu_seqlens[b + 1], "cu_seqlens must be non-decreasing");
+                                 const std::vector<int>& mask, long long T, long long E, long long k, double alpha,
+                                 const std::vector<long long>& cu_seqlens) {
+  using namespace detail;
+  require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
+  require(P.size() == uz(T * E), "P must have T*E entries");
+  check_topk(I, T, k, E);
+  check_mask(mask, T);
+  require(!cu_seqlens.empty() && cu_seqlens.front() == 0 && cu_seqlens.back() == T,
+          "cu_seqlens must start at 0 and end at T");
+  for (std::size_t b = 0; b + 1 < cu_seqlens.size(); ++b)
+    require(cu_seqlens[b] <= cu_seqlens[b + 1], "cu_seqlens must be non-decreasing");
 
-    result r;
-    r.grad.assign(P.size(), 0.0);
-    const long long B = static_cast<long long>(cu_seqlens.size()) - 1;
-    if (B == 0 || valid_tokens(mask, T) == 0.0) return r;
+  result r;
+  r.grad.assign(P.size(), 0.0);
+  const long long B = static_cast<long long>(cu_seqlens.size()) - 1;
+  if (B == 0 || valid_tokens(mask, T) == 0.0) return r;
 
-    for (long long b = 0; b < B; ++b) {
-        const long long t0 = cu_seqlens[uz(b)], t1 = cu_seqlens[uz(b + 1)];
-        double tv = 0.0;
-        for (long long t = t0; t < t1; ++t) tv += m(mask, t);
-        if (tv == 0.0) continue;
-        std::vector<double> f(uz(E), 0.0), pbar(uz(E), 0.0);
-        for (long long t = t0; t < t1; ++t) {
-            for (long long s = 0; s < k; ++s) {
-                const long long e = I[uz(t * k + s)];
-                if (e >= 0) f[uz(e)] += m(mask, t);
-            }
-            for (long long e = 0; e < E; ++e) pbar[uz(e)] += m(mask, t) * P[uz(t * E + e)];
-        }
-        double sum = 0.0;
-        for (long long e = 0; e < E; ++e) {
-            f[uz(e)] /= static_cast<double>(k) * tv;
-            pbar[uz(e)] /= tv;
-            sum += f[uz(e)] * pbar[uz(e)];
-        }
-        r.value += alpha * static_cast<double>(E) * sum / static_cast<double>(B);
-        for (long long t = t0; t < t1; ++t)
-            for (long long e = 0; e < E; ++e)
-                r.grad[uz(t * E + e)] =
-                    alpha * static_cast<double>(E) * f[uz(e)] * m(mask, t) / tv / static_cast<double>(B);
+  for (long long b = 0; b < B; ++b) {
+    const long long t0 = cu_seqlens[uz(b)], t1 = cu_seqlens[uz(b + 1)];
+    double tv = 0.0;
+    for (long long t = t0; t < t1; ++t) tv += m(mask, t);
+    if (tv == 0.0) continue;
+    std::vector<double> f(uz(E), 0.0), pbar(uz(E), 0.0);
+    for (long long t = t0; t < t1; ++t) {
+      for (long long s = 0; s < k; ++s) {
+        const long long e = I[uz(t * k + s)];
+        if (e >= 0) f[uz(e)] += m(mask, t);
+      }
+      for (long long e = 0; e < E; ++e) pbar[uz(e)] += m(mask, t) * P[uz(t * E + e)];
     }
-    return r;
+    double sum = 0.0;
+    for (long long e = 0; e < E; ++e) {
+      f[uz(e)] /= static_cast<double>(k) * tv;
+      pbar[uz(e)] /= tv;
+      sum += f[uz(e)] * pbar[uz(e)];
+    }
+    r.value += alpha * static_cast<double>(E) * sum / static_cast<double>(B);
+    for (long long t = t0; t < t1; ++t)
+      for (long long e = 0; e < E; ++e)
+        r.grad[uz(t * E + e)] = alpha * static_cast<double>(E) * f[uz(e)] * m(mask, t) / tv / static_cast<double>(B);
+  }
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -251,28 +251,28 @@ inline result load_balancing_seq(const std::vector<double>& P, const std::vector
 // ---------------------------------------------------------------------------
 inline result z_loss(const std::vector<double>& Z, const std::vector<int>& mask, long long T, long long E,
                      double beta) {
-    using namespace detail;
-    require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
-    require(Z.size() == uz(T * E), "Z must have T*E entries");
-    check_mask(mask, T);
-    result r;
-    r.grad.assign(Z.size(), 0.0);
-    const double tv = valid_tokens(mask, T);
-    if (tv == 0.0) return r;
-    for (long long t = 0; t < T; ++t) {
-        if (m(mask, t) == 0.0) continue;
-        double mx = Z[uz(t * E)];
-        for (long long e = 1; e < E; ++e) mx = std::max(mx, Z[uz(t * E + e)]);
-        double se = 0.0;
-        for (long long e = 0; e < E; ++e) se += std::exp(Z[uz(t * E + e)] - mx);
-        const double lse = mx + std::log(se);
-        r.value += beta * lse * lse / tv;
-        for (long long e = 0; e < E; ++e) {
-            const double sm = std::exp(Z[uz(t * E + e)] - mx) / se;
-            r.grad[uz(t * E + e)] = beta * 2.0 / tv * lse * sm;
-        }
+  using namespace detail;
+  require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
+  require(Z.size() == uz(T * E), "Z must have T*E entries");
+  check_mask(mask, T);
+  result r;
+  r.grad.assign(Z.size(), 0.0);
+  const double tv = valid_tokens(mask, T);
+  if (tv == 0.0) return r;
+  for (long long t = 0; t < T; ++t) {
+    if (m(mask, t) == 0.0) continue;
+    double mx = Z[uz(t * E)];
+    for (long long e = 1; e < E; ++e) mx = std::max(mx, Z[uz(t * E + e)]);
+    double se = 0.0;
+    for (long long e = 0; e < E; ++e) se += std::exp(Z[uz(t * E + e)] - mx);
+    const double lse = mx + std::log(se);
+    r.value += beta * lse * lse / tv;
+    for (long long e = 0; e < E; ++e) {
+      const double sm = std::exp(Z[uz(t * E + e)] - mx) / se;
+      r.grad[uz(t * E + e)] = beta * 2.0 / tv * lse * sm;
     }
-    return r;
+  }
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -289,53 +289,53 @@ inline result z_loss(const std::vector<double>& Z, const std::vector<int>& mask,
 inline result specialization(const std::vector<double>& H, const std::vector<long long>& I,
                              const std::vector<int>& mask, long long T, long long k, long long d, double lambda,
                              bool pairs_mean, double eps) {
-    using namespace detail;
-    require(T >= 0 && k >= 1 && d >= 1, "T >= 0, k >= 1, d >= 1 required");
-    require(I.size() == uz(T * k), "top-k indices must have T*k entries");
-    require(H.size() == uz(T * k * d), "H must have T*k*d entries");
-    check_mask(mask, T);
-    result r;
-    r.grad.assign(H.size(), 0.0);
-    const double tv = valid_tokens(mask, T);
-    if (tv == 0.0) return r;
+  using namespace detail;
+  require(T >= 0 && k >= 1 && d >= 1, "T >= 0, k >= 1, d >= 1 required");
+  require(I.size() == uz(T * k), "top-k indices must have T*k entries");
+  require(H.size() == uz(T * k * d), "H must have T*k*d entries");
+  check_mask(mask, T);
+  result r;
+  r.grad.assign(H.size(), 0.0);
+  const double tv = valid_tokens(mask, T);
+  if (tv == 0.0) return r;
 
-    for (long long t = 0; t < T; ++t) {
-        if (m(mask, t) == 0.0) continue;
-        const std::vector<long long> A = valid_slots(I, t, k);
-        const long long na = static_cast<long long>(A.size());
-        if (na < 2) continue;
-        const double w = pairs_mean ? 1.0 / static_cast<double>(na * (na - 1)) : 1.0;
-        const double scale = lambda * w / tv;
+  for (long long t = 0; t < T; ++t) {
+    if (m(mask, t) == 0.0) continue;
+    const std::vector<long long> A = valid_slots(I, t, k);
+    const long long na = static_cast<long long>(A.size());
+    if (na < 2) continue;
+    const double w = pairs_mean ? 1.0 / static_cast<double>(na * (na - 1)) : 1.0;
+    const double scale = lambda * w / tv;
 
-        std::vector<double> nrm(uz(na)), n(uz(na));
-        std::vector<char> active(uz(na));
-        for (long long i = 0; i < na; ++i) {
-            const double* h = &H[uz((t * k + A[uz(i)]) * d)];
-            nrm[uz(i)] = std::sqrt(dot(h, h, d));
-            active[uz(i)] = nrm[uz(i)] >= eps ? 1 : 0;
-            n[uz(i)] = active[uz(i)] ? nrm[uz(i)] : eps;
-        }
-        for (long long i = 0; i < na; ++i) {
-            for (long long j = 0; j < na; ++j) {
-                if (i == j) continue;
-                const std::size_t os = uz((t * k + A[uz(i)]) * d), orr = uz((t * k + A[uz(j)]) * d);
-                const double* hs = &H[os];
-                const double* hr = &H[orr];
-                const double ns = n[uz(i)], nr = n[uz(j)];
-                const double c = dot(hs, hr, d) / (ns * nr);
-                r.value += scale * c * c;
-                for (long long q = 0; q < d; ++q) {
-                    double dcs = hr[q] / (ns * nr);
-                    if (active[uz(i)]) dcs -= c * hs[q] / (ns * ns);
-                    double dcr = hs[q] / (ns * nr);
-                    if (active[uz(j)]) dcr -= c * hr[q] / (nr * nr);
-                    r.grad[os + uz(q)] += scale * 2.0 * c * dcs;
-                    r.grad[orr + uz(q)] += scale * 2.0 * c * dcr;
-                }
-            }
-        }
+    std::vector<double> nrm(uz(na)), n(uz(na));
+    std::vector<char> active(uz(na));
+    for (long long i = 0; i < na; ++i) {
+      const double* h = &H[uz((t * k + A[uz(i)]) * d)];
+      nrm[uz(i)] = std::sqrt(dot(h, h, d));
+      active[uz(i)] = nrm[uz(i)] >= eps ? 1 : 0;
+      n[uz(i)] = active[uz(i)] ? nrm[uz(i)] : eps;
     }
-    return r;
+    for (long long i = 0; i < na; ++i) {
+      for (long long j = 0; j < na; ++j) {
+        if (i == j) continue;
+        const std::size_t os = uz((t * k + A[uz(i)]) * d), orr = uz((t * k + A[uz(j)]) * d);
+        const double* hs = &H[os];
+        const double* hr = &H[orr];
+        const double ns = n[uz(i)], nr = n[uz(j)];
+        const double c = dot(hs, hr, d) / (ns * nr);
+        r.value += scale * c * c;
+        for (long long q = 0; q < d; ++q) {
+          double dcs = hr[q] / (ns * nr);
+          if (active[uz(i)]) dcs -= c * hs[q] / (ns * ns);
+          double dcr = hs[q] / (ns * nr);
+          if (active[uz(j)]) dcr -= c * hr[q] / (nr * nr);
+          r.grad[os + uz(q)] += scale * 2.0 * c * dcs;
+          r.grad[orr + uz(q)] += scale * 2.0 * c * dcr;
+        }
+      }
+    }
+  }
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -354,84 +354,86 @@ inline result specialization(const std::vector<double>& H, const std::vector<lon
 //          dL/dP^{l+1}[t,nu] += -lambda m_t/T_v sum_{e: nu in sel_l(e)} P^l[t,e]
 // Fewer than 2 layers: value 0 and zero gradients (the sum over l is empty).
 // ---------------------------------------------------------------------------
-inline std::pair<double, std::vector<std::vector<double>>> coupling(
-    const std::vector<std::vector<double>>& P, const std::vector<std::vector<long long>>& I,
-    const std::vector<long long>& k, const std::vector<int>& mask, long long T, long long E, double lambda,
-    const std::string& form, double eps) {
-    using namespace detail;
-    require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
-    require(form == "token" || form == "log" || form == "batch", "form must be token, log or batch");
-    const std::size_t L = P.size();
-    require(I.size() == L && k.size() == L, "P, I and k must have one entry per layer");
-    for (std::size_t l = 0; l < L; ++l) {
-        require(P[l].size() == uz(T * E), "each P^l must have T*E entries");
-        check_topk(I[l], T, k[l], E);
-    }
-    check_mask(mask, T);
+inline std::pair<double, std::vector<std::vector<double>>> coupling(const std::vector<std::vector<double>>& P,
+                                                                    const std::vector<std::vector<long long>>& I,
+                                                                    const std::vector<long long>& k,
+                                                                    const std::vector<int>& mask, long long T,
+                                                                    long long E, double lambda, const std::string& form,
+                                                                    double eps) {
+  using namespace detail;
+  require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
+  require(form == "token" || form == "log" || form == "batch", "form must be token, log or batch");
+  const std::size_t L = P.size();
+  require(I.size() == L && k.size() == L, "P, I and k must have one entry per layer");
+  for (std::size_t l = 0; l < L; ++l) {
+    require(P[l].size() == uz(T * E), "each P^l must have T*E entries");
+    check_topk(I[l], T, k[l], E);
+  }
+  check_mask(mask, T);
 
-    std::pair<double, std::vector<std::vector<double>>> out;
-    out.first = 0.0;
-    out.second.assign(L, std::vector<double>(uz(T * E), 0.0));
-    const double tv = valid_tokens(mask, T);
-    if (tv == 0.0 || L < 2) return out;
+  std::pair<double, std::vector<std::vector<double>>> out;
+  out.first = 0.0;
+  out.second.assign(L, std::vector<double>(uz(T * E), 0.0));
+  const double tv = valid_tokens(mask, T);
+  if (tv == 0.0 || L < 2) return out;
 
-    if (form == "batch") {
-        for (std::size_t l = 0; l + 1 < L; ++l) {
-            std::vector<double> J(uz(E * E), 0.0);
-            for (long long t = 0; t < T; ++t)
-                for (long long e = 0; e < E; ++e)
-                    for (long long nu = 0; nu < E; ++nu)
-                        J[uz(e * E + nu)] += m(mask, t) * P[l][uz(t * E + e)] * P[l + 1][uz(t * E + nu)] / tv;
-            for (long long e = 0; e < E; ++e) {
-                const std::vector<long long> sel = topn_lower_index(&J[uz(e * E)], E, k[l]);
-                for (long long nu : sel) {
-                    out.first += -lambda * J[uz(e * E + nu)];
-                    for (long long t = 0; t < T; ++t) {
-                        const double g = -lambda * m(mask, t) / tv;
-                        out.second[l][uz(t * E + e)] += g * P[l + 1][uz(t * E + nu)];
-                        out.second[l + 1][uz(t * E + nu)] += g * P[l][uz(t * E + e)];
-                    }
-                }
-            }
+  if (form == "batch") {
+    for (std::size_t l = 0; l + 1 < L; ++l) {
+      std::vector<double> J(uz(E * E), 0.0);
+      for (long long t = 0; t < T; ++t)
+        for (long long e = 0; e < E; ++e)
+          for (long long nu = 0; nu < E; ++nu)
+            J[uz(e * E + nu)] += m(mask, t) * P[l][uz(t * E + e)] * P[l + 1][uz(t * E + nu)] / tv;
+      for (long long e = 0; e < E; ++e) {
+        const std::vector<long long> sel = topn_lower_index(&J[uz(e * E)], E, k[l]);
+        for (long long nu : sel) {
+          out.first += -lambda * J[uz(e * E + nu)];
+          for (long long t = 0; t < T; ++t) {
+            const double g = -lambda * m(mask, t) / tv;
+            out.second[l][uz(t * E + e)] += g * P[l + 1][uz(t * E + nu)];
+            out.second[l + 1][uz(t * E + nu)] += g * P[l][uz(t * E + e)];
+          }
         }
-        return out;
-    }
-
-    // token and log forms: top-k masses M^l_t
-    std::vector<std::vector<double>> M(L, std::vector<double>(uz(T), 0.0));
-    for (std::size_t l = 0; l < L; ++l)
-        for (long long t = 0; t < T; ++t)
-            for (long long s = 0; s < k[l]; ++s) {
-                const long long e = I[l][uz(t * k[l] + s)];
-                if (e >= 0) M[l][uz(t)] += P[l][uz(t * E + e)];
-            }
-    const bool is_log = form == "log";
-    for (long long t = 0; t < T; ++t) {
-        const double mt = m(mask, t);
-        if (mt == 0.0) continue;
-        const double c = -lambda * mt / tv;
-        for (std::size_t l = 0; l + 1 < L; ++l) {
-            const double a = M[l][uz(t)], b = M[l + 1][uz(t)];
-            out.first += c * (is_log ? std::log(a * b + eps) : a * b);
-        }
-        for (std::size_t l = 0; l < L; ++l) {
-            // dL/dM^l_t
-            double dM = 0.0;
-            if (l + 1 < L) {
-                const double nb = M[l + 1][uz(t)];
-                dM += is_log ? nb / (M[l][uz(t)] * nb + eps) : nb;
-            }
-            if (l > 0) {
-                const double pb = M[l - 1][uz(t)];
-                dM += is_log ? pb / (pb * M[l][uz(t)] + eps) : pb;
-            }
-            for (long long s = 0; s < k[l]; ++s) {
-                const long long e = I[l][uz(t * k[l] + s)];
-                if (e >= 0) out.second[l][uz(t * E + e)] += c * dM;
-            }
-        }
+      }
     }
     return out;
+  }
+
+  // token and log forms: top-k masses M^l_t
+  std::vector<std::vector<double>> M(L, std::vector<double>(uz(T), 0.0));
+  for (std::size_t l = 0; l < L; ++l)
+    for (long long t = 0; t < T; ++t)
+      for (long long s = 0; s < k[l]; ++s) {
+        const long long e = I[l][uz(t * k[l] + s)];
+        if (e >= 0) M[l][uz(t)] += P[l][uz(t * E + e)];
+      }
+  const bool is_log = form == "log";
+  for (long long t = 0; t < T; ++t) {
+    const double mt = m(mask, t);
+    if (mt == 0.0) continue;
+    const double c = -lambda * mt / tv;
+    for (std::size_t l = 0; l + 1 < L; ++l) {
+      const double a = M[l][uz(t)], b = M[l + 1][uz(t)];
+      out.first += c * (is_log ? std::log(a * b + eps) : a * b);
+    }
+    for (std::size_t l = 0; l < L; ++l) {
+      // dL/dM^l_t
+      double dM = 0.0;
+      if (l + 1 < L) {
+        const double nb = M[l + 1][uz(t)];
+        dM += is_log ? nb / (M[l][uz(t)] * nb + eps) : nb;
+      }
+      if (l > 0) {
+        const double pb = M[l - 1][uz(t)];
+        dM += is_log ? pb / (pb * M[l][uz(t)] + eps) : pb;
+      }
+      for (long long s = 0; s < k[l]; ++s) {
+        const long long e = I[l][uz(t * k[l] + s)];
+        if (e >= 0) out.second[l][uz(t * E + e)] += c * dM;
+      }
+    }
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -452,84 +454,84 @@ inline std::pair<double, std::vector<std::vector<double>>> coupling(
 //   The solves use a hand-written Cholesky factorisation of A.
 // reduction_sum drops the 1/T_v for both variants.
 // ---------------------------------------------------------------------------
-inline result orthogonality(const std::vector<double>& H, const std::vector<long long>& I,
-                            const std::vector<int>& mask, long long T, long long k, long long d, double beta,
-                            bool reduction_sum, const std::string& variant, double eps) {
-    using namespace detail;
-    require(T >= 0 && k >= 1 && d >= 1, "T >= 0, k >= 1, d >= 1 required");
-    require(I.size() == uz(T * k), "top-k indices must have T*k entries");
-    require(H.size() == uz(T * k * d), "H must have T*k*d entries");
-    require(variant == "pairwise" || variant == "subspace", "variant must be pairwise or subspace");
-    check_mask(mask, T);
-    result r;
-    r.grad.assign(H.size(), 0.0);
-    const double tv = valid_tokens(mask, T);
-    if (tv == 0.0) return r;
-    const double norm = reduction_sum ? 1.0 : 1.0 / tv;
+inline result orthogonality(const std::vector<double>& H, const std::vector<long long>& I, const std::vector<int>& mask,
+                            long long T, long long k, long long d, double beta, bool reduction_sum,
+                            const std::string& variant, double eps) {
+  using namespace detail;
+  require(T >= 0 && k >= 1 && d >= 1, "T >= 0, k >= 1, d >= 1 required");
+  require(I.size() == uz(T * k), "top-k indices must have T*k entries");
+  require(H.size() == uz(T * k * d), "H must have T*k*d entries");
+  require(variant == "pairwise" || variant == "subspace", "variant must be pairwise or subspace");
+  check_mask(mask, T);
+  result r;
+  r.grad.assign(H.size(), 0.0);
+  const double tv = valid_tokens(mask, T);
+  if (tv == 0.0) return r;
+  const double norm = reduction_sum ? 1.0 : 1.0 / tv;
 
-    for (long long t = 0; t < T; ++t) {
-        if (m(mask, t) == 0.0) continue;
-        const std::vector<long long> A = valid_slots(I, t, k);
-        const std::size_t na = A.size();
-        if (na < 2) continue;
-        auto off = [&](std::size_t i) { return uz((t * k + A[i]) * d); };
+  for (long long t = 0; t < T; ++t) {
+    if (m(mask, t) == 0.0) continue;
+    const std::vector<long long> A = valid_slots(I, t, k);
+    const std::size_t na = A.size();
+    if (na < 2) continue;
+    auto off = [&](std::size_t i) { return uz((t * k + A[i]) * d); };
 
-        if (variant == "pairwise") {
-            const double scale = beta * norm;
-            for (std::size_t j = 0; j < na; ++j) {
-                for (std::size_t s = 0; s < na; ++s) {
-                    if (j == s) continue;
-                    const double* hj = &H[off(j)];
-                    const double* hs = &H[off(s)];
-                    const double a = dot(hj, hs, d);
-                    const double q = dot(hs, hs, d);
-                    const double D = q + eps;
-                    r.value += scale * a * a * q / (D * D);
-                    for (long long i = 0; i < d; ++i) {
-                        r.grad[off(j) + uz(i)] += scale * 2.0 * a * q / (D * D) * hs[i];
-                        r.grad[off(s) + uz(i)] +=
-                            scale * (2.0 * a * q / (D * D) * hj[i] + 2.0 * a * a * (eps - q) / (D * D * D) * hs[i]);
-                    }
-                }
-            }
-            continue;
+    if (variant == "pairwise") {
+      const double scale = beta * norm;
+      for (std::size_t j = 0; j < na; ++j) {
+        for (std::size_t s = 0; s < na; ++s) {
+          if (j == s) continue;
+          const double* hj = &H[off(j)];
+          const double* hs = &H[off(s)];
+          const double a = dot(hj, hs, d);
+          const double q = dot(hs, hs, d);
+          const double D = q + eps;
+          r.value += scale * a * a * q / (D * D);
+          for (long long i = 0; i < d; ++i) {
+            r.grad[off(j) + uz(i)] += scale * 2.0 * a * q / (D * D) * hs[i];
+            r.grad[off(s) + uz(i)] +=
+                scale * (2.0 * a * q / (D * D) * hj[i] + 2.0 * a * a * (eps - q) / (D * D * D) * hs[i]);
+          }
         }
-
-        // subspace
-        const double scale = beta * norm / static_cast<double>(k);
-        for (std::size_t j = 0; j < na; ++j) {
-            std::vector<std::size_t> cols;  // offsets of the columns of X_j
-            for (std::size_t s = 0; s < na; ++s)
-                if (s != j) cols.push_back(off(s));
-            const std::size_t n = cols.size();
-            const double* h = &H[off(j)];
-            std::vector<double> Amat(n * n, 0.0), xth(n, 0.0);
-            for (std::size_t a = 0; a < n; ++a) {
-                for (std::size_t b = 0; b < n; ++b) Amat[a * n + b] = dot(&H[cols[a]], &H[cols[b]], d);
-                Amat[a * n + a] += eps;
-                xth[a] = dot(&H[cols[a]], h, d);
-            }
-            const std::vector<double> bvec = cholesky_solve(Amat, xth, n);
-            std::vector<double> p(uz(d), 0.0);
-            for (std::size_t a = 0; a < n; ++a)
-                for (long long i = 0; i < d; ++i) p[uz(i)] += H[cols[a] + uz(i)] * bvec[a];
-            r.value += scale * dot(p.data(), p.data(), d);
-
-            std::vector<double> xtp(n, 0.0);
-            for (std::size_t a = 0; a < n; ++a) xtp[a] = dot(&H[cols[a]], p.data(), d);
-            const std::vector<double> cvec = cholesky_solve(Amat, xtp, n);
-            std::vector<double> xc(uz(d), 0.0);
-            for (std::size_t a = 0; a < n; ++a)
-                for (long long i = 0; i < d; ++i) xc[uz(i)] += H[cols[a] + uz(i)] * cvec[a];
-
-            for (long long i = 0; i < d; ++i) r.grad[off(j) + uz(i)] += scale * 2.0 * xc[uz(i)];
-            for (std::size_t a = 0; a < n; ++a)
-                for (long long i = 0; i < d; ++i)
-                    r.grad[cols[a] + uz(i)] += scale * (2.0 * (p[uz(i)] - xc[uz(i)]) * bvec[a] +
-                                                        2.0 * (h[i] - p[uz(i)]) * cvec[a]);
-        }
+      }
+      continue;
     }
-    return r;
+
+    // subspace
+    const double scale = beta * norm / static_cast<double>(k);
+    for (std::size_t j = 0; j < na; ++j) {
+      std::vector<std::size_t> cols;  // offsets of the columns of X_j
+      for (std::size_t s = 0; s < na; ++s)
+        if (s != j) cols.push_back(off(s));
+      const std::size_t n = cols.size();
+      const double* h = &H[off(j)];
+      std::vector<double> Amat(n * n, 0.0), xth(n, 0.0);
+      for (std::size_t a = 0; a < n; ++a) {
+        for (std::size_t b = 0; b < n; ++b) Amat[a * n + b] = dot(&H[cols[a]], &H[cols[b]], d);
+        Amat[a * n + a] += eps;
+        xth[a] = dot(&H[cols[a]], h, d);
+      }
+      const std::vector<double> bvec = cholesky_solve(Amat, xth, n);
+      std::vector<double> p(uz(d), 0.0);
+      for (std::size_t a = 0; a < n; ++a)
+        for (long long i = 0; i < d; ++i) p[uz(i)] += H[cols[a] + uz(i)] * bvec[a];
+      r.value += scale * dot(p.data(), p.data(), d);
+
+      std::vector<double> xtp(n, 0.0);
+      for (std::size_t a = 0; a < n; ++a) xtp[a] = dot(&H[cols[a]], p.data(), d);
+      const std::vector<double> cvec = cholesky_solve(Amat, xtp, n);
+      std::vector<double> xc(uz(d), 0.0);
+      for (std::size_t a = 0; a < n; ++a)
+        for (long long i = 0; i < d; ++i) xc[uz(i)] += H[cols[a] + uz(i)] * cvec[a];
+
+      for (long long i = 0; i < d; ++i) r.grad[off(j) + uz(i)] += scale * 2.0 * xc[uz(i)];
+      for (std::size_t a = 0; a < n; ++a)
+        for (long long i = 0; i < d; ++i)
+          r.grad[cols[a] + uz(i)] +=
+              scale * (2.0 * (p[uz(i)] - xc[uz(i)]) * bvec[a] + 2.0 * (h[i] - p[uz(i)]) * cvec[a]);
+    }
+  }
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -546,47 +548,47 @@ inline result orthogonality(const std::vector<double>& H, const std::vector<long
 // ---------------------------------------------------------------------------
 inline result variance(const std::vector<double>& S, const std::vector<int>& mask, long long T, long long E,
                        double gamma, const std::string& axis, bool reduction_sum) {
-    using namespace detail;
-    require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
-    require(S.size() == uz(T * E), "S must have T*E entries");
-    require(axis == "tokens" || axis == "experts", "axis must be tokens or experts");
-    check_mask(mask, T);
-    result r;
-    r.grad.assign(S.size(), 0.0);
-    const double tv = valid_tokens(mask, T);
-    if (tv == 0.0) return r;
-    const double norm = reduction_sum ? 1.0 : 1.0 / tv;
-    const double Ed = static_cast<double>(E);
+  using namespace detail;
+  require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
+  require(S.size() == uz(T * E), "S must have T*E entries");
+  require(axis == "tokens" || axis == "experts", "axis must be tokens or experts");
+  check_mask(mask, T);
+  result r;
+  r.grad.assign(S.size(), 0.0);
+  const double tv = valid_tokens(mask, T);
+  if (tv == 0.0) return r;
+  const double norm = reduction_sum ? 1.0 : 1.0 / tv;
+  const double Ed = static_cast<double>(E);
 
-    if (axis == "tokens") {
-        std::vector<double> sbar(uz(E), 0.0);
-        for (long long t = 0; t < T; ++t)
-            for (long long e = 0; e < E; ++e) sbar[uz(e)] += m(mask, t) * S[uz(t * E + e)] / tv;
-        for (long long t = 0; t < T; ++t) {
-            for (long long e = 0; e < E; ++e) {
-                const double dv = S[uz(t * E + e)] - sbar[uz(e)];
-                r.value += -gamma / Ed * norm * m(mask, t) * dv * dv;
-                r.grad[uz(t * E + e)] = -gamma * 2.0 * m(mask, t) * dv / Ed * norm;
-            }
-        }
-        return r;
-    }
-
-    if (E == 1) return r;
+  if (axis == "tokens") {
+    std::vector<double> sbar(uz(E), 0.0);
+    for (long long t = 0; t < T; ++t)
+      for (long long e = 0; e < E; ++e) sbar[uz(e)] += m(mask, t) * S[uz(t * E + e)] / tv;
     for (long long t = 0; t < T; ++t) {
-        if (m(mask, t) == 0.0) continue;
-        double mean = 0.0;
-        for (long long e = 0; e < E; ++e) mean += S[uz(t * E + e)] / Ed;
-        double var = 0.0;
-        for (long long e = 0; e < E; ++e) {
-            const double dv = S[uz(t * E + e)] - mean;
-            var += dv * dv / (Ed - 1.0);
-        }
-        r.value += -gamma * norm * var;
-        for (long long e = 0; e < E; ++e)
-            r.grad[uz(t * E + e)] = -gamma * norm * 2.0 * (S[uz(t * E + e)] - mean) / (Ed - 1.0);
+      for (long long e = 0; e < E; ++e) {
+        const double dv = S[uz(t * E + e)] - sbar[uz(e)];
+        r.value += -gamma / Ed * norm * m(mask, t) * dv * dv;
+        r.grad[uz(t * E + e)] = -gamma * 2.0 * m(mask, t) * dv / Ed * norm;
+      }
     }
     return r;
+  }
+
+  if (E == 1) return r;
+  for (long long t = 0; t < T; ++t) {
+    if (m(mask, t) == 0.0) continue;
+    double mean = 0.0;
+    for (long long e = 0; e < E; ++e) mean += S[uz(t * E + e)] / Ed;
+    double var = 0.0;
+    for (long long e = 0; e < E; ++e) {
+      const double dv = S[uz(t * E + e)] - mean;
+      var += dv * dv / (Ed - 1.0);
+    }
+    r.value += -gamma * norm * var;
+    for (long long e = 0; e < E; ++e)
+      r.grad[uz(t * E + e)] = -gamma * norm * 2.0 * (S[uz(t * E + e)] - mean) / (Ed - 1.0);
+  }
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -596,23 +598,23 @@ inline result variance(const std::vector<double>& S, const std::vector<int>& mas
 // ---------------------------------------------------------------------------
 inline result entropy(const std::vector<double>& P, const std::vector<int>& mask, long long T, long long E,
                       double eta) {
-    using namespace detail;
-    require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
-    require(P.size() == uz(T * E), "P must have T*E entries");
-    check_mask(mask, T);
-    result r;
-    r.grad.assign(P.size(), 0.0);
-    const double tv = valid_tokens(mask, T);
-    if (tv == 0.0) return r;
-    for (long long t = 0; t < T; ++t) {
-        if (m(mask, t) == 0.0) continue;
-        for (long long e = 0; e < E; ++e) {
-            const double p = P[uz(t * E + e)];
-            r.value += eta / tv * neg_plogp(p);
-            r.grad[uz(t * E + e)] = eta / tv * neg_plogp_grad(p);
-        }
+  using namespace detail;
+  require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
+  require(P.size() == uz(T * E), "P must have T*E entries");
+  check_mask(mask, T);
+  result r;
+  r.grad.assign(P.size(), 0.0);
+  const double tv = valid_tokens(mask, T);
+  if (tv == 0.0) return r;
+  for (long long t = 0; t < T; ++t) {
+    if (m(mask, t) == 0.0) continue;
+    for (long long e = 0; e < E; ++e) {
+      const double p = P[uz(t * E + e)];
+      r.value += eta / tv * neg_plogp(p);
+      r.grad[uz(t * E + e)] = eta / tv * neg_plogp_grad(p);
     }
-    return r;
+  }
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -624,28 +626,28 @@ inline result entropy(const std::vector<double>& P, const std::vector<int>& mask
 // ---------------------------------------------------------------------------
 inline result importance(const std::vector<double>& P, const std::vector<int>& mask, long long T, long long E,
                          double w) {
-    using namespace detail;
-    require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
-    require(P.size() == uz(T * E), "P must have T*E entries");
-    check_mask(mask, T);
-    result r;
-    r.grad.assign(P.size(), 0.0);
-    if (valid_tokens(mask, T) == 0.0) return r;
-    const double Ed = static_cast<double>(E);
-    std::vector<double> imp(uz(E), 0.0);
-    for (long long t = 0; t < T; ++t)
-        for (long long e = 0; e < E; ++e) imp[uz(e)] += m(mask, t) * P[uz(t * E + e)];
-    double mu = 0.0;
-    for (long long e = 0; e < E; ++e) mu += imp[uz(e)] / Ed;
-    if (mu == 0.0) return r;
-    double var = 0.0;
-    for (long long e = 0; e < E; ++e) var += (imp[uz(e)] - mu) * (imp[uz(e)] - mu) / Ed;
-    r.value = w * var / (mu * mu);
-    for (long long t = 0; t < T; ++t)
-        for (long long e = 0; e < E; ++e)
-            r.grad[uz(t * E + e)] =
-                m(mask, t) * w * (2.0 * (imp[uz(e)] - mu) / (Ed * mu * mu) - 2.0 * var / (Ed * mu * mu * mu));
-    return r;
+  using namespace detail;
+  require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
+  require(P.size() == uz(T * E), "P must have T*E entries");
+  check_mask(mask, T);
+  result r;
+  r.grad.assign(P.size(), 0.0);
+  if (valid_tokens(mask, T) == 0.0) return r;
+  const double Ed = static_cast<double>(E);
+  std::vector<double> imp(uz(E), 0.0);
+  for (long long t = 0; t < T; ++t)
+    for (long long e = 0; e < E; ++e) imp[uz(e)] += m(mask, t) * P[uz(t * E + e)];
+  double mu = 0.0;
+  for (long long e = 0; e < E; ++e) mu += imp[uz(e)] / Ed;
+  if (mu == 0.0) return r;
+  double var = 0.0;
+  for (long long e = 0; e < E; ++e) var += (imp[uz(e)] - mu) * (imp[uz(e)] - mu) / Ed;
+  r.value = w * var / (mu * mu);
+  for (long long t = 0; t < T; ++t)
+    for (long long e = 0; e < E; ++e)
+      r.grad[uz(t * E + e)] =
+          m(mask, t) * w * (2.0 * (imp[uz(e)] - mu) / (Ed * mu * mu) - 2.0 * var / (Ed * mu * mu * mu));
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -655,25 +657,25 @@ inline result importance(const std::vector<double>& P, const std::vector<int>& m
 // ---------------------------------------------------------------------------
 inline std::vector<double> bias_update(const std::vector<double>& b, const std::vector<double>& counts, double u,
                                        bool center) {
-    detail::require(b.size() == counts.size(), "bias and counts must have the same length");
-    std::vector<double> out = b;
-    if (b.empty()) return out;
-    const double n = static_cast<double>(b.size());
-    // Sum first, divide once: integer counts that tie with their mean compare exactly.
-    double mc = 0.0;
-    for (double c : counts) mc += c;
-    mc /= n;
-    for (std::size_t e = 0; e < b.size(); ++e) {
-        const double diff = mc - counts[e];
-        const double sg = diff > 0.0 ? 1.0 : (diff < 0.0 ? -1.0 : 0.0);
-        out[e] += u * sg;
-    }
-    if (center) {
-        double mb = 0.0;
-        for (double v : out) mb += v / n;
-        for (double& v : out) v -= mb;
-    }
-    return out;
+  detail::require(b.size() == counts.size(), "bias and counts must have the same length");
+  std::vector<double> out = b;
+  if (b.empty()) return out;
+  const double n = static_cast<double>(b.size());
+  // Sum first, divide once: integer counts that tie with their mean compare exactly.
+  double mc = 0.0;
+  for (double c : counts) mc += c;
+  mc /= n;
+  for (std::size_t e = 0; e < b.size(); ++e) {
+    const double diff = mc - counts[e];
+    const double sg = diff > 0.0 ? 1.0 : (diff < 0.0 ? -1.0 : 0.0);
+    out[e] += u * sg;
+  }
+  if (center) {
+    double mb = 0.0;
+    for (double v : out) mb += v / n;
+    for (double& v : out) v -= mb;
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -682,16 +684,15 @@ inline std::vector<double> bias_update(const std::vector<double>& b, const std::
 // ---------------------------------------------------------------------------
 inline std::vector<double> softmax_backward(const std::vector<double>& P, const std::vector<double>& dP, long long T,
                                             long long E) {
-    using namespace detail;
-    require(P.size() == uz(T * E) && dP.size() == uz(T * E), "P and dP must have T*E entries");
-    std::vector<double> dZ(P.size(), 0.0);
-    for (long long t = 0; t < T; ++t) {
-        double rs = 0.0;
-        for (long long e = 0; e < E; ++e) rs += P[uz(t * E + e)] * dP[uz(t * E + e)];
-        for (long long e = 0; e < E; ++e)
-            dZ[uz(t * E + e)] = P[uz(t * E + e)] * (dP[uz(t * E + e)] - rs);
-    }
-    return dZ;
+  using namespace detail;
+  require(P.size() == uz(T * E) && dP.size() == uz(T * E), "P and dP must have T*E entries");
+  std::vector<double> dZ(P.size(), 0.0);
+  for (long long t = 0; t < T; ++t) {
+    double rs = 0.0;
+    for (long long e = 0; e < E; ++e) rs += P[uz(t * E + e)] * dP[uz(t * E + e)];
+    for (long long e = 0; e < E; ++e) dZ[uz(t * E + e)] = P[uz(t * E + e)] * (dP[uz(t * E + e)] - rs);
+  }
+  return dZ;
 }
 
 // sigmoid_norm_backward. Definition implemented: normalisation over ALL E experts of
@@ -701,25 +702,24 @@ inline std::vector<double> softmax_backward(const std::vector<double>& P, const 
 //   dz_j = sum_e dS_e dS_e/dz_j = S_j (1 - sigma_j) (dS_j - sum_e S_e dS_e)
 inline std::vector<double> sigmoid_norm_backward(const std::vector<double>& logits, const std::vector<double>& dS,
                                                  long long T, long long E) {
-    using namespace detail;
-    require(logits.size() == uz(T * E) && dS.size() == uz(T * E), "logits and dS must have T*E entries");
-    std::vector<double> dz(logits.size(), 0.0);
-    std::vector<double> sig(uz(E)), S(uz(E));
-    for (long long t = 0; t < T; ++t) {
-        double total = 0.0;
-        for (long long e = 0; e < E; ++e) {
-            sig[uz(e)] = 1.0 / (1.0 + std::exp(-logits[uz(t * E + e)]));
-            total += sig[uz(e)];
-        }
-        double rs = 0.0;
-        for (long long e = 0; e < E; ++e) {
-            S[uz(e)] = sig[uz(e)] / total;
-            rs += S[uz(e)] * dS[uz(t * E + e)];
-        }
-        for (long long e = 0; e < E; ++e)
-            dz[uz(t * E + e)] = S[uz(e)] * (1.0 - sig[uz(e)]) * (dS[uz(t * E + e)] - rs);
+  using namespace detail;
+  require(logits.size() == uz(T * E) && dS.size() == uz(T * E), "logits and dS must have T*E entries");
+  std::vector<double> dz(logits.size(), 0.0);
+  std::vector<double> sig(uz(E)), S(uz(E));
+  for (long long t = 0; t < T; ++t) {
+    double total = 0.0;
+    for (long long e = 0; e < E; ++e) {
+      sig[uz(e)] = 1.0 / (1.0 + std::exp(-logits[uz(t * E + e)]));
+      total += sig[uz(e)];
     }
-    return dz;
+    double rs = 0.0;
+    for (long long e = 0; e < E; ++e) {
+      S[uz(e)] = sig[uz(e)] / total;
+      rs += S[uz(e)] * dS[uz(t * E + e)];
+    }
+    for (long long e = 0; e < E; ++e) dz[uz(t * E + e)] = S[uz(e)] * (1.0 - sig[uz(e)]) * (dS[uz(t * E + e)] - rs);
+  }
+  return dz;
 }
 
 // ---------------------------------------------------------------------------
@@ -739,78 +739,78 @@ inline std::vector<double> sigmoid_norm_backward(const std::vector<double>& logi
 // T_v = 0: every number 0 (vectors of zeros).
 // ---------------------------------------------------------------------------
 struct layer_metrics {
-    std::vector<double> tokens_per_expert, f;
-    double maxvio = 0.0, cv = 0.0, mean_entropy = 0.0, mean_topk_mass = 0.0, mean_abs_cos = 0.0, mean_cos2 = 0.0;
+  std::vector<double> tokens_per_expert, f;
+  double maxvio = 0.0, cv = 0.0, mean_entropy = 0.0, mean_topk_mass = 0.0, mean_abs_cos = 0.0, mean_cos2 = 0.0;
 };
 
 inline layer_metrics metrics(const std::vector<double>& P, const std::vector<long long>& I,
                              const std::vector<int>& mask, long long T, long long E, long long k,
                              const std::vector<double>* H, long long d) {
-    using namespace detail;
-    require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
-    require(P.size() == uz(T * E), "P must have T*E entries");
-    check_topk(I, T, k, E);
-    check_mask(mask, T);
-    if (H != nullptr) require(d >= 1 && H->size() == uz(T * k * d), "H must have T*k*d entries");
-    layer_metrics out;
-    out.tokens_per_expert.assign(uz(E), 0.0);
-    out.f.assign(uz(E), 0.0);
-    const double tv = valid_tokens(mask, T);
-    if (tv == 0.0) return out;
-    const double Ed = static_cast<double>(E);
+  using namespace detail;
+  require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
+  require(P.size() == uz(T * E), "P must have T*E entries");
+  check_topk(I, T, k, E);
+  check_mask(mask, T);
+  if (H != nullptr) require(d >= 1 && H->size() == uz(T * k * d), "H must have T*k*d entries");
+  layer_metrics out;
+  out.tokens_per_expert.assign(uz(E), 0.0);
+  out.f.assign(uz(E), 0.0);
+  const double tv = valid_tokens(mask, T);
+  if (tv == 0.0) return out;
+  const double Ed = static_cast<double>(E);
 
-    for (long long t = 0; t < T; ++t) {
-        if (m(mask, t) == 0.0) continue;
-        for (long long s = 0; s < k; ++s) {
-            const long long e = I[uz(t * k + s)];
-            if (e < 0) continue;
-            out.tokens_per_expert[uz(e)] += 1.0;
-            out.mean_topk_mass += P[uz(t * E + e)] / tv;
-        }
-        for (long long e = 0; e < E; ++e) out.mean_entropy += neg_plogp(P[uz(t * E + e)]) / tv;
+  for (long long t = 0; t < T; ++t) {
+    if (m(mask, t) == 0.0) continue;
+    for (long long s = 0; s < k; ++s) {
+      const long long e = I[uz(t * k + s)];
+      if (e < 0) continue;
+      out.tokens_per_expert[uz(e)] += 1.0;
+      out.mean_topk_mass += P[uz(t * E + e)] / tv;
     }
-    double mean = 0.0, mx = 0.0;
+    for (long long e = 0; e < E; ++e) out.mean_entropy += neg_plogp(P[uz(t * E + e)]) / tv;
+  }
+  double mean = 0.0, mx = 0.0;
+  for (long long e = 0; e < E; ++e) {
+    const double c = out.tokens_per_expert[uz(e)];
+    out.f[uz(e)] = c / (static_cast<double>(k) * tv);
+    mean += c / Ed;
+    mx = std::max(mx, c);
+  }
+  if (mean > 0.0) {
+    out.maxvio = mx / mean - 1.0;
+    double var = 0.0;
     for (long long e = 0; e < E; ++e) {
-        const double c = out.tokens_per_expert[uz(e)];
-        out.f[uz(e)] = c / (static_cast<double>(k) * tv);
-        mean += c / Ed;
-        mx = std::max(mx, c);
+      const double dv = out.tokens_per_expert[uz(e)] - mean;
+      var += dv * dv / Ed;
     }
-    if (mean > 0.0) {
-        out.maxvio = mx / mean - 1.0;
-        double var = 0.0;
-        for (long long e = 0; e < E; ++e) {
-            const double dv = out.tokens_per_expert[uz(e)] - mean;
-            var += dv * dv / Ed;
-        }
-        out.cv = std::sqrt(var) / mean;
-    }
+    out.cv = std::sqrt(var) / mean;
+  }
 
-    if (H != nullptr) {
-        const double eps = 1e-8;
-        double npairs = 0.0, sabs = 0.0, s2 = 0.0;
-        for (long long t = 0; t < T; ++t) {
-            if (m(mask, t) == 0.0) continue;
-            const std::vector<long long> A = valid_slots(I, t, k);
-            for (std::size_t i = 0; i < A.size(); ++i) {
-                for (std::size_t j = i + 1; j < A.size(); ++j) {
-                    const double* hi = &(*H)[uz((t * k + A[i]) * d)];
-                    const double* hj = &(*H)[uz((t * k + A[j]) * d)];
-                    const double ni = std::max(std::sqrt(dot(hi, hi, d)), eps);
-                    const double nj = std::max(std::sqrt(dot(hj, hj, d)), eps);
-                    const double c = dot(hi, hj, d) / (ni * nj);
-                    sabs += std::fabs(c);
-                    s2 += c * c;
-                    npairs += 1.0;
-                }
-            }
+  if (H != nullptr) {
+    const double eps = 1e-8;
+    double npairs = 0.0, sabs = 0.0, s2 = 0.0;
+    for (long long t = 0; t < T; ++t) {
+      if (m(mask, t) == 0.0) continue;
+      const std::vector<long long> A = valid_slots(I, t, k);
+      for (std::size_t i = 0; i < A.size(); ++i) {
+        for (std::size_t j = i + 1; j < A.size(); ++j) {
+          const double* hi = &(*H)[uz((t * k + A[i]) * d)];
+          const double* hj = &(*H)[uz((t * k + A[j]) * d)];
+          const double ni = std::max(std::sqrt(dot(hi, hi, d)), eps);
+          const double nj = std::max(std::sqrt(dot(hj, hj, d)), eps);
+          const double c = dot(hi, hj, d) / (ni * nj);
+          sabs += std::fabs(c);
+          s2 += c * c;
+          npairs += 1.0;
         }
-        if (npairs > 0.0) {
-            out.mean_abs_cos = sabs / npairs;
-            out.mean_cos2 = s2 / npairs;
-        }
+      }
     }
-    return out;
+    if (npairs > 0.0) {
+      out.mean_abs_cos = sabs / npairs;
+      out.mean_cos2 = s2 / npairs;
+    }
+  }
+  return out;
 }
 
 // Per adjacent layer pair (l, l+1), over valid tokens and valid slot pairs:
@@ -823,9 +823,9 @@ inline layer_metrics metrics(const std::vector<double>& P, const std::vector<lon
 // The struct and the function share the name (as asked); the alias pair_metrics_result
 // names the struct where the function hides it.
 struct pair_metrics {
-    std::vector<double> joint;
-    double mutual_information = 0.0;
-    double pathway_concentration = 0.0;
+  std::vector<double> joint;
+  double mutual_information = 0.0;
+  double pathway_concentration = 0.0;
 };
 using pair_metrics_result = pair_metrics;
 
@@ -837,48 +837,48 @@ using pair_metrics_result = pair_metrics;
 inline pair_metrics_result pair_metrics(const std::vector<long long>& I_l, const std::vector<long long>& I_next,
                                         const std::vector<int>& mask, long long T, long long E, long long k_l,
                                         long long k_next) {
-    using namespace detail;
-    require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
-    check_topk(I_l, T, k_l, E);
-    check_topk(I_next, T, k_next, E);
-    check_mask(mask, T);
-    pair_metrics_result out;
-    std::vector<double> count(uz(E * E), 0.0);
-    double total = 0.0;
-    for (long long t = 0; t < T; ++t) {
-        if (m(mask, t) == 0.0) continue;
-        for (long long s = 0; s < k_l; ++s) {
-            const long long e = I_l[uz(t * k_l + s)];
-            if (e < 0) continue;
-            for (long long r = 0; r < k_next; ++r) {
-                const long long nu = I_next[uz(t * k_next + r)];
-                if (nu < 0) continue;
-                count[uz(e * E + nu)] += 1.0;
-                total += 1.0;
-            }
-        }
+  using namespace detail;
+  require(T >= 0 && E >= 1, "T >= 0 and E >= 1 required");
+  check_topk(I_l, T, k_l, E);
+  check_topk(I_next, T, k_next, E);
+  check_mask(mask, T);
+  pair_metrics_result out;
+  std::vector<double> count(uz(E * E), 0.0);
+  double total = 0.0;
+  for (long long t = 0; t < T; ++t) {
+    if (m(mask, t) == 0.0) continue;
+    for (long long s = 0; s < k_l; ++s) {
+      const long long e = I_l[uz(t * k_l + s)];
+      if (e < 0) continue;
+      for (long long r = 0; r < k_next; ++r) {
+        const long long nu = I_next[uz(t * k_next + r)];
+        if (nu < 0) continue;
+        count[uz(e * E + nu)] += 1.0;
+        total += 1.0;
+      }
     }
-    out.joint.assign(uz(E * E), 0.0);
-    if (total == 0.0) return out;
-    for (std::size_t i = 0; i < count.size(); ++i) out.joint[i] = count[i] / total;
+  }
+  out.joint.assign(uz(E * E), 0.0);
+  if (total == 0.0) return out;
+  for (std::size_t i = 0; i < count.size(); ++i) out.joint[i] = count[i] / total;
 
-    std::vector<double> row(uz(E), 0.0), col(uz(E), 0.0);
-    for (long long e = 0; e < E; ++e)
-        for (long long nu = 0; nu < E; ++nu) {
-            row[uz(e)] += out.joint[uz(e * E + nu)];
-            col[uz(nu)] += out.joint[uz(e * E + nu)];
-        }
-    for (long long e = 0; e < E; ++e)
-        for (long long nu = 0; nu < E; ++nu) {
-            const double j = out.joint[uz(e * E + nu)];
-            if (j > 0.0) out.mutual_information += j * std::log(j / (row[uz(e)] * col[uz(nu)]));
-        }
+  std::vector<double> row(uz(E), 0.0), col(uz(E), 0.0);
+  for (long long e = 0; e < E; ++e)
+    for (long long nu = 0; nu < E; ++nu) {
+      row[uz(e)] += out.joint[uz(e * E + nu)];
+      col[uz(nu)] += out.joint[uz(e * E + nu)];
+    }
+  for (long long e = 0; e < E; ++e)
+    for (long long nu = 0; nu < E; ++nu) {
+      const double j = out.joint[uz(e * E + nu)];
+      if (j > 0.0) out.mutual_information += j * std::log(j / (row[uz(e)] * col[uz(nu)]));
+    }
 
-    double inside = 0.0;
-    for (long long e = 0; e < E; ++e)
-        for (long long nu : topn_lower_index(&count[uz(e * E)], E, k_next)) inside += count[uz(e * E + nu)];
-    out.pathway_concentration = inside / total;
-    return out;
+  double inside = 0.0;
+  for (long long e = 0; e < E; ++e)
+    for (long long nu : topn_lower_index(&count[uz(e * E)], E, k_next)) inside += count[uz(e * E + nu)];
+  out.pathway_concentration = inside / total;
+  return out;
 }
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop

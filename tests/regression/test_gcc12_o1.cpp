@@ -152,8 +152,12 @@ void check_all_losses(double tol) {
 }
 
 TEST_CASE("GCC 12 -O1: specialization and orthogonality against the reference", "[regression][gram]") {
-  SECTION("double") { check_all_losses<double>(1e-9); }
-  SECTION("float") { check_all_losses<float>(2e-4); }
+  SECTION("double") {
+    check_all_losses<double>(1e-9);
+  }
+  SECTION("float") {
+    check_all_losses<float>(2e-4);
+  }
 }
 
 }  // namespace

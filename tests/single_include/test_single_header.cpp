@@ -26,8 +26,8 @@ int main() {
     for (long e = 0; e < E; ++e) P[static_cast<std::size_t>(t * E + e)] /= s;
     for (long j = 0; j < k; ++j) I[static_cast<std::size_t>(t * k + j)] = (t + 2 * j) % E;
   }
-  I[4] = -1;     // a dropped slot
-  mask[7] = 0;   // a padding token
+  I[4] = -1;    // a dropped slot
+  mask[7] = 0;  // a padding token
   for (double& h : H) h = nd(gen);
 
   const moereg::topk_view topk(I.data(), T, k);

@@ -60,7 +60,9 @@ inline std::vector<std::uint8_t> random_mask(rng& r, long long T, double pad = 0
   return m;
 }
 
-inline std::vector<int> to_int_mask(const std::vector<std::uint8_t>& m) { return std::vector<int>(m.begin(), m.end()); }
+inline std::vector<int> to_int_mask(const std::vector<std::uint8_t>& m) {
+  return std::vector<int>(m.begin(), m.end());
+}
 
 template <class To, class From>
 std::vector<To> cast(const std::vector<From>& v) {

@@ -22,7 +22,9 @@ void cuda_ok(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw moereg::error(std::string("CUDA: ") + what + ": " + cudaGetErrorString(e));
 }
 
-std::size_t index_bytes(moereg::index_type t) { return t == moereg::index_type::i32 ? 4 : 8; }
+std::size_t index_bytes(moereg::index_type t) {
+  return t == moereg::index_type::i32 ? 4 : 8;
+}
 
 std::size_t mask_bytes(moereg::mask_type t) {
   switch (t) {
@@ -63,7 +65,8 @@ class cuda_exec {
     return {upload(v.data, static_cast<std::size_t>(v.rows * v.cols)), v.rows, v.cols};
   }
   template <class T>
-  moereg::activation_view<const T, moereg::token_major> in(const moereg::activation_view<const T, moereg::token_major>& v) {
+  moereg::activation_view<const T, moereg::token_major> in(
+      const moereg::activation_view<const T, moereg::token_major>& v) {
     const auto& l = v.layout;
     return {upload(v.data, static_cast<std::size_t>(l.tokens() * l.slots() * l.dim())), l};
   }
@@ -74,7 +77,8 @@ class cuda_exec {
   }
   moereg::mask_view in(const moereg::mask_view& v) {
     moereg::mask_view d = v;
-    if (v.data != nullptr) d.data = upload_bytes(v.data, static_cast<std::size_t>(v.size * v.stride) * mask_bytes(v.type));
+    if (v.data != nullptr)
+      d.data = upload_bytes(v.data, static_cast<std::size_t>(v.size * v.stride) * mask_bytes(v.type));
     return d;
   }
   moereg::offsets_view in(const moereg::offsets_view& v) {
@@ -104,7 +108,8 @@ class cuda_exec {
     std::vector<double> s(n);
     auto* d = static_cast<double*>(alloc(n * sizeof(double)));
     loss.local_stats(in, d, backend(loss, in));
-    if (n > 0) cuda_ok(cudaMemcpyAsync(s.data(), d, n * sizeof(double), cudaMemcpyDeviceToHost, stream_), "copy statistics");
+    if (n > 0)
+      cuda_ok(cudaMemcpyAsync(s.data(), d, n * sizeof(double), cudaMemcpyDeviceToHost, stream_), "copy statistics");
     finish();
     return s;
   }

@@ -5,8 +5,9 @@
 namespace moereg_eval {
 
 void eval_cuda(const request&, response&) {
-  throw moereg::error("CUDA backend not built: this moereg-eval runs the CPU backend only "
-                      "(configure with -DMOEREG_ENABLE_CUDA=ON)");
+  throw moereg::error(
+      "CUDA backend not built: this moereg-eval runs the CPU backend only "
+      "(configure with -DMOEREG_ENABLE_CUDA=ON)");
 }
 
 }  // namespace moereg_eval

@@ -32,19 +32,19 @@
 // declared with kw = `extern template`, defined with kw = `template`. The template arguments
 // are deduced, so the entry may be the row engine's generic one (backend/cpu/row_engine.hpp)
 // or a loss's own.
-#define MOEREG_DETAIL_ROUTER_ENTRY(T, kw, Loss, Inputs)                                                    \
+#define MOEREG_DETAIL_ROUTER_ENTRY(T, kw, Loss, Inputs)                                                          \
   kw double execute(const cpu&, const Loss&, const Inputs<T>&, stats_view, const matrix_view<T>*, grad_options); \
   kw void execute_stats(const cpu&, const Loss&, const Inputs<T>&, double*);
 
 // The CPU entry points of an activation loss (inputs Inputs<T, Layout>) for one layout, then
 // for the three layouts.
-#define MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, Layout)                                        \
-  kw double execute(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view,                          \
-                    const activation_view<T, Layout>*, grad_options);                                        \
+#define MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, Layout)                                                 \
+  kw double execute(const cpu&, const Loss&, const Inputs<T, Layout>&, stats_view, const activation_view<T, Layout>*, \
+                    grad_options);                                                                                    \
   kw void execute_stats(const cpu&, const Loss&, const Inputs<T, Layout>&, double*);
-#define MOEREG_DETAIL_ACTIVATION_ENTRY(T, kw, Loss, Inputs)                  \
-  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, token_major)        \
-  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, expert_grouped)     \
+#define MOEREG_DETAIL_ACTIVATION_ENTRY(T, kw, Loss, Inputs)             \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, token_major)    \
+  MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, expert_grouped) \
   MOEREG_DETAIL_ACTIVATION_ENTRY_L(T, kw, Loss, Inputs, capacity_padded)
 
 // At the end of a loss header (inside the moereg namespace): the extern declarations, when

@@ -22,7 +22,7 @@ MOEREG_NAMESPACE_BEGIN
 /// argument at fault and the shapes involved, for example
 /// "load_balancing: topk has 7 rows but probs has 8 rows".
 class error : public std::invalid_argument {
-public:
+ public:
   /// An error whose what() is `what`.
   explicit error(const std::string& what) : std::invalid_argument(what) {}
 };
@@ -32,7 +32,7 @@ public:
 /// MPI_Init or after MPI_Finalize. Its message names the moereg function, the library call
 /// and the library's own error text.
 class backend_error : public std::runtime_error {
-public:
+ public:
   /// A backend error whose what() is `what`.
   explicit backend_error(const std::string& what) : std::runtime_error(what) {}
 };

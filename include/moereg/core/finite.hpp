@@ -29,9 +29,9 @@ MOEREG_NAMESPACE_BEGIN
 /// Where a non-finite value was found. For a matrix, (row, col) and elem = 0; for an
 /// activation view, (token, slot) in row/col and the element of the vector in elem.
 struct nonfinite_position {
-  index_t row = 0;  ///< row (matrix) or token (activations)
-  index_t col = 0;  ///< column (matrix) or slot (activations)
-  index_t elem = 0;  ///< element inside the vector h_{t,s} (0 for a matrix)
+  index_t row = 0;     ///< row (matrix) or token (activations)
+  index_t col = 0;     ///< column (matrix) or slot (activations)
+  index_t elem = 0;    ///< element inside the vector h_{t,s} (0 for a matrix)
   double value = 0.0;  ///< the offending value (NaN, +inf or -inf)
 };
 
@@ -52,7 +52,9 @@ void require_sound_matrix(const char* who, const char* name, const matrix_view<T
   require(m.row_stride >= 0 && m.col_stride >= 0, who, ": ", name, " has a negative stride");
 }
 
-inline const char* nonfinite_kind(double v) { return std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf"); }
+inline const char* nonfinite_kind(double v) {
+  return std::isnan(v) ? "nan" : (v > 0 ? "inf" : "-inf");
+}
 
 }  // namespace detail
 

@@ -93,8 +93,8 @@ namespace detail {
 inline void require_index_map(const char* who, const char* what, const topk_view& m) {
   require(m.rows >= 0 && m.k >= 0, who, ": ", what, " has a negative size [", m.rows, ", ", m.k, "]");
   require(m.data != nullptr || m.rows * m.k == 0, who, ": ", what, " is null but has size [", m.rows, ", ", m.k, "]");
-  require(m.row_stride >= m.k || m.rows <= 1, who, ": ", what, " row stride ", m.row_stride, " is smaller than k = ",
-          m.k);
+  require(m.row_stride >= m.k || m.rows <= 1, who, ": ", what, " row stride ", m.row_stride,
+          " is smaller than k = ", m.k);
 }
 
 // Checks that the valid entries of an index map are distinct keys in [0, n); key_of(t, s)
@@ -192,8 +192,14 @@ struct capacity_padded : detail::mapped_layout_shape<capacity_padded> {
   capacity_padded() = default;
   /// Contiguous [e, c, d] buffer; `experts` and `positions` [T, k] place each slot.
   capacity_padded(topk_view experts, topk_view positions, index_t e, index_t c, index_t d)
-      : expert_of(experts), position_of(positions), num_experts(e), capacity(c), length(d),
-        expert_stride(c * d), row_stride(d), elem_stride(1) {}
+      : expert_of(experts),
+        position_of(positions),
+        num_experts(e),
+        capacity(c),
+        length(d),
+        expert_stride(c * d),
+        row_stride(d),
+        elem_stride(1) {}
 
   /// The map that gives T and k: expert_of.
   const topk_view& slot_map() const { return expert_of; }
@@ -211,9 +217,9 @@ struct capacity_padded : detail::mapped_layout_shape<capacity_padded> {
   /// Throws moereg::error (prefixed by `who`) on bad sizes or strides, overlapping storage or
   /// mismatched maps; reads no map entry.
   void validate_shape(const char* who) const {
-    detail::require(num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 &&
-                        elem_stride >= 1,
-                    who, ": capacity_padded layout has a negative size or stride");
+    detail::require(
+        num_experts >= 0 && capacity >= 0 && length >= 0 && expert_stride >= 0 && row_stride >= 0 && elem_stride >= 1,
+        who, ": capacity_padded layout has a negative size or stride");
     detail::require(is_unique(), who, ": capacity_padded buffer [", num_experts, ", ", capacity, ", ", length,
                     "] with strides (", expert_stride, ", ", row_stride, ", ", elem_stride,
                     ") overlaps: two (expert, position, element) share storage");
@@ -255,8 +261,10 @@ struct has_validate_shape<Layout, std::void_t<decltype(std::declval<const Layout
 /// your own without it (its validate() runs wherever the map entries can be read).
 template <class Layout>
 void validate_layout_shape(const char* who, const Layout& l) {
-  if constexpr (has_validate_shape<Layout>::value) l.validate_shape(who);
-  else (void)who, (void)l;
+  if constexpr (has_validate_shape<Layout>::value)
+    l.validate_shape(who);
+  else
+    (void)who, (void)l;
 }
 }  // namespace detail
 
@@ -264,7 +272,7 @@ void validate_layout_shape(const char* who, const Layout& l) {
 template <class T, class Layout>
 struct activation_view {
   T* data = nullptr;  ///< base pointer the layout offsets are added to
-  Layout layout{};  ///< the layout policy (token_major, expert_grouped or capacity_padded)
+  Layout layout{};    ///< the layout policy (token_major, expert_grouped or capacity_padded)
 
   /// An empty view.
   constexpr activation_view() = default;
@@ -273,7 +281,8 @@ struct activation_view {
   /// A read-only view of a mutable one (like matrix_view's conversion), so that a gradient
   /// buffer's view also serves as an input.
   template <class U, std::enable_if_t<std::is_convertible<U*, T*>::value && !std::is_same<U, T>::value, int> = 0>
-  MOEREG_HOST_DEVICE constexpr activation_view(const activation_view<U, Layout>& o)  // NOLINT(google-explicit-constructor)
+  MOEREG_HOST_DEVICE constexpr activation_view(
+      const activation_view<U, Layout>& o)  // NOLINT(google-explicit-constructor)
       : data(o.data), layout(o.layout) {}
 
   /// Pointer to h_{t,s} (entries `layout.stride()` apart), or null when the slot has none.
@@ -291,15 +300,15 @@ struct activation_view {
 template <class Derived>
 auto grouped_view(const topk_view& row_map, Eigen::DenseBase<Derived>& m) {
   using S = std::remove_reference_t<decltype(*m.derived().data())>;
-  return activation_view<S, expert_grouped>{
-      m.derived().data(), expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
+  return activation_view<S, expert_grouped>{m.derived().data(),
+                                            expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
 }
 /// Read-only overload of grouped_view() for a const matrix or expression.
 template <class Derived>
 auto grouped_view(const topk_view& row_map, const Eigen::DenseBase<Derived>& m) {
   using S = const std::remove_const_t<std::remove_reference_t<decltype(*m.derived().data())>>;
-  return activation_view<S, expert_grouped>{
-      m.derived().data(), expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
+  return activation_view<S, expert_grouped>{m.derived().data(),
+                                            expert_grouped(row_map, m.rows(), m.cols(), m.rowStride(), m.colStride())};
 }
 
 /// Shorthand for a contiguous token-major [T, k, d] view.

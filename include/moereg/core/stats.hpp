@@ -48,7 +48,7 @@ MOEREG_NAMESPACE_BEGIN
 /// Where one loss's statistics lie in a flat statistics buffer.
 struct stats_slice {
   index_t offset = 0;  ///< first double of the slice in the buffer
-  index_t size = 0;  ///< number of doubles (the loss's stats_size)
+  index_t size = 0;    ///< number of doubles (the loss's stats_size)
 
   /// The slice inside `buffer` (a buffer with the layout of the bundle that issued it).
   constexpr stats_view in(const double* buffer) const { return stats_view{buffer + offset, size}; }

@@ -20,7 +20,7 @@ MOEREG_NAMESPACE_BEGIN
 using index_t = std::int64_t;
 
 /// The 16-bit storage types. They are Eigen's, so Eigen matrices of them map without a copy.
-using half = Eigen::half;  ///< Eigen::half (IEEE binary16)
+using half = Eigen::half;          ///< Eigen::half (IEEE binary16)
 using bfloat16 = Eigen::bfloat16;  ///< Eigen::bfloat16 (8-bit exponent, 7-bit mantissa)
 
 /// The arithmetic type for a storage type T.
@@ -45,8 +45,9 @@ inline constexpr bool is_storage_type_v =
 
 /// The message of the static_assert every loss input and chain helper makes on its element
 /// type: integers, raw 16-bit patterns in uint16_t and other arithmetic types do not compile.
-#define MOEREG_STORAGE_TYPE_MESSAGE \
-  "moereg: the element type of probabilities, logits, scores and activations must be float, double, moereg::half or moereg::bfloat16"
+#define MOEREG_STORAGE_TYPE_MESSAGE                                                                                   \
+  "moereg: the element type of probabilities, logits, scores and activations must be float, double, moereg::half or " \
+  "moereg::bfloat16"
 
 /// Reads one element as its accumulator type.
 template <class T>
@@ -64,11 +65,16 @@ MOEREG_FORCEINLINE void store(T& dst, A v) {
 template <class T>
 constexpr const char* type_name() {
   using U = std::remove_cv_t<T>;
-  if constexpr (std::is_same_v<U, float>) return "float32";
-  else if constexpr (std::is_same_v<U, double>) return "float64";
-  else if constexpr (std::is_same_v<U, half>) return "float16";
-  else if constexpr (std::is_same_v<U, bfloat16>) return "bfloat16";
-  else return "unsupported";
+  if constexpr (std::is_same_v<U, float>)
+    return "float32";
+  else if constexpr (std::is_same_v<U, double>)
+    return "float64";
+  else if constexpr (std::is_same_v<U, half>)
+    return "float16";
+  else if constexpr (std::is_same_v<U, bfloat16>)
+    return "bfloat16";
+  else
+    return "unsupported";
 }
 
 MOEREG_NAMESPACE_END

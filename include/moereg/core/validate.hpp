@@ -148,8 +148,8 @@ void check_layout_slots(const char* who, const char* name, const activation_view
 /// Activations on the host: [T, k] agrees with topk, d >= 0, and check_layout_slots().
 template <class T, class Layout>
 void check_activations(const char* who, const char* name, const activation_view<T, Layout>& h, const topk_view& I) {
-  require(h.layout.tokens() == I.rows && h.layout.slots() == I.k, who, ": ", name, " layout is [",
-          h.layout.tokens(), ", ", h.layout.slots(), ", ", h.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
+  require(h.layout.tokens() == I.rows && h.layout.slots() == I.k, who, ": ", name, " layout is [", h.layout.tokens(),
+          ", ", h.layout.slots(), ", ", h.layout.dim(), "] but topk is [", I.rows, ", ", I.k, "]");
   require(h.layout.dim() >= 0, who, ": ", name, " has a negative length d = ", h.layout.dim());
   check_layout_slots(who, name, h, I);
 }

@@ -61,9 +61,9 @@ inline bool strides_unique(int n, const index_t* extent, const index_t* stride) 
 /// A strided 2-D view. `T` may be const-qualified for inputs.
 template <class T>
 struct matrix_view {
-  T* data = nullptr;  ///< first element, (0, 0)
-  index_t rows = 0;  ///< number of rows
-  index_t cols = 0;  ///< number of columns
+  T* data = nullptr;       ///< first element, (0, 0)
+  index_t rows = 0;        ///< number of rows
+  index_t cols = 0;        ///< number of columns
   index_t row_stride = 0;  ///< elements between (i, j) and (i + 1, j)
   index_t col_stride = 1;  ///< elements between (i, j) and (i, j + 1)
 
@@ -118,11 +118,11 @@ enum class index_type : std::uint8_t { i32, i64 };
 
 /// Selected experts [T, k], int32 or int64. Negative = dropped slot.
 struct topk_view {
-  const void* data = nullptr;  ///< int32 or int64 entries, as `type` says; null = empty view
+  const void* data = nullptr;         ///< int32 or int64 entries, as `type` says; null = empty view
   index_type type = index_type::i32;  ///< element type of `data`
-  index_t rows = 0;  ///< T, the number of tokens
-  index_t k = 0;  ///< k, the number of slots per token
-  index_t row_stride = 0;  ///< elements between the rows of two consecutive tokens
+  index_t rows = 0;                   ///< T, the number of tokens
+  index_t k = 0;                      ///< k, the number of slots per token
+  index_t row_stride = 0;             ///< elements between the rows of two consecutive tokens
 
   /// An empty view (no tokens).
   constexpr topk_view() = default;
@@ -147,19 +147,23 @@ enum class mask_type : std::uint8_t { u8, boolean, i32, i64 };
 /// Token mask [T]: nonzero = real token, zero = padding. A default-constructed mask
 /// (null data) means every token is valid.
 struct mask_view {
-  const void* data = nullptr;  ///< entries of type `type`; null = every token valid
+  const void* data = nullptr;      ///< entries of type `type`; null = every token valid
   mask_type type = mask_type::u8;  ///< element type of `data`
-  index_t size = 0;  ///< T, the number of tokens
-  index_t stride = 1;  ///< elements between two consecutive tokens
+  index_t size = 0;                ///< T, the number of tokens
+  index_t stride = 1;              ///< elements between two consecutive tokens
 
   /// The all-valid mask (null data).
   constexpr mask_view() = default;
   /// A mask of n tokens (nonzero = valid) read every `st` elements from d.
   ///@{
-  constexpr mask_view(const std::uint8_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::u8), size(n), stride(st) {}
-  constexpr mask_view(const bool* d, index_t n, index_t st = 1) : data(d), type(mask_type::boolean), size(n), stride(st) {}
-  constexpr mask_view(const std::int32_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::i32), size(n), stride(st) {}
-  constexpr mask_view(const std::int64_t* d, index_t n, index_t st = 1) : data(d), type(mask_type::i64), size(n), stride(st) {}
+  constexpr mask_view(const std::uint8_t* d, index_t n, index_t st = 1)
+      : data(d), type(mask_type::u8), size(n), stride(st) {}
+  constexpr mask_view(const bool* d, index_t n, index_t st = 1)
+      : data(d), type(mask_type::boolean), size(n), stride(st) {}
+  constexpr mask_view(const std::int32_t* d, index_t n, index_t st = 1)
+      : data(d), type(mask_type::i32), size(n), stride(st) {}
+  constexpr mask_view(const std::int64_t* d, index_t n, index_t st = 1)
+      : data(d), type(mask_type::i64), size(n), stride(st) {}
   ///@}
 
   /// True for the default (null) mask: every token is valid.
@@ -170,10 +174,14 @@ struct mask_view {
     if (data == nullptr) return true;
     const index_t o = t * stride;
     switch (type) {
-      case mask_type::u8: return static_cast<const std::uint8_t*>(data)[o] != 0;
-      case mask_type::boolean: return static_cast<const bool*>(data)[o];
-      case mask_type::i32: return static_cast<const std::int32_t*>(data)[o] != 0;
-      default: return static_cast<const std::int64_t*>(data)[o] != 0;
+      case mask_type::u8:
+        return static_cast<const std::uint8_t*>(data)[o] != 0;
+      case mask_type::boolean:
+        return static_cast<const bool*>(data)[o];
+      case mask_type::i32:
+        return static_cast<const std::int32_t*>(data)[o] != 0;
+      default:
+        return static_cast<const std::int64_t*>(data)[o] != 0;
     }
   }
 };
@@ -181,9 +189,9 @@ struct mask_view {
 /// Packed-sequence offsets (cu_seqlens) [B + 1], int32 or int64: sequence b holds rows
 /// [offsets[b], offsets[b + 1]).
 struct offsets_view {
-  const void* data = nullptr;  ///< int32 or int64 entries, as `type` says; null = no offsets
+  const void* data = nullptr;         ///< int32 or int64 entries, as `type` says; null = no offsets
   index_type type = index_type::i32;  ///< element type of `data`
-  index_t size = 0;  ///< B + 1
+  index_t size = 0;                   ///< B + 1
 
   /// An empty view (no packed sequences).
   constexpr offsets_view() = default;
@@ -205,7 +213,7 @@ struct offsets_view {
 /// Reduced statistics handed to a loss (LOSSES.md section 9). Empty = use this call's own.
 struct stats_view {
   const double* data = nullptr;  ///< the summed statistics; null = none given
-  index_t size = 0;  ///< number of doubles; must equal the loss's stats_size(inputs)
+  index_t size = 0;              ///< number of doubles; must equal the loss's stats_size(inputs)
   /// True when no statistics were given.
   constexpr bool empty() const { return data == nullptr; }
 };
@@ -225,7 +233,7 @@ namespace detail {
 /// with a device buffer is the form to use.
 template <class Backend>
 inline constexpr bool is_cpu_backend_v = std::is_same<Backend, cpu>::value;
-#define MOEREG_HOST_STATS_MESSAGE                                                                   \
+#define MOEREG_HOST_STATS_MESSAGE                                                                 \
   "moereg: this form returns host memory and runs on the CPU backend only; with another backend " \
   "pass a buffer on that backend's device to local_stats(in, double* out, be)"
 
@@ -250,9 +258,9 @@ struct grad_options {
 /// The positional forms (opts, reduced, be) stay; both give the same call.
 template <class Backend>
 struct call_context {
-  Backend backend{};      ///< cpu{...}, or the CUDA backend with its stream and buffers
-  stats_view reduced{};   ///< reduced statistics; empty = this call's own
-  grad_options opts{};    ///< grad_scale and overwrite / accumulate (ignored by value())
+  Backend backend{};     ///< cpu{...}, or the CUDA backend with its stream and buffers
+  stats_view reduced{};  ///< reduced statistics; empty = this call's own
+  grad_options opts{};   ///< grad_scale and overwrite / accumulate (ignored by value())
   /// Where the value is written, besides being returned: host memory on the CPU; device
   /// memory on CUDA, in place of the backend's own value pointer (the call then returns NaN,
   /// the value being on the device). Null: the backend's default.

@@ -60,7 +60,7 @@ inline void allreduce_sum(double* buf, index_t count, MPI_Comm comm) {
   MPI_Initialized(&initialized);
   MPI_Finalized(&finalized);
   moereg::detail::require_backend(initialized != 0 && finalized == 0, who, ": MPI is ",
-                          initialized ? "already finalized" : "not initialized");
+                                  initialized ? "already finalized" : "not initialized");
   index_t done = 0;
   do {  // at least one call, so that count = 0 stays a collective every rank takes part in
     const index_t n = count - done < static_cast<index_t>(INT_MAX) ? count - done : static_cast<index_t>(INT_MAX);

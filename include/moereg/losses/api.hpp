@@ -66,10 +66,9 @@ struct view_storage<V<T, R...>> {
 template <class In, class G, class = void>
 struct is_mixed_grad : std::false_type {};
 template <class In, class G>
-struct is_mixed_grad<
-    In, G,
-    std::void_t<typename view_storage<std::remove_const_t<std::remove_pointer_t<G>>>::type,
-                typename view_storage<grad_view_t<In>>::type>> {
+struct is_mixed_grad<In, G,
+                     std::void_t<typename view_storage<std::remove_const_t<std::remove_pointer_t<G>>>::type,
+                                 typename view_storage<grad_view_t<In>>::type>> {
   using own = view_storage<grad_view_t<In>>;
   using view = std::remove_const_t<std::remove_pointer_t<G>>;
   using U = typename view_storage<view>::type;
@@ -118,11 +117,10 @@ double with_value_out(const call_context<Backend>& c, F&& f) {
 template <class Backend, class Loss, class In, class GV = grad_view_t<In>, class = void>
 struct has_execute : std::false_type {};
 template <class Backend, class Loss, class In, class GV>
-struct has_execute<Backend, Loss, In, GV,
-                   std::void_t<decltype(execute(std::declval<const Backend&>(), std::declval<const Loss&>(),
-                                                std::declval<const In&>(), stats_view{},
-                                                static_cast<const GV*>(nullptr), grad_options{}))>>
-    : std::true_type {};
+struct has_execute<
+    Backend, Loss, In, GV,
+    std::void_t<decltype(execute(std::declval<const Backend&>(), std::declval<const Loss&>(), std::declval<const In&>(),
+                                 stats_view{}, static_cast<const GV*>(nullptr), grad_options{}))>> : std::true_type {};
 
 }  // namespace detail
 
@@ -223,8 +221,10 @@ struct loss_api {
     using GV = typename detail::is_mixed_grad<In, G>::view;
     static_assert(detail::has_execute<Backend, Self, In, GV>::value, MOEREG_NO_BACKEND_MESSAGE);
     const GV* g = nullptr;
-    if constexpr (std::is_pointer<G>::value) g = detail::grad_pointer(Self::name, static_cast<const GV*>(grad));
-    else g = &grad;
+    if constexpr (std::is_pointer<G>::value)
+      g = detail::grad_pointer(Self::name, static_cast<const GV*>(grad));
+    else
+      g = &grad;
     return execute(be, self(), in, reduced, g, opts);
   }
   /// The mixed-precision backward() with the options, reduced statistics and backend of a call
@@ -237,7 +237,8 @@ struct loss_api {
   /// call context.
   template <class In, class G, class Backend, enable_for<In> = 0, detail::enable_mixed_grad<In, G> = 0>
   double value_and_grad(const In& in, const G& grad, const call_context<Backend>& c) const {
-    return detail::with_value_out(c, [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
+    return detail::with_value_out(c,
+                                  [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
   }
 
   /// value() with the backend and reduced statistics of a call context (moereg::on(be)...).
@@ -253,7 +254,8 @@ struct loss_api {
   /// value_and_grad() with the options, reduced statistics and backend of a call context.
   template <class In, class Backend, enable_for<In> = 0>
   double value_and_grad(const In& in, detail::grad_arg_t<In> grad, const call_context<Backend>& c) const {
-    return detail::with_value_out(c, [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
+    return detail::with_value_out(c,
+                                  [&](const Backend& be) { return value_and_grad(in, grad, c.opts, c.reduced, be); });
   }
 };
 

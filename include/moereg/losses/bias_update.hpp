@@ -61,8 +61,8 @@ void bias_update(const bias_update_config& cfg, const C* counts, index_t n_count
   std::vector<double> c(static_cast<std::size_t>(E));
   for (index_t e = 0; e < E; ++e) {
     c[static_cast<std::size_t>(e)] = static_cast<double>(counts[e]);
-    detail::require(std::isfinite(c[static_cast<std::size_t>(e)]), who, ": counts[", e, "] = ",
-                    c[static_cast<std::size_t>(e)], " is not finite");
+    detail::require(std::isfinite(c[static_cast<std::size_t>(e)]), who, ": counts[", e,
+                    "] = ", c[static_cast<std::size_t>(e)], " is not finite");
   }
   if (E == 0) return;
   const double mean_c = detail::pairwise_sum(c.data(), E) / static_cast<double>(E);

@@ -25,9 +25,9 @@ MOEREG_NAMESPACE_BEGIN
 /// valid-token count, the kernel's column sums (sum_width) and counts (count_width).
 template <class Acc>
 struct row_local {
-  index_t tv = 0;                     ///< valid tokens of this call
-  const Acc* sums = nullptr;          ///< the kernel's sum_width column sums
-  const index_t* counts = nullptr;    ///< the kernel's count_width counts
+  index_t tv = 0;                   ///< valid tokens of this call
+  const Acc* sums = nullptr;        ///< the kernel's sum_width column sums
+  const index_t* counts = nullptr;  ///< the kernel's count_width counts
 };
 namespace detail {
 
@@ -51,7 +51,8 @@ struct per_column_rows {
   bool wants_rows(bool grad) const { return grad; }
   template <class Ops>
   Acc row(index_t, const Acc*, Acc* g, Ops& ops) const {
-    if (g != nullptr) ops.put(g, static_cast<index_t>(coeff.size()), [&](index_t e) { return coeff[static_cast<std::size_t>(e)]; });
+    if (g != nullptr)
+      ops.put(g, static_cast<index_t>(coeff.size()), [&](index_t e) { return coeff[static_cast<std::size_t>(e)]; });
     return Acc(0);
   }
   double finish(Acc) const { return static_cast<double>(value); }

@@ -76,12 +76,12 @@ struct coupling_loss;
 template <class T>
 struct coupling_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = coupling_loss;  ///< the loss these inputs are for
+  using loss_type = coupling_loss;          ///< the loss these inputs are for
   using grad_type = const matrix_view<T>*;  ///< what backward() writes
-  const routing_view<T>* probs = nullptr;     ///< `layers` views
-  const topk_view* topk = nullptr;            ///< `layers` views
-  index_t layers = 0;                         ///< L >= 2
-  mask_view mask{};                           ///< m [T], shared by every layer; empty = all valid
+  const routing_view<T>* probs = nullptr;   ///< `layers` views
+  const topk_view* topk = nullptr;          ///< `layers` views
+  index_t layers = 0;                       ///< L >= 2
+  mask_view mask{};                         ///< m [T], shared by every layer; empty = all valid
 };
 /// Deduces the storage type from the views: `coupling_inputs{view(x), ...}` needs no template argument.
 template <class T, class... Rest>
@@ -91,7 +91,7 @@ coupling_inputs(const routing_view<T>*, Rest...) -> coupling_inputs<T>;
 /// L = -lambda * (1 / T_v) sum_t m_t sum_l M^l_t M^{l+1}_t; gradient with respect to every P^l.
 struct coupling_loss : loss_api<coupling_loss, coupling_config> {
   static constexpr const char* name = "coupling_loss";  ///< in error messages
-  static constexpr const char* label = "coupling";     ///< prefix of the CPU backend's error messages
+  static constexpr const char* label = "coupling";      ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats writes: 1 (token, log) or 1 + (L-1) E^2 (batch).
   template <class T>
   index_t stats_size(const coupling_inputs<T>& in) const {
@@ -107,21 +107,21 @@ void validate_shapes(const char* who, const coupling_loss& loss, const coupling_
                      const matrix_view<G>* grads) {
   const auto form = loss.cfg.form;
   detail::require(form == coupling_form::token || form == coupling_form::log || form == coupling_form::batch, who,
-          ": unknown form ", static_cast<int>(form));
+                  ": unknown form ", static_cast<int>(form));
   detail::require(in.layers >= 2, who, ": needs at least 2 layers but got layers = ", in.layers);
   detail::require(in.probs != nullptr, who, ": probs is null; pass one routing view per layer");
   detail::require(in.topk != nullptr, who, ": topk is null; pass one topk view per layer");
   detail::require(std::isfinite(loss.cfg.eps) && loss.cfg.eps >= 0, who, ": eps = ", loss.cfg.eps,
-          " must be finite and non-negative");
+                  " must be finite and non-negative");
   const index_t T_ = in.probs[0].rows, E = in.probs[0].cols;
   for (index_t l = 0; l < in.layers; ++l) {
     const auto& P = in.probs[l];
     const std::string pn = detail::concat("probs[", l, "]"), tn = detail::concat("topk[", l, "]");
     detail::check_matrix(who, pn.c_str(), P);
     detail::require(P.rows == T_, who, ": ", pn, " has ", P.rows, " rows but probs[0] has ", T_,
-            "; every layer routes the same tokens");
+                    "; every layer routes the same tokens");
     detail::require(P.cols == E, who, ": ", pn, " has E = ", P.cols, " experts but probs[0] has E = ", E,
-            "; every layer needs the same number of experts");
+                    "; every layer needs the same number of experts");
     detail::check_topk_shape(who, tn.c_str(), in.topk[l], T_, E);
   }
   detail::check_mask(who, in.mask, T_);

@@ -40,12 +40,12 @@ struct entropy_loss;
 template <class T>
 struct entropy_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = entropy_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  using loss_type = entropy_loss;                         ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;                       ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";     ///< the routing matrix, as errors name it
   static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
-  routing_view<T> probs;  ///< P [T, E]
-  mask_view mask{};       ///< m [T], empty = all valid
+  routing_view<T> probs;                                  ///< P [T, E]
+  mask_view mask{};                                       ///< m [T], empty = all valid
   /// The routing matrix (the generic checks of losses/common.hpp read it).
   const routing_view<T>& matrix() const { return probs; }
 };
@@ -57,8 +57,8 @@ entropy_inputs(matrix_view<U>, Rest...) -> entropy_inputs<std::remove_const_t<U>
 /// (LOSSES.md section 7), gradient with respect to P.
 struct entropy_loss : loss_api<entropy_loss, entropy_config> {
   static constexpr const char* name = "entropy_loss";  ///< in error messages
-  static constexpr const char* label = "entropy";  ///< prefix of the CPU backend's error messages
-  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
+  static constexpr const char* label = "entropy";      ///< prefix of the CPU backend's error messages
+  static constexpr index_t stats_counts = 1;           ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const entropy_inputs<T>&) const {

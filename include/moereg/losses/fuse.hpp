@@ -38,7 +38,7 @@ MOEREG_NAMESPACE_BEGIN
 /// A fusion of losses L... (make one with fuse()).
 template <class... L>
 struct fused {
-  static constexpr std::size_t size = sizeof...(L);  ///< the number of losses
+  static constexpr std::size_t size = sizeof...(L);   ///< the number of losses
   using values_type = std::array<double, size>;       ///< one value per loss, in order
   using reduced_type = std::array<stats_view, size>;  ///< one reduced statistics view per loss (empty: local)
   std::tuple<L...> losses;                            ///< the losses, each with its configuration

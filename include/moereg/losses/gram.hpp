@@ -99,7 +99,9 @@ inline double gram_tv(const topk_view& I, const mask_view& mask, stats_view redu
 }
 
 /// coef / T_v, and 0 when no token is valid (the value 0, an all-zero gradient).
-MOEREG_HOST_DEVICE inline double per_valid_token(double coef, double tv) { return tv > 0 ? coef / tv : 0.0; }
+MOEREG_HOST_DEVICE inline double per_valid_token(double coef, double tv) {
+  return tv > 0 ? coef / tv : 0.0;
+}
 
 }  // namespace detail
 
@@ -109,8 +111,9 @@ namespace detail {
 template <class In, class = void>
 struct is_gram_inputs : std::false_type {};
 template <class In>
-struct is_gram_inputs<In, std::void_t<decltype(std::declval<const In&>().acts.layout),
-                                      decltype(std::declval<const In&>().num_experts)>> : std::true_type {};
+struct is_gram_inputs<
+    In, std::void_t<decltype(std::declval<const In&>().acts.layout), decltype(std::declval<const In&>().num_experts)>>
+    : std::true_type {};
 template <class In>
 using enable_gram_inputs = std::enable_if_t<is_gram_inputs<In>::value, int>;
 }  // namespace detail
@@ -120,8 +123,7 @@ using enable_gram_inputs = std::enable_if_t<is_gram_inputs<In>::value, int>;
 template <class Loss, class In, class G, detail::enable_gram_inputs<In> = 0>
 void validate_shapes(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad) {
   validate_config(who, loss, in);
-  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad,
-                            reduced);
+  detail::check_gram_shapes(who, loss.cfg.coef, loss.cfg.eps, in.acts, in.topk, in.mask, in.num_experts, grad, reduced);
 }
 /// Content checks of a Gram-based loss call on the host.
 template <class Loss, class In, class G, detail::enable_gram_inputs<In> = 0>

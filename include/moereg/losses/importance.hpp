@@ -43,12 +43,12 @@ struct importance_loss;
 template <class T>
 struct importance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = importance_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "probs";  ///< the routing matrix, as errors name it
+  using loss_type = importance_loss;                      ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;                       ///< what backward() writes
+  static constexpr const char* matrix_name = "probs";     ///< the routing matrix, as errors name it
   static constexpr const char* grad_name = "grad_probs";  ///< its gradient, as errors name it
-  routing_view<T> probs;  ///< P [T, E]
-  mask_view mask{};       ///< m [T], empty = all valid
+  routing_view<T> probs;                                  ///< P [T, E]
+  mask_view mask{};                                       ///< m [T], empty = all valid
   /// The routing matrix (the generic checks of losses/common.hpp read it).
   const routing_view<T>& matrix() const { return probs; }
 };
@@ -60,8 +60,8 @@ importance_inputs(matrix_view<U>, Rest...) -> importance_inputs<std::remove_cons
 /// section 7), gradient with respect to P.
 struct importance_loss : loss_api<importance_loss, importance_config> {
   static constexpr const char* name = "importance_loss";  ///< in error messages
-  static constexpr const char* label = "importance";  ///< prefix of the CPU backend's error messages
-  static constexpr index_t stats_counts = 0;  ///< leading entries of the statistics that are counts
+  static constexpr const char* label = "importance";      ///< prefix of the CPU backend's error messages
+  static constexpr index_t stats_counts = 0;              ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const importance_inputs<T>& in) const {
@@ -110,7 +110,8 @@ struct importance_kernel : per_column_rows<accumulator_t<T>> {
     const Acc mu2 = mu * mu, gw = static_cast<Acc>(grad_scale * w);
     this->value = static_cast<Acc>(w) * var / mu2;
     for (index_t e = 0; e < E; ++e)
-      this->coeff[static_cast<std::size_t>(e)] = importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
+      this->coeff[static_cast<std::size_t>(e)] =
+          importance_coeff(imp[static_cast<std::size_t>(e)], mu, var, Ea, mu2, gw);
   }
 };
 

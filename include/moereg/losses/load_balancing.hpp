@@ -48,10 +48,10 @@ enum class lb_scope { micro, sequence, global };
 
 /// Configuration of load_balancing_loss (LOSSES.md section 1).
 struct load_balancing_config {
-  double coef = 1e-2;               ///< alpha
+  double coef = 1e-2;                ///< alpha
   lb_scope scope = lb_scope::micro;  ///< micro (default), sequence or global
-  index_t seq_len = 0;              ///< sequence scope: fixed sequence length S (T = B*S); 0 = use cu_seqlens
-  index_t k = 0;                    ///< configured top-k width in f_e; 0 = the number of topk columns
+  index_t seq_len = 0;               ///< sequence scope: fixed sequence length S (T = B*S); 0 = use cu_seqlens
+  index_t k = 0;                     ///< configured top-k width in f_e; 0 = the number of topk columns
 };
 
 struct load_balancing_loss;
@@ -61,11 +61,11 @@ template <class T>
 struct load_balancing_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
   using loss_type = load_balancing_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  routing_view<T> probs;            ///< P [T, E]
-  topk_view topk;                   ///< I [T, k]
-  mask_view mask{};                 ///< m [T], empty = all valid
-  offsets_view cu_seqlens{};        ///< sequence scope without seq_len: offsets [B + 1]
+  using grad_type = matrix_view<T>;       ///< what backward() writes
+  routing_view<T> probs;                  ///< P [T, E]
+  topk_view topk;                         ///< I [T, k]
+  mask_view mask{};                       ///< m [T], empty = all valid
+  offsets_view cu_seqlens{};              ///< sequence scope without seq_len: offsets [B + 1]
 };
 /// Deduces the storage type from the views: `load_balancing_inputs{view(x), ...}` needs no template argument.
 template <class U, class... Rest>
@@ -75,7 +75,7 @@ load_balancing_inputs(matrix_view<U>, Rest...) -> load_balancing_inputs<std::rem
 /// gradient with respect to the routing probabilities P.
 struct load_balancing_loss : loss_api<load_balancing_loss, load_balancing_config> {
   static constexpr const char* name = "load_balancing_loss";  ///< in error messages
-  static constexpr const char* label = "load_balancing";  ///< prefix of the CPU backend's error messages
+  static constexpr const char* label = "load_balancing";      ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats writes for these inputs.
   template <class T>
   index_t stats_size(const load_balancing_inputs<T>& in) const {
@@ -102,10 +102,12 @@ void validate_shapes(const char* who, const load_balancing_loss& loss, const loa
     } else {
       detail::require(c.seq_len == 0, who, ": seq_len = ", c.seq_len, " is negative");
       detail::require(!in.cu_seqlens.empty(), who, ": sequence scope needs seq_len > 0 or cu_seqlens");
-      detail::require(in.cu_seqlens.size >= 1, who, ": cu_seqlens has ", in.cu_seqlens.size, " entries; it needs B + 1 >= 1");
+      detail::require(in.cu_seqlens.size >= 1, who, ": cu_seqlens has ", in.cu_seqlens.size,
+                      " entries; it needs B + 1 >= 1");
     }
   } else {
-    detail::require(in.cu_seqlens.empty() && c.seq_len == 0, who, ": seq_len and cu_seqlens apply only to the sequence scope");
+    detail::require(in.cu_seqlens.empty() && c.seq_len == 0, who,
+                    ": seq_len and cu_seqlens apply only to the sequence scope");
   }
   detail::check_stats_shape(who, reduced, loss.stats_size(in));
 }
@@ -119,9 +121,10 @@ void validate_contents(const char* who, const load_balancing_loss& loss, const l
     const auto& o = in.cu_seqlens;
     detail::require(o[0] == 0, who, ": cu_seqlens[0] = ", o[0], " but must be 0");
     for (index_t b = 1; b < o.size; ++b)
-      detail::require(o[b] >= o[b - 1], who, ": cu_seqlens is not increasing: cu_seqlens[", b, "] = ", o[b], " < cu_seqlens[",
-              b - 1, "] = ", o[b - 1]);
-    detail::require(o[o.size - 1] == in.probs.rows, who, ": cu_seqlens ends at ", o[o.size - 1], " but T = ", in.probs.rows);
+      detail::require(o[b] >= o[b - 1], who, ": cu_seqlens is not increasing: cu_seqlens[", b, "] = ", o[b],
+                      " < cu_seqlens[", b - 1, "] = ", o[b - 1]);
+    detail::require(o[o.size - 1] == in.probs.rows, who, ": cu_seqlens ends at ", o[o.size - 1],
+                    " but T = ", in.probs.rows);
   }
   detail::check_stats_values(who, reduced, loss.stats_size(in));
 }

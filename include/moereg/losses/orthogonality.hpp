@@ -67,11 +67,11 @@ enum class ortho_reduction {
 
 /// Configuration of orthogonality_loss (LOSSES.md section 5).
 struct orthogonality_config {
-  double coef = 1e-4;  ///< beta
-  double eps = 1e-6;   ///< must be positive
-  ortho_variant variant = ortho_variant::pairwise;  ///< pairwise (default) or subspace
+  double coef = 1e-4;                                 ///< beta
+  double eps = 1e-6;                                  ///< must be positive
+  ortho_variant variant = ortho_variant::pairwise;    ///< pairwise (default) or subspace
   ortho_reduction reduction = ortho_reduction::mean;  ///< mean over T_v (default) or sum
-  index_t k = 0;  ///< subspace: the k of the 1/k; 0 = the number of topk columns
+  index_t k = 0;                                      ///< subspace: the k of the 1/k; 0 = the number of topk columns
 };
 
 struct orthogonality_loss;
@@ -80,23 +80,22 @@ struct orthogonality_loss;
 template <class T, class Layout>
 struct orthogonality_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = orthogonality_loss;  ///< the loss these inputs are for
+  using loss_type = orthogonality_loss;          ///< the loss these inputs are for
   using grad_type = activation_view<T, Layout>;  ///< what backward() writes
-  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
-  topk_view topk;                         ///< I [T, k]; negative = dropped slot
-  mask_view mask{};                       ///< m [T], empty = all valid
-  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
+  activation_view<const T, Layout> acts;         ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
+  topk_view topk;                                ///< I [T, k]; negative = dropped slot
+  mask_view mask{};                              ///< m [T], empty = all valid
+  index_t num_experts = 0;                       ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
 /// Deduces the storage type from the views: `orthogonality_inputs{view(x), ...}` needs no template argument.
 template <class U, class Layout, class... Rest>
-orthogonality_inputs(activation_view<U, Layout>, Rest...)
-    -> orthogonality_inputs<std::remove_const_t<U>, Layout>;
+orthogonality_inputs(activation_view<U, Layout>, Rest...) -> orthogonality_inputs<std::remove_const_t<U>, Layout>;
 
 /// Orthogonality loss L_o = beta * (1 / T_v) sum_t m_t sum_{j != s} term_{t,j,s} (Guo et al. 2025;
 /// LOSSES.md section 5), gradient with respect to the expert outputs h.
 struct orthogonality_loss : loss_api<orthogonality_loss, orthogonality_config> {
   static constexpr const char* name = "orthogonality_loss";  ///< in error messages
-  static constexpr const char* label = "orthogonality";     ///< prefix of the CPU backend's error messages
+  static constexpr const char* label = "orthogonality";      ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const orthogonality_inputs<T, Layout>&) const {

@@ -53,8 +53,8 @@ enum class sp_pairs {
 
 /// Configuration of specialization_loss (LOSSES.md section 3).
 struct specialization_config {
-  double coef = 2e-3;  ///< lambda
-  double eps = 1e-8;   ///< norm clamp; must be positive
+  double coef = 2e-3;              ///< lambda
+  double eps = 1e-8;               ///< norm clamp; must be positive
   sp_pairs pairs = sp_pairs::sum;  ///< sum over ordered pairs (default) or mean
 };
 
@@ -64,23 +64,22 @@ struct specialization_loss;
 template <class T, class Layout>
 struct specialization_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = specialization_loss;  ///< the loss these inputs are for
+  using loss_type = specialization_loss;         ///< the loss these inputs are for
   using grad_type = activation_view<T, Layout>;  ///< what backward() writes
-  activation_view<const T, Layout> acts;  ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
-  topk_view topk;                         ///< I [T, k]; negative = dropped slot
-  mask_view mask{};                       ///< m [T], empty = all valid
-  index_t num_experts = 0;                ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
+  activation_view<const T, Layout> acts;         ///< h_{t,s}, tokens() = T, slots() = k, dim() = d
+  topk_view topk;                                ///< I [T, k]; negative = dropped slot
+  mask_view mask{};                              ///< m [T], empty = all valid
+  index_t num_experts = 0;                       ///< E, only to validate topk (ids < E, k <= E); 0 = unknown
 };
 /// Deduces the storage type from the views: `specialization_inputs{view(x), ...}` needs no template argument.
 template <class U, class Layout, class... Rest>
-specialization_inputs(activation_view<U, Layout>, Rest...)
-    -> specialization_inputs<std::remove_const_t<U>, Layout>;
+specialization_inputs(activation_view<U, Layout>, Rest...) -> specialization_inputs<std::remove_const_t<U>, Layout>;
 
 /// Intra-layer specialization loss L = lambda * (1 / T_v) sum_t m_t sum_{s != r} c_{t,s,r}^2
 /// (Hu et al. 2026, R_sp; LOSSES.md section 3), gradient with respect to the activations h.
 struct specialization_loss : loss_api<specialization_loss, specialization_config> {
   static constexpr const char* name = "specialization_loss";  ///< in error messages
-  static constexpr const char* label = "specialization";     ///< prefix of the CPU backend's error messages
+  static constexpr const char* label = "specialization";      ///< prefix of the CPU backend's error messages
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T, class Layout>
   index_t stats_size(const specialization_inputs<T, Layout>&) const {

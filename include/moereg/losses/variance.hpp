@@ -51,8 +51,8 @@ enum class variance_reduction { mean, sum };
 
 /// Configuration of variance_loss (LOSSES.md section 6).
 struct variance_config {
-  double coef = 1e-3;                                   ///< gamma
-  variance_axis axis = variance_axis::tokens;  ///< tokens (the paper, default) or experts
+  double coef = 1e-3;                                       ///< gamma
+  variance_axis axis = variance_axis::tokens;               ///< tokens (the paper, default) or experts
   variance_reduction reduction = variance_reduction::mean;  ///< tokens axis: mean (default) or sum
 };
 
@@ -62,12 +62,12 @@ struct variance_loss;
 template <class T>
 struct variance_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = variance_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "scores";  ///< the routing matrix, as errors name it
+  using loss_type = variance_loss;                         ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;                        ///< what backward() writes
+  static constexpr const char* matrix_name = "scores";     ///< the routing matrix, as errors name it
   static constexpr const char* grad_name = "grad_scores";  ///< its gradient, as errors name it
-  routing_view<T> scores;  ///< S [T, E]
-  mask_view mask{};        ///< m [T], empty = all valid
+  routing_view<T> scores;                                  ///< S [T, E]
+  mask_view mask{};                                        ///< m [T], empty = all valid
   /// The routing matrix (the generic checks of losses/common.hpp read it).
   const routing_view<T>& matrix() const { return scores; }
 };
@@ -79,8 +79,8 @@ variance_inputs(matrix_view<U>, Rest...) -> variance_inputs<std::remove_const_t<
 /// LOSSES.md section 6), gradient with respect to the routing scores S.
 struct variance_loss : loss_api<variance_loss, variance_config> {
   static constexpr const char* name = "variance_loss";  ///< in error messages
-  static constexpr const char* label = "variance";  ///< prefix of the CPU backend's error messages
-  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
+  static constexpr const char* label = "variance";      ///< prefix of the CPU backend's error messages
+  static constexpr index_t stats_counts = 1;            ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const variance_inputs<T>& in) const {
@@ -159,8 +159,10 @@ struct variance_kernel {
   Acc deviations(const Acc* MOEREG_RESTRICT s, C center, Acc* MOEREG_RESTRICT g, Ops& ops) const {
     const index_t E = x.cols;
     const auto c = [&](index_t e) {
-      if constexpr (std::is_pointer_v<C>) return center[e];
-      else return center;
+      if constexpr (std::is_pointer_v<C>)
+        return center[e];
+      else
+        return center;
     };
     Acc q = Acc(0);
     if (g == nullptr) {

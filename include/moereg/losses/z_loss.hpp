@@ -35,12 +35,12 @@ struct z_loss;
 template <class T>
 struct z_loss_inputs {
   static_assert(is_storage_type_v<T>, MOEREG_STORAGE_TYPE_MESSAGE);
-  using loss_type = z_loss;  ///< the loss these inputs are for
-  using grad_type = matrix_view<T>;  ///< what backward() writes
-  static constexpr const char* matrix_name = "logits";  ///< the routing matrix, as errors name it
+  using loss_type = z_loss;                                ///< the loss these inputs are for
+  using grad_type = matrix_view<T>;                        ///< what backward() writes
+  static constexpr const char* matrix_name = "logits";     ///< the routing matrix, as errors name it
   static constexpr const char* grad_name = "grad_logits";  ///< its gradient, as errors name it
-  routing_view<T> logits;  ///< Z [T, E]
-  mask_view mask{};        ///< m [T], empty = all valid
+  routing_view<T> logits;                                  ///< Z [T, E]
+  mask_view mask{};                                        ///< m [T], empty = all valid
   /// The routing matrix (the generic checks of losses/common.hpp read it).
   const routing_view<T>& matrix() const { return logits; }
 };
@@ -51,9 +51,9 @@ z_loss_inputs(matrix_view<U>, Rest...) -> z_loss_inputs<std::remove_const_t<U>>;
 /// Router z-loss L = beta * (1 / T_v) sum_t m_t lse_t^2 (ST-MoE; LOSSES.md section 2), gradient
 /// with respect to the router logits Z.
 struct z_loss : loss_api<z_loss, z_loss_config> {
-  static constexpr const char* name = "z_loss";  ///< in error messages
+  static constexpr const char* name = "z_loss";   ///< in error messages
   static constexpr const char* label = "z_loss";  ///< prefix of the CPU backend's error messages
-  static constexpr index_t stats_counts = 1;  ///< leading entries of the statistics that are counts
+  static constexpr index_t stats_counts = 1;      ///< leading entries of the statistics that are counts
   /// Number of doubles local_stats() writes for these inputs (layout in the header comment).
   template <class T>
   index_t stats_size(const z_loss_inputs<T>&) const {

@@ -307,4 +307,3 @@ MOEREG_HOST_DEVICE Real orthogonality_subspace_token(int n, const Real* G, nonde
 
 }  // namespace math
 MOEREG_NAMESPACE_END
-

@@ -104,7 +104,7 @@ struct lb_expert_result {
 /// gs = grad_scale.
 template <class Acc>
 MOEREG_HOST_DEVICE inline lb_expert_result<Acc> lb_expert(double count, double tv_f, double tv_p, Acc colsum, Acc k,
-                                                           Acc alpha_e, Acc gs) {
+                                                          Acc alpha_e, Acc gs) {
   const Acc f = tv_f > 0 ? static_cast<Acc>(count / tv_f) / k : Acc(0);
   const Acc inv_tvp = tv_p > 0 ? static_cast<Acc>(1.0 / tv_p) : Acc(0);
   return {f * colsum * inv_tvp, gs * alpha_e * f * inv_tvp};
@@ -114,7 +114,7 @@ MOEREG_HOST_DEVICE inline lb_expert_result<Acc> lb_expert(double count, double t
 /// sequence), inv_b = 1 / B; the gradient carries the 1/B of the mean over sequences.
 template <class Acc>
 MOEREG_HOST_DEVICE inline lb_expert_result<Acc> lb_seq_expert(Acc count, Acc inv_tv, Acc colsum, Acc k, Acc alpha_e,
-                                                               Acc gs, Acc inv_b) {
+                                                              Acc gs, Acc inv_b) {
   const Acc f = count * inv_tv / k;
   return {f * colsum * inv_tv, gs * alpha_e * inv_b * f * inv_tv};
 }
@@ -167,7 +167,7 @@ struct variance_constants {
 
 template <class Acc>
 MOEREG_HOST_DEVICE inline variance_constants<Acc> variance_scale(double coef, double grad_scale, double norm,
-                                                                double denom) {
+                                                                 double denom) {
   return {static_cast<Acc>(-coef * norm / denom), static_cast<Acc>(-grad_scale * coef * 2.0 * norm / denom)};
 }
 

@@ -34,19 +34,19 @@ namespace testing {
 /// Tolerances and sampling of gradcheck(). An entry passes when
 /// |analytic - numeric| <= atol + noise + rtol * max(|analytic|, |numeric|).
 struct gradcheck_options {
-  double step = 1e-6;        ///< h
-  double rtol = 1e-6;  ///< relative tolerance
-  double atol = 1e-9;  ///< absolute tolerance
-  double noise_factor = 16;  ///< multiples of the difference quotient's rounding error allowed
-  index_t full_max = 2048;   ///< check every coordinate up to this size
-  int directions = 32;       ///< random directions above it
+  double step = 1e-6;          ///< h
+  double rtol = 1e-6;          ///< relative tolerance
+  double atol = 1e-9;          ///< absolute tolerance
+  double noise_factor = 16;    ///< multiples of the difference quotient's rounding error allowed
+  index_t full_max = 2048;     ///< check every coordinate up to this size
+  int directions = 32;         ///< random directions above it
   std::uint64_t seed = 12345;  ///< seed of the random directions
-  int keep_worst = 5;  ///< entries kept in gradcheck_report::worst
+  int keep_worst = 5;          ///< entries kept in gradcheck_report::worst
 };
 
 /// One checked coordinate or direction.
 struct gradcheck_entry {
-  index_t index = -1;        ///< coordinate, or -(direction + 1) for a directional check
+  index_t index = -1;  ///< coordinate, or -(direction + 1) for a directional check
   /// The analytic and central-difference derivatives, |analytic - numeric|, and
   /// score = abs_error / (atol + noise + rtol * scale) (> 1 fails).
   ///@{
@@ -56,10 +56,10 @@ struct gradcheck_entry {
 
 /// The result of gradcheck().
 struct gradcheck_report {
-  bool ok = true;  ///< every entry passed (NaN fails)
-  index_t checked = 0;  ///< coordinates or directions checked
-  double max_abs_error = 0;  ///< largest |analytic - numeric|
-  double max_rel_error = 0;  ///< abs_error / max(|analytic|, |numeric|) over entries above atol
+  bool ok = true;                      ///< every entry passed (NaN fails)
+  index_t checked = 0;                 ///< coordinates or directions checked
+  double max_abs_error = 0;            ///< largest |analytic - numeric|
+  double max_rel_error = 0;            ///< abs_error / max(|analytic|, |numeric|) over entries above atol
   std::vector<gradcheck_entry> worst;  ///< the keep_worst highest scores, worst first
 
   /// One line with the verdict and the largest errors, then one line per worst entry.
@@ -68,8 +68,8 @@ struct gradcheck_report {
     os << (ok ? "gradcheck passed" : "gradcheck FAILED") << ": " << checked << " checks, max abs error "
        << max_abs_error << ", max rel error " << max_rel_error;
     for (const auto& w : worst)
-      os << "\n  " << (w.index >= 0 ? "x[" : "direction[") << (w.index >= 0 ? w.index : -w.index - 1)
-         << "]: analytic " << w.analytic << ", numeric " << w.numeric << ", abs error " << w.abs_error;
+      os << "\n  " << (w.index >= 0 ? "x[" : "direction[") << (w.index >= 0 ? w.index : -w.index - 1) << "]: analytic "
+         << w.analytic << ", numeric " << w.numeric << ", abs error " << w.abs_error;
     return os.str();
   }
 };

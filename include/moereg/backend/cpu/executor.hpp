@@ -32,7 +32,9 @@ namespace detail {
 /// changes the rounding of sums (not their exactness).
 inline constexpr index_t cpu_block_rows = 256;
 
-inline index_t num_blocks(index_t n, index_t block) { return n <= 0 ? 0 : (n + block - 1) / block; }
+inline index_t num_blocks(index_t n, index_t block) {
+  return n <= 0 ? 0 : (n + block - 1) / block;
+}
 
 /// Calls f(b, begin, end) for every block b of [0, n), in parallel across blocks.
 template <class F>
@@ -60,8 +62,10 @@ void combine_blocks(const std::vector<Acc>& partials, index_t blocks, index_t wi
 /// Writes one gradient element: overwrite or accumulate, in the storage type.
 template <class T, class A>
 MOEREG_FORCEINLINE void put_grad(T& dst, A v, bool accumulate) {
-  if (accumulate) store(dst, load(dst) + v);
-  else store(dst, v);
+  if (accumulate)
+    store(dst, load(dst) + v);
+  else
+    store(dst, v);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -81,7 +81,9 @@ struct pack_portable {
     std::memcpy(&r, p, sizeof(reg));
     return r;
   }
-  static MOEREG_FORCEINLINE void storeu(Acc* p, const reg& a) { std::memcpy(p, &a, sizeof(reg)); }
+  static MOEREG_FORCEINLINE void storeu(Acc* p, const reg& a) {
+    std::memcpy(p, &a, sizeof(reg));
+  }
   static MOEREG_FORCEINLINE reg fmadd(const reg& a, const reg& b, const reg& c) {
     reg r;
     for (int j = 0; j < parts; ++j) r.v[j] = a.v[j] * b.v[j] + c.v[j];
@@ -166,7 +168,7 @@ struct gram_pack<double> {
 #else
 template <class T>
 struct gram_pack {
-  using type = pack_portable<accumulator_t<T> >;
+  using type = pack_portable<accumulator_t<T>>;
 };
 #endif
 
@@ -521,14 +523,22 @@ void gram_dispatch(int n, const T* const* x, index_t d, index_t stride, typename
                    int npf) {
   if constexpr (Contig) {
     switch (n) {
-      case 2: return gram_pass<2, P>(x, d, G, pf, npf);
-      case 3: return gram_pass<3, P>(x, d, G, pf, npf);
-      case 4: return gram_pass<4, P>(x, d, G, pf, npf);
-      case 5: return gram_pass<5, P>(x, d, G, pf, npf);
-      case 6: return gram_pass<6, P>(x, d, G, pf, npf);
-      case 7: return gram_pass<7, P>(x, d, G, pf, npf);
-      case 8: return gram_pass<8, P>(x, d, G, pf, npf);
-      default: break;
+      case 2:
+        return gram_pass<2, P>(x, d, G, pf, npf);
+      case 3:
+        return gram_pass<3, P>(x, d, G, pf, npf);
+      case 4:
+        return gram_pass<4, P>(x, d, G, pf, npf);
+      case 5:
+        return gram_pass<5, P>(x, d, G, pf, npf);
+      case 6:
+        return gram_pass<6, P>(x, d, G, pf, npf);
+      case 7:
+        return gram_pass<7, P>(x, d, G, pf, npf);
+      case 8:
+        return gram_pass<8, P>(x, d, G, pf, npf);
+      default:
+        break;
     }
   }
   gram_pass_rt<P, Contig>(n, x, d, stride, G, pf, npf);
@@ -541,14 +551,22 @@ void apply_dispatch(int n, const T* const* x, GT* const* g, index_t d, index_t x
   static_assert(Contig || !Stream, "non-temporal stores need contiguous vectors");
   if constexpr (Contig) {
     switch (n) {
-      case 2: return apply_pass<2, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 3: return apply_pass<3, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 4: return apply_pass<4, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 5: return apply_pass<5, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 6: return apply_pass<6, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 7: return apply_pass<7, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      case 8: return apply_pass<8, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
-      default: break;
+      case 2:
+        return apply_pass<2, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 3:
+        return apply_pass<3, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 4:
+        return apply_pass<4, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 5:
+        return apply_pass<5, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 6:
+        return apply_pass<6, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 7:
+        return apply_pass<7, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      case 8:
+        return apply_pass<8, P, Stream>(x, g, d, Wm, accumulate, pf, npf);
+      default:
+        break;
     }
   }
   apply_pass_rt<P, Contig, Stream>(n, x, g, d, xs, gs, Wm, accumulate, pf, npf);
@@ -660,7 +678,6 @@ double gram_loss_run(const cpu& be, const activation_view<const T, Layout>& x, c
   return scale * static_cast<double>(pairwise_sum(partial.data(), nb));
 }
 
-
 /// A visitor for is_gram_loss's probe of visit_gram_kernel.
 struct gram_kernel_probe {
   template <class Kernel>
@@ -703,4 +720,3 @@ void execute_stats(const cpu& be, const Loss& loss, const In& in, double* out) {
 }
 
 MOEREG_NAMESPACE_END
-

@@ -46,8 +46,7 @@ void cp_zero_grads(const cpu& be, const coupling_inputs<T>& in, const matrix_vie
   const index_t T_ = in.probs[0].rows;
   parallel_blocks(be, T_, cpu_block_rows, [&](index_t, index_t r0, index_t r1) {
     for (index_t l = 0; l < in.layers; ++l)
-      for (index_t t = r0; t < r1; ++t)
-        zero_grad_row(grads[l], t);
+      for (index_t t = r0; t < r1; ++t) zero_grad_row(grads[l], t);
   });
 }
 
@@ -72,8 +71,7 @@ double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling
     for (index_t t = r0; t < r1; ++t) {
       if (!in.mask(t)) {
         if (grads && !opts.accumulate)
-          for (index_t l = 0; l < L; ++l)
-            zero_grad_row(grads[l], t);
+          for (index_t l = 0; l < L; ++l) zero_grad_row(grads[l], t);
         continue;
       }
       for (index_t l = 0; l < L; ++l) {
@@ -98,8 +96,7 @@ double cp_execute_token(const cpu& be, const coupling_loss& loss, const coupling
       for (index_t l = 0; l < L; ++l) {
         const auto& G = grads[l];
         const auto& I = in.topk[l];
-        if (!opts.accumulate)
-          zero_grad_row(G, t);
+        if (!opts.accumulate) zero_grad_row(G, t);
         const Acc g = gc * dM[static_cast<std::size_t>(l)];
         for (index_t s = 0; s < I.k; ++s) {
           const index_t e = I(t, s);
@@ -161,7 +158,8 @@ cp_cmap<Acc> cp_block(const routing_view<T>& P, const std::vector<index_t>& rows
                       cp_rowmat<Acc>& buf) {
   const index_t nv = static_cast<index_t>(rows.size()), E = P.cols;
   if constexpr (std::is_same_v<T, Acc>) {
-    if (P.col_stride == 1 && nv == r1 - r0 && nv > 0) return cp_cmap<Acc>(P.row(r0), nv, E, Eigen::OuterStride<>(P.row_stride));
+    if (P.col_stride == 1 && nv == r1 - r0 && nv > 0)
+      return cp_cmap<Acc>(P.row(r0), nv, E, Eigen::OuterStride<>(P.row_stride));
   }
   buf.resize(nv, E);
   for (index_t i = 0; i < nv; ++i) {
@@ -214,8 +212,10 @@ void cp_joint_sums(const cpu& be, const coupling_inputs<T>& in, std::vector<accu
       Acc* out = wave_part.data() + (b - b0) * W;
       cp_rowmat<Acc> Ub(E, E);  // fresh aligned destination: same alignment in every run
       for (index_t l = 0; l + 1 < L; ++l) {
-        if (blk.rows.empty()) Ub.setZero();
-        else Ub.noalias() = blk.X[static_cast<std::size_t>(l)].transpose() * blk.X[static_cast<std::size_t>(l + 1)];
+        if (blk.rows.empty())
+          Ub.setZero();
+        else
+          Ub.noalias() = blk.X[static_cast<std::size_t>(l)].transpose() * blk.X[static_cast<std::size_t>(l + 1)];
         std::copy(Ub.data(), Ub.data() + E2, out + l * E2);
       }
     });
@@ -249,14 +249,16 @@ double cp_execute_batch(const cpu& be, const coupling_loss& loss, const coupling
     Sl.resize(E, E);
     const index_t k = in.topk[l].k;
     for (index_t e = 0; e < E; ++e) {
-      if (reduced.empty()) coupling_select_row(U.data() + l * E2 + e * E, E, k, Sl.data() + e * E);
-      else coupling_select_row(reduced.data + 1 + l * E2 + e * E, E, k, Sl.data() + e * E);
+      if (reduced.empty())
+        coupling_select_row(U.data() + l * E2 + e * E, E, k, Sl.data() + e * E);
+      else
+        coupling_select_row(reduced.data + 1 + l * E2 + e * E, E, k, Sl.data() + e * E);
       for (index_t nu = 0; nu < E; ++nu)
         if (Sl(e, nu) != Acc(0)) terms.push_back(U[static_cast<std::size_t>(l * E2 + e * E + nu)]);
     }
   }
-  const Acc value = static_cast<Acc>(-loss.cfg.coef / tv) *
-                    pairwise_sum(terms.data(), static_cast<index_t>(terms.size()));
+  const Acc value =
+      static_cast<Acc>(-loss.cfg.coef / tv) * pairwise_sum(terms.data(), static_cast<index_t>(terms.size()));
   if (!grads) return static_cast<double>(value);
 
   // X * S^T through Eigen's transposed view, not a stored S^T: one more GEMM instantiation,

@@ -130,8 +130,10 @@ class cpu_row_ops {
   }
   /// put() of one element, for kernels that form their row element by element.
   MOEREG_FORCEINLINE void put_at(Acc* g, index_t e, Acc v) const {
-    if (assign_) g[e] = v;
-    else g[e] += v;
+    if (assign_)
+      g[e] = v;
+    else
+      g[e] += v;
   }
   /// Whether put() assigns (true) or adds, for a kernel that writes its row itself.
   bool assigning() const { return assign_; }
@@ -153,8 +155,8 @@ class cpu_row_ops {
 /// The same matrix for two kernels: one read serves both.
 template <class A, class B>
 bool same_matrix(const matrix_view<A>& a, const matrix_view<B>& b) {
-  return static_cast<const void*>(a.data) == static_cast<const void*>(b.data) && a.rows == b.rows &&
-         a.cols == b.cols && a.row_stride == b.row_stride && a.col_stride == b.col_stride;
+  return static_cast<const void*>(a.data) == static_cast<const void*>(b.data) && a.rows == b.rows && a.cols == b.cols &&
+         a.row_stride == b.row_stride && a.col_stride == b.col_stride;
 }
 
 /// Writes row t of a gradient from v (contiguous Acc): overwrite or add, in the storage type.
@@ -259,7 +261,8 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
       combine_blocks(sums[i], nb, k.sum_width, s.data());
       std::vector<index_t> c(static_cast<std::size_t>(k.count_width), 0);
       for (index_t b = 0; b < nb; ++b)
-        for (index_t j = 0; j < k.count_width; ++j) c[static_cast<std::size_t>(j)] += counts[i][static_cast<std::size_t>(b * k.count_width + j)];
+        for (index_t j = 0; j < k.count_width; ++j)
+          c[static_cast<std::size_t>(j)] += counts[i][static_cast<std::size_t>(b * k.count_width + j)];
       sums[i] = std::move(s);
       counts[i] = std::move(c);
     });
@@ -338,7 +341,8 @@ void cpu_row_run(const cpu& be, std::tuple<K...>& ks, const std::array<const mat
         for (int d = 0; d < ndst; ++d) {
           const auto du = static_cast<std::size_t>(d);
           if (touched[du]) {
-            if (!direct[du]) store_grad_row(dsts[du], t, gbuf.data() + du * static_cast<std::size_t>(width), opts.accumulate);
+            if (!direct[du])
+              store_grad_row(dsts[du], t, gbuf.data() + du * static_cast<std::size_t>(width), opts.accumulate);
           } else if (!opts.accumulate) {
             zero_grad_row(dsts[du], t);
           }

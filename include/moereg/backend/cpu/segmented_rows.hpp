@@ -67,7 +67,9 @@ void lb_block_sums(const load_balancing_inputs<T>& in, index_t r0, index_t r1, A
 }  // namespace detail
 
 /// The sequence scope of load_balancing_loss runs here, not on the row engine (so it is not fused).
-inline bool cpu_row_engine_runs(const load_balancing_loss& loss) { return loss.cfg.scope != lb_scope::sequence; }
+inline bool cpu_row_engine_runs(const load_balancing_loss& loss) {
+  return loss.cfg.scope != lb_scope::sequence;
+}
 
 /// The sequence scope of load_balancing_loss's statistics: [B] (the row engine runs the other
 /// scopes).

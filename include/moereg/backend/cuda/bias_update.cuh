@@ -80,8 +80,8 @@ void bias_update(const bias_update_config& cfg, const C* counts, index_t n_count
   if (n_bias == 0) return;
   detail::cuda_check_pointer(who, "counts", counts, be);
   detail::cuda_check_pointer(who, "bias", bias, be);
-  detail::cuda_bias::update_kernel<C, B><<<1, detail::cuda_tuning::threads, 0, be.stream>>>(counts, bias, n_bias, cfg.rate,
-                                                                                    cfg.center, be.status);
+  detail::cuda_bias::update_kernel<C, B>
+      <<<1, detail::cuda_tuning::threads, 0, be.stream>>>(counts, bias, n_bias, cfg.rate, cfg.center, be.status);
   detail::cuda_check_launch(who, "update_kernel");
 }
 

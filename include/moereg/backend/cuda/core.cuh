@@ -100,7 +100,8 @@ inline std::string cuda_status_string(int status) {
 inline void cuda_clear_status(const cuda& be) {
   if (be.status == nullptr) return;
   const cudaError_t e = cudaMemsetAsync(be.status, 0, sizeof(int), be.stream);
-  if (e != cudaSuccess) throw backend_error(detail::concat("cuda_clear_status: cudaMemsetAsync failed: ", cudaGetErrorString(e)));
+  if (e != cudaSuccess)
+    throw backend_error(detail::concat("cuda_clear_status: cudaMemsetAsync failed: ", cudaGetErrorString(e)));
 }
 
 /// Copies the status word to the host and waits for the stream: an explicit
@@ -137,10 +138,10 @@ static_assert(sizeof(bfloat16) == sizeof(__nv_bfloat16) && alignof(bfloat16) == 
 // in results except through that order.
 // ---------------------------------------------------------------------------------------
 struct cuda_tuning {
-  static constexpr int threads = 256;          ///< threads of every block
-  static constexpr int warps = threads / 32;   ///< warps of a block
+  static constexpr int threads = 256;             ///< threads of every block
+  static constexpr int warps = threads / 32;      ///< warps of a block
   static constexpr index_t rows_per_block = 256;  ///< rows of a column-sum block
-  static constexpr index_t rows_per_warp = 8;  ///< rows one warp handles in a row-wise block
+  static constexpr index_t rows_per_warp = 8;     ///< rows one warp handles in a row-wise block
 };
 
 /// Rows of one row-wise block (a warp per row): warps * rows_per_warp.
@@ -148,13 +149,15 @@ inline constexpr index_t cuda_row_block = cuda_tuning::warps * cuda_tuning::rows
 
 inline constexpr std::size_t cuda_alignment = 256;
 
-__host__ __device__ inline index_t cuda_blocks(index_t n, index_t per_block) { return n <= 0 ? 0 : (n + per_block - 1) / per_block; }
+__host__ __device__ inline index_t cuda_blocks(index_t n, index_t per_block) {
+  return n <= 0 ? 0 : (n + per_block - 1) / per_block;
+}
 
 // ---------------------------------------------------------------------------------------
 // Workspace: one function computes the layout for the size query and for the real call.
 // ---------------------------------------------------------------------------------------
 class workspace_carver {
-public:
+ public:
   /// `base` null: size query only.
   explicit workspace_carver(void* base) : base_(static_cast<char*>(base)) {
     if (base_ != nullptr) {
@@ -173,7 +176,7 @@ public:
   /// Bytes a caller must provide for everything taken so far (with slack for an unaligned base).
   std::size_t required() const { return used_ == 0 ? 0 : used_ + cuda_alignment - 1; }
 
-private:
+ private:
   char* base_ = nullptr;
   char* start_ = nullptr;
   std::size_t used_ = 0;
@@ -220,7 +223,8 @@ inline void cuda_check_pointer(const char* who, const char* name, const void* p,
   }
   const bool device_ok = attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ||
                          (attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr);
-  require(device_ok, who, ": ", name, " points to host memory; the CUDA backend needs device (or managed or mapped) memory");
+  require(device_ok, who, ": ", name,
+          " points to host memory; the CUDA backend needs device (or managed or mapped) memory");
 }
 
 /// The host checks of one CUDA call, which read no device memory: the loss's validate_shapes()
@@ -228,8 +232,7 @@ inline void cuda_check_pointer(const char* who, const char* name, const void* p,
 /// buffer its for_each_buffer() names and of the reduced statistics. The contents (top-k ids,
 /// offsets, statistics, layout maps) are checked by the kernels.
 template <class Loss, class In, class G>
-void cuda_validate(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad,
-                   const cuda& be) {
+void cuda_validate(const char* who, const Loss& loss, const In& in, stats_view reduced, const G* grad, const cuda& be) {
   validate_shapes(who, loss, in, reduced, grad);
   for_each_buffer(in, grad, [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
   cuda_check_pointer(who, "reduced statistics", reduced.data, be);
@@ -273,8 +276,10 @@ __device__ __forceinline__ void dstore(T* p, accumulator_t<T> v) {
 /// Writes one gradient element: overwrite or accumulate, as the CPU backend's put_grad.
 template <class T>
 __device__ __forceinline__ void dput_grad(T* p, accumulator_t<T> v, bool accumulate) {
-  if (accumulate) dstore(p, dload(p) + v);
-  else dstore(p, v);
+  if (accumulate)
+    dstore(p, dload(p) + v);
+  else
+    dstore(p, v);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -376,7 +381,9 @@ __device__ inline int block_or(const int* err, index_t n, int* shared_word) {
 }
 
 /// True when x is a valid reduced statistic (a finite, non-negative sum).
-__device__ __forceinline__ bool stat_ok(double x) { return isfinite(x) && x >= 0.0; }
+__device__ __forceinline__ bool stat_ok(double x) {
+  return isfinite(x) && x >= 0.0;
+}
 
 /// Checks reduced[0..n) with one block: every entry finite, entries [0, nonneg) also
 /// non-negative (counts; column sums of scores may be negative). Returns cuda_bad_stats or 0

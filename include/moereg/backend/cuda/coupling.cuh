@@ -86,15 +86,15 @@ inline index_t joint_chunk_rows(index_t T) {
 
 template <class Acc>
 struct workspace {
-  void* table = nullptr;   // [L] layer_view<T>
+  void* table = nullptr;  // [L] layer_view<T>
   scalars<Acc>* sc = nullptr;
   Acc* partial = nullptr;  // token forms: [nb] per-block value partials
   // batch form
-  Acc* chunks = nullptr;   // [nc * (L-1) * E^2]
-  Acc* U = nullptr;        // [(L-1) * E^2]
-  Acc* S = nullptr;        // [(L-1) * E^2] 0/1 selection
-  int* sel = nullptr;      // [(L-1) * E * kmax] selected nu per row, ascending
-  Acc* terms = nullptr;    // [sum_l E k_l]
+  Acc* chunks = nullptr;  // [nc * (L-1) * E^2]
+  Acc* U = nullptr;       // [(L-1) * E^2]
+  Acc* S = nullptr;       // [(L-1) * E^2] 0/1 selection
+  int* sel = nullptr;     // [(L-1) * E * kmax] selected nu per row, ascending
+  Acc* terms = nullptr;   // [sum_l E k_l]
 };
 
 template <class T>
@@ -106,7 +106,8 @@ template <class T>
 shape<T> shape_of(const coupling_inputs<T>& in) {
   shape<T> s;
   s.L = in.layers > 0 ? in.layers : 0;
-  if (in.probs != nullptr && s.L > 0) s.rows = std::max<index_t>(in.probs[0].rows, 0), s.E = std::max<index_t>(in.probs[0].cols, 0);
+  if (in.probs != nullptr && s.L > 0)
+    s.rows = std::max<index_t>(in.probs[0].rows, 0), s.E = std::max<index_t>(in.probs[0].cols, 0);
   if (in.topk != nullptr)
     for (index_t l = 0; l < s.L; ++l) {
       s.kmax = std::max(s.kmax, std::max<index_t>(in.topk[l].k, 0));
@@ -152,7 +153,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads)
   __shared__ long long scratch[cuda_tuning::threads];
   __shared__ int word;
   long long n = 0;
-  if (mask.data == nullptr) n = threadIdx.x == 0 ? static_cast<long long>(rows) : 0;
+  if (mask.data == nullptr)
+    n = threadIdx.x == 0 ? static_cast<long long>(rows) : 0;
   else
     for (index_t t = threadIdx.x; t < rows; t += cuda_tuning::threads) n += mask(t) ? 1 : 0;
   n = block_sum(n, scratch);
@@ -340,8 +342,10 @@ __global__ void select_kernel(const layer_view<T>* layers, index_t pairs, index_
   const index_t l = i / E, e = i % E, E2 = E * E;
   const index_t k = layers[l].I.k;
   Acc* S = w.S + l * E2 + e * E;
-  if (reduced != nullptr) coupling_select_row(reduced + 1 + l * E2 + e * E, E, k, S);
-  else coupling_select_row(w.U + l * E2 + e * E, E, k, S);
+  if (reduced != nullptr)
+    coupling_select_row(reduced + 1 + l * E2 + e * E, E, k, S);
+  else
+    coupling_select_row(w.U + l * E2 + e * E, E, k, S);
   index_t off = 0;
   for (index_t q = 0; q < l; ++q) off += E * layers[q].I.k;
   off += e * k;
@@ -432,7 +436,7 @@ void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T
   }
   const bool batch = loss.cfg.form == coupling_form::batch;
   count_kernel<Acc><<<1, block, 0, be.stream>>>(in.mask, s.rows, reduced.data, reduced.size, loss.cfg.coef,
-                                               opts.grad_scale, w.sc, stats_out);
+                                                opts.grad_scale, w.sc, stats_out);
   cuda_check_launch(who, "count kernel");
   const bool want_grad = grads != nullptr && stats_out == nullptr;
 
@@ -460,8 +464,8 @@ void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T
     cuda_check_launch(who, "joint kernel");
   }
   if (n > 0) {
-    reduce_kernel<Acc><<<static_cast<unsigned>(cuda_blocks(n, cuda_tuning::threads)), block, 0, be.stream>>>(w, nc, n,
-                                                                                                          stats_out);
+    reduce_kernel<Acc>
+        <<<static_cast<unsigned>(cuda_blocks(n, cuda_tuning::threads)), block, 0, be.stream>>>(w, nc, n, stats_out);
     cuda_check_launch(who, "reduce kernel");
   }
   if (stats_out != nullptr) return;  // [T_v, U^1, ...] written by the count and reduce kernels
@@ -476,7 +480,7 @@ void cuda_run(const cuda& be, const coupling_loss& loss, const coupling_inputs<T
   const index_t nb = cuda_blocks(s.rows, cuda_row_block);
   if (want_grad && nb > 0) {
     batch_grad_kernel<T, Acc><<<static_cast<unsigned>(nb), block, 0, be.stream>>>(table, s.L, s.rows, s.E, s.kmax,
-                                                                                 in.mask, opts.accumulate, w);
+                                                                                  in.mask, opts.accumulate, w);
     cuda_check_launch(who, "gradient kernel");
   }
 }

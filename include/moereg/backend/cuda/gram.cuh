@@ -149,10 +149,10 @@ __global__ void keys_kernel(Layout l, index_t rows, index_t k, int* seen, int* f
 
 template <class Acc>
 struct scalars {
-  int flags;           // reduced-statistics and key flags
-  double scale[2];     // per loss (0: specialization, 1: orthogonality): value = scale * sum F
-  Acc gcoef[2];        // (Acc)(scale * grad_scale)
-  int live[2];         // scale != 0
+  int flags;        // reduced-statistics and key flags
+  double scale[2];  // per loss (0: specialization, 1: orthogonality): value = scale * sum F
+  Acc gcoef[2];     // (Acc)(scale * grad_scale)
+  int live[2];      // scale != 0
 };
 
 template <class T, class Layout, class Acc>
@@ -203,7 +203,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) count_kernel(plan<T, Lay
   __shared__ long long scratch[cuda_tuning::threads];
   __shared__ int word;
   long long n = 0;
-  if (p.mask.data == nullptr) n = threadIdx.x == 0 ? static_cast<long long>(p.rows) : 0;
+  if (p.mask.data == nullptr)
+    n = threadIdx.x == 0 ? static_cast<long long>(p.rows) : 0;
   else
     for (index_t t = threadIdx.x; t < p.rows; t += cuda_tuning::threads) n += p.mask(t) ? 1 : 0;
   n = block_sum(n, scratch);
@@ -296,7 +297,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) tokens_kernel(plan<T, La
       // A bad slot: poison the usable vectors of this token.
       if (p.has_grad)
         for (int a = 0; a < n; ++a)
-          for (index_t i = lane; i < p.d; i += 32) dput_grad(p.g.data + go[a] + i * p.gstride, acc_nan<Acc>(), p.accumulate);
+          for (index_t i = lane; i < p.d; i += 32)
+            dput_grad(p.g.data + go[a] + i * p.gstride, acc_nan<Acc>(), p.accumulate);
     } else if (n > 0) {
       // Gram pass.
       Acc acc[pairs_of<MaxN>::value];
@@ -336,8 +338,10 @@ __global__ void __launch_bounds__(cuda_tuning::threads) tokens_kernel(plan<T, La
         if (p.use[1] && sc.live[1] != 0) {
           Acc* dst = p.has_grad ? (first ? W : tmp) : nullptr;
           Acc f;
-          if constexpr (Subspace) f = math::orthogonality_subspace_token(n, G, p.eps[1], dst);
-          else f = math::orthogonality_pairwise_token(n, G, p.eps[1], dst);
+          if constexpr (Subspace)
+            f = math::orthogonality_subspace_token(n, G, p.eps[1], dst);
+          else
+            f = math::orthogonality_pairwise_token(n, G, p.eps[1], dst);
           f_acc[1] += f;
           if (p.has_grad) {
             if (first)
@@ -446,7 +450,8 @@ void validate(const char* who, double coef, double eps, const request<T, Layout>
   const bool any = I.rows > 0 && rq.acts.layout.dim() > 0;  // the map entries are not read on the host
   require(rq.acts.data != nullptr || !any, who, ": acts is null");
   require(rq.grad == nullptr || rq.grad->data != nullptr || !any, who, ": grad is null");
-  gram_buffers(rq.acts, I, rq.mask, rq.grad, [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
+  gram_buffers(rq.acts, I, rq.mask, rq.grad,
+               [&](const char* name, const void* p) { cuda_check_pointer(who, name, p, be); });
   cuda_check_pointer(who, "reduced statistics", reduced.data, be);
   require(cuda_blocks(I.rows, cuda_row_block) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
           ": too many tokens for one grid");
@@ -510,11 +515,13 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
       const index_t entries = p.rows * p.k;
       auto count_keys = [&](const Layout& l, int* seen) {
         const index_t nk = layout_keys<Layout>::num_keys(l);
-        if (nk > 0) cuda_require(cudaMemsetAsync(seen, 0, static_cast<std::size_t>(nk) * sizeof(int), be.stream), who,
-                                 "cudaMemsetAsync");
+        if (nk > 0)
+          cuda_require(cudaMemsetAsync(seen, 0, static_cast<std::size_t>(nk) * sizeof(int), be.stream), who,
+                       "cudaMemsetAsync");
         if (entries > 0) {
-          keys_kernel<Layout><<<static_cast<unsigned>(cuda_blocks(entries, cuda_tuning::threads)), block, 0, be.stream>>>(
-              l, p.rows, p.k, seen, &w.sc->flags);
+          keys_kernel<Layout>
+              <<<static_cast<unsigned>(cuda_blocks(entries, cuda_tuning::threads)), block, 0, be.stream>>>(
+                  l, p.rows, p.k, seen, &w.sc->flags);
           cuda_check_launch(who, "map check kernel");
         }
       };
@@ -526,10 +533,14 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
   cuda_check_launch(who, "count kernel");
   if (rq.stats_mode) return;
   if (nb > 0) {
-    if (p.k <= 2) launch_tokens<2>(p, w, nb, be.stream);
-    else if (p.k <= 4) launch_tokens<4>(p, w, nb, be.stream);
-    else if (p.k <= 8) launch_tokens<8>(p, w, nb, be.stream);
-    else launch_tokens<16>(p, w, nb, be.stream);
+    if (p.k <= 2)
+      launch_tokens<2>(p, w, nb, be.stream);
+    else if (p.k <= 4)
+      launch_tokens<4>(p, w, nb, be.stream);
+    else if (p.k <= 8)
+      launch_tokens<8>(p, w, nb, be.stream);
+    else
+      launch_tokens<16>(p, w, nb, be.stream);
     cuda_check_launch(who, "tokens kernel");
   }
   finish_kernel<T, Layout, Acc><<<1, block, 0, be.stream>>>(p, w, nb);
@@ -540,7 +551,8 @@ void run(const request<T, Layout>& rq, const cuda& be, const char* who) {
 /// value slots) and the name its CUDA errors carry.
 template <class Loss>
 constexpr int slot_of() {
-  if constexpr (std::is_same<Loss, specialization_loss>::value) return 0;
+  if constexpr (std::is_same<Loss, specialization_loss>::value)
+    return 0;
   else {
     static_assert(std::is_same<Loss, orthogonality_loss>::value, "not a Gram loss");
     return 1;
@@ -559,15 +571,17 @@ struct view_types<activation_view<T, Layout>> {
 /// The request of `loss` alone on `in`, without outputs (all the workspace query needs).
 template <class Loss, class In, class G = grad_view_t<In>>
 request<typename view_types<G>::storage, typename view_types<G>::layout> single_request(const Loss& loss, const In& in,
-                                                                                       const G* grad) {
+                                                                                        const G* grad) {
   request<typename view_types<G>::storage, typename view_types<G>::layout> rq;
   rq.acts = in.acts;
   rq.topk = in.topk;
   rq.mask = in.mask;
   rq.num_experts = in.num_experts;
   rq.grad = grad;
-  if constexpr (slot_of<Loss>() == 0) rq.sp = &loss;
-  else rq.orth = &loss;
+  if constexpr (slot_of<Loss>() == 0)
+    rq.sp = &loss;
+  else
+    rq.orth = &loss;
   return rq;
 }
 

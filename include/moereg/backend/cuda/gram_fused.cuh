@@ -85,7 +85,7 @@ struct gram_fused {
         be);
   }
 
-private:
+ private:
   template <class T, class Layout>
   detail::cuda_gram::request<T, Layout> request(const specialization_inputs<T, Layout>& in,
                                                 const activation_view<T, Layout>* grad) const {
@@ -107,7 +107,8 @@ private:
     detail::require(specialization != nullptr || orthogonality != nullptr, who, ": no loss given");
     auto rq = request(in, grad);
     if (specialization != nullptr)
-      detail::cuda_gram::validate(who, specialization->cfg.coef, specialization->cfg.eps, rq, reduced.specialization, be);
+      detail::cuda_gram::validate(who, specialization->cfg.coef, specialization->cfg.eps, rq, reduced.specialization,
+                                  be);
     if (orthogonality != nullptr) {
       detail::check_ortho_config(who, orthogonality->cfg);
       detail::cuda_gram::validate(who, orthogonality->cfg.coef, orthogonality->cfg.eps, rq, reduced.orthogonality, be);

@@ -60,11 +60,10 @@ index_t sequences(const load_balancing_loss& loss, const load_balancing_inputs<T
   return in.cu_seqlens.size > 0 ? in.cu_seqlens.size - 1 : 0;
 }
 
-
 /// Host-side checks: every backend's shape checks and the device pointers (no device memory read).
 template <class T>
 void validate(const load_balancing_loss& loss, const load_balancing_inputs<T>& in, stats_view reduced,
-               const matrix_view<T>* grad, const cuda& be) {
+              const matrix_view<T>* grad, const cuda& be) {
   const char* who = "load_balancing (cuda)";
   cuda_validate(who, loss, in, reduced, grad, be);
   require(sequences(loss, in) <= static_cast<index_t>(std::numeric_limits<int>::max()), who,
@@ -196,15 +195,14 @@ void cuda_run(const cuda& be, const load_balancing_loss& loss, const load_balanc
         in, ws, fixed, B, reduced.data, k, alpha_e, gs, g, grad != nullptr, opts.accumulate);
     cuda_check_launch(who, "sequence kernel");
   }
-  sequence_finish_kernel<T, Acc><<<1, block, 0, be.stream>>>(in, ws, fixed, B, reduced.data, be.value, be.status,
-                                                            stats_out);
+  sequence_finish_kernel<T, Acc>
+      <<<1, block, 0, be.stream>>>(in, ws, fixed, B, reduced.data, be.value, be.status, stats_out);
   cuda_check_launch(who, "sequence finish kernel");
 }
 
 template <class T>
 std::size_t cuda_workspace_bytes(const load_balancing_loss& loss, const load_balancing_inputs<T>& in) {
-  if (loss.cfg.scope != lb_scope::sequence)
-    return cuda_router::required_bytes(cuda_router::single_request(loss, in));
+  if (loss.cfg.scope != lb_scope::sequence) return cuda_router::required_bytes(cuda_router::single_request(loss, in));
   workspace_carver c(nullptr);
   const index_t B = cuda_lb::sequences(loss, in);
   (void)cuda_lb::carve_seq<accumulator_t<T>>(c, B > 0 ? B : 0, in.probs.cols > 0 ? in.probs.cols : 0);

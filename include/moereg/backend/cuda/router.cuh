@@ -115,23 +115,27 @@ struct plan {
 
 template <class Acc>
 struct workspace {
-  Acc* colsum = nullptr;           // [nb1 * E] per-block column sums
-  int* counts = nullptr;           // [nb1 * E] per-block expert counts (load balancing)
-  long long* tv = nullptr;         // [nb1]
-  int* err = nullptr;              // [nb1] top-k flags
-  Acc* colsum_total = nullptr;     // [E]
+  Acc* colsum = nullptr;             // [nb1 * E] per-block column sums
+  int* counts = nullptr;             // [nb1 * E] per-block expert counts (load balancing)
+  long long* tv = nullptr;           // [nb1]
+  int* err = nullptr;                // [nb1] top-k flags
+  Acc* colsum_total = nullptr;       // [E]
   long long* count_total = nullptr;  // [E]
-  Acc* coeff = nullptr;            // [E] broadcast gradient coefficients (load balancing + importance)
-  Acc* lb_terms = nullptr;         // [E]
-  Acc* imp = nullptr;              // [E]
-  Acc* imp_tmp = nullptr;          // [E]
-  Acc* sbar = nullptr;             // [E]
-  scalars<Acc>* sc = nullptr;      // [1]
-  Acc* row_partials = nullptr;     // [nb3 * 3]: lse^2, -p log p, d^2
+  Acc* coeff = nullptr;              // [E] broadcast gradient coefficients (load balancing + importance)
+  Acc* lb_terms = nullptr;           // [E]
+  Acc* imp = nullptr;                // [E]
+  Acc* imp_tmp = nullptr;            // [E]
+  Acc* sbar = nullptr;               // [E]
+  scalars<Acc>* sc = nullptr;        // [1]
+  Acc* row_partials = nullptr;       // [nb3 * 3]: lse^2, -p log p, d^2
 };
 
-inline index_t colsum_blocks(index_t T) { return cuda_blocks(T, cuda_tuning::rows_per_block); }
-inline index_t row_blocks(index_t T) { return cuda_blocks(T, cuda_row_block); }
+inline index_t colsum_blocks(index_t T) {
+  return cuda_blocks(T, cuda_tuning::rows_per_block);
+}
+inline index_t row_blocks(index_t T) {
+  return cuda_blocks(T, cuda_row_block);
+}
 
 /// One layout for the size query and the run. Depends only on the losses present and the
 /// sizes (not on gradients or statistics being wanted), so workspace_size needs nothing else.
@@ -253,7 +257,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     tv_local = block_sum_strided(w.tv, nb1, 1, lscratch);
   } else {
     long long n = 0;
-    if (p.mask.data == nullptr) n = tid == 0 ? static_cast<long long>(p.rows) : 0;
+    if (p.mask.data == nullptr)
+      n = tid == 0 ? static_cast<long long>(p.rows) : 0;
     else
       for (index_t t = tid; t < p.rows; t += cuda_tuning::threads) n += p.mask(t) ? 1 : 0;
     tv_local = block_sum(n, lscratch);
@@ -267,7 +272,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     if (p.red[slot_lb] != nullptr) f |= block_check_stats(p.red[slot_lb], 1 + E, 1 + E, &word);
     if (p.stats_mode) {
       if (p.stats[slot_lb] != nullptr) {
-        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_lb][e + 1] = static_cast<double>(w.count_total[e]);
+        for (index_t e = tid; e < E; e += cuda_tuning::threads)
+          p.stats[slot_lb][e + 1] = static_cast<double>(w.count_total[e]);
         if (tid == 0) p.stats[slot_lb][0] = f != 0 ? nan : static_cast<double>(tv_local);
       }
     } else {
@@ -280,7 +286,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
         w.coeff[e] = f != 0 ? acc_nan<Acc>() : r.coeff;
       }
       __syncthreads();
-      if (tid == 0) publish(p.value[slot_lb], nullptr, static_cast<double>(p.lb_alpha_e * pairwise_sum(w.lb_terms, E)), f);
+      if (tid == 0)
+        publish(p.value[slot_lb], nullptr, static_cast<double>(p.lb_alpha_e * pairwise_sum(w.lb_terms, E)), f);
     }
     sc.flags_lb = f;
   }
@@ -290,7 +297,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     if (p.red[slot_imp] != nullptr) f |= block_check_stats(p.red[slot_imp], E, 0, &word);
     if (p.stats_mode) {
       if (p.stats[slot_imp] != nullptr)
-        for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_imp][e] = static_cast<double>(w.colsum_total[e]);
+        for (index_t e = tid; e < E; e += cuda_tuning::threads)
+          p.stats[slot_imp][e] = static_cast<double>(w.colsum_total[e]);
     } else {
       for (index_t e = tid; e < E; e += cuda_tuning::threads)
         w.imp[e] = p.red[slot_imp] != nullptr ? static_cast<Acc>(p.red[slot_imp][e]) : w.colsum_total[e];
@@ -329,7 +337,8 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish1_kernel(plan<T, A
     if (p.stats_mode) {
       if (p.stats[slot_var] != nullptr) {
         if (p.var_tokens)
-          for (index_t e = tid; e < E; e += cuda_tuning::threads) p.stats[slot_var][e + 1] = static_cast<double>(w.colsum_total[e]);
+          for (index_t e = tid; e < E; e += cuda_tuning::threads)
+            p.stats[slot_var][e + 1] = static_cast<double>(w.colsum_total[e]);
         if (tid == 0) p.stats[slot_var][0] = static_cast<double>(tv_local);
       }
     } else {
@@ -480,9 +489,11 @@ __global__ void __launch_bounds__(cuda_tuning::threads) finish2_kernel(plan<T, A
   if (threadIdx.x != 0) return;
   const scalars<Acc> sc = *w.sc;
   if (p.z) publish(p.value[slot_z], nullptr, static_cast<double>(p.z_beta * sc.z_inv_tv * sums[0]), sc.flags_z);
-  if (p.ent) publish(p.value[slot_ent], nullptr, static_cast<double>(p.ent_eta * sc.ent_inv_tv * sums[1]), sc.flags_ent);
+  if (p.ent)
+    publish(p.value[slot_ent], nullptr, static_cast<double>(p.ent_eta * sc.ent_inv_tv * sums[1]), sc.flags_ent);
   if (p.var)
-    publish(p.value[slot_var], nullptr, sc.var_active != 0 ? static_cast<double>(sc.var_vc * sums[2]) : 0.0, sc.flags_var);
+    publish(p.value[slot_var], nullptr, sc.var_active != 0 ? static_cast<double>(sc.var_vc * sums[2]) : 0.0,
+            sc.flags_var);
 }
 
 /// Enqueues the run. Shapes were validated by the caller (each loss's own checks).
@@ -512,8 +523,9 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
   p.var = rq.var != nullptr;
   p.imp = rq.imp != nullptr;
   p.need_counts = p.lb;
-  p.need_colsum = (p.lb && !rq.stats_mode) || (p.imp && (rq.stats_mode || rq.io[slot_imp].reduced.empty())) ||
-                  (p.var && rq.var->cfg.axis == variance_axis::tokens && (rq.stats_mode || rq.io[slot_var].reduced.empty()));
+  p.need_colsum =
+      (p.lb && !rq.stats_mode) || (p.imp && (rq.stats_mode || rq.io[slot_imp].reduced.empty())) ||
+      (p.var && rq.var->cfg.axis == variance_axis::tokens && (rq.stats_mode || rq.io[slot_var].reduced.empty()));
   p.coeff_any = p.lb || p.imp;
   const double gs = rq.opts.grad_scale;
   if (p.lb) {
@@ -584,10 +596,14 @@ void run(const request<T>& rq, const cuda& be, const char* who) {
 /// The engine's slot of each router loss.
 template <class Loss>
 constexpr int slot_of() {
-  if constexpr (std::is_same<Loss, load_balancing_loss>::value) return slot_lb;
-  else if constexpr (std::is_same<Loss, z_loss>::value) return slot_z;
-  else if constexpr (std::is_same<Loss, entropy_loss>::value) return slot_ent;
-  else if constexpr (std::is_same<Loss, variance_loss>::value) return slot_var;
+  if constexpr (std::is_same<Loss, load_balancing_loss>::value)
+    return slot_lb;
+  else if constexpr (std::is_same<Loss, z_loss>::value)
+    return slot_z;
+  else if constexpr (std::is_same<Loss, entropy_loss>::value)
+    return slot_ent;
+  else if constexpr (std::is_same<Loss, variance_loss>::value)
+    return slot_var;
   else {
     static_assert(std::is_same<Loss, importance_loss>::value, "not a router loss");
     return slot_imp;
@@ -602,11 +618,16 @@ inline constexpr const char* slot_names[router_slots] = {"load_balancing (cuda)"
 template <class T, class Loss, class In>
 void bind(request<T>& rq, const Loss& l, const In& in) {
   rq.mask = in.mask;
-  if constexpr (std::is_same<Loss, load_balancing_loss>::value) rq.lb = &l, rq.probs = in.probs, rq.topk = in.topk;
-  else if constexpr (std::is_same<Loss, z_loss>::value) rq.z = &l, rq.logits = in.logits;
-  else if constexpr (std::is_same<Loss, entropy_loss>::value) rq.ent = &l, rq.probs = in.probs;
-  else if constexpr (std::is_same<Loss, variance_loss>::value) rq.var = &l, rq.probs = in.scores;
-  else rq.imp = &l, rq.probs = in.probs;
+  if constexpr (std::is_same<Loss, load_balancing_loss>::value)
+    rq.lb = &l, rq.probs = in.probs, rq.topk = in.topk;
+  else if constexpr (std::is_same<Loss, z_loss>::value)
+    rq.z = &l, rq.logits = in.logits;
+  else if constexpr (std::is_same<Loss, entropy_loss>::value)
+    rq.ent = &l, rq.probs = in.probs;
+  else if constexpr (std::is_same<Loss, variance_loss>::value)
+    rq.var = &l, rq.probs = in.scores;
+  else
+    rq.imp = &l, rq.probs = in.probs;
 }
 
 template <class M>
@@ -633,8 +654,10 @@ void run_single(const cuda& be, const Loss& loss, const In& in, stats_view reduc
   rq.io[slot_of<Loss>()] = router_io{reduced, be.value, stats_out};
   rq.stats_mode = stats_out != nullptr;
   if (grad != nullptr) {
-    if constexpr (std::is_same<Loss, z_loss>::value) rq.grad_logits = *grad, rq.want_grad_logits = true;
-    else rq.grad_probs = *grad, rq.want_grad_probs = true;
+    if constexpr (std::is_same<Loss, z_loss>::value)
+      rq.grad_logits = *grad, rq.want_grad_logits = true;
+    else
+      rq.grad_probs = *grad, rq.want_grad_probs = true;
   }
   rq.opts = opts;
   run(rq, be, slot_names[slot_of<Loss>()]);

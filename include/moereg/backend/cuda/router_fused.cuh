@@ -130,7 +130,7 @@ struct router_fused {
     detail::cuda_router::run(rq, be, who);
   }
 
-private:
+ private:
   template <class T>
   detail::cuda_router::request<T> request(const router_fused_inputs<T>& in) const {
     detail::cuda_router::request<T> rq;
@@ -151,9 +151,9 @@ private:
   void validate(const router_fused_inputs<T>& in, const router_fused_reduced& reduced, const matrix_view<T>* gp,
                 const matrix_view<T>* gz, const cuda& be) const {
     const char* who = "router_fused (cuda)";
-    detail::require(load_balancing != nullptr || z != nullptr || entropy != nullptr || variance != nullptr ||
-                        importance != nullptr,
-                    who, ": no loss given");
+    detail::require(
+        load_balancing != nullptr || z != nullptr || entropy != nullptr || variance != nullptr || importance != nullptr,
+        who, ": no loss given");
     if (load_balancing != nullptr) {
       detail::require(load_balancing->cfg.scope != lb_scope::sequence, who,
                       ": sequence-scope load balancing is not fused; call the loss itself");
@@ -170,7 +170,8 @@ private:
     if (importance != nullptr)
       detail::cuda_validate("importance (cuda)", *importance, importance_inputs<T>{in.probs, in.mask},
                             reduced.importance, gp, be);
-    const bool p_losses = load_balancing != nullptr || entropy != nullptr || variance != nullptr || importance != nullptr;
+    const bool p_losses =
+        load_balancing != nullptr || entropy != nullptr || variance != nullptr || importance != nullptr;
     if (p_losses && gp != nullptr) detail::check_grad(who, "grad_probs", *gp, in.probs);
     if (p_losses && z != nullptr)
       detail::require(in.logits.rows == in.probs.rows, who, ": logits has ", in.logits.rows, " rows but probs has ",
