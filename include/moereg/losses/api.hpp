@@ -80,8 +80,8 @@ template <class In, class G>
 using enable_mixed_grad = std::enable_if_t<is_mixed_grad<In, G>::value, int>;
 
 /// Pointer to the gradient view(s) for execute(): the address of a view, or the caller's
-/// array of views (which must not be null).
-template <class G>
+/// array of views (which must not be null), const or not.
+template <class G, std::enable_if_t<!std::is_pointer<G>::value, int> = 0>
 const G* grad_pointer(const char* who, const G& g) {
   (void)who;
   return &g;
@@ -220,12 +220,7 @@ struct loss_api {
                         const Backend& be = {}) const {
     using GV = typename detail::is_mixed_grad<In, G>::view;
     static_assert(detail::has_execute<Backend, Self, In, GV>::value, MOEREG_NO_BACKEND_MESSAGE);
-    const GV* g = nullptr;
-    if constexpr (std::is_pointer<G>::value)
-      g = detail::grad_pointer(Self::name, static_cast<const GV*>(grad));
-    else
-      g = &grad;
-    return execute(be, self(), in, reduced, g, opts);
+    return execute(be, self(), in, reduced, detail::grad_pointer(Self::name, grad), opts);
   }
   /// The mixed-precision backward() with the options, reduced statistics and backend of a call
   /// context.
